@@ -49,6 +49,11 @@ class SegmentConfig:
     edge_min_frac: float = 0.08  # a film-edge strip runs along ≥ this fraction of an image side …
     edge_elongation: float = 6.0  # … and is at least this many times longer than thick
     wall_strip_frac: float = 0.06  # rows whose tissue reaches < this far from the left edge are edge glow
+    pectoral_smooth_frac: float = 0.01  # smoothing before looking for the muscle's edge
+    pectoral_max_rows: float = 0.8  # the muscle ends above this fraction of the height
+    pectoral_tol_frac: float = 0.012  # a straight edge: candidates within this of the line
+    pectoral_x_top: tuple[float, float] = (0.05, 0.8)  # where the edge may meet the top, fraction of the width
+    pectoral_min_contrast: float = 0.03  # muscle at least this much brighter than the tissue beside it
 
 
 @dataclass
@@ -141,7 +146,7 @@ def segment_breast(display: np.ndarray, *, view: str = "", config: SegmentConfig
     pectoral = np.zeros_like(breast)
     reason, line = "not an MLO view", None
     if view.upper() in ("MLO", "ML", "LM", "LMO"):
-        pectoral, reason, line = _pectoral(smooth, breast)
+        pectoral, reason, line = _pectoral(img, breast, cfg)
     background = ~breast & ~film & ~edge
     return Segmentation(
         breast=breast,
@@ -196,6 +201,74 @@ def _largest(mask: np.ndarray) -> np.ndarray:
     return lab == (int(np.argmax(sizes)) + 1)
 
 
-def _pectoral(smooth: np.ndarray, breast: np.ndarray) -> tuple[np.ndarray, str, tuple[float, float] | None]:
-    """Not yet implemented; returns an empty mask with a reason."""
-    return np.zeros_like(breast), "pectoral segmentation not implemented", None
+def _pectoral(
+    img: np.ndarray, breast: np.ndarray, cfg: SegmentConfig
+) -> tuple[np.ndarray, str, tuple[float, float] | None]:
+    """The pectoral muscle of an MLO view: the breast region left of a straight, bright-to-dark edge at the top-left.
+
+    Edge candidates are the strongest bright→dark steps along each upper row (inside the breast, away from the skin
+    line); a Hough vote over lines x = a + b·y picks the straight edge with the most support. The result is kept
+    only when it passes shape and contrast checks; otherwise the mask is empty and the reason says which check failed.
+    """
+    h, w = img.shape
+    empty = np.zeros_like(breast)
+    sm = ndi.gaussian_filter(img, sigma=max(1.0, cfg.pectoral_smooth_frac * w))  # (y, x)
+    gx = ndi.sobel(sm, axis=1)  # (y, x); bright → dark going right is negative
+    rows = np.flatnonzero(breast.any(axis=1))
+    if rows.size == 0 or not breast[0].any():
+        return empty, "breast does not reach the top edge (no axilla in view)", None
+    right = w - 1 - np.argmax(breast[:, ::-1], axis=1)  # (y,) rightmost breast column per row
+    margin = max(2, int(round(cfg.skin_frac * 4 * w)))
+    ys, xs, ws = [], [], []
+    for y in range(0, int(cfg.pectoral_max_rows * h)):
+        lim = int(right[y]) - margin
+        if not breast[y].any() or lim < 8:
+            continue
+        g = gx[y, 2:lim]
+        strong = -g.min()
+        if strong <= 0:
+            continue
+        # local minima of the gradient that are at least a third as strong as the row's strongest step
+        loc = np.flatnonzero((g[1:-1] < g[:-2]) & (g[1:-1] <= g[2:]) & (g[1:-1] < -strong / 3)) + 1
+        for x in loc[np.argsort(g[loc])][:3]:
+            ys.append(y)
+            xs.append(x + 2)
+            ws.append(-g[x])
+    if len(ys) < 10:
+        return empty, "too few edge candidates at the top-left", None
+    ys, xs, ws = np.asarray(ys, float), np.asarray(xs, float), np.asarray(ws, float)
+    tol = max(1.5, cfg.pectoral_tol_frac * w)
+    best = (0.0, 0.0, 0.0)  # (score, a, b)
+    for b in np.linspace(-2.0, -0.05, 80):  # x decreases going down: the muscle narrows toward the bottom
+        a_i = xs - b * ys
+        bins = np.floor(a_i / tol).astype(int)
+        lo = bins.min()
+        votes = np.bincount(bins - lo, weights=ws)
+        votes[:-1] += votes[1:]  # each candidate line also counts its neighbour bin: no split votes
+        k = int(np.argmax(votes))
+        if votes[k] > best[0]:
+            best = (float(votes[k]), (lo + k + 1) * tol, float(b))
+    _, a, b = best
+    inl = np.abs(xs - (a + b * ys)) <= 1.5 * tol
+    if inl.sum() >= 3:  # least-squares refinement on the inliers
+        b, a = np.polyfit(ys[inl], xs[inl], 1, w=ws[inl])
+    if not b < 0:
+        return empty, "the strongest straight edge does not slope like a pectoral muscle", None
+    y0 = -a / b  # where the edge meets the left (chest wall) edge
+    if not (cfg.pectoral_x_top[0] * w <= a <= min(cfg.pectoral_x_top[1] * w, right[0])):
+        return empty, f"edge meets the top at x={a:.0f}, outside the plausible range", None
+    if not (0.1 * h <= y0 <= cfg.pectoral_max_rows * h):
+        return empty, f"edge meets the chest wall at y={y0:.0f}, outside the plausible range", None
+    span = np.unique(ys[inl & (ys < y0)]).size
+    if span < 0.5 * (min(y0, h) / 1.0):
+        return empty, f"straight edge supported on only {span} of {int(min(y0, h))} rows", None
+    yy, xx = np.mgrid[0:h, 0:w]
+    line = a + b * yy  # (y, x) the edge's x on each row
+    pect = breast & (xx < line)
+    band = breast & (xx >= line) & (xx < line + 0.1 * w) & (yy < y0)
+    if pect.sum() < 0.01 * breast.sum() or band.sum() == 0:
+        return empty, "pectoral region too small", None
+    contrast = float(img[pect].mean() - img[band].mean())
+    if contrast < cfg.pectoral_min_contrast:
+        return empty, f"muscle only {contrast:.3f} brighter than the tissue beside it", None
+    return pect, "", (float(a), float(y0))
