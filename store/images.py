@@ -490,8 +490,9 @@ def _read_dicom(path: Path, size: int, *, max_pixels: int, salt: str, allow_moda
     if not slope_ok:
         raise fail("invalid modality LUT (RescaleSlope/RescaleIntercept or ModalityLUTSequence)")
     voi = _voi(ds, modality_lut_applied=True)
-    shape = _str(ds, "PresentationLUTShape")
-    invert = (photometric == "MONOCHROME1") != (shape == "INVERSE")
+    # MONOCHROME1 is displayed inverted; for MONOCHROME1 files INVERSE is the standard's way of saying the same thing
+    # (PS3.3 C.8.11.6: MG "for presentation" uses INVERSE with MONOCHROME1), so the two never cancel out.
+    invert = photometric == "MONOCHROME1" or _str(ds, "PresentationLUTShape") == "INVERSE"
     laterality = _str(ds, "ImageLaterality") or _str(ds, "Laterality")
     laterality = laterality if laterality in ("L", "R") else ""
     view = _view(ds)
@@ -556,7 +557,8 @@ def _modality_lut(ds, arr: np.ndarray) -> tuple[np.ndarray, bool]:
             desc = [int(v) for v in item.LUTDescriptor]
             n = desc[0] or 65536
             first = desc[1]
-            lut = np.frombuffer(bytes(item.LUTData) if isinstance(item.LUTData, bytes) else b"", dtype="<u2")
+            raw = item.LUTData
+            lut = np.frombuffer(raw[: len(raw) // 2 * 2] if isinstance(raw, bytes) else b"", dtype="<u2")
             if lut.size == 0:
                 lut = np.asarray(item.LUTData, dtype=np.float32)
             lut = lut[:n].astype(np.float32)
@@ -586,8 +588,8 @@ def _voi(ds, *, modality_lut_applied: bool) -> VoiTransform | None:
             desc = [int(v) for v in item.LUTDescriptor]
             n, first, bits = (desc[0] or 65536), desc[1], desc[2]
             raw = item.LUTData
-            if isinstance(raw, bytes):
-                lut = np.frombuffer(raw, dtype="<u2" if bits > 8 else "u1")
+            if isinstance(raw, bytes):  # OW: one 16-bit word per entry whatever the entry's bit depth
+                lut = np.frombuffer(raw[: len(raw) // 2 * 2], dtype="<u2")
             else:
                 lut = np.asarray(raw if isinstance(raw, (list, tuple)) else [raw])
             lut = lut[:n].astype(np.float32)
