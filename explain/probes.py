@@ -1,0 +1,670 @@
+"""Concept probes: linear probes (logistic regression) per (concept, layer), each fit an mlflow run.
+
+    >>> from explain.probes import ProbeConfig, region_examples, fit_probe
+    >>> ex = region_examples(maps, mask, image=0)        # maps (unit, y, x) of one image, mask bool (Y, X) patch px
+    >>> ex = ex + mark_examples(pooled[[3, 9]], [True, False], images=[3, 9])
+    >>> fit = fit_probe(ex, concept="mass", layer="features.13")
+    >>> fit.probe.heatmap(maps, size=(64, 64))           # (y, x) probability of the concept at every position
+    >>> fit.metrics                                       # held-out AUROC / AP, cross-validated choice of C
+
+Examples (DESIGN.md §4) — every example is the vector of one layer's unit values, `(unit,)`:
+- drawn regions: the region mask (patch pixels) is reduced to the layer's map grid as the *fraction of each map
+  cell it covers* (exact area weights, any patch/grid ratio). A cell covered ≥ `inside` (0.5) is a positive, a cell
+  covered ≤ `outside` (0: not touched at all) is a negative, the cells on the border in between are ignored.
+- images marked as showing / not showing the concept: the image's max-pooled vector is one positive / negative
+  (max pooling is what "somewhere in the image" means, and it is the store's `pooled(layer, "max")`).
+- labeled units: in the top-k images of each unit labeled with the concept, positions where any labeled unit
+  reaches its dataset threshold (the Network-Dissection quantile) are positives; positions where none does and
+  that do not touch (8-neighbourhood) a positive are negatives.
+
+Fitting: features are standardized (mean / std over the examples); L2 logistic regression with sklearn's objective
+(½‖w‖² + C Σ sᵢ ℓᵢ, sᵢ the sample weights) solved by torch L-BFGS, many models at once. C and class balancing
+(weights n/(2 n_class) or none) are chosen by grouped cross-validation (an image's positions never straddle a
+fold) on the mean validation AUROC; ties (within 0.005) go to balanced and then to the smaller C. Held-out AUROC
+and AP come from a model fitted without a held-out group of images; the probe that is kept is then refitted on
+every example. The CAV is the unit-norm normal of the decision boundary in raw activation space.
+
+A probe's heatmap is its probability at every position of the layer's map (upsampled bilinearly to the patch on
+request, like a unit mask) and an image's score is the max of its heatmap (the concept is present somewhere).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from .errors import ProbeDataError
+
+__all__ = [
+    "ProbeConfig", "Examples", "Probe", "ProbeFit",
+    "cell_coverage", "region_examples", "mark_examples", "unit_examples",
+    "fit_logistic", "grouped_folds", "held_out_split", "fit_probe", "auroc", "average_precision",
+    "session_run", "log_probe", "load_probe", "probe_versions", "PROBE_EXPERIMENT",
+]
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How examples are made and how a probe is fitted. Every field is data; nothing is global."""
+
+    Cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)  # regularization grid (sklearn's C: larger = weaker)
+    balance: tuple[bool, ...] = (True, False)  # class balancing options tried by cross-validation
+    folds: int = 3  # grouped CV folds (fewer when there are fewer images)
+    held_out: float = 0.25  # fraction of images held out for the reported metrics
+    cv_max_examples: int = 6000  # CV runs on at most this many examples (whole images are kept or dropped)
+    inside: float = 0.5  # a map cell covered at least this much by a region is a positive
+    outside: float = 0.0  # ... at most this much is a negative; in between: ignored
+    max_iter: int = 100  # L-BFGS iterations
+    tol: float = 1e-4  # L-BFGS gradient tolerance (on the objective divided by C·Σs)
+    score: str = "max"  # image score from its heatmap: "max" or "mean"
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.Cs or min(self.Cs) <= 0:
+            raise ProbeDataError(f"ProbeConfig.Cs must be positive numbers, got {self.Cs}")
+        if not 0 <= self.outside < self.inside <= 1:
+            raise ProbeDataError(f"ProbeConfig needs 0 <= outside < inside <= 1, got {self.outside}, {self.inside}")
+        if self.score not in ("max", "mean"):
+            raise ProbeDataError(f"ProbeConfig.score must be 'max' or 'mean', got {self.score!r}")
+        if not 0 <= self.held_out < 1:
+            raise ProbeDataError(f"ProbeConfig.held_out must be in [0, 1), got {self.held_out}")
+
+
+# -- examples ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Examples:
+    """Training vectors of one layer with their label and the image (group) each comes from."""
+
+    vectors: np.ndarray  # (example, unit) float32
+    labels: np.ndarray  # (example,) int8, 1 = concept present
+    groups: np.ndarray  # (example,) int64 image index (positions of one image never split across folds)
+    counts: dict = field(default_factory=dict)  # source → number of annotations that produced these examples
+
+    def __post_init__(self):
+        v = np.asarray(self.vectors, dtype=np.float32)
+        if v.ndim != 2:
+            raise ProbeDataError(f"example vectors must be (example, unit), got shape {v.shape}")
+        y = np.asarray(self.labels, dtype=np.int8).reshape(-1)
+        g = np.asarray(self.groups, dtype=np.int64).reshape(-1)
+        if not (len(v) == len(y) == len(g)):
+            raise ProbeDataError(f"{len(v)} vectors, {len(y)} labels and {len(g)} groups do not match")
+        object.__setattr__(self, "vectors", v)
+        object.__setattr__(self, "labels", y)
+        object.__setattr__(self, "groups", g)
+
+    @classmethod
+    def empty(cls, n_units: int) -> "Examples":
+        return cls(np.zeros((0, n_units), np.float32), np.zeros(0, np.int8), np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __add__(self, other: "Examples") -> "Examples":
+        if self.vectors.shape[1] != other.vectors.shape[1]:
+            raise ProbeDataError(f"cannot join examples of {self.vectors.shape[1]} and {other.vectors.shape[1]} units")
+        counts = dict(self.counts)
+        for k, n in other.counts.items():
+            counts[k] = counts.get(k, 0) + n
+        return Examples(np.concatenate([self.vectors, other.vectors]), np.concatenate([self.labels, other.labels]),
+                        np.concatenate([self.groups, other.groups]), counts)
+
+    @property
+    def n_positive(self) -> int:
+        return int(self.labels.sum())
+
+    @property
+    def n_negative(self) -> int:
+        return int(len(self.labels) - self.labels.sum())
+
+    @property
+    def n_annotations(self) -> int:
+        return int(sum(self.counts.values()))
+
+
+def _overlap_matrix(n_pixels: int, n_cells: int) -> np.ndarray:
+    """(cell, pixel): the fraction of cell i's length that pixel p covers; rows sum to 1."""
+    edges = np.arange(n_cells + 1) * (n_pixels / n_cells)
+    lo = np.maximum(edges[:-1, None], np.arange(n_pixels)[None, :])
+    hi = np.minimum(edges[1:, None], np.arange(1, n_pixels + 1)[None, :])
+    return np.clip(hi - lo, 0, None) / (n_pixels / n_cells)
+
+
+def cell_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Fraction of each map cell's area covered by a patch-pixel mask: (Y, X) bool → (y, x) float in [0, 1].
+
+        >>> cell_coverage(np.pad(np.ones((2, 2), bool), ((0, 2), (0, 2))), (2, 2))
+        array([[1., 0.], [0., 0.]])
+
+    The map grid tiles the patch evenly (cell i spans [i·Y/y, (i+1)·Y/y) pixels); the weights are exact areas, so
+    the result is right for any patch/grid ratio, not only whole multiples.
+    """
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ProbeDataError(f"a region mask must be (y, x), got shape {m.shape}")
+    ry = _overlap_matrix(m.shape[0], grid[0])  # (y, Y)
+    rx = _overlap_matrix(m.shape[1], grid[1])  # (x, X)
+    return ry @ m.astype(np.float64) @ rx.T  # (y, x)
+
+
+def region_examples(maps: np.ndarray, mask: np.ndarray, *, image: int, inside: float = 0.5,
+                    outside: float = 0.0) -> Examples:
+    """Positions of one image inside (positive) and clearly outside (negative) a drawn region.
+
+        >>> ex = region_examples(store.maps("features.13", 7), region_mask, image=7)   # maps (unit, y, x)
+
+    `mask` is bool (Y, X) in patch pixels; cells covered ≥ `inside` are positives, ≤ `outside` negatives, the
+    border cells in between are left out. An empty mask is an error (nothing to learn from).
+    """
+    maps = np.asarray(maps)
+    if maps.ndim != 3:
+        raise ProbeDataError(f"image {image}: maps must be (unit, y, x), got shape {maps.shape}")
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        raise ProbeDataError(f"image {image}: the region mask is empty")
+    cover = cell_coverage(mask, maps.shape[1:])  # (y, x)
+    pos = cover >= inside
+    neg = cover <= outside
+    vectors = maps.reshape(maps.shape[0], -1).T  # (position, unit)
+    keep = (pos | neg).reshape(-1)
+    labels = pos.reshape(-1)[keep]
+    return Examples(vectors[keep], labels, np.full(int(keep.sum()), image), {"regions": 1})
+
+
+def mark_examples(pooled: np.ndarray, present: Sequence[bool], *, images: Sequence[int]) -> Examples:
+    """Images marked as showing (True) or not showing (False) the concept: their max-pooled vectors (image, unit).
+
+        >>> ex = mark_examples(store.pooled("features.13", "max")[idx], [True, False], images=idx)
+    """
+    pooled = np.asarray(pooled)
+    present = np.asarray(present, dtype=bool).reshape(-1)
+    images = np.asarray(images, dtype=np.int64).reshape(-1)
+    if pooled.ndim != 2 or not (len(pooled) == len(present) == len(images)):
+        raise ProbeDataError(f"marks: pooled {pooled.shape}, {len(present)} flags and {len(images)} images differ")
+    return Examples(pooled, present, images, {"marks": len(images)})
+
+
+def unit_examples(maps: np.ndarray, units: Sequence[int], thresholds: np.ndarray, *,
+                  images: Sequence[int]) -> Examples:
+    """Positions where the concept's labeled units fire (positives) and positions far from any firing (negatives).
+
+        >>> ids, _ = store.topk(layer); idx = np.unique(ids[units])
+        >>> ex = unit_examples(store.maps_many(layer, idx), units, store.thresholds(layer), images=idx)
+
+    `maps` (image, unit, y, x); a position is positive when any labeled unit reaches its threshold there, negative
+    when none does and no 8-neighbour is positive.
+    """
+    maps = np.asarray(maps)
+    units = np.asarray(units, dtype=np.int64).reshape(-1)
+    images = np.asarray(images, dtype=np.int64).reshape(-1)
+    if maps.ndim != 4 or len(maps) != len(images):
+        raise ProbeDataError(f"unit examples: maps {maps.shape} must be (image, unit, y, x) for {len(images)} images")
+    if len(units) == 0:
+        raise ProbeDataError("unit examples: no labeled units")
+    if units.min() < 0 or units.max() >= maps.shape[1]:
+        raise ProbeDataError(f"unit examples: units {units.tolist()} outside 0…{maps.shape[1] - 1}")
+    thr = np.asarray(thresholds, dtype=np.float32)[units]
+    fire = (maps[:, units] >= thr[None, :, None, None]).any(axis=1)  # (image, y, x)
+    # grow the firing area by one cell (8-neighbourhood) so the border is left out of the negatives
+    padded = np.pad(fire, ((0, 0), (1, 1), (1, 1)))
+    h, w = fire.shape[1:]
+    near = np.zeros_like(fire)
+    for dy in range(3):
+        for dx in range(3):
+            near |= padded[:, dy:dy + h, dx:dx + w]
+    neg = ~near
+    vectors = np.moveaxis(maps, 1, -1)  # (image, y, x, unit)
+    keep = fire | neg
+    return Examples(vectors[keep], fire[keep], np.broadcast_to(images[:, None, None], fire.shape)[keep],
+                    {"units": len(units)})
+
+
+# -- fitting -----------------------------------------------------------------------------------------------------------
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, Cs: torch.Tensor, *,
+                 init: torch.Tensor | None = None, max_iter: int = 100, tol: float = 1e-4) -> torch.Tensor:
+    """Fit M L2 logistic regressions at once on the same rows; returns (M, unit + 1) = coefficients, intercept.
+
+        >>> theta = fit_logistic(x, y, weights, torch.tensor([0.1, 1.0]))   # x (n, unit), weights (M, n)
+
+    Model m minimizes sklearn's objective ½‖w‖² + C_m Σᵢ weights[m, i]·ℓ(yᵢ, xᵢ·w + b) (intercept not penalized);
+    a zero weight leaves a row out of that model. Each objective is divided by C_m Σᵢ weights[m, i] so the models'
+    gradients have one scale; the sum over models is separable, so one L-BFGS run solves every model.
+    """
+    n, d = x.shape
+    m = weights.shape[0]
+    theta = torch.zeros(m, d + 1, dtype=x.dtype) if init is None else init.detach().clone().to(x.dtype)
+    theta.requires_grad_(True)
+    wsum = weights.sum(dim=1).clamp_min(1e-12)  # (M,)
+    scaled = weights / wsum[:, None]  # (M, n)
+    ridge = 0.5 / (Cs.to(x.dtype) * wsum)  # (M,)
+    yf = y.to(x.dtype)
+    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, history_size=10, tolerance_grad=tol,
+                            tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = x @ theta[:, :d].T + theta[:, d]  # (n, M)
+        loss_i = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, yf[:, None].expand_as(logits), reduction="none")  # (n, M)
+        loss = (scaled.T * loss_i).sum() + (ridge * (theta[:, :d] ** 2).sum(dim=1)).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return theta.detach()
+
+
+def grouped_folds(groups: np.ndarray, n_folds: int, *, seed: int = 0) -> np.ndarray:
+    """Fold index per example with every group (image) in exactly one fold; groups shuffled with `seed`.
+
+    Groups are dealt to folds largest first, each to the fold with the fewest examples so far, so folds are of
+    similar size even when images give very different numbers of positions.
+    """
+    uniq, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(uniq))
+    order = order[np.argsort(-sizes[order], kind="stable")]
+    fill = np.zeros(n_folds, np.int64)
+    fold_of = np.empty(len(uniq), np.int64)
+    for g in order:
+        f = int(np.argmin(fill))
+        fold_of[g] = f
+        fill[f] += sizes[g]
+    return fold_of[inverse]
+
+
+def held_out_split(labels: np.ndarray, groups: np.ndarray, fraction: float, *, seed: int = 0) -> np.ndarray | None:
+    """Boolean (example,) mask of a held-out set of whole groups, or None when no split leaves both classes on both
+    sides (e.g. a single annotated image). Groups are stratified by whether they hold positives."""
+    uniq = np.unique(groups)
+    if fraction <= 0 or len(uniq) < 2:
+        return None
+    has_pos = np.array([labels[groups == g].any() for g in uniq])
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        chosen: list = []
+        for kind in (True, False):
+            pool = uniq[has_pos == kind]
+            if len(pool) < 2:  # a kind with a single image stays in training
+                continue
+            k = min(max(1, int(round(fraction * len(pool)))), len(pool) - 1)
+            chosen.extend(rng.choice(pool, size=k, replace=False).tolist())
+        held = np.isin(groups, chosen)
+        if held.any() and (~held).any():
+            yh, yt = labels[held], labels[~held]
+            if yh.min() != yh.max() and yt.min() != yt.max():
+                return held
+    return None
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve with ties counted half (Mann-Whitney U); NaN when a class is missing."""
+    labels = np.asarray(labels).astype(bool).reshape(-1)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    s = scores[order]
+    # average ranks over ties
+    ranks = np.empty(len(s), np.float64)
+    bounds = np.flatnonzero(np.diff(s)) + 1
+    starts = np.concatenate([[0], bounds])
+    ends = np.concatenate([bounds, [len(s)]])
+    avg = (starts + ends + 1) / 2.0  # 1-based average rank of each tie block
+    ranks[order] = np.repeat(avg, ends - starts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision (area under precision-recall, step-wise as sklearn); NaN without positives."""
+    labels = np.asarray(labels).astype(bool).reshape(-1)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    n_pos = int(labels.sum())
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    tp = np.cumsum(y)
+    last = np.concatenate([np.flatnonzero(np.diff(s)), [len(s) - 1]])  # the end of each tie block
+    tp = tp[last]
+    precision = tp / (last + 1)
+    recall = tp / n_pos
+    return float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A fitted probe: logit(a) = weights·a + bias on raw activation vectors a of `layer` (unit,)."""
+
+    concept: str
+    layer: str
+    weights: np.ndarray  # (unit,) float32, raw activation space
+    bias: float
+    mean: np.ndarray  # (unit,) the standardization used in fitting (kept for the record)
+    scale: np.ndarray  # (unit,)
+    score_kind: str = "max"
+    run_id: str | None = None
+
+    @property
+    def cav(self) -> np.ndarray:
+        """The concept activation vector: unit-norm normal of the decision boundary, (unit,)."""
+        norm = float(np.linalg.norm(self.weights))
+        return (self.weights / norm if norm > 0 else self.weights).astype(np.float32)
+
+    def logits(self, vectors: np.ndarray) -> np.ndarray:
+        """(..., unit) → (...) logits."""
+        return np.asarray(vectors, dtype=np.float32) @ self.weights + np.float32(self.bias)
+
+    def heatmap(self, maps: np.ndarray, *, size: tuple[int, int] | None = None) -> np.ndarray:
+        """Concept probability at every position: maps (..., unit, y, x) → (..., y, x) float32 in [0, 1].
+
+        With `size` the logits are upsampled bilinearly to the patch (as unit masks are) before the sigmoid.
+        """
+        maps = np.asarray(maps)
+        if maps.ndim < 3 or maps.shape[-3] != len(self.weights):
+            raise ProbeDataError(f"probe {self.concept}@{self.layer} has {len(self.weights)} units; maps are {maps.shape}")
+        w = torch.from_numpy(self.weights)
+        logits = torch.tensordot(torch.from_numpy(np.ascontiguousarray(maps)).float(), w, dims=([maps.ndim - 3], [0]))
+        logits = logits + float(self.bias)  # (..., y, x)
+        if size is not None and tuple(size) != tuple(logits.shape[-2:]):
+            lead = logits.shape[:-2]
+            logits = torch.nn.functional.interpolate(logits.reshape(-1, 1, *logits.shape[-2:]), size=tuple(size),
+                                                     mode="bilinear", align_corners=False)
+            logits = logits.reshape(*lead, *size)
+        return torch.sigmoid(logits).numpy()
+
+    def score(self, heatmaps: np.ndarray) -> np.ndarray:
+        """Image scores from heatmaps (..., y, x) → (...): their max (or mean, by `score_kind`)."""
+        h = np.asarray(heatmaps)
+        flat = h.reshape(*h.shape[:-2], -1)
+        return (flat.max(axis=-1) if self.score_kind == "max" else flat.mean(axis=-1)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ProbeFit:
+    """A probe with what its fit measured: held-out metrics, CV choice and example counts."""
+
+    probe: Probe
+    params: dict  # C, balanced, folds, …
+    metrics: dict  # auroc, ap (held out; NaN without a usable split), cv_auroc, train_auroc
+    n_positive: int
+    n_negative: int
+    n_images: int
+    n_annotations: int
+
+
+def _class_weights(y: np.ndarray, balanced: bool) -> np.ndarray:
+    if not balanced:
+        return np.ones(len(y), np.float32)
+    n_pos = max(int(y.sum()), 1)
+    n_neg = max(len(y) - int(y.sum()), 1)
+    return np.where(y == 1, len(y) / (2.0 * n_pos), len(y) / (2.0 * n_neg)).astype(np.float32)
+
+
+def _cv_subset(examples_groups: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Indices of whole groups, shuffled, until `limit` examples."""
+    n = len(examples_groups)
+    if n <= limit:
+        return np.arange(n)
+    uniq, inverse, sizes = np.unique(examples_groups, return_inverse=True, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(uniq))
+    take = np.zeros(len(uniq), bool)
+    total = 0
+    for g in order:
+        if total >= limit:
+            break
+        take[g] = True
+        total += sizes[g]
+    idx = np.flatnonzero(take[inverse])
+    if len(idx) > 2 * limit:  # one huge image: sample positions within it
+        idx = np.sort(np.random.default_rng(seed).choice(idx, size=limit, replace=False))
+    return idx
+
+
+def _select(x: torch.Tensor, y: np.ndarray, groups: np.ndarray, config: ProbeConfig) -> tuple[float, bool, float]:
+    """Choose (C, balanced) by grouped CV; returns them with the chosen mean validation AUROC (NaN: no CV)."""
+    default = (1.0 if 1.0 in config.Cs else config.Cs[len(config.Cs) // 2], config.balance[0])
+    n_groups = len(np.unique(groups))
+    n_folds = min(config.folds, n_groups)
+    if n_folds < 2 or (len(config.Cs) == 1 and len(config.balance) == 1):
+        return (*default, float("nan"))
+    idx = _cv_subset(groups, config.cv_max_examples, config.seed)
+    xs, ys, gs = x[idx], y[idx], groups[idx]
+    folds = grouped_folds(gs, n_folds, seed=config.seed)
+    combos = [(c, b) for b in config.balance for c in config.Cs]
+    rows, cs = [], []
+    for f in range(n_folds):
+        train = folds != f
+        for c, b in combos:
+            w = np.zeros(len(ys), np.float32)
+            w[train] = _class_weights(ys[train], b)
+            rows.append(w)
+            cs.append(c)
+    weights = torch.from_numpy(np.stack(rows))
+    theta = fit_logistic(xs, torch.from_numpy(ys), weights, torch.tensor(cs), max_iter=config.max_iter, tol=config.tol)
+    logits = (xs @ theta[:, :-1].T + theta[:, -1]).numpy()  # (n, M)
+    scores = np.full((n_folds, len(combos)), np.nan)
+    for f in range(n_folds):
+        val = folds == f
+        for j in range(len(combos)):
+            scores[f, j] = auroc(ys[val], logits[val, f * len(combos) + j])
+    if np.isnan(scores).all():
+        return (*default, float("nan"))
+    mean = np.nanmean(scores, axis=0)
+    best = np.nanmax(mean)
+    # ties → balanced first, then the smallest C (most regularized)
+    candidates = [j for j in range(len(combos)) if mean[j] >= best - 0.005]
+    j = min(candidates, key=lambda j: (not combos[j][1], combos[j][0]))
+    return combos[j][0], combos[j][1], float(mean[j])
+
+
+def fit_probe(examples: Examples, *, concept: str, layer: str, config: ProbeConfig | None = None,
+              init: Probe | None = None) -> ProbeFit:
+    """Fit one probe: CV choice of C and balancing, held-out metrics, final refit on every example.
+
+        >>> fit = fit_probe(region_examples(maps, mask, image=0), concept="mass", layer="features.13")
+
+    Raises ProbeDataError (naming the concept and layer) when the examples hold only one class.
+    `init` (a previous version of the same probe) warm-starts the final fits.
+    """
+    config = config or ProbeConfig()
+    where = f"probe {concept}@{layer}"
+    if len(examples) == 0:
+        raise ProbeDataError(f"{where}: no examples")
+    n_pos, n_neg = examples.n_positive, examples.n_negative
+    if n_pos == 0 or n_neg == 0:
+        which = "positives" if n_neg == 0 else "negatives"
+        raise ProbeDataError(f"{where}: only {which} ({n_pos} positive, {n_neg} negative examples); "
+                             "a probe needs both")
+    v = examples.vectors
+    y = examples.labels.astype(np.float32)
+    groups = examples.groups
+    mean = v.mean(axis=0, dtype=np.float64)
+    std = v.std(axis=0, dtype=np.float64)
+    scale = np.where(std > 1e-8, std, 1.0)
+    x = torch.from_numpy(((v - mean) / scale).astype(np.float32))  # (example, unit) standardized
+    C, balanced, cv_auroc = _select(x, examples.labels, groups, config)
+
+    held = held_out_split(examples.labels, groups, config.held_out, seed=config.seed)
+    rows = [_class_weights(examples.labels, balanced)]
+    if held is not None:
+        w = np.zeros(len(y), np.float32)
+        w[~held] = _class_weights(examples.labels[~held], balanced)
+        rows.append(w)
+    theta0 = None
+    if init is not None and len(init.weights) == v.shape[1]:
+        # the previous version in this fit's standardized space: w_z = w·scale, b_z = b + w·mean
+        wz = init.weights * scale
+        bz = init.bias + float(init.weights @ mean)
+        theta0 = torch.from_numpy(np.concatenate([wz, [bz]]).astype(np.float32)).repeat(len(rows), 1)
+    theta = fit_logistic(x, torch.from_numpy(y), torch.from_numpy(np.stack(rows)), torch.full((len(rows),), C),
+                         init=theta0, max_iter=config.max_iter, tol=config.tol)
+    logits = (x @ theta[:, :-1].T + theta[:, -1]).numpy()  # (example, model)
+    metrics = {"cv_auroc": cv_auroc, "train_auroc": auroc(examples.labels, logits[:, 0])}
+    if held is not None:
+        metrics["auroc"] = auroc(examples.labels[held], logits[held, 1])
+        metrics["ap"] = average_precision(examples.labels[held], logits[held, 1])
+    else:
+        metrics["auroc"] = metrics["ap"] = float("nan")
+    wz = theta[0, :-1].numpy().astype(np.float64)
+    bz = float(theta[0, -1])
+    weights = (wz / scale).astype(np.float32)  # back to raw activations: logit = w·a + b
+    bias = bz - float((wz * mean / scale).sum())
+    probe = Probe(concept=concept, layer=layer, weights=weights, bias=bias, mean=mean.astype(np.float32),
+                  scale=scale.astype(np.float32), score_kind=config.score)
+    params = {"C": C, "balanced": balanced, "folds": min(config.folds, len(np.unique(groups))),
+              "held_out_images": 0 if held is None else int(len(np.unique(groups[held]))),
+              "inside": config.inside, "outside": config.outside, "score": config.score, "seed": config.seed,
+              "Cs": ",".join(f"{c:g}" for c in config.Cs), "n_units": int(v.shape[1])}
+    return ProbeFit(probe=probe, params=params, metrics=metrics, n_positive=n_pos, n_negative=n_neg,
+                    n_images=int(len(np.unique(groups))), n_annotations=examples.n_annotations)
+
+
+# -- tracking: every fit is an mlflow run under the review session's parent run ----------------------------------------
+PROBE_EXPERIMENT = "conceptlens-probes"
+TAG_KIND = "conceptlens.kind"  # "session" (a review session's parent run) or "probe"
+TAG_SESSION = "conceptlens.session"
+TAG_CONCEPT = "conceptlens.concept"
+TAG_LAYER = "conceptlens.layer"
+TAG_STORE = "conceptlens.store"
+ARTIFACT_DIR = "probe"  # weights.npy, bias.npy, cav.npy, mean.npy, scale.npy
+
+
+def _tracking(settings, experiment: str):
+    from training.registry import open_tracking
+
+    return open_tracking(settings, experiment)
+
+
+def _quote(value: str) -> str:
+    if "'" in value:
+        raise ProbeDataError(f"names used in mlflow searches may not contain a quote: {value!r}")
+    return value
+
+
+def session_run(session: str, *, settings, experiment: str = PROBE_EXPERIMENT) -> str:
+    """The run id of review session `session`'s parent run, created on first use.
+
+        >>> parent = session_run("alice-2025-06-01", settings=settings)
+
+    When two processes race to create it, both later use the oldest one (the search is ordered by start time).
+    """
+    client, exp_id = _tracking(settings, experiment)
+    flt = f"tags.`{TAG_KIND}` = 'session' and tags.`{TAG_SESSION}` = '{_quote(session)}'"
+    found = client.search_runs([exp_id], filter_string=flt, order_by=["attributes.start_time ASC"], max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=f"session {session}", tags={TAG_KIND: "session", TAG_SESSION: session})
+    found = client.search_runs([exp_id], filter_string=flt, order_by=["attributes.start_time ASC"], max_results=1)
+    return found[0].info.run_id if found else run.info.run_id
+
+
+def log_probe(fit: ProbeFit, *, settings, session: str, store: str = "", tcav: dict | None = None,
+              experiment: str = PROBE_EXPERIMENT) -> str:
+    """Record one fit as an mlflow run nested under the session's run; returns the run id (also set on the probe).
+
+        >>> run_id = log_probe(fit, settings=settings, session="alice", store="demo", tcav={"lesion": 0.83})
+
+    Params: C, balancing, folds, counts. Metrics: held-out auroc / ap, cv_auroc, train_auroc, n_positive,
+    n_negative, n_images, n_annotations, tcav/<class>. Artifacts (numpy .npy, never pickle) under `probe/`.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    client, exp_id = _tracking(settings, experiment)
+    parent = session_run(session, settings=settings, experiment=experiment)
+    p = fit.probe
+    tags = {TAG_KIND: "probe", TAG_SESSION: session, TAG_CONCEPT: p.concept, TAG_LAYER: p.layer, TAG_STORE: store,
+            MLFLOW_PARENT_RUN_ID: parent}
+    run = client.create_run(exp_id, run_name=f"{p.concept}@{p.layer}", tags=tags)
+    run_id = run.info.run_id
+    try:
+        params = {**fit.params, "concept": p.concept, "layer": p.layer}
+        counts = {"n_positive": fit.n_positive, "n_negative": fit.n_negative, "n_images": fit.n_images,
+                  "n_annotations": fit.n_annotations}
+        metrics = {**fit.metrics, **counts, **{f"tcav/{k}": v for k, v in (tcav or {}).items()}}
+        now = int(__import__("time").time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                         params=[Param(k, str(v)) for k, v in params.items()],
+                         tags=[RunTag("conceptlens.n_annotations", str(fit.n_annotations))])
+        with tempfile.TemporaryDirectory(prefix="conceptlens-probe-") as tmp:
+            d = Path(tmp) / ARTIFACT_DIR
+            d.mkdir()
+            for name, arr in (("weights", p.weights), ("bias", np.float32(p.bias)), ("cav", p.cav),
+                              ("mean", p.mean), ("scale", p.scale)):
+                np.save(d / f"{name}.npy", np.asarray(arr, dtype=np.float32), allow_pickle=False)
+            client.log_artifacts(run_id, str(d), artifact_path=ARTIFACT_DIR)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
+def load_probe(run_id: str, *, settings, experiment: str = PROBE_EXPERIMENT) -> Probe:
+    """Rebuild a probe version from its run's numpy artifacts (np.load with allow_pickle=False).
+
+        >>> probe = load_probe(run_id, settings=settings)
+    """
+    import tempfile
+    from pathlib import Path
+
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    client, _ = _tracking(settings, experiment)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ProbeDataError(f"no probe run {run_id!r} at the tracking store") from None
+    tags = run.data.tags
+    if tags.get(TAG_KIND) != "probe":
+        raise ProbeDataError(f"run {run_id!r} is not a probe fit (tag {TAG_KIND}={tags.get(TAG_KIND)!r})")
+    with tempfile.TemporaryDirectory(prefix="conceptlens-probe-") as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ARTIFACT_DIR, dst_path=tmp,
+                                                             tracking_uri=settings.tracking_uri))
+            arrays = {n: np.load(local / f"{n}.npy", allow_pickle=False)
+                      for n in ("weights", "bias", "mean", "scale")}
+        except (MlflowException, OSError, ValueError) as e:
+            raise ProbeDataError(f"probe run {run_id!r}: unreadable artifacts ({e})") from None
+    return Probe(concept=tags[TAG_CONCEPT], layer=tags[TAG_LAYER], weights=arrays["weights"].astype(np.float32),
+                 bias=float(arrays["bias"]), mean=arrays["mean"], scale=arrays["scale"],
+                 score_kind=run.data.params.get("score", "max"), run_id=run_id)
+
+
+def probe_versions(concept: str, layer: str, *, settings, store: str | None = None,
+                   experiment: str = PROBE_EXPERIMENT) -> list[dict]:
+    """Every fitted version of probe (concept, layer), newest first, with its metrics and annotation count.
+
+        >>> [(v["run_id"], v["auroc"], v["n_annotations"]) for v in probe_versions("mass", "features.13", settings=s)]
+    """
+    client, exp_id = _tracking(settings, experiment)
+    flt = (f"tags.`{TAG_KIND}` = 'probe' and tags.`{TAG_CONCEPT}` = '{_quote(concept)}' "
+           f"and tags.`{TAG_LAYER}` = '{_quote(layer)}'")
+    if store is not None:
+        flt += f" and tags.`{TAG_STORE}` = '{_quote(store)}'"
+    runs = client.search_runs([exp_id], filter_string=flt, order_by=["attributes.start_time DESC"],
+                              max_results=1000)
+    out = []
+    for r in runs:
+        m = r.data.metrics
+        out.append({
+            "run_id": r.info.run_id, "start_time": r.info.start_time, "status": r.info.status,
+            "session": r.data.tags.get(TAG_SESSION), "store": r.data.tags.get(TAG_STORE),
+            "parent_run_id": r.data.tags.get("mlflow.parentRunId"),
+            "auroc": m.get("auroc"), "ap": m.get("ap"), "cv_auroc": m.get("cv_auroc"),
+            "n_positive": int(m.get("n_positive", 0)), "n_negative": int(m.get("n_negative", 0)),
+            "n_images": int(m.get("n_images", 0)), "n_annotations": int(m.get("n_annotations", 0)),
+            "C": r.data.params.get("C"), "balanced": r.data.params.get("balanced"),
+            "tcav": {k.removeprefix("tcav/"): v for k, v in m.items() if k.startswith("tcav/")},
+        })
+    return out

@@ -1,0 +1,230 @@
+"""Concept probes: example making, the batched logistic fit, CV / held-out splits, metrics, mlflow versions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from explain.errors import ExplainError, ProbeDataError
+from explain.probes import (
+    Examples, ProbeConfig, auroc, average_precision, cell_coverage, fit_logistic, fit_probe, grouped_folds,
+    held_out_split, load_probe, log_probe, mark_examples, probe_versions, region_examples, session_run,
+    unit_examples,
+)
+
+torch.set_num_threads(1)
+
+
+# -- examples ----------------------------------------------------------------------------------------------------------
+def test_cell_coverage_exact_areas():
+    mask = np.zeros((4, 4), bool)
+    mask[:2, :2] = True
+    np.testing.assert_allclose(cell_coverage(mask, (2, 2)), [[1, 0], [0, 0]])
+    mask[2, 2] = True  # one pixel of the bottom-right cell's four
+    np.testing.assert_allclose(cell_coverage(mask, (2, 2)), [[1, 0], [0, 0.25]])
+    # 3 px onto 2 cells: cell 0 spans [0, 1.5) → row 0 is 1/1.5 of it, row 1 half a pixel = 0.5/1.5
+    m3 = np.zeros((3, 1), bool)
+    m3[0, 0] = True
+    np.testing.assert_allclose(cell_coverage(m3, (2, 1))[:, 0], [2 / 3, 0.0])
+    m3[1, 0] = True
+    np.testing.assert_allclose(cell_coverage(m3, (2, 1))[:, 0], [1.0, 1 / 3])
+    np.testing.assert_allclose(cell_coverage(np.ones((7, 5), bool), (3, 2)), np.ones((3, 2)))
+
+
+def test_region_examples_inside_outside_border():
+    maps = np.arange(2 * 2 * 3, dtype=np.float32).reshape(2, 2, 3)  # (unit, y, x): unit0 = 0..5, unit1 = 6..11
+    mask = np.zeros((4, 6), bool)  # patch 4×6 → cells of 2×2 pixels
+    mask[0:2, 0:2] = True  # cell (0, 0) fully covered: positive
+    mask[0, 2] = True  # cell (0, 1) covered 1/4: border, ignored
+    ex = region_examples(maps, mask, image=5)
+    assert ex.n_positive == 1 and ex.n_negative == 4 and len(ex) == 5
+    np.testing.assert_array_equal(ex.vectors[ex.labels == 1], [[0, 6]])
+    np.testing.assert_array_equal(ex.vectors[ex.labels == 0], [[2, 8], [3, 9], [4, 10], [5, 11]])
+    assert set(ex.groups.tolist()) == {5} and ex.counts == {"regions": 1}
+    # a looser border: cells touched at most 1/4 count as negatives
+    assert region_examples(maps, mask, image=5, outside=0.25).n_negative == 5
+    with pytest.raises(ProbeDataError, match="image 5: the region mask is empty"):
+        region_examples(maps, np.zeros((4, 6), bool), image=5)
+
+
+def test_mark_and_unit_examples():
+    pooled = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    ex = mark_examples(pooled, [True, False], images=[10, 11])
+    assert ex.labels.tolist() == [1, 0] and ex.groups.tolist() == [10, 11] and ex.counts == {"marks": 2}
+    with pytest.raises(ProbeDataError):
+        mark_examples(pooled, [True], images=[10, 11])
+
+    maps = np.zeros((1, 2, 4, 4), np.float32)  # (image, unit, y, x)
+    maps[0, 1, 0, 0] = 5.0  # unit 1 fires at (0, 0) only
+    maps[0, 0] = 9.0  # unit 0 is not labeled: its values never decide
+    ex = unit_examples(maps, [1], np.array([100.0, 1.0]), images=[7])
+    # positive (0, 0); its 8-neighbours (0, 1), (1, 0), (1, 1) are left out; the other 12 positions are negatives
+    assert ex.n_positive == 1 and ex.n_negative == 12
+    np.testing.assert_array_equal(ex.vectors[ex.labels == 1], [[9.0, 5.0]])
+    with pytest.raises(ProbeDataError, match="outside"):
+        unit_examples(maps, [2], np.ones(2), images=[7])
+    joined = ex + mark_examples(pooled, [True, False], images=[10, 11])
+    assert len(joined) == 15 and joined.counts == {"units": 1, "marks": 2} and joined.n_annotations == 3
+
+
+# -- fitting -----------------------------------------------------------------------------------------------------------
+def test_fit_logistic_matches_sklearn():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6)).astype(np.float32)
+    y = (x @ rng.normal(size=6) + rng.normal(size=300) > 0).astype(np.float32)
+    sw = rng.uniform(0.5, 2.0, size=300).astype(np.float32)
+    sub = np.ones(300, np.float32)
+    sub[:100] = 0  # the third model leaves out the first 100 rows
+    theta = fit_logistic(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(np.stack([sw, np.ones(300,
+                         np.float32), sub])), torch.tensor([0.1, 1.0, 10.0]), max_iter=500, tol=1e-7).numpy()
+    for m, (C, rows, w) in enumerate([(0.1, slice(None), sw), (1.0, slice(None), None), (10.0, slice(100, None), None)]):
+        ref = LogisticRegression(C=C, tol=1e-10, max_iter=10000).fit(x[rows], y[rows], sample_weight=w)
+        np.testing.assert_allclose(theta[m, :-1], ref.coef_[0], atol=5e-4)
+        assert theta[m, -1] == pytest.approx(ref.intercept_[0], abs=5e-4)
+
+
+def test_metrics_match_sklearn_with_ties():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 500)
+    s = np.round(rng.normal(size=500) + y, 1)  # many ties
+    assert auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert average_precision(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    assert auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
+    assert np.isnan(auroc([1, 1], [0.2, 0.3]))
+
+
+def test_grouped_folds_and_held_out_keep_images_whole():
+    groups = np.repeat(np.arange(9), [5, 1, 7, 3, 3, 2, 8, 1, 4])
+    folds = grouped_folds(groups, 3, seed=0)
+    for g in np.unique(groups):
+        assert len(np.unique(folds[groups == g])) == 1
+    assert set(folds.tolist()) == {0, 1, 2}
+    labels = (np.arange(len(groups)) % 2).astype(np.int8)
+    held = held_out_split(labels, groups, 0.25, seed=0)
+    assert held is not None and held.any() and (~held).any()
+    for g in np.unique(groups):
+        assert len(np.unique(held[groups == g])) == 1
+    # one image only: nothing can be held out
+    assert held_out_split(np.array([0, 1, 1]), np.array([4, 4, 4]), 0.25) is None
+    # a single positive image cannot be both in training and held out
+    assert held_out_split(np.array([1, 0, 0, 0]), np.array([0, 1, 2, 3]), 0.25) is None
+
+
+def _blob_examples(n_images=12, seed=0, units=8):
+    """Per-image maps where the concept (units 0 and 1 high) lives in a square region drawn as the mask."""
+    rng = np.random.default_rng(seed)
+    ex = Examples.empty(units)
+    maps_all, masks = [], []
+    for i in range(n_images):
+        maps = rng.gamma(1.0, 1.0, size=(units, 8, 8)).astype(np.float32)
+        y0, x0 = rng.integers(0, 5, 2)
+        maps[:2, y0:y0 + 3, x0:x0 + 3] += 2.5
+        mask = np.zeros((32, 32), bool)
+        mask[4 * y0:4 * (y0 + 3), 4 * x0:4 * (x0 + 3)] = True
+        ex = ex + region_examples(maps, mask, image=i)
+        maps_all.append(maps)
+        masks.append(mask)
+    return ex, np.stack(maps_all), np.stack(masks)
+
+
+def test_fit_probe_learns_the_concept_and_heatmap():
+    ex, maps, masks = _blob_examples()
+    fit = fit_probe(ex, concept="mass", layer="features.3")
+    p = fit.probe
+    assert fit.n_positive == 12 * 9 and fit.n_negative == len(ex) - 12 * 9 and fit.n_images == 12
+    assert fit.n_annotations == 12
+    assert fit.params["C"] in ProbeConfig().Cs and fit.params["held_out_images"] >= 1
+    assert fit.metrics["auroc"] > 0.95 and fit.metrics["ap"] > 0.85 and fit.metrics["cv_auroc"] > 0.95
+    # the concept units carry the weight
+    assert np.argsort(-p.weights)[:2].tolist() in ([0, 1], [1, 0])
+    assert np.linalg.norm(p.cav) == pytest.approx(1.0, abs=1e-6)
+    # raw-space weights reproduce the standardized model's logits: heatmap = sigmoid(w·a + b) per position
+    hm = p.heatmap(maps[0])  # (y, x)
+    manual = 1 / (1 + np.exp(-(np.einsum("uyx,u->yx", maps[0], p.weights) + p.bias)))
+    np.testing.assert_allclose(hm, manual, rtol=1e-5, atol=1e-6)
+    up = p.heatmap(maps, size=(32, 32))  # (image, Y, X)
+    assert up.shape == (12, 32, 32)
+    assert auroc(masks.reshape(-1), up.reshape(-1)) > 0.9
+    assert p.score(up).shape == (12,)
+    np.testing.assert_allclose(p.score(hm), hm.max())
+    with pytest.raises(ProbeDataError, match="has 8 units"):
+        p.heatmap(maps[:, :4])
+
+
+def test_probe_with_one_class_is_refused():
+    ex, _, _ = _blob_examples(n_images=2)
+    pos = Examples(ex.vectors[ex.labels == 1], ex.labels[ex.labels == 1], ex.groups[ex.labels == 1])
+    with pytest.raises(ProbeDataError, match=r"probe mass@features\.3: only positives"):
+        fit_probe(pos, concept="mass", layer="features.3")
+    neg = mark_examples(np.ones((3, 8)), [False] * 3, images=[0, 1, 2])
+    with pytest.raises(ExplainError, match="only negatives"):
+        fit_probe(neg, concept="mass", layer="features.3")
+    with pytest.raises(ValueError, match="no examples"):
+        fit_probe(Examples.empty(8), concept="mass", layer="features.3")
+
+
+def test_single_image_probe_has_no_held_out_metrics():
+    ex, maps, _ = _blob_examples(n_images=1)
+    fit = fit_probe(ex, concept="mass", layer="l")
+    assert np.isnan(fit.metrics["auroc"]) and np.isnan(fit.metrics["cv_auroc"]) and fit.params["held_out_images"] == 0
+    assert fit.metrics["train_auroc"] > 0.95
+
+
+def test_warm_start_reaches_the_same_probe():
+    ex, _, _ = _blob_examples()
+    cold = fit_probe(ex, concept="mass", layer="l", config=ProbeConfig(Cs=(1.0,), balance=(True,)))
+    warm = fit_probe(ex, concept="mass", layer="l", config=ProbeConfig(Cs=(1.0,), balance=(True,)), init=cold.probe)
+    np.testing.assert_allclose(warm.probe.weights, cold.probe.weights, atol=2e-3)
+
+
+# -- mlflow ------------------------------------------------------------------------------------------------------------
+def test_probe_runs_are_nested_versions_with_numpy_artifacts(workspace):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    ex, maps, _ = _blob_examples()
+    fit = fit_probe(ex, concept="mass", layer="features.3")
+    parent = session_run("alice", settings=workspace)
+    assert session_run("alice", settings=workspace) == parent  # got, not created twice
+    assert session_run("bob", settings=workspace) != parent
+    r1 = log_probe(fit, settings=workspace, session="alice", store="demo", tcav={"normal": 0.25, "lesion": 0.75})
+    fit2 = fit_probe(ex + mark_examples(maps[:1].max(axis=(2, 3)), [True], images=[0]), concept="mass",
+                     layer="features.3")
+    r2 = log_probe(fit2, settings=workspace, session="alice", store="demo")
+
+    client = MlflowClient(tracking_uri=workspace.tracking_uri)
+    run = client.get_run(r1)
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.info.status == "FINISHED"
+    assert run.data.params["C"] == str(fit.params["C"]) and run.data.params["concept"] == "mass"
+    assert run.data.metrics["n_positive"] == fit.n_positive and run.data.metrics["n_negative"] == fit.n_negative
+    assert run.data.metrics["auroc"] == pytest.approx(fit.metrics["auroc"])
+    assert run.data.metrics["tcav/lesion"] == 0.75
+    names = sorted(a.path for a in client.list_artifacts(r1, "probe"))
+    assert names == [f"probe/{n}.npy" for n in ("bias", "cav", "mean", "scale", "weights")]
+    local = mlflow.artifacts.download_artifacts(run_id=r1, artifact_path="probe/cav.npy",
+                                                tracking_uri=workspace.tracking_uri)
+    np.testing.assert_allclose(np.load(local, allow_pickle=False), fit.probe.cav)
+    # artifacts live in the workspace, not in the current directory
+    assert str(workspace.artifact_root) in run.info.artifact_uri
+
+    loaded = load_probe(r1, settings=workspace)
+    assert loaded.run_id == r1 and loaded.concept == "mass" and loaded.layer == "features.3"
+    np.testing.assert_array_equal(loaded.weights, fit.probe.weights)
+    np.testing.assert_allclose(loaded.heatmap(maps), fit.probe.heatmap(maps), atol=1e-6)
+
+    versions = probe_versions("mass", "features.3", settings=workspace)
+    assert [v["run_id"] for v in versions] == [r2, r1]
+    assert versions[1]["n_annotations"] == 12 and versions[0]["n_annotations"] == 13
+    assert versions[1]["tcav"] == {"normal": 0.25, "lesion": 0.75}
+    assert probe_versions("mass", "features.9", settings=workspace) == []
+    assert probe_versions("mass", "features.3", settings=workspace, store="other") == []
+    with pytest.raises(ProbeDataError, match="not a probe fit"):
+        load_probe(parent, settings=workspace)
+    with pytest.raises(ProbeDataError, match="no probe run"):
+        load_probe("0" * 32, settings=workspace)
