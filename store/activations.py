@@ -1,0 +1,888 @@
+"""The zarr v3 activation store: one model version's activations over one dataset, written once, read everywhere.
+
+    >>> from store.activations import open_store
+    >>> s = open_store(settings.store_url("demo"))                  # read-only; refuses an incomplete store
+    >>> s.attrs["model"]["version"], s.attrs["dataset"]["sha256"], s.layers, len(s.image_ids)
+    >>> s.maps("features.9", 12).shape                               # float32 (unit, y, x) — one chunk read
+    >>> s.pooled("features.9", "max")                                # float32 (image, unit), cached per object
+    >>> s.thresholds("features.9", level=0.99)                       # float32 (unit,) from .quantiles(layer)
+    >>> idx, val = s.topk("features.9")                              # int32 / float32 (unit, k), best first
+    >>> open_store(url, expect_model=loaded.meta, expect_dataset=manifest)   # StoreMismatchError if made from others
+
+Reader API (every shape is named; "image" is an index into `.image_ids`, "unit" a channel of the layer):
+    .attrs  .image_ids  .layers  .classes  .n_images  .url  .complete  .layer_shape(layer) -> (unit, y, x)
+    .index_of(image_id) -> int
+    .images() uint8 (image, y, x)   .image(i) uint8 (y, x)   .labels() int64 (image,)   .probs() float32 (image, class)
+    .maps(layer, image) float32 (unit, y, x)        .maps_many(layer, images) float32 (image, unit, y, x)
+    .pooled(layer, "max"|"mean") float32 (image, unit)           — also the inputs of the unit and image embeddings
+    .quantiles(layer) float32 (unit, level)   .quantile_levels(layer) -> tuple   .thresholds(layer, level=0.99) (unit,)
+    .topk(layer) -> (image indices int32 (unit, k), values float32 (unit, k))
+    .write_probe(concept, layer, *, scores (image,), maps (image, y, x) | None, run_id, attrs=None)
+    .probe(concept, layer) -> Probe(.scores (image,), .maps float32 (image, y, x) | None, .run_id, .attrs)
+    .probes() -> [(concept, layer)]   .delete_probe(concept, layer)
+    .write_embedding(layer, kind, coords (unit|image, component), *, over=None, attrs=None)
+    .embedding(layer, kind) float32 (unit|image, component)   .embedding_attrs(layer, kind)   .embeddings(layer)
+images(), labels(), probs(), pooled(), quantiles() and topk() read the array once per store object and return
+read-only numpy arrays: keep one store object per process (e.g. per app worker) and call them freely.
+
+Writer API (extraction, store/extract.py): `create_store(url, *, attrs, layout)` makes every array once;
+`.write_block(b, …)` writes block b's whole, aligned chunks and then records it in `progress`;
+`.completed_blocks()`; `.finalize()` computes quantiles and top-k from the stored data and marks the store complete.
+
+Layout (docs/STORE.md has the full description for readers without this code): DESIGN.md §3. Every array has
+`dimension_names`, a crc32c checksum after compression on every chunk, and every chunk is written even when it
+equals the fill value, so in a complete store a missing chunk is an error (ChunkCorruptionError), never fill values.
+Object stores (s3://… through fsspec) get retries with backoff on transient faults, then StoreUnavailableError.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import json
+import re
+import sys
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import numpy as np
+import zarr
+from zarr.abc.store import ByteRequest
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.errors import ContainsArrayError, ContainsGroupError, GroupNotFoundError
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
+
+from .errors import (
+    ActivationStoreError,
+    ChunkCorruptionError,
+    MisalignedWriteError,
+    StoreMismatchError,
+)
+from .stats import Float16Quantiles, TopK
+
+__all__ = [
+    "FORMAT_VERSION", "QUANTILE_LEVELS", "StoreLayout", "ActivationStore", "Probe", "create_store", "open_store",
+    "store_exists", "info_main", "MissingArrayError", "IncompleteStoreError", "StoreUnavailableError",
+    "ImageIndexError",
+]
+
+FORMAT_VERSION = 1
+QUANTILE_LEVELS = (0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+KIND = "conceptlens-activation-store"
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+# -- errors (subclasses of store.errors.ActivationStoreError) --------------------------------------------------------
+class MissingArrayError(ActivationStoreError, KeyError):
+    """A layer, probe, embedding or quantile level that the store does not have."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ImageIndexError(ActivationStoreError, IndexError):
+    """An image index outside 0 … n_images-1."""
+
+
+class IncompleteStoreError(ActivationStoreError):
+    """The store's extraction has not finished: blocks are missing from its completion record."""
+
+
+class StoreUnavailableError(ActivationStoreError, ConnectionError):
+    """The storage behind the store failed (after retries) or refused access; the message names URL and key."""
+
+
+# -- layout ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StoreLayout:
+    """Shapes that fix every array of a store: created once from it, checked against it on resume."""
+
+    image_ids: tuple[str, ...]
+    image_size: tuple[int, int]  # (y, x) of the network input patches
+    classes: tuple[str, ...]
+    layers: Mapping[str, tuple[int, int, int]]  # dotted layer name → (unit, y, x) of its output
+    block: int = 32  # images per aligned write block (chunk length of the per-image arrays)
+    k: int = 16  # top-k images per unit
+    levels: tuple[float, ...] = QUANTILE_LEVELS
+
+    def __post_init__(self):
+        if self.block < 1 or self.k < 1:
+            raise ValueError(f"block and k must be >= 1, got block={self.block}, k={self.k}")
+        if not self.image_ids:
+            raise ValueError("a store needs at least one image")
+        if len(set(self.image_ids)) != len(self.image_ids):
+            raise ValueError("image ids must be unique")
+        for name in self.layers:
+            if not _NAME.match(name):
+                raise ValueError(f"layer name {name!r} cannot be a zarr path component")
+
+    @property
+    def n_images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.n_images // self.block)
+
+    def to_attrs(self) -> dict:
+        return {"image_ids": list(self.image_ids), "input_size": list(self.image_size),
+                "classes": list(self.classes), "layers": list(self.layers), "block": self.block, "k": self.k,
+                "quantile_levels": list(self.levels)}
+
+
+@dataclass(frozen=True)
+class _Spec:
+    path: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: str
+    fill: Any
+    dims: tuple[str, ...]
+    attrs: dict = field(default_factory=dict)
+
+
+def _specs(layout: StoreLayout) -> list[_Spec]:
+    n, b, (h, w) = layout.n_images, layout.block, layout.image_size
+    c, k, L = len(layout.classes), layout.k, len(layout.levels)
+    specs = [
+        _Spec("images", (n, h, w), (b, h, w), "uint8", 0, ("image", "y", "x")),
+        _Spec("labels", (n,), (b,), "int64", -1, ("image",)),
+        _Spec("probs", (n, c), (b, c), "float32", float("nan"), ("image", "class"), {"classes": list(layout.classes)}),
+        _Spec("progress", (layout.n_blocks,), (1,), "uint8", 0, ("block",),
+              {"block": b, "meaning": "1 = every chunk of images block*i … block*(i+1)-1 is written"}),
+    ]
+    for name, (u, y, x) in layout.layers.items():
+        p = f"layers/{name}"
+        specs += [
+            _Spec(f"{p}/maps", (n, u, y, x), (1, u, y, x), "float16", float("nan"), ("image", "unit", "y", "x")),
+            _Spec(f"{p}/max", (n, u), (b, u), "float32", float("nan"), ("image", "unit")),
+            _Spec(f"{p}/mean", (n, u), (b, u), "float32", float("nan"), ("image", "unit")),
+            _Spec(f"{p}/quantiles", (u, L), (u, L), "float32", float("nan"), ("unit", "level"),
+                  {"levels": list(layout.levels)}),
+            _Spec(f"{p}/topk", (u, k), (u, k), "int32", -1, ("unit", "rank")),
+            _Spec(f"{p}/topk_values", (u, k), (u, k), "float32", float("nan"), ("unit", "rank")),
+        ]
+    return specs
+
+
+def _codecs(dtype: str) -> dict:
+    """bytes → blosc (lz4, byte shuffle) → crc32c: every chunk carries a checksum of its stored bytes."""
+    size = np.dtype(dtype).itemsize
+    return {"serializer": BytesCodec(endian="little" if size > 1 else None),
+            "compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle" if size > 1 else "bitshuffle",
+                                       typesize=size), Crc32cCodec()]}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- the guarded zarr store: retries, checksums with names, missing chunks as errors ---------------------------------
+_PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError)
+
+
+def _is_chunk_key(key: str) -> bool:
+    return not key.endswith("zarr.json") and ("/c/" in f"/{key}" or key == "c")
+
+
+def _chunk_name(key: str) -> tuple[str, str]:
+    """'layers/f.3/maps/c/5/0/0/0' → ('layers/f.3/maps', '(5, 0, 0, 0)')."""
+    array, _, coords = f"/{key}".rpartition("/c")
+    coords = coords.strip("/")
+    return array.strip("/"), "(" + ", ".join(coords.split("/")) + ")" if coords else "()"
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError, ConnectionError)):
+        return True
+    # botocore / aiohttp errors that s3fs does not map to OSError: connection and 5xx failures
+    name = type(exc).__name__
+    return any(s in name for s in ("Connection", "Timeout", "ServerError", "ServiceUnavailable", "Throttl",
+                                   "ClientOSError", "ClientPayloadError", "IncompleteRead", "EndpointConnection"))
+
+
+class GuardedStore(WrapperStore):
+    """A zarr store wrapper: retries transient faults, verifies each chunk's crc32c, refuses missing chunks.
+
+        >>> GuardedStore(LocalStore(path), url=str(path), strict=True)
+
+    strict: a missing chunk key raises ChunkCorruptionError instead of reading as fill values (set once the
+    completion record says every chunk was written; all chunks are written, also those equal to the fill value).
+    """
+
+    def __init__(self, store, *, url: str, retries: int = 3, backoff: float = 0.2, strict: bool = False):
+        super().__init__(store)
+        self.url, self.retries, self.backoff, self.strict = url, retries, backoff, strict
+
+    def _with_store(self, store):
+        return type(self)(store, url=self.url, retries=self.retries, backoff=self.backoff, strict=self.strict)
+
+    def __repr__(self) -> str:
+        return f"GuardedStore({self.url!r}, strict={self.strict})"
+
+    async def _retry(self, op: str, key: str, call):
+        last: BaseException | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                return await call()
+            except PermissionError as e:
+                raise StoreUnavailableError(f"{self.url}: {op} {key!r} refused: access denied ({e})") from e
+            except _PERMANENT:
+                raise
+            except Exception as e:  # noqa: BLE001 — classified just below; anything else is re-raised
+                if isinstance(e, (ActivationStoreError, ValueError)) or not _transient(e):
+                    raise
+                last = e
+            if attempt < self.retries:
+                await asyncio.sleep(self.backoff * (2 ** attempt))
+        raise StoreUnavailableError(
+            f"{self.url}: {op} {key!r} failed after {self.retries + 1} attempts: {type(last).__name__}: {last}"
+        ) from last
+
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        value = await self._retry("read", key, lambda: self._store.get(key, prototype, byte_range))
+        if _is_chunk_key(key):
+            if value is None:
+                if self.strict:
+                    array, chunk = _chunk_name(key)
+                    raise ChunkCorruptionError(
+                        f"{self.url}: array {array!r} chunk {chunk} is missing although the store is complete "
+                        f"(key {key!r})")
+            elif byte_range is None:
+                self._verify(key, value)
+        return value
+
+    def _verify(self, key: str, value: Buffer) -> None:
+        data = value.as_numpy_array()
+        stored = bytes(data[-4:])
+        computed = np.uint32(google_crc32c.value(data[:-4].tobytes())).tobytes() if data.size >= 4 else b""
+        if data.size < 4 or stored != computed:
+            array, chunk = _chunk_name(key)
+            raise ChunkCorruptionError(
+                f"{self.url}: array {array!r} chunk {chunk} fails its crc32c checksum (key {key!r}, "
+                f"{data.size} bytes): the stored data is corrupted")
+
+    async def _get_many(self, requests) -> AsyncGenerator:
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
+
+    async def exists(self, key: str) -> bool:
+        return await self._retry("check", key, lambda: self._store.exists(key))
+
+    async def set(self, key: str, value: Buffer) -> None:
+        await self._retry("write", key, lambda: self._store.set(key, value))
+
+    async def _set_many(self, values) -> None:
+        for key, value in values:
+            await self.set(key, value)
+
+
+def _zarr_store(url: str, *, read_only: bool, storage_options: Mapping | None, retries: int) -> GuardedStore:
+    url = str(url)
+    if "://" in url and not url.startswith("file://"):
+        try:
+            inner = FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
+        except Exception as e:
+            raise StoreUnavailableError(f"{url}: cannot reach the object store ({type(e).__name__}: {e})") from e
+    else:
+        path = Path(url.removeprefix("file://")).expanduser()
+        if read_only and not path.exists():
+            raise ActivationStoreError(f"{url}: no activation store there (path does not exist)")
+        inner = LocalStore(path, read_only=read_only)
+    return GuardedStore(inner, url=url, retries=retries)
+
+
+# -- the store object ------------------------------------------------------------------------------------------------
+@dataclass
+class Probe:
+    """One concept probe's current version as stored: scores (image,), maps (image, y, x) or None, its mlflow run."""
+
+    concept: str
+    layer: str
+    scores: np.ndarray
+    maps: np.ndarray | None
+    run_id: str
+    attrs: dict
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+class ActivationStore:
+    """An opened activation store (use `open_store` / `create_store`, not this constructor)."""
+
+    def __init__(self, group: zarr.Group, *, url: str, zstore: GuardedStore, read_only: bool):
+        self._group = group
+        self._zstore = zstore
+        self.url = url
+        self.read_only = read_only
+        self._arrays: dict[str, zarr.Array] = {}
+        self._memo: dict[tuple, np.ndarray] = {}
+        self.attrs: dict = dict(group.attrs)
+        self.image_ids: list[str] = list(self.attrs.get("image_ids", []))
+        self.layers: list[str] = list(self.attrs.get("layers", []))
+        self.classes: list[str] = list(self.attrs.get("classes", []))
+        self._index: dict[str, int] | None = None
+
+    def __repr__(self) -> str:
+        return (f"ActivationStore({self.url!r}, images={self.n_images}, layers={self.layers}, "
+                f"complete={self.complete}, read_only={self.read_only})")
+
+    # -- basic facts --------------------------------------------------------------------------------------------------
+    @property
+    def n_images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def block(self) -> int:
+        return int(self.attrs["block"])
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.n_images // self.block)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    def index_of(self, image_id: str) -> int:
+        if self._index is None:
+            self._index = {i: n for n, i in enumerate(self.image_ids)}
+        try:
+            return self._index[image_id]
+        except KeyError:
+            raise MissingArrayError(f"{self.url}: no image {image_id!r} in this store") from None
+
+    def layer_shape(self, layer: str) -> tuple[int, int, int]:
+        """(unit, y, x) of a layer's maps."""
+        return tuple(self._array(f"layers/{self._layer(layer)}/maps").shape[1:])
+
+    def _layer(self, layer: str) -> str:
+        if layer not in self.layers:
+            raise MissingArrayError(f"{self.url}: no layer {layer!r} (layers: {', '.join(self.layers)})")
+        return layer
+
+    def _image(self, image: int) -> int:
+        i = int(image)
+        if not 0 <= i < self.n_images:
+            raise ImageIndexError(f"{self.url}: image index {image} outside 0 … {self.n_images - 1}")
+        return i
+
+    def _array(self, path: str) -> zarr.Array:
+        arr = self._arrays.get(path)
+        if arr is None:
+            try:
+                arr = self._group[path]
+            except (KeyError, FileNotFoundError):
+                raise MissingArrayError(f"{self.url}: no array {path!r}") from None
+            if not isinstance(arr, zarr.Array):
+                raise MissingArrayError(f"{self.url}: {path!r} is a group, not an array")
+            if not self.read_only:
+                arr = arr.with_config({"write_empty_chunks": True})
+            self._arrays[path] = arr
+        return arr
+
+    def _memoized(self, key: tuple, read) -> np.ndarray:
+        if key not in self._memo:
+            self._memo[key] = _readonly(np.asarray(read()))
+        return self._memo[key]
+
+    # -- reading ------------------------------------------------------------------------------------------------------
+    def images(self) -> np.ndarray:
+        """uint8 (image, y, x): the network-input patches (cached per store object)."""
+        return self._memoized(("images",), lambda: self._array("images")[:])
+
+    def image(self, image: int) -> np.ndarray:
+        """uint8 (y, x) of one image (reads its block's chunk unless images() is cached)."""
+        i = self._image(image)
+        if ("images",) in self._memo:
+            return self._memo[("images",)][i]
+        return self._array("images")[i]
+
+    def labels(self) -> np.ndarray:
+        """int64 (image,): ground-truth class index."""
+        return self._memoized(("labels",), lambda: self._array("labels")[:])
+
+    def probs(self) -> np.ndarray:
+        """float32 (image, class): the model's output probabilities (classes in `.classes`)."""
+        return self._memoized(("probs",), lambda: self._array("probs")[:])
+
+    def maps(self, layer: str, image: int) -> np.ndarray:
+        """float32 (unit, y, x): one image's maps for every unit of a layer — a single chunk read."""
+        arr = self._array(f"layers/{self._layer(layer)}/maps")
+        return arr[self._image(image)].astype(np.float32)
+
+    def maps_many(self, layer: str, images: Sequence[int] | np.ndarray) -> np.ndarray:
+        """float32 (image, unit, y, x) for the given image indices, in the order given (chunks read concurrently)."""
+        arr = self._array(f"layers/{self._layer(layer)}/maps")
+        idx = np.asarray([self._image(i) for i in np.asarray(images).ravel()], dtype=np.int64)
+        if idx.size == 0:
+            return np.zeros((0, *arr.shape[1:]), np.float32)
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        data = arr.get_orthogonal_selection((uniq,) + (slice(None),) * (arr.ndim - 1))
+        return data[inverse].astype(np.float32)
+
+    def pooled(self, layer: str, stat: str = "max") -> np.ndarray:
+        """float32 (image, unit): spatial max or mean of each unit's map per image (cached per store object)."""
+        if stat not in ("max", "mean"):
+            raise ValueError(f"pooled: stat must be 'max' or 'mean', got {stat!r}")
+        path = f"layers/{self._layer(layer)}/{stat}"
+        return self._memoized((path,), lambda: self._array(path)[:])
+
+    def quantile_levels(self, layer: str) -> tuple[float, ...]:
+        return tuple(float(q) for q in self._array(f"layers/{self._layer(layer)}/quantiles").attrs["levels"])
+
+    def quantiles(self, layer: str) -> np.ndarray:
+        """float32 (unit, level): per-unit quantiles over all positions of all images (levels: quantile_levels)."""
+        path = f"layers/{self._layer(layer)}/quantiles"
+        return self._memoized((path,), lambda: self._array(path)[:])
+
+    def thresholds(self, layer: str, level: float = 0.99) -> np.ndarray:
+        """float32 (unit,): each unit's activation quantile at `level` (the Network Dissection threshold)."""
+        levels = self.quantile_levels(layer)
+        match = [j for j, q in enumerate(levels) if abs(q - float(level)) < 1e-12]
+        if not match:
+            raise MissingArrayError(f"{self.url}: layer {layer!r} has no quantile level {level} (levels: {levels})")
+        return self.quantiles(layer)[:, match[0]]
+
+    def topk(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """(image indices int32 (unit, k), values float32 (unit, k)): each unit's images with the largest max."""
+        p = f"layers/{self._layer(layer)}"
+        return (self._memoized((f"{p}/topk",), lambda: self._array(f"{p}/topk")[:]),
+                self._memoized((f"{p}/topk_values",), lambda: self._array(f"{p}/topk_values")[:]))
+
+    # -- probes -------------------------------------------------------------------------------------------------------
+    def _probe_path(self, concept: str, layer: str) -> str:
+        if not _NAME.match(str(concept)):
+            raise ValueError(f"concept {concept!r}: use letters, digits, '_', '.', '-'")
+        return f"probes/{concept}@{self._layer(layer)}"
+
+    def _writable(self, what: str) -> None:
+        if self.read_only:
+            raise ActivationStoreError(f"{self.url}: opened read-only; open_store(..., read_only=False) to {what}")
+
+    def _put_whole(self, path: str, data: np.ndarray, *, chunks: tuple[int, ...], fill, dims, attrs=None) -> None:
+        """Write a whole array, creating it if absent; an array of another shape or dtype is replaced."""
+        try:
+            arr = self._array(path)
+            if arr.shape != data.shape or arr.dtype != data.dtype:
+                del self._group[path]
+                self._arrays.pop(path, None)
+                arr = None
+        except MissingArrayError:
+            arr = None
+        if arr is None:
+            self._group.create_array(path, shape=data.shape, chunks=chunks, dtype=data.dtype, fill_value=fill,
+                                     dimension_names=dims, overwrite=False, **_codecs(data.dtype.str))
+            arr = self._array(path)
+        arr[...] = data
+        if attrs:
+            arr.attrs.update(attrs)
+
+    def write_probe(self, concept: str, layer: str, *, scores: np.ndarray, maps: np.ndarray | None, run_id: str,
+                    attrs: Mapping | None = None) -> None:
+        """Store a probe version's scores float32 (image,) and maps (image, y, x) as float16, tagged with run_id."""
+        self._writable("write probes")
+        path = self._probe_path(concept, layer)
+        scores = np.asarray(scores, np.float32)
+        if scores.shape != (self.n_images,):
+            raise ValueError(f"{self.url}/{path}: scores shape {scores.shape} != ({self.n_images},)")
+        if maps is not None:
+            maps = np.asarray(maps, np.float16)
+            if maps.ndim != 3 or maps.shape[0] != self.n_images:
+                raise ValueError(f"{self.url}/{path}: maps shape {maps.shape} is not ({self.n_images}, y, x)")
+        group = self._group.require_group(path)
+        self._put_whole(f"{path}/scores", scores, chunks=(self.block,), fill=float("nan"), dims=("image",))
+        if maps is not None:
+            self._put_whole(f"{path}/maps", maps, chunks=(self.block, *maps.shape[1:]), fill=float("nan"),
+                            dims=("image", "y", "x"))
+        elif "maps" in group:
+            del group["maps"]
+            self._arrays.pop(f"{path}/maps", None)
+        # the run id goes last: it names the version whose data is now in place
+        group.attrs.update({**dict(attrs or {}), "concept": concept, "layer": layer, "run_id": str(run_id),
+                            "updated": _now()})
+
+    def probe(self, concept: str, layer: str) -> Probe:
+        path = self._probe_path(concept, layer)
+        try:
+            group = self._group[path]
+        except KeyError:
+            raise MissingArrayError(f"{self.url}: no probe {concept!r} on layer {layer!r}") from None
+        attrs = dict(group.attrs)
+        scores = self._array(f"{path}/scores")[:]
+        maps = self._array(f"{path}/maps")[:].astype(np.float32) if "maps" in group else None
+        return Probe(concept=concept, layer=layer, scores=scores, maps=maps, run_id=str(attrs.get("run_id", "")),
+                     attrs=attrs)
+
+    def probes(self) -> list[tuple[str, str]]:
+        """(concept, layer) of every stored probe, sorted."""
+        if "probes" not in self._group:
+            return []
+        return sorted(tuple(name.rsplit("@", 1)) for name in self._group["probes"].group_keys() if "@" in name)
+
+    def delete_probe(self, concept: str, layer: str) -> None:
+        self._writable("delete probes")
+        path = self._probe_path(concept, layer)
+        if path not in self._group:
+            raise MissingArrayError(f"{self.url}: no probe {concept!r} on layer {layer!r}")
+        del self._group[path]
+        for key in [k for k in self._arrays if k.startswith(path + "/")]:
+            del self._arrays[key]
+
+    # -- embeddings -----------------------------------------------------------------------------------------------------
+    def _embedding_path(self, layer: str, kind: str) -> str:
+        if not _NAME.match(str(kind)):
+            raise ValueError(f"embedding kind {kind!r}: use letters, digits, '_', '.', '-'")
+        return f"layers/{self._layer(layer)}/embedding/{kind}"
+
+    def write_embedding(self, layer: str, kind: str, coords: np.ndarray, *, over: str | None = None,
+                        attrs: Mapping | None = None) -> None:
+        """Cache coordinates float32 (unit|image, component) under layers/<layer>/embedding/<kind>.
+
+        `over` is "unit" or "image"; by default it comes from the kind's prefix (unit_umap, image_pca) or the row
+        count (units of the layer, or images).
+        """
+        self._writable("write embeddings")
+        path = self._embedding_path(layer, kind)
+        coords = np.asarray(coords, np.float32)
+        units = self.layer_shape(layer)[0]
+        if over is None:
+            over = next((p for p in ("unit", "image") if kind.startswith(p)), None)
+        if over is None:
+            matches = [p for p, n in (("unit", units), ("image", self.n_images)) if coords.shape[0] == n]
+            if len(matches) != 1:
+                raise ValueError(f"{self.url}/{path}: say over='unit' or over='image' for {coords.shape[0]} rows")
+            over = matches[0]
+        expected = units if over == "unit" else self.n_images
+        if over not in ("unit", "image") or coords.ndim != 2 or coords.shape[0] != expected:
+            raise ValueError(f"{self.url}/{path}: coords shape {coords.shape} is not ({expected}, component) "
+                             f"for over={over!r}")
+        self._put_whole(path, coords, chunks=coords.shape, fill=float("nan"), dims=(over, "component"),
+                        attrs={**dict(attrs or {}), "kind": kind, "over": over, "updated": _now()})
+
+    def embedding(self, layer: str, kind: str) -> np.ndarray:
+        """float32 (unit|image, component); MissingArrayError (a KeyError) when it was never computed."""
+        return self._array(self._embedding_path(layer, kind))[:]
+
+    def embedding_attrs(self, layer: str, kind: str) -> dict:
+        return dict(self._array(self._embedding_path(layer, kind)).attrs)
+
+    def embeddings(self, layer: str) -> list[str]:
+        p = f"layers/{self._layer(layer)}/embedding"
+        return sorted(self._group[p].array_keys()) if p in self._group else []
+
+    # -- writing (extraction) -----------------------------------------------------------------------------------------
+    def block_range(self, block: int) -> tuple[int, int]:
+        """Image rows [start, stop) of a write block."""
+        if not 0 <= block < self.n_blocks:
+            raise ValueError(f"{self.url}: block {block} outside 0 … {self.n_blocks - 1}")
+        return block * self.block, min((block + 1) * self.block, self.n_images)
+
+    def completed_blocks(self) -> np.ndarray:
+        """bool (block,): blocks whose every chunk is written (the completion record; missing chunks read 0)."""
+        return self._array("progress")[:] == 1
+
+    def write_aligned(self, path: str, start: int, data: np.ndarray) -> None:
+        """Write rows start … start+len(data) of an array; MisalignedWriteError unless they are whole chunks."""
+        self._writable("write")
+        arr = self._array(path)
+        data = np.asarray(data)
+        stop = start + data.shape[0]
+        chunk = arr.chunks[0]
+        problems = []
+        if data.shape[1:] != arr.shape[1:]:
+            problems.append(f"trailing shape {data.shape[1:]} != {arr.shape[1:]}")
+        if start < 0 or stop > arr.shape[0] or stop <= start:
+            problems.append(f"rows {start}:{stop} outside 0:{arr.shape[0]}")
+        if start % chunk or (stop % chunk and stop != arr.shape[0]):
+            problems.append(f"rows {start}:{stop} do not start and end on chunk boundaries (chunk {chunk})")
+        if problems:
+            raise MisalignedWriteError(f"{self.url}: write to {path!r} refused: {'; '.join(problems)}")
+        arr[start:stop] = data.astype(arr.dtype, copy=False)
+
+    def write_block(self, block: int, *, images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                    layers: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        """Write every per-image array of one block, then record the block in `progress`.
+
+        images uint8 (n, y, x), labels (n,), probs (n, class), layers[name] = {"maps": (n, unit, y, x),
+        "max": (n, unit), "mean": (n, unit)} with n the block's length; every layer of the store must be given.
+        """
+        start, stop = self.block_range(block)
+        missing = set(self.layers) - set(layers)
+        if missing:
+            raise ValueError(f"{self.url}: block {block} lacks layers {sorted(missing)}")
+        self.write_aligned("images", start, images)
+        self.write_aligned("labels", start, labels)
+        self.write_aligned("probs", start, probs)
+        for name in self.layers:
+            for stat in ("maps", "max", "mean"):
+                self.write_aligned(f"layers/{name}/{stat}", start, layers[name][stat])
+        self._array("progress")[block] = 1  # after the data: a recorded block is a written block
+
+    def finalize(self, *, progress=None) -> None:
+        """Compute quantiles (exact over the stored float16 maps) and top-k, then mark the store complete.
+
+        Reads the stored data, so the result depends only on the stored arrays, not on how blocks were written.
+        `progress(done, total)` is called after each block of each pass.
+        """
+        self._writable("finalize")
+        done = self.completed_blocks()
+        if not done.all():
+            missing = np.flatnonzero(~done)
+            raise IncompleteStoreError(f"{self.url}: cannot finalize, {missing.size} block(s) not written "
+                                       f"(first: {missing[:8].tolist()})")
+        self._zstore.strict = True  # every chunk must exist from here on
+        levels = tuple(float(q) for q in self.attrs["quantile_levels"])
+        k = int(self.attrs["k"])
+        total, step = len(self.layers) * self.n_blocks * 2, 0
+        for name in self.layers:
+            p = f"layers/{name}"
+            maps = self._array(f"{p}/maps")
+            units = maps.shape[1]
+            sketch = Float16Quantiles(units, levels)
+            for _ in range(sketch.passes):
+                for b in range(self.n_blocks):
+                    start, stop = self.block_range(b)
+                    sketch.add(maps[start:stop])  # (image, unit, y, x) float16
+                    step += 1
+                    if progress:
+                        progress(step, total)
+                sketch.end_pass()
+            top = TopK(units, k)
+            pooled = self._array(f"{p}/max")
+            for b in range(self.n_blocks):
+                start, stop = self.block_range(b)
+                top.add(pooled[start:stop], start=start)
+            idx, val = top.result()
+            self._array(f"{p}/quantiles")[...] = sketch.quantiles()
+            self._array(f"{p}/topk")[...] = idx
+            self._array(f"{p}/topk_values")[...] = val
+        self._set_attrs({"complete": True, "finished": _now()})
+        self._memo.clear()
+
+    def _set_attrs(self, values: Mapping) -> None:
+        self._group.attrs.update(dict(values))
+        self.attrs.update(dict(values))
+
+    # -- whole-store views ----------------------------------------------------------------------------------------------
+    def arrays(self) -> list[tuple[str, zarr.Array]]:
+        """(path, array) of every array in the store, sorted by path."""
+        out = []
+
+        def walk(group: zarr.Group, prefix: str):
+            for name, member in group.members():
+                path = f"{prefix}{name}"
+                if isinstance(member, zarr.Array):
+                    out.append((path, member))
+                else:
+                    walk(member, path + "/")
+
+        walk(self._group, "")
+        return sorted(out, key=lambda t: t[0])
+
+
+# -- opening and creating ---------------------------------------------------------------------------------------------
+def _model_id(m: Mapping) -> str:
+    parts = [f"{m.get('name')}/{m.get('version')}" if m.get("version") not in (None, "") else "",
+             f"run {m['run_id']}" if m.get("run_id") else "", str(m.get("model_uri") or "")]
+    return " ".join(p for p in parts if p) or "<unknown model>"
+
+
+def _check_model(url: str, stored: Mapping, expected) -> None:
+    if hasattr(expected, "meta"):
+        expected = expected.meta
+    if isinstance(expected, Mapping):
+        pairs = [(k, stored.get(k), expected.get(k)) for k in ("run_id", "name", "version")]
+        pairs = [(k, a, b) for k, a, b in pairs if a not in (None, "") and b not in (None, "")]
+        if not pairs:
+            pairs = [("model_uri", stored.get("model_uri"), expected.get("model_uri"))]
+        ok = all(str(a) == str(b) for _, a, b in pairs)
+        shown = _model_id(expected)
+    else:
+        e = str(expected)
+        ok = e in {str(stored.get("model_uri")), str(stored.get("run_id")),
+                   f"models:/{stored.get('name')}/{stored.get('version')}"}
+        shown = e
+    if not ok:
+        raise StoreMismatchError(f"{url}: store was made from model {_model_id(stored)}, not {shown}; "
+                                 f"re-extract it for this model (python -m store extract)")
+
+
+def _dataset_sha(expected) -> str:
+    if hasattr(expected, "sha256"):
+        return str(expected.sha256)
+    e = str(expected)
+    if re.fullmatch(r"[0-9a-f]{64}", e):
+        return e
+    from .manifest import file_sha256
+
+    if not Path(e).is_file():
+        raise ValueError(f"expect_dataset={expected!r} is neither a sha256, a Manifest nor a manifest file")
+    return file_sha256(e)
+
+
+def _check_dataset(url: str, stored: Mapping, expected) -> None:
+    sha = _dataset_sha(expected)
+    if stored.get("sha256") != sha:
+        raise StoreMismatchError(f"{url}: store was made from dataset {stored.get('manifest')!r} "
+                                 f"(sha256 {stored.get('sha256')}), not sha256 {sha}; re-extract it for this dataset")
+
+
+def _open_group(url: str, *, read_only: bool, storage_options, retries: int) -> tuple[zarr.Group, GuardedStore]:
+    zstore = _zarr_store(url, read_only=read_only, storage_options=storage_options, retries=retries)
+    try:
+        group = zarr.open_group(zstore, mode="r" if read_only else "r+", zarr_format=3)
+    except (GroupNotFoundError, FileNotFoundError, KeyError) as e:
+        raise ActivationStoreError(f"{url}: no activation store there ({type(e).__name__})") from None
+    if group.attrs.get("kind") != KIND:
+        raise ActivationStoreError(f"{url}: a zarr group, but not a ConceptLens activation store (no kind={KIND!r})")
+    if int(group.attrs.get("format_version", -1)) != FORMAT_VERSION:
+        raise ActivationStoreError(f"{url}: format version {group.attrs.get('format_version')} is not "
+                                   f"{FORMAT_VERSION}; re-extract the store")
+    return group, zstore
+
+
+def store_exists(url: str, *, storage_options: Mapping | None = None) -> bool:
+    """True when a zarr group exists at url (complete or not)."""
+    try:
+        zstore = _zarr_store(url, read_only=True, storage_options=storage_options, retries=1)
+    except ActivationStoreError:
+        return False
+    try:
+        zarr.open_group(zstore, mode="r", zarr_format=3)
+        return True
+    except (GroupNotFoundError, FileNotFoundError, KeyError):
+        return False
+
+
+def open_store(url: str, *, read_only: bool = True, expect_model=None, expect_dataset=None,
+               allow_incomplete: bool = False, storage_options: Mapping | None = None,
+               retries: int = 3) -> ActivationStore:
+    """Open a store by path or fsspec URL.
+
+        >>> s = open_store("s3://bucket/demo.zarr", storage_options={"endpoint_url": "http://127.0.0.1:9000"})
+
+    expect_model: a LoadedModel, its meta dict, a model URI or a run id; expect_dataset: a Manifest, a manifest path
+    or its sha256 — StoreMismatchError names both sides when the store was made from others.
+    An incomplete store (extraction unfinished) raises IncompleteStoreError unless allow_incomplete (or writable).
+    """
+    url = str(url)
+    group, zstore = _open_group(url, read_only=read_only, storage_options=storage_options, retries=retries)
+    store = ActivationStore(group, url=url, zstore=zstore, read_only=read_only)
+    if read_only and not store.complete and not allow_incomplete:
+        raise IncompleteStoreError(f"{url}: extraction has not finished; rerun `python -m store extract` to resume")
+    zstore.strict = store.complete
+    if expect_model is not None:
+        _check_model(url, store.attrs.get("model", {}), expect_model)
+    if expect_dataset is not None:
+        _check_dataset(url, store.attrs.get("dataset", {}), expect_dataset)
+    return store
+
+
+def _identity(attrs: Mapping) -> dict:
+    """What must match for an existing store to be resumed instead of refused."""
+    keys = ("kind", "format_version", "model", "dataset", "transform", "image_ids", "input_size", "classes",
+            "layers", "block", "k", "quantile_levels")
+    return {k: attrs.get(k) for k in keys}
+
+
+def create_store(url: str, *, attrs: Mapping, layout: StoreLayout, exist_ok: bool = False,
+                 storage_options: Mapping | None = None, retries: int = 3) -> ActivationStore:
+    """Create a writable store with every array of `layout` (each created once, never overwritten).
+
+        >>> create_store(url, attrs={"model": meta_subset, "dataset": {"manifest": p, "sha256": h},
+        ...                          "transform": {"mean": .5, "std": .25}}, layout=StoreLayout(...))
+
+    attrs must hold "model" (model_uri, run_id, name, version), "dataset" (manifest, sha256) and "transform".
+    With exist_ok, an existing store made for the same model, dataset and layout is opened for resuming (arrays that a
+    killed creation left out are added); one made for others raises StoreMismatchError. Without it, an existing
+    store raises ActivationStoreError.
+    """
+    url = str(url)
+    for key in ("model", "dataset", "transform"):
+        if key not in attrs:
+            raise ValueError(f"create_store: attrs lack {key!r}")
+    root_attrs = {**dict(attrs), **layout.to_attrs(), "kind": KIND, "format_version": FORMAT_VERSION,
+                  "created": _now(), "complete": False, "finished": None,
+                  "dimension_note": "every array names its dimensions (zarr v3 dimension_names)"}
+    root_attrs = json.loads(json.dumps(root_attrs))  # plain JSON types only (tuples → lists)
+    zstore = _zarr_store(url, read_only=False, storage_options=storage_options, retries=retries)
+    try:
+        group = zarr.create_group(zstore, attributes=root_attrs, overwrite=False, zarr_format=3)
+    except (ContainsGroupError, ContainsArrayError, FileExistsError):
+        if not exist_ok:
+            raise ActivationStoreError(f"{url}: a store already exists there; open_store it or choose another name")
+        group, zstore = _open_group(url, read_only=False, storage_options=storage_options, retries=retries)
+        have, want = _identity(group.attrs), _identity(root_attrs)
+        if have != want:
+            diff = [k for k in want if have.get(k) != want.get(k)]
+            if "model" in diff:
+                _check_model(url, have.get("model") or {}, want["model"])
+            if "dataset" in diff:
+                _check_dataset(url, have.get("dataset") or {}, want["dataset"]["sha256"])
+            raise StoreMismatchError(f"{url}: existing store differs in {', '.join(diff)}; "
+                                     f"remove it or extract into another store")
+    for spec in _specs(layout):
+        _ensure_array(group, spec, url)
+    store = ActivationStore(group, url=url, zstore=zstore, read_only=False)
+    zstore.strict = store.complete
+    return store
+
+
+def _ensure_array(group: zarr.Group, spec: _Spec, url: str) -> None:
+    """Create the array unless it exists; an existing one must match the spec (it is never recreated)."""
+    try:
+        group.create_array(spec.path, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, fill_value=spec.fill,
+                           dimension_names=spec.dims, attributes=spec.attrs or None, overwrite=False,
+                           **_codecs(spec.dtype))
+        return
+    except (ContainsArrayError, ContainsGroupError, FileExistsError):
+        pass
+    arr = group[spec.path]
+    if not isinstance(arr, zarr.Array) or arr.shape != spec.shape or arr.chunks != spec.chunks \
+            or arr.dtype != np.dtype(spec.dtype):
+        raise StoreMismatchError(f"{url}: existing array {spec.path!r} does not match the layout "
+                                 f"(shape {getattr(arr, 'shape', None)} vs {spec.shape})")
+
+
+# -- `python -m store info` -------------------------------------------------------------------------------------------
+def describe(store: ActivationStore) -> str:
+    """Human-readable attributes and arrays of a store."""
+    attrs = dict(store.attrs)
+    ids = attrs.pop("image_ids", [])
+    lines = [f"store {store.url}", f"  images: {len(ids)} (first ids: {', '.join(ids[:3])}{' …' if len(ids) > 3 else ''})"]
+    for key in sorted(attrs):
+        lines.append(f"  {key}: {json.dumps(attrs[key], sort_keys=True)}")
+    lines.append("arrays:")
+    for path, arr in store.arrays():
+        dims = ", ".join(arr.metadata.dimension_names or ())
+        lines.append(f"  {path:<44} {str(arr.dtype):<8} ({dims}) shape {arr.shape} chunks {arr.chunks}")
+    return "\n".join(lines)
+
+
+def info_main(argv: list[str] | None = None) -> int:
+    """`python -m store info <store>`: print a store's attributes and arrays (name, path or URL)."""
+    from .settings import load_settings
+
+    ap = argparse.ArgumentParser(prog="python -m store info", description=info_main.__doc__)
+    ap.add_argument("store", help="store name (demo → <workspace>/stores/demo.zarr), path or fsspec URL")
+    ap.add_argument("--workspace", default=None)
+    args = ap.parse_args(argv)
+    url = load_settings(args.workspace).store_url(args.store)
+    try:
+        store = open_store(url, allow_incomplete=True)
+    except ActivationStoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(describe(store))
+    return 0

@@ -1,0 +1,470 @@
+"""Activation extraction: a model's layer outputs over a dataset, into a zarr activation store, resumable and DDP-ready.
+
+    >>> from store.extract import extract, ExtractConfig
+    >>> m = training.load_model("models:/conceptlens-demo@champion", settings=settings)
+    >>> r = extract(m.module, meta=m.meta, manifest=settings.manifest_path("demo"), url=settings.store_url("demo"))
+    >>> r.blocks_written, r.reused                     # a complete store for the same model and data is reused
+
+    $ python -m store extract --model models:/conceptlens-demo@champion --data demo --out demo [--devices 2]
+
+Lightning's predict loop drives the forward passes (its progress bar shows them; `devices=2` runs DDP on gloo). Images
+are handed out in blocks of `block` consecutive images (the chunk length of every per-image array): each rank gets a
+contiguous run of whole blocks, so two writers never touch the same chunk. Batches never straddle a block, so the
+same image always sees the same batch, whatever the number of ranks or restarts: stores are identical array by
+array. A background thread writes each finished block (at most two blocks in memory) and then records it in the
+store's `progress` array; a killed run skips recorded blocks when it is run again. When every block is recorded,
+rank 0 computes the per-unit quantiles and top-k from the stored data and marks the store complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import threading
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .activations import (
+    QUANTILE_LEVELS,
+    ActivationStore,
+    IncompleteStoreError,
+    StoreLayout,
+    create_store,
+    open_store,
+    store_exists,
+)
+from .errors import ActivationStoreError, ImageError, StoreMismatchError
+from .manifest import Manifest, read_manifest
+
+__all__ = ["ExtractConfig", "ExtractResult", "extract", "main", "load_patch", "layer_shapes", "rank_blocks"]
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How to extract. A store being resumed keeps its own block, k, levels and batch size."""
+
+    layers: tuple[str, ...] | None = None  # dotted layer names; None → meta["layers"]
+    batch_size: int = 32
+    block: int = 32  # images per aligned write block; batches never straddle a block
+    k: int = 16
+    levels: tuple[float, ...] = QUANTILE_LEVELS
+    devices: int = 1  # > 1: DDP on CPU with gloo, one process per device
+    num_workers: int = 0  # DataLoader workers reading patches
+    progress_bar: bool = True
+    replace: bool = False  # delete an existing store made from another model or dataset instead of refusing
+    threads: int | None = None  # torch intra-op threads per process (None: leave as is)
+    ddp_timeout_s: float = 1800.0
+    storage_options: dict = field(default_factory=dict)  # fsspec options for s3:// etc. (endpoint_url, key, …)
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    url: str
+    n_images: int
+    blocks_total: int
+    blocks_written: int  # by this process (rank 0 in DDP reports its own)
+    reused: bool  # the store was already complete for this model and dataset
+    seconds: float
+
+
+# -- data -------------------------------------------------------------------------------------------------------------
+def load_patch(path: str | Path, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (y, x) network-input patch from an 8- or 16-bit grayscale PNG/TIFF (16-bit → >> 8, as in training)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im)
+            if arr.ndim == 3:
+                arr = np.asarray(im.convert("L"))
+    except (OSError, ValueError) as e:
+        raise ImageError(path, f"cannot read patch ({e})") from None
+    if arr.dtype == np.uint16 or arr.dtype == np.int32:
+        arr = (arr.astype(np.uint32) >> 8).clip(0, 255)
+    elif arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    arr = arr.astype(np.uint8, copy=False)
+    if arr.shape != tuple(size):
+        raise ImageError(path, f"patch is {arr.shape[0]}×{arr.shape[1]} px, the model's input is {size[0]}×{size[1]}")
+    return arr
+
+
+class _Patches(torch.utils.data.Dataset):
+    def __init__(self, paths: list[Path], size: tuple[int, int]):
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return i, torch.from_numpy(load_patch(self.paths[i], self.size).copy())
+
+
+class _BlockBatches(torch.utils.data.Sampler):
+    """Batches of image indices that cover the given blocks in order and never straddle a block boundary."""
+
+    def __init__(self, blocks: list[int], *, block: int, n_images: int, batch_size: int):
+        self.batches = []
+        for b in blocks:
+            start, stop = b * block, min((b + 1) * block, n_images)
+            self.batches += [list(range(s, min(s + batch_size, stop))) for s in range(start, stop, batch_size)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def rank_blocks(todo: list[int], rank: int, world: int) -> list[int]:
+    """The contiguous share of the blocks still to do that one rank writes (ranks 0 … world-1 cover all of them)."""
+    n = len(todo)
+    return todo[rank * n // world:(rank + 1) * n // world]
+
+
+def layer_shapes(net: nn.Module, layers: list[str], input_size: tuple[int, int],
+                 transform: dict) -> tuple[dict[str, tuple[int, int, int]], int]:
+    """(unit, y, x) of each layer's output and the number of model outputs, from one forward pass of a blank patch."""
+    from explain.hooks import Trace
+    from training.transforms import preprocess
+
+    x = preprocess(np.zeros((1, *input_size), np.uint8), transform)  # (1, 1, y, x)
+    with torch.inference_mode(), Trace(net, layers) as t:
+        out = net(x)
+    shapes = {}
+    for name in layers:
+        a = t.outputs[name]
+        if a.ndim == 2:
+            a = a[:, :, None, None]
+        if a.ndim != 4:
+            raise ValueError(f"layer {name!r} outputs shape {tuple(a.shape)}; expected (batch, unit, y, x) or "
+                             f"(batch, unit)")
+        shapes[name] = tuple(int(s) for s in a.shape[1:])
+    return shapes, int(out.shape[1])
+
+
+def _probs(logits: torch.Tensor) -> torch.Tensor:
+    """(batch, class) probabilities: softmax, or [1-p, p] for a single-logit model."""
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        p = torch.sigmoid(logits)
+        return torch.cat([1 - p, p], dim=1)
+    return logits.softmax(dim=1)
+
+
+# -- the job each process runs --------------------------------------------------------------------------------------
+class _BlockWriter:
+    """Writes finished blocks in one background thread; at most `depth` blocks wait, so memory stays bounded."""
+
+    def __init__(self, store: ActivationStore, depth: int = 2):
+        self.store = store
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self.slots = threading.Semaphore(depth)
+        self.futures: list[Future] = []
+        self.written = 0
+
+    def _check(self) -> None:
+        for f in [f for f in self.futures if f.done()]:
+            self.futures.remove(f)
+            f.result()  # re-raises a write error in the computing thread
+
+    def submit(self, block: int, data: dict) -> None:
+        self._check()
+        self.slots.acquire()
+
+        def run():
+            try:
+                self.store.write_block(block, **data)
+                self.written += 1
+            finally:
+                self.slots.release()
+
+        self.futures.append(self.pool.submit(run))
+
+    def close(self) -> None:
+        try:
+            for f in self.futures:
+                f.result()
+        finally:
+            self.futures.clear()
+            self.pool.shutdown(wait=True)
+
+
+class _Job:
+    """Everything one process needs; the Lightning module calls prepare / dataloader / step / finish."""
+
+    def __init__(self, *, url: str, attrs: dict, layout: StoreLayout, paths: list[Path], labels: list[int],
+                 transform: dict, config: ExtractConfig):
+        self.url, self.attrs, self.layout, self.paths, self.labels = url, attrs, layout, paths, labels
+        self.transform, self.config = transform, config
+        self.layers = list(layout.layers)
+        self.batch_size = int(attrs["batch_size"])
+        self.store: ActivationStore | None = None
+        self.writer: _BlockWriter | None = None
+        self.mine: list[int] = []
+        self.buffers: dict[int, dict] = {}
+        self.filled: dict[int, int] = {}
+        self.rank, self.world = 0, 1
+        self.t0 = time.perf_counter()
+
+    def prepare(self, rank: int, world: int, barrier) -> None:
+        self.rank, self.world = rank, world
+        opts = self.config.storage_options
+        if rank == 0:
+            self.store = create_store(self.url, attrs=self.attrs, layout=self.layout, exist_ok=True,
+                                      storage_options=opts)
+        barrier("conceptlens-store-created")
+        if rank != 0:
+            self.store = open_store(self.url, read_only=False, allow_incomplete=True, storage_options=opts)
+        done = self.store.completed_blocks()
+        todo = [int(b) for b in np.flatnonzero(~done)]
+        self.mine = rank_blocks(todo, rank, world)
+        self.writer = _BlockWriter(self.store)
+
+    def dataloader(self) -> torch.utils.data.DataLoader:
+        sampler = _BlockBatches(self.mine, block=self.layout.block, n_images=self.layout.n_images,
+                                batch_size=self.batch_size)
+        return torch.utils.data.DataLoader(_Patches(self.paths, self.layout.image_size), batch_sampler=sampler,
+                                           num_workers=self.config.num_workers,
+                                           persistent_workers=False)
+
+    def _buffer(self, block: int) -> dict:
+        if block not in self.buffers:
+            start, stop = block * self.layout.block, min((block + 1) * self.layout.block, self.layout.n_images)
+            n, (h, w) = stop - start, self.layout.image_size
+            self.buffers[block] = {
+                "images": np.zeros((n, h, w), np.uint8),  # (image, y, x)
+                "labels": np.asarray(self.labels[start:stop], np.int64),  # (image,)
+                "probs": np.zeros((n, len(self.layout.classes)), np.float32),  # (image, class)
+                "layers": {name: {"maps": np.zeros((n, u, y, x), np.float16),  # (image, unit, y, x)
+                                  "max": np.zeros((n, u), np.float32),  # (image, unit)
+                                  "mean": np.zeros((n, u), np.float32)}
+                           for name, (u, y, x) in self.layout.layers.items()},
+            }
+            self.filled[block] = 0
+        return self.buffers[block]
+
+    def step(self, net: nn.Module, batch) -> None:
+        from explain.hooks import Trace
+        from training.transforms import preprocess
+
+        index, images = batch  # (batch,), uint8 (batch, y, x)
+        index = index.numpy()
+        block = int(index[0]) // self.layout.block
+        start = block * self.layout.block
+        rows = slice(int(index[0]) - start, int(index[-1]) - start + 1)
+        x = preprocess(images, self.transform)  # (batch, 1, y, x)
+        with Trace(net, self.layers, clone=False) as t:
+            logits = net(x)  # (batch, class)
+        buf = self._buffer(block)
+        buf["images"][rows] = images.numpy()
+        buf["probs"][rows] = _probs(logits).numpy()
+        for name in self.layers:
+            a = t.outputs[name].float()
+            if a.ndim == 2:
+                a = a[:, :, None, None]  # (batch, unit) → (batch, unit, 1, 1)
+            out = buf["layers"][name]
+            out["maps"][rows] = a.half().numpy()
+            out["max"][rows] = a.amax(dim=(2, 3)).numpy()
+            out["mean"][rows] = a.mean(dim=(2, 3)).numpy()
+        self.filled[block] += len(index)
+        if self.filled[block] == buf["images"].shape[0]:
+            self.writer.submit(block, self.buffers.pop(block))
+            del self.filled[block]
+
+    def finish(self, barrier) -> None:
+        if self.buffers:
+            raise ActivationStoreError(f"{self.url}: blocks {sorted(self.buffers)} were only partly computed")
+        self.writer.close()
+        barrier("conceptlens-blocks-written")
+        if self.rank == 0:
+            progress = None
+            if self.config.progress_bar:
+                from tqdm import tqdm
+
+                bar = tqdm(total=1, desc="quantiles and top-k", unit="block", leave=False)
+
+                def progress(done, total):
+                    bar.total = total
+                    bar.update(done - bar.n)
+            self.store.finalize(progress=progress)
+
+
+def _lightning_module(net: nn.Module, job: _Job):
+    import lightning as L
+
+    class ExtractionModule(L.LightningModule):
+        """Wraps the network for Trainer.predict: no outputs are returned, each batch goes to the store."""
+
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def setup(self, stage: str) -> None:
+            job.prepare(self.global_rank, self.trainer.world_size, self.trainer.strategy.barrier)
+
+        def predict_dataloader(self):
+            return job.dataloader()
+
+        def predict_step(self, batch, batch_idx):
+            job.step(self.net, batch)
+
+        def on_predict_end(self) -> None:
+            job.finish(self.trainer.strategy.barrier)
+
+    return ExtractionModule()
+
+
+# -- the entry point --------------------------------------------------------------------------------------------------
+def _meta_model(meta: dict) -> dict:
+    return {k: (None if meta.get(k) is None else str(meta.get(k))) for k in ("model_uri", "run_id", "name", "version")}
+
+
+def _delete_store(url: str, storage_options: dict) -> None:
+    if "://" in url and not url.startswith("file://"):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+        fs.rm(path, recursive=True)
+    else:
+        shutil.rmtree(url.removeprefix("file://"))
+
+
+def extract(module: nn.Module, *, meta: dict, manifest: Manifest | str | Path, url: str,
+            config: ExtractConfig | None = None) -> ExtractResult:
+    """Extract `module`'s layer outputs for every image of `manifest` into the store at `url` (path or fsspec URL).
+
+    meta: the LoadedModel meta (input_size, transform, layers, classes, model_uri, run_id, name, version).
+    A complete store for the same model and dataset is reused as it is; an incomplete one is resumed; one made from
+    another model or dataset raises StoreMismatchError unless config.replace.
+    """
+    config = config or ExtractConfig()
+    t0 = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    manifest = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
+    url = str(url)
+    layers = list(config.layers or meta.get("layers") or [])
+    if not layers:
+        raise ValueError("extract: no layers given and meta has no 'layers'")
+    input_size = tuple(int(s) for s in meta["input_size"])
+    transform = dict(meta["transform"])
+    opts = dict(config.storage_options)
+    block, k, levels, batch_size = config.block, config.k, tuple(config.levels), config.batch_size
+    model_attrs = _meta_model(meta)
+
+    if store_exists(url, storage_options=opts):
+        try:
+            existing = open_store(url, allow_incomplete=True, expect_model=model_attrs, expect_dataset=manifest,
+                                  storage_options=opts)
+            if existing.layers != layers:
+                raise StoreMismatchError(f"{url}: store has layers {existing.layers}, not {layers}")
+        except StoreMismatchError:
+            if not config.replace:
+                raise
+            _delete_store(url, opts)
+        else:
+            if existing.complete:
+                return ExtractResult(url, existing.n_images, existing.n_blocks, 0, True, time.perf_counter() - t0)
+            a = existing.attrs  # resume with the store's own block structure and batches
+            block, k, levels, batch_size = int(a["block"]), int(a["k"]), tuple(a["quantile_levels"]), int(
+                a["batch_size"])
+
+    module.eval()
+    shapes, n_out = layer_shapes(module, layers, input_size, transform)
+    classes = tuple(meta.get("classes") or (["negative", "positive"] if n_out == 1 else
+                                            [str(i) for i in range(n_out)]))
+    if len(classes) != max(n_out, 2):
+        raise ValueError(f"meta classes {classes} do not match the model's {n_out} output(s)")
+    layout = StoreLayout(image_ids=tuple(manifest.ids), image_size=input_size, classes=classes, layers=shapes,
+                         block=block, k=k, levels=levels)
+    attrs = {
+        "model": model_attrs,
+        "dataset": {"manifest": str(manifest.path), "sha256": manifest.sha256, "n_images": len(manifest)},
+        "transform": transform,
+        "batch_size": batch_size,
+        "splits": [r.split for r in manifest.records],
+    }
+    job = _Job(url=url, attrs=attrs, layout=layout, paths=[r.image for r in manifest.records],
+               labels=[int(r.label) for r in manifest.records], transform=transform,
+               config=config)
+    _predict(module, job, config)
+    written = job.writer.written if job.writer else 0
+    return ExtractResult(url, layout.n_images, layout.n_blocks, written, False, time.perf_counter() - t0)
+
+
+def _predict(module: nn.Module, job: _Job, config: ExtractConfig) -> None:
+    import datetime
+    import logging
+
+    import lightning as L
+    from lightning.pytorch.strategies import DDPStrategy
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+                 "lightning.fabric.utilities.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if config.devices > 1:
+        strategy: Any = DDPStrategy(process_group_backend="gloo",
+                                    timeout=datetime.timedelta(seconds=config.ddp_timeout_s))
+    else:
+        strategy = "auto"
+    trainer = L.Trainer(accelerator="cpu", devices=config.devices, strategy=strategy, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=config.progress_bar, use_distributed_sampler=False, num_nodes=1)
+    with warnings.catch_warnings():
+        # our batch sampler hands out whole blocks on purpose, and predict_step returns nothing on purpose
+        warnings.filterwarnings("ignore", message=".*custom batch sampler.*")
+        warnings.filterwarnings("ignore", message=".*predict returned None.*")
+        trainer.predict(_lightning_module(module, job), return_predictions=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m store extract`: resolve the model, the dataset and the store from the workspace, then extract."""
+    from .settings import load_settings
+
+    ap = argparse.ArgumentParser(prog="python -m store extract", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version>, runs:/… "
+                                                   "or a model directory")
+    ap.add_argument("--data", default="demo", help="dataset name (demo) or manifest CSV path")
+    ap.add_argument("--out", default="demo", help="store name (demo → <workspace>/stores/demo.zarr), path or URL")
+    ap.add_argument("--layers", nargs="+", default=None, help="dotted layer names (default: the model's)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--block", type=int, default=32, help="images per aligned write block")
+    ap.add_argument("--k", type=int, default=16, help="top-k images kept per unit")
+    ap.add_argument("--devices", type=int, default=1, help="> 1: DDP over that many CPU processes (gloo)")
+    ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    ap.add_argument("--replace", action="store_true", help="replace a store made from another model or dataset")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--workspace", default=None)
+    args = ap.parse_args(argv)
+    settings = load_settings(args.workspace)
+    layers = None if args.layers is None else tuple(n for item in args.layers for n in item.split(",") if n)
+    config = ExtractConfig(layers=layers, batch_size=args.batch_size, block=args.block, k=args.k,
+                           devices=args.devices, num_workers=args.num_workers, progress_bar=not args.no_progress,
+                           replace=args.replace, threads=args.threads)
+    try:
+        from training import load_model
+
+        loaded = load_model(args.model, settings=settings)
+        url = settings.store_url(args.out)
+        result = extract(loaded.module, meta=loaded.meta, manifest=settings.manifest_path(args.data), url=url,
+                         config=config)
+    except (ActivationStoreError, ImageError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if result.reused:
+        print(f"{result.url}: complete for this model and dataset ({result.n_images} images); nothing to do")
+    else:
+        print(f"{result.url}: {result.n_images} images, {result.blocks_written} of {result.blocks_total} blocks "
+              f"written by this process in {result.seconds:.1f} s")
+    return 0
