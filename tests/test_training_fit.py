@@ -1,0 +1,254 @@
+"""fit(): tracking, registration, reuse, determinism, the CLI, and clear errors before any run exists."""
+
+from __future__ import annotations
+
+import csv
+import json
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from helpers_data import make_manifest
+from training.errors import ConfigError, DataError, TrackingError
+from training.fit import fit, load_config, main
+from training.registry import load_model
+from training.transforms import preprocess
+
+torch.set_num_threads(1)
+
+
+def tiny_config(manifest, **over) -> dict:
+    cfg = {
+        "data": {"manifest": str(manifest), "batch_size": 16, "eval_batch_size": 64},
+        "model": {"zoo": "vgg_bn", "config": {"widths": [4, 8, 8], "convs": 1}},
+        "optim": {"lr": 0.01},
+        "trainer": {"max_epochs": 2, "accelerator": "cpu", "enable_progress_bar": False},
+        "mlflow": {"registered_model": "tiny", "experiment": "tiny"},
+    }
+    for dotted, v in over.items():
+        *parents, last = dotted.split("__")
+        d = cfg
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[last] = v
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_manifest(tmp_path_factory) -> Path:
+    return make_manifest(tmp_path_factory.mktemp("tiny"), counts={"train": 48, "val": 24, "test": 24}, size=32)
+
+
+def _runs(settings, experiment="tiny"):
+    db = Path(settings.tracking_uri.removeprefix("sqlite:///"))
+    if not db.exists():
+        return []
+    client = MlflowClient(settings.tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def test_fit_logs_registers_and_reuses(tiny_manifest, workspace):
+    r = fit(tiny_config(tiny_manifest), settings=workspace)
+    assert not r.reused and r.champion and r.version == 1 and r.model_uri == "models:/tiny/1"
+    client = MlflowClient(workspace.tracking_uri)
+    run = client.get_run(r.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith(workspace.artifact_root.as_uri())
+    # config, data hash and code version are on the run
+    assert run.data.params["data.batch_size"] == "16" and run.data.params["optim.lr"] == "0.01"
+    sha = run.data.params["data.manifest_sha256"]
+    assert sha == run.data.tags["conceptlens.manifest_sha256"] and len(sha) == 64
+    assert len(run.data.tags.get("mlflow.source.git.commit", "")) == 40
+    # per-epoch metrics, one point per epoch, and test metrics
+    hist = client.get_metric_history(r.run_id, "val/auroc")
+    assert sorted(m.step for m in hist) == [0, 1]
+    assert [m.step for m in client.get_metric_history(r.run_id, "train/loss")] == [0, 1]
+    for k in ("test/auroc", "test/accuracy", "test/sens_at_90spec", "val/sens_at_90spec", "fit/images_per_s"):
+        assert k in run.data.metrics, k
+    assert r.metrics["test/auroc"] == pytest.approx(run.data.metrics["test/auroc"])
+    assert r.metrics["test/auroc"] > 0.8  # blobs are easy: a model that learned nothing fails this
+    files = {f.path for f in client.list_artifacts(r.run_id)} | {
+        f.path for d in ("figures", "model") for f in client.list_artifacts(r.run_id, d)}
+    assert {"config.yaml", "figures/test_roc.png", "figures/test_confusion.png", "model/model.json",
+            "model/weights.pt"} <= files
+    cfg_text = (Path(client.download_artifacts(r.run_id, "config.yaml", str(workspace.cache_dir))).read_text())
+    assert "vgg_bn" in cfg_text and "batch_size: 16" in cfg_text
+    png = client.download_artifacts(r.run_id, "figures/test_roc.png", str(workspace.cache_dir))
+    assert Image.open(png).size[0] > 200
+    # registered, champion, loadable; predictions match the local checkpoint
+    mv = client.get_model_version_by_alias("tiny", "champion")
+    assert int(mv.version) == 1 and mv.run_id == r.run_id
+    loaded = load_model("models:/tiny@champion", settings=workspace)
+    local = load_model(r.checkpoint, settings=workspace)
+    assert loaded.meta["layers"] == ["features.2", "features.6", "features.10"]
+    assert loaded.meta["classes"] == ["normal", "lesion"] and loaded.meta["input_size"] == [32, 32]
+    imgs = np.stack([np.asarray(Image.open(p)) for p in sorted((tiny_manifest.parent / "images").glob("test-*"))])
+    x = preprocess(imgs, loaded.transform)
+    with torch.no_grad():
+        assert torch.equal(loaded.module(x), local.module(x))
+    # same data, config and code: no training, no new run
+    t = time.perf_counter()
+    again = fit(tiny_config(tiny_manifest), settings=workspace)
+    assert again.reused and again.run_id == r.run_id and again.version == 1
+    assert time.perf_counter() - t < 10 and len(_runs(workspace)) == 1
+    # a changed config trains again; the champion alias only moves to a better val/auroc
+    r3 = fit(tiny_config(tiny_manifest, optim__lr=0.02), settings=workspace)
+    assert not r3.reused and r3.version == 2 and len(_runs(workspace)) == 2
+    champ = client.get_model_version_by_alias("tiny", "champion")
+    best = max((r, r3), key=lambda x: x.metrics["best/val_auroc"])
+    assert champ.run_id == (r.run_id if r.metrics["best/val_auroc"] >= r3.metrics["best/val_auroc"] else best.run_id)
+
+
+def test_same_seed_same_weights(tiny_manifest, workspace):
+    cfg = tiny_config(tiny_manifest, trainer__max_epochs=1, trainer__limit_train_batches=2,
+                      mlflow__reuse=False, mlflow__register=False)
+    a = fit(cfg, settings=workspace)
+    b = fit(cfg, settings=workspace)
+    assert a.run_id != b.run_id
+    wa = torch.load(a.checkpoint / "weights.pt", weights_only=True)
+    wb = torch.load(b.checkpoint / "weights.pt", weights_only=True)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = fit(load_config(cfg, overrides=["seed=1"]), settings=workspace)
+    wc = torch.load(c.checkpoint / "weights.pt", weights_only=True)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_fast_dev_run_trains_without_tracking(tiny_manifest, workspace):
+    r = fit(tiny_config(tiny_manifest, trainer__fast_dev_run=True), settings=workspace)
+    assert r.run_id is None and r.model_uri is None and not r.reused
+    assert (r.checkpoint / "weights.pt").is_file()
+    assert _runs(workspace) == []
+
+
+def test_resnet_and_user_factory_train(tiny_manifest, workspace, monkeypatch):
+    over = {"trainer__max_epochs": 1, "trainer__limit_train_batches": 2, "mlflow__register": False}
+    r = fit(tiny_config(tiny_manifest, model={"zoo": "resnet", "config": {"widths": [4, 8, 8]}}, **over),
+            settings=workspace)
+    assert load_model(r.checkpoint, settings=workspace).meta["layers"] == ["layer1.0", "layer2.0", "layer3.0"]
+    model = {"zoo": None, "factory": "test_zoo:tiny_factory", "kwargs": {"width": 5}}
+    r = fit(tiny_config(tiny_manifest, model=model, **over), settings=workspace)
+    monkeypatch.setenv("CONCEPTLENS_TRUSTED_FACTORIES", "test_zoo")
+    m = load_model(r.checkpoint, settings=workspace)
+    assert m.module[0].out_channels == 5 and m.meta["layers"] == ["1", "4"]
+
+
+# -- bad input: a clear error before training, and no run left behind -------------------------------------------------
+def _rewrite(manifest: Path, dst: Path, edit) -> Path:
+    rows = list(csv.DictReader(open(manifest)))
+    rows = edit(rows)
+    dst.mkdir(parents=True, exist_ok=True)
+    out = dst / "manifest.csv"
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["id"], lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
+def _abs_images(rows, root):
+    for r in rows:
+        r["image"] = str((root / r["image"]).resolve())
+    return rows
+
+
+def _missing(rows):
+    rows[3]["image"] = rows[3]["image"].replace(".png", "-gone.png")
+    return rows
+
+
+def _unknown_label(rows):
+    rows[5]["label"] = "2"
+    return rows
+
+
+def _single_class(rows):
+    return [r for r in rows if not (r["split"] == "train" and r["label"] == "1")]
+
+
+def _empty_split(rows):
+    return [r for r in rows if r["split"] != "val"]
+
+
+BAD = {
+    "missing file": (_missing, r"missing file .*-gone\.png"),
+    "unknown label": (_unknown_label, r"unknown label '2'"),
+    "single class": (_single_class, r"split 'train' has only 'normal' patches"),
+    "empty split": (_empty_split, r"split 'val' is empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_manifest_fails_before_any_run(case, tiny_manifest, workspace, tmp_path):
+    edit, match = BAD[case]
+    bad = _rewrite(tiny_manifest, tmp_path / "bad", lambda rows: edit(_abs_images(rows, tiny_manifest.parent)))
+    t = time.perf_counter()
+    with pytest.raises(DataError, match=match):
+        fit(tiny_config(bad), settings=workspace)
+    assert time.perf_counter() - t < 10
+    assert _runs(workspace) == []
+
+
+def test_mixed_sizes_fail_before_any_run(workspace, tmp_path):
+    m = make_manifest(tmp_path / "mixed", counts={"train": 8, "val": 4, "test": 4}, size=32,
+                      sizes={"train-0005": 24})
+    with pytest.raises(DataError, match=r"mixed sizes: 32×32 .*24×24 \(e.g. 'train-0005'\)"):
+        fit(tiny_config(m), settings=workspace)
+    assert _runs(workspace) == []
+
+
+def test_unreachable_tracking_server_fails_fast(tiny_manifest, tmp_path):
+    from store.settings import load_settings
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = load_settings(tmp_path / "ws", env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    t = time.perf_counter()
+    with pytest.raises(TrackingError, match=rf"http://127.0.0.1:{port} is unreachable"):
+        fit(tiny_config(tiny_manifest), settings=settings)
+    assert time.perf_counter() - t < 20
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"data": {"batch_sise": 3}}, r"data: unknown key\(s\) \['batch_sise'\]"),
+    ({"trainer": {"max_epochs": "ten"}}, r"trainer.max_epochs: expected an integer, got 'ten'"),
+    ({"optim": {"schedule": "step"}}, r"optim.schedule: 'step'"),
+    ({"model": {"zoo": "vgg_bn", "config": {"depth": 3}}}, r"unknown key\(s\) \['depth'\] for vgg_bn"),
+    ({"mlflow": {"reuse": "yes"}}, r"mlflow.reuse: expected true or false"),
+    ({"extra": 1}, r"unknown key\(s\) \['extra'\]"),
+])
+def test_config_errors_name_the_key(cfg, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(cfg)
+
+
+def test_model_that_does_not_fit_the_patches(tiny_manifest, workspace):
+    cfg = tiny_config(tiny_manifest, model={"zoo": "vgg_bn", "config": {"widths": [4, 4, 4, 4, 4, 4, 4]}})
+    with pytest.raises(ConfigError, match=r"does not take \(32, 32\) patches|layers"):
+        fit(cfg, settings=workspace)
+    assert _runs(workspace) == []
+
+
+def test_cli(tiny_manifest, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tiny_manifest, trainer__max_epochs=1)))
+    ws = tmp_path / "ws"
+    assert main(["--config", str(path), "--workspace", str(ws), "--set", "trainer.limit_train_batches=2",
+                 "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("trained models:/tiny/1")
+    assert json.loads(out[-1])["version"] == 1
+    assert main(["--config", str(path), "--workspace", str(ws), "--set", "trainer.limit_train_batches=2"]) == 0
+    assert capsys.readouterr().out.startswith("reused models:/tiny/1")
+    assert main(["--config", str(path), "--workspace", str(ws), "--set", "trainer.epochs=2"]) == 2
+    assert "unknown key(s) ['epochs']" in capsys.readouterr().err
