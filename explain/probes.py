@@ -25,7 +25,9 @@ and AP come from a model fitted without a held-out group of images; the probe th
 every example. The CAV is the unit-norm normal of the decision boundary in raw activation space.
 
 A probe's heatmap is its probability at every position of the layer's map (upsampled bilinearly to the patch on
-request, like a unit mask) and an image's score is the max of its heatmap (the concept is present somewhere).
+request, like a unit mask) and an image's score is the max of its heatmap on the map grid (the concept is
+present somewhere); `score="mean"` in ProbeConfig takes the mean instead. The store keeps the current version's
+scores (image,) and heatmaps at the layer's grid (image, y, x), attrs naming the mlflow run.
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ from .errors import ProbeDataError
 
 __all__ = [
     "ProbeConfig", "Examples", "Probe", "ProbeFit",
-    "cell_coverage", "region_examples", "mark_examples", "unit_examples",
+    "cell_coverage", "upsample", "region_examples", "mark_examples", "unit_examples",
     "fit_logistic", "grouped_folds", "held_out_split", "fit_probe", "auroc", "average_precision",
     "session_run", "log_probe", "load_probe", "probe_versions", "PROBE_EXPERIMENT",
+    "ProbeAnnotations", "FeatureCache", "collect_examples", "heatmaps_for_store", "write_probe_version",
+    "RetrainResult", "retrain", "rollback", "probe_heatmap",
 ]
 
 
@@ -123,6 +127,17 @@ class Examples:
     @property
     def n_annotations(self) -> int:
         return int(sum(self.counts.values()))
+
+
+def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling (half-pixel centres, as unit masks): (..., y, x) → (..., Y, X) float32."""
+    maps = np.asarray(maps, dtype=np.float32)
+    if tuple(size) == tuple(maps.shape[-2:]):
+        return maps
+    lead = maps.shape[:-2]
+    t = torch.from_numpy(np.ascontiguousarray(maps)).reshape(-1, 1, *maps.shape[-2:])
+    out = torch.nn.functional.interpolate(t, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
+    return out.reshape(*lead, *out.shape[-2:]).numpy()
 
 
 def _overlap_matrix(n_pixels: int, n_cells: int) -> np.ndarray:
@@ -363,20 +378,16 @@ class Probe:
     def heatmap(self, maps: np.ndarray, *, size: tuple[int, int] | None = None) -> np.ndarray:
         """Concept probability at every position: maps (..., unit, y, x) → (..., y, x) float32 in [0, 1].
 
-        With `size` the logits are upsampled bilinearly to the patch (as unit masks are) before the sigmoid.
+        With `size` the probabilities are upsampled to the patch (`upsample`, bilinear) — the same operation the
+        app applies to the stored maps, so what is measured is what is shown.
         """
         maps = np.asarray(maps)
         if maps.ndim < 3 or maps.shape[-3] != len(self.weights):
             raise ProbeDataError(f"probe {self.concept}@{self.layer} has {len(self.weights)} units; maps are {maps.shape}")
-        w = torch.from_numpy(self.weights)
+        w = torch.from_numpy(np.asarray(self.weights, np.float32))
         logits = torch.tensordot(torch.from_numpy(np.ascontiguousarray(maps)).float(), w, dims=([maps.ndim - 3], [0]))
-        logits = logits + float(self.bias)  # (..., y, x)
-        if size is not None and tuple(size) != tuple(logits.shape[-2:]):
-            lead = logits.shape[:-2]
-            logits = torch.nn.functional.interpolate(logits.reshape(-1, 1, *logits.shape[-2:]), size=tuple(size),
-                                                     mode="bilinear", align_corners=False)
-            logits = logits.reshape(*lead, *size)
-        return torch.sigmoid(logits).numpy()
+        probs = torch.sigmoid(logits + float(self.bias)).numpy()  # (..., y, x)
+        return probs if size is None else upsample(probs, size)
 
     def score(self, heatmaps: np.ndarray) -> np.ndarray:
         """Image scores from heatmaps (..., y, x) → (...): their max (or mean, by `score_kind`)."""
@@ -668,3 +679,258 @@ def probe_versions(concept: str, layer: str, *, settings, store: str | None = No
             "tcav": {k.removeprefix("tcav/"): v for k, v in m.items() if k.startswith("tcav/")},
         })
     return out
+
+
+# -- bound to the activation store: annotations → probes → stored scores and heatmaps --------------------------------
+@dataclass(frozen=True)
+class ProbeAnnotations:
+    """Everything a reviewer said about one concept, in store terms (images by index or id).
+
+        >>> ann = ProbeAnnotations("mass", regions=[("img-3a", mask)], marks=[(17, False)],
+        ...                        units={"features.13": [4, 88]})
+    """
+
+    concept: str
+    regions: Sequence[tuple] = ()  # (image, bool mask (Y, X) in patch pixels) — the concept drawn on the image
+    marks: Sequence[tuple] = ()  # (image, shows the concept: bool)
+    units: dict = field(default_factory=dict)  # layer → unit indices labeled with the concept
+
+    @property
+    def n_annotations(self) -> int:
+        return len(self.regions) + len(self.marks) + sum(len(u) for u in self.units.values())
+
+
+class FeatureCache:
+    """One store's layer maps kept in memory (float16, loaded on first use) so each retrain reads no chunk.
+
+        >>> cache = FeatureCache(store, model=loaded)   # model: optional, for TCAV scores
+        >>> retrain(store, ann, settings=s, session="alice", cache=cache)
+
+    Keep one per process (an app worker) and pass it to every call; it also remembers the last probe of each
+    (concept, layer) to warm-start the next fit.
+    """
+
+    def __init__(self, store, *, model=None, tcav_per_class: int = 64):
+        self.store = store
+        self.model = model
+        self.tcav_per_class = tcav_per_class
+        self._maps: dict[str, np.ndarray] = {}
+        self._sens: dict = {}
+        self.last: dict[tuple[str, str], Probe] = {}
+
+    def maps(self, layer: str) -> np.ndarray:
+        """float16 (image, unit, y, x) of every image."""
+        if layer not in self._maps:
+            self.store.layer_shape(layer)  # unknown layer → the store's error, naming it
+            self._maps[layer] = np.asarray(self.store.maps_many(layer, np.arange(self.store.n_images)),
+                                           dtype=np.float16)
+        return self._maps[layer]
+
+    def image_maps(self, layer: str, images: Sequence[int]) -> np.ndarray:
+        """float32 (image, unit, y, x) of some images (from memory once loaded, else from the store)."""
+        idx = np.asarray(images, dtype=np.int64)
+        if layer in self._maps:
+            return self._maps[layer][idx].astype(np.float32)
+        return self.store.maps_many(layer, idx)
+
+    def sensitivities(self, layer: str):
+        """TCAV class sensitivities of a layer (None without a model), computed once."""
+        if self.model is None:
+            return None
+        if layer not in self._sens:
+            from .tcav import store_sensitivities
+
+            self._sens[layer] = store_sensitivities(self.store, self.model, layer, per_class=self.tcav_per_class)
+        return self._sens[layer]
+
+
+def _image_index(store, image) -> int:
+    from .errors import UnknownImageError
+
+    if isinstance(image, (str, np.str_)):
+        try:
+            return store.index_of(str(image))
+        except KeyError:
+            raise UnknownImageError(image, where=str(store.url)) from None
+    i = int(image)
+    if not 0 <= i < store.n_images:
+        raise UnknownImageError(image, where=f"{store.url} (indices 0 … {store.n_images - 1})")
+    return i
+
+
+def collect_examples(store, layer: str, annotations: ProbeAnnotations, *, config: ProbeConfig | None = None,
+                     cache: FeatureCache | None = None) -> Examples:
+    """The examples of one layer from every kind of annotation (module docstring: how each kind is turned into
+    positives and negatives).
+
+        >>> ex = collect_examples(store, "features.13", ann)
+    """
+    config = config or ProbeConfig()
+    cache = cache or FeatureCache(store)
+    units_n, gy, gx = store.layer_shape(layer)
+    ex = Examples.empty(units_n)
+    if annotations.regions:
+        idx = [_image_index(store, im) for im, _ in annotations.regions]
+        maps = cache.image_maps(layer, idx)  # (region, unit, y, x)
+        size = tuple(store.attrs.get("input_size") or np.asarray(store.image(idx[0])).shape)
+        for (image, mask), i, m in zip(annotations.regions, idx, maps):
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != tuple(size):
+                raise ProbeDataError(f"image {image!r}: region mask {mask.shape} is not the patch size {tuple(size)}")
+            ex = ex + region_examples(m, mask, image=i, inside=config.inside, outside=config.outside)
+    if annotations.marks:
+        idx = [_image_index(store, im) for im, _ in annotations.marks]
+        pooled = store.pooled(layer, "max")[idx]  # (mark, unit)
+        ex = ex + mark_examples(pooled, [bool(p) for _, p in annotations.marks], images=idx)
+    units = list(annotations.units.get(layer, ()))
+    if units:
+        if min(units) < 0 or max(units) >= units_n:
+            from .errors import UnknownUnitError
+
+            bad = [u for u in units if not 0 <= u < units_n]
+            raise UnknownUnitError(bad[0], where=f"layer {layer!r} of {units_n} units")
+        top, _ = store.topk(layer)
+        idx = np.unique(top[units].reshape(-1))
+        idx = idx[idx >= 0]
+        ex = ex + unit_examples(cache.image_maps(layer, idx), units, store.thresholds(layer), images=idx)
+    return ex
+
+
+def heatmaps_for_store(store, probe: Probe, *, cache: FeatureCache | None = None,
+                       batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """(scores float32 (image,), heatmaps float16 (image, y, x)) of a probe over every image of the store."""
+    cache = cache or FeatureCache(store)
+    maps = cache.maps(probe.layer)  # (image, unit, y, x) float16
+    w = torch.from_numpy(np.asarray(probe.weights, np.float32))
+    out = np.empty((maps.shape[0], *maps.shape[2:]), np.float16)
+    for i in range(0, maps.shape[0], batch):
+        m = torch.from_numpy(maps[i:i + batch]).float()
+        out[i:i + batch] = torch.sigmoid(torch.einsum("nuyx,u->nyx", m, w) + float(probe.bias)).numpy()
+    return probe.score(out.astype(np.float32)), out
+
+
+def write_probe_version(store, probe: Probe, *, run_id: str, cache: FeatureCache | None = None,
+                        attrs: dict | None = None) -> np.ndarray:
+    """Compute a probe's scores and heatmaps for every image and store them tagged with `run_id`; returns scores."""
+    scores, maps = heatmaps_for_store(store, probe, cache=cache)
+    store.write_probe(probe.concept, probe.layer, scores=scores, maps=maps, run_id=run_id,
+                      attrs={"score": probe.score_kind, "maps": "probability at the layer's grid",
+                             **dict(attrs or {})})
+    return scores
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    """One retrained probe: its fit, its mlflow run and the time each step took (seconds)."""
+
+    concept: str
+    layer: str
+    run_id: str
+    fit: ProbeFit
+    scores: np.ndarray  # (image,)
+    timings: dict
+
+
+def retrain(store, annotations: ProbeAnnotations, *, settings, session: str, layers: Sequence[str] | None = None,
+            config: ProbeConfig | None = None, cache: FeatureCache | None = None, store_name: str | None = None,
+            experiment: str = PROBE_EXPERIMENT) -> list[RetrainResult]:
+    """Refit the probes of `annotations.concept` that the annotations touch, log each fit, store their outputs.
+
+        >>> res = retrain(store, ann, settings=s, session="alice", cache=cache)   # after every new annotation
+        >>> res[0].run_id, res[0].fit.metrics["auroc"], res[0].timings
+
+    Layers: `layers`, or every store layer when regions or marks are given, else the layers with labeled units.
+    Every layer's examples are collected and checked first: when any probe would have only positives or only
+    negatives, ProbeDataError is raised and nothing (store, mlflow) changes.
+    """
+    import time
+
+    config = config or ProbeConfig()
+    cache = cache or FeatureCache(store)
+    if layers is None:
+        layers = list(store.layers) if (annotations.regions or annotations.marks) else \
+            [l for l in store.layers if annotations.units.get(l)]
+    for layer in annotations.units:
+        if layer not in store.layers:
+            from .errors import UnknownLayerError
+
+            raise UnknownLayerError(layer, known=store.layers, where=str(store.url))
+    collected = {}
+    for layer in layers:
+        t0 = time.perf_counter()
+        ex = collect_examples(store, layer, annotations, config=config, cache=cache)
+        if len(ex) == 0:
+            continue
+        if ex.n_positive == 0 or ex.n_negative == 0:
+            which = "positives" if ex.n_negative == 0 else "negatives"
+            raise ProbeDataError(f"probe {annotations.concept}@{layer}: only {which} ({ex.n_positive} positive, "
+                                 f"{ex.n_negative} negative examples from {annotations.n_annotations} annotations); "
+                                 "nothing was changed")
+        collected[layer] = (ex, time.perf_counter() - t0)
+    if not collected:
+        raise ProbeDataError(f"probe {annotations.concept}: no examples on layers {list(layers)}")
+    results = []
+    for layer, (ex, t_collect) in collected.items():
+        t = {"collect": t_collect}
+        t0 = time.perf_counter()
+        fit = fit_probe(ex, concept=annotations.concept, layer=layer, config=config,
+                        init=cache.last.get((annotations.concept, layer)))
+        t["fit"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sens = cache.sensitivities(layer)
+        tcav = sens.scores(fit.probe.cav) if sens is not None else None
+        t["tcav"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        run_id = log_probe(fit, settings=settings, session=session, store=store_name or _store_name(store),
+                           tcav=tcav, experiment=experiment)
+        t["log"] = time.perf_counter() - t0
+        probe = replace(fit.probe, run_id=run_id)
+        t0 = time.perf_counter()
+        scores = write_probe_version(store, probe, run_id=run_id, cache=cache,
+                                     attrs={"n_annotations": fit.n_annotations, "session": session})
+        t["write"] = time.perf_counter() - t0
+        cache.last[(annotations.concept, layer)] = probe
+        results.append(RetrainResult(annotations.concept, layer, run_id, replace(fit, probe=probe), scores, t))
+    return results
+
+
+def _store_name(store) -> str:
+    """The store's name for tags: its file name without .zarr (demo), or its URL."""
+    url = str(store.url).rstrip("/")
+    name = url.rsplit("/", 1)[-1]
+    return name[:-5] if name.endswith(".zarr") else url
+
+
+def rollback(store, concept: str, layer: str, run_id: str, *, settings, cache: FeatureCache | None = None,
+             experiment: str = PROBE_EXPERIMENT) -> Probe:
+    """Make version `run_id` the current one: rewrite the store's scores and heatmaps from that run's weights.
+
+        >>> rollback(store, "mass", "features.13", versions[1]["run_id"], settings=s)
+    """
+    probe = load_probe(run_id, settings=settings, experiment=experiment)
+    if (probe.concept, probe.layer) != (concept, layer):
+        raise ProbeDataError(f"run {run_id!r} is probe {probe.concept}@{probe.layer}, not {concept}@{layer}")
+    if len(probe.weights) != store.layer_shape(layer)[0]:
+        raise ProbeDataError(f"run {run_id!r} has {len(probe.weights)} units; layer {layer!r} of {store.url} has "
+                             f"{store.layer_shape(layer)[0]}")
+    try:
+        previous = store.probe(concept, layer).run_id
+    except KeyError:
+        previous = ""
+    write_probe_version(store, probe, run_id=run_id, cache=cache, attrs={"rolled_back_from": previous})
+    if cache is not None:
+        cache.last[(concept, layer)] = probe
+    return probe
+
+
+def probe_heatmap(store, concept: str, layer: str, image, *, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The stored heatmap of the current probe version for one image, float32 (Y, X) at the patch size (or `size`).
+
+        >>> hm = probe_heatmap(store, "mass", "features.13", "img-3a")     # for an overlay
+    """
+    i = _image_index(store, image)
+    stored = store.probe(concept, layer)
+    if stored.maps is None:
+        raise ProbeDataError(f"probe {concept}@{layer} in {store.url} has no stored maps")
+    size = size or tuple(store.attrs.get("input_size") or store.image(i).shape)
+    return upsample(stored.maps[i], size)

@@ -228,3 +228,127 @@ def test_probe_runs_are_nested_versions_with_numpy_artifacts(workspace):
         load_probe(parent, settings=workspace)
     with pytest.raises(ProbeDataError, match="no probe run"):
         load_probe("0" * 32, settings=workspace)
+
+
+# -- on a real-data store: patches of a real mammogram with inserted masses, a small trained network ----------------
+@pytest.fixture(scope="module")
+def lesion(tmp_path_factory, real_dicoms):
+    from helpers_probes import build_lesion_store
+
+    return build_lesion_store(tmp_path_factory.mktemp("probes") / "lesion.zarr", real_dicoms[0])
+
+
+def _n_probe_runs(settings):
+    from mlflow.tracking import MlflowClient
+
+    from explain.probes import PROBE_EXPERIMENT
+
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    exp = client.get_experiment_by_name(PROBE_EXPERIMENT)
+    if exp is None:
+        return 0
+    return len(client.search_runs([exp.experiment_id], filter_string="tags.`conceptlens.kind` = 'probe'"))
+
+
+def test_retrain_from_drawn_regions_writes_scores_and_heatmaps(lesion, workspace):
+    from explain.probes import FeatureCache, ProbeAnnotations, probe_heatmap, retrain
+
+    store, masks = lesion.store, lesion.masks
+    cache = FeatureCache(store, model=lesion.model, tcav_per_class=16)
+    ann = ProbeAnnotations("mass", regions=[(f"img-{i:03d}", masks[i]) for i in (1, 3, 5)])
+    results = retrain(store, ann, settings=workspace, session="alice", cache=cache)
+    assert [r.layer for r in results] == lesion.layers
+    deep = results[-1]
+    stored = store.probe("mass", deep.layer)
+    assert stored.run_id == deep.run_id and stored.attrs["n_annotations"] == 3
+    np.testing.assert_allclose(stored.scores, deep.scores)
+    assert stored.maps.shape == (store.n_images, *store.layer_shape(deep.layer)[1:])
+    # the stored heatmaps are the probe applied at every position
+    direct = deep.fit.probe.heatmap(store.maps_many(deep.layer, [10, 11]))
+    np.testing.assert_allclose(stored.maps[[10, 11]], direct, atol=2e-3)
+    # they find the inserted masses on patches nobody annotated
+    held = np.arange(7, store.n_images)
+    hm = np.stack([probe_heatmap(store, "mass", deep.layer, int(i)) for i in held])  # (image, Y, X)
+    assert hm.shape == (len(held), 32, 32)
+    assert auroc(masks[held].reshape(-1), hm.reshape(-1)) > 0.85
+    # lesion patches score higher than normal ones
+    assert auroc(store.labels()[held], stored.scores[held]) > 0.85
+    # the mlflow run holds TCAV scores per class and timings were measured
+    versions = probe_versions("mass", deep.layer, settings=workspace)
+    assert versions[0]["run_id"] == deep.run_id and set(versions[0]["tcav"]) == {"normal", "lesion"}
+    assert versions[0]["store"] == "lesion" and versions[0]["n_annotations"] == 3
+    assert set(deep.timings) == {"collect", "fit", "tcav", "log", "write"}
+
+
+def test_one_class_retrain_changes_nothing(lesion, workspace):
+    from explain.probes import ProbeAnnotations, retrain
+
+    store = lesion.store
+    before = store.probes()
+    with pytest.raises(ProbeDataError, match="only positives"):
+        retrain(store, ProbeAnnotations("calcification", marks=[(1, True), (3, True)]), settings=workspace,
+                session="alice")
+    with pytest.raises(ProbeDataError, match="only negatives"):
+        retrain(store, ProbeAnnotations("calcification", marks=[(0, False)]), settings=workspace, session="alice")
+    assert store.probes() == before
+    assert _n_probe_runs(workspace) == 0
+
+
+def test_bad_annotations_name_what_is_wrong(lesion, workspace):
+    from explain.errors import UnknownImageError, UnknownLayerError, UnknownUnitError
+    from explain.probes import ProbeAnnotations, collect_examples, retrain
+
+    store, layer = lesion.store, lesion.layers[-1]
+    with pytest.raises(UnknownImageError, match="img-999"):
+        collect_examples(store, layer, ProbeAnnotations("mass", regions=[("img-999", lesion.masks[1])]))
+    with pytest.raises(UnknownImageError, match="4000"):
+        collect_examples(store, layer, ProbeAnnotations("mass", marks=[(4000, True)]))
+    with pytest.raises(ProbeDataError, match=r"img-001.*\(8, 8\)"):
+        collect_examples(store, layer, ProbeAnnotations("mass", regions=[("img-001", np.ones((8, 8), bool))]))
+    with pytest.raises(UnknownUnitError, match="999"):
+        collect_examples(store, layer, ProbeAnnotations("mass", units={layer: [999]}))
+    with pytest.raises(UnknownLayerError, match="layer9"):
+        retrain(store, ProbeAnnotations("mass", units={"layer9": [1]}), settings=workspace, session="s")
+
+
+def test_versions_and_rollback(lesion, workspace):
+    from explain.probes import FeatureCache, ProbeAnnotations, heatmaps_for_store, load_probe, retrain, rollback
+
+    store, masks, layer = lesion.store, lesion.masks, lesion.layers[-1]
+    cache = FeatureCache(store)
+    first = retrain(store, ProbeAnnotations("spiculated_margin", regions=[(1, masks[1])], marks=[(2, False)]),
+                    settings=workspace, session="bob", layers=[layer], cache=cache)[0]
+    second = retrain(store, ProbeAnnotations("spiculated_margin", regions=[(1, masks[1]), (9, masks[9])],
+                                             marks=[(2, False), (4, False)]),
+                     settings=workspace, session="bob", layers=[layer], cache=cache)[0]
+    versions = probe_versions("spiculated_margin", layer, settings=workspace)
+    assert [v["run_id"] for v in versions] == [second.run_id, first.run_id]
+    assert [v["n_annotations"] for v in versions] == [4, 2]
+    assert store.probe("spiculated_margin", layer).run_id == second.run_id
+
+    rollback(store, "spiculated_margin", layer, first.run_id, settings=workspace)
+    stored = store.probe("spiculated_margin", layer)
+    assert stored.run_id == first.run_id and stored.attrs["rolled_back_from"] == second.run_id
+    scores, maps = heatmaps_for_store(store, load_probe(first.run_id, settings=workspace))
+    np.testing.assert_array_equal(stored.scores, scores)
+    np.testing.assert_array_equal(stored.maps, maps.astype(np.float32))
+    np.testing.assert_allclose(stored.scores, first.scores)
+    with pytest.raises(ProbeDataError, match="not spiculated_margin@features.6"):
+        rollback(store, "spiculated_margin", lesion.layers[0], first.run_id, settings=workspace)
+
+
+def test_probe_from_labeled_units(lesion):
+    from explain.probes import ProbeAnnotations, collect_examples
+
+    store, layer = lesion.store, lesion.layers[-1]
+    # the unit whose top images are most often lesion patches stands in for a unit labeled "mass"
+    top, _ = store.topk(layer)
+    unit = int(np.argmax(store.labels()[top].mean(axis=1)))
+    ex = collect_examples(store, layer, ProbeAnnotations("mass", units={layer: [unit]}))
+    assert ex.n_positive > 0 and ex.n_negative > 0 and ex.counts == {"units": 1}
+    assert set(np.unique(ex.groups)) <= set(top[unit].tolist())
+    # every positive has the labeled unit at or above its threshold, no negative does
+    thr = store.thresholds(layer)[unit]
+    assert (ex.vectors[ex.labels == 1, unit] >= thr).all() and (ex.vectors[ex.labels == 0, unit] < thr).all()
+    fit = fit_probe(ex, concept="mass", layer=layer)
+    assert fit.probe.weights[unit] > 0
