@@ -1,0 +1,163 @@
+"""The ConceptLens workbench: a Dash app built by a factory, served by Flask's dev server or gunicorn.
+
+    >>> from store.settings import load_settings
+    >>> from vis.app import create_app, AppConfig
+    >>> app = create_app(load_settings("workspace"), config=AppConfig(store="demo"))
+    >>> app.run(host="127.0.0.1", port=8050)           # or: python -m vis serve
+
+Production (several workers; jobs on diskcache in the workspace, or Celery with CONCEPTLENS_CACHE_URL=redis://…):
+
+    gunicorn -w 2 -b 127.0.0.1:8050 'vis.app:create_server()'
+
+Nothing is loaded at import time: `create_app` builds the Dash app, attaches a `Workbench` (vis.services) to the
+Flask server, and every callback reads by id from the store, the database and mlflow through it. A login layer
+can wrap `app.server` (a plain Flask app) later: every route, callback and job endpoint goes through it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+__all__ = ["AppConfig", "create_app", "create_server", "serve_main", "mlflow_ui_main"]
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """What the app shows and how; every field has a default that serves the demo workspace.
+
+    `model` is the model reference the app serves (Grad-CAM, the lesion overlay); a store extracted from another
+    model is refused with a clear message. `None` serves the model named in the store's own attributes.
+    """
+
+    dataset: str = "demo"
+    store: str = "demo"
+    model: str | None = "models:/conceptlens-demo@champion"
+    layer: str | None = None  # default: the deepest layer of the store
+    user: str = "local"  # provenance of labels and marks until accounts exist
+    debug: bool = False  # Dash dev tools and tracebacks: only with --debug
+    mlflow_ui_url: str = "http://127.0.0.1:5000"
+    max_body_bytes: int = 1 << 20  # largest callback body (a drawn region of ~20 000 vertices fits)
+    flagged_threshold: float = 0.5  # a patch is flagged when P(lesion) reaches this
+    max_flagged: int = 16
+    iou_threshold: float = 0.2  # units above it are highlighted (and labeled by the rule)
+    mask_level: float = 0.99  # activation quantile that thresholds a unit's map into its mask
+
+
+def _secret_key(settings) -> str:
+    """settings.secret_key, else <workspace>/secret_key, created once (O_EXCL: two workers never both create it)."""
+    if settings.secret_key:
+        return settings.secret_key
+    path = settings.workspace / "secret_key"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def create_app(settings=None, *, config: AppConfig | None = None):
+    """Build the Dash app for one workspace. `settings` defaults to `load_settings()` (CONCEPTLENS_WORKSPACE)."""
+    import dash
+    import dash_bootstrap_components as dbc  # noqa: F401  (imported so its component suite is registered)
+
+    from store.settings import load_settings
+
+    from . import components
+    from .guard import install_guard
+    from .jobs import create_manager
+    from .services import EXTENSION, Workbench
+
+    settings = (settings or load_settings()).ensure()
+    config = config or AppConfig()
+    app = dash.Dash(
+        "vis",
+        use_pages=True,
+        pages_folder=str(HERE / "pages"),
+        assets_folder=str(HERE / "assets"),
+        serve_locally=True,  # no CDN: the app works on a closed network
+        title="ConceptLens",
+        update_title=None,
+        suppress_callback_exceptions=True,  # pages are rendered on navigation, after the callbacks exist
+        background_callback_manager=create_manager(settings),
+        health_endpoint="health",
+    )
+    app.server.secret_key = _secret_key(settings)
+    app.server.extensions[EXTENSION] = Workbench(settings, config)
+    app.layout = components.shell
+    # Move the callbacks that the page modules registered with dash.callback into this app now, so that a second
+    # app built in the same process (tests) gets its own copies instead of racing for them at first request.
+    with app.server.test_request_context("/"):
+        app._setup_server()
+    install_guard(app, max_body_bytes=config.max_body_bytes)
+    if config.debug:
+        app.enable_dev_tools(debug=True)
+    return app
+
+
+def create_server(workspace: str | None = None):
+    """The Flask server for gunicorn: `gunicorn -w 2 -b 127.0.0.1:8050 'vis.app:create_server()'`.
+
+    The workspace comes from the argument or CONCEPTLENS_WORKSPACE; the store and dataset from CONCEPTLENS_STORE /
+    CONCEPTLENS_DATASET when set.
+    """
+    from store.settings import load_settings
+
+    config = AppConfig()
+    env = {k: os.environ.get(f"CONCEPTLENS_{k.upper()}") for k in ("store", "dataset", "model")}
+    config = replace(config, **{k: v for k, v in env.items() if v})
+    return create_app(load_settings(workspace), config=config).server
+
+
+def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=doc)
+    p.add_argument("--workspace", default=None, help="workspace directory (default: CONCEPTLENS_WORKSPACE or ./workspace)")
+    p.add_argument("--host", default="127.0.0.1")
+    return p
+
+
+def serve_main(argv: list[str]) -> int:
+    """`python -m vis serve [--host H] [--port P] [--store NAME] [--dataset NAME] [--model REF] [--debug]`."""
+    from store.settings import load_settings
+
+    p = _parser("python -m vis serve", "serve the workbench with the development server (see README for gunicorn)")
+    p.add_argument("--port", type=int, default=8050)
+    p.add_argument("--store", default=AppConfig.store)
+    p.add_argument("--dataset", default=AppConfig.dataset)
+    p.add_argument("--model", default=AppConfig.model, help="model reference; 'store' serves the store's own model")
+    p.add_argument("--debug", action="store_true", help="Dash dev tools and tracebacks (never on a shared host)")
+    args = p.parse_args(argv)
+    config = AppConfig(store=args.store, dataset=args.dataset, debug=args.debug,
+                       model=None if args.model == "store" else args.model)
+    app = create_app(load_settings(args.workspace), config=config)
+    print(f"ConceptLens: open http://{args.host}:{args.port}/", flush=True)
+    app.run(host=args.host, port=args.port, debug=args.debug, dev_tools_hot_reload=False, threaded=True)
+    return 0
+
+
+def mlflow_ui_main(argv: list[str]) -> int:
+    """`python -m vis mlflow-ui [--port 5000]`: the mlflow UI on the workspace's tracking store (loopback)."""
+    from store.settings import load_settings
+
+    p = _parser("python -m vis mlflow-ui", "start the mlflow UI on the workspace's tracking store")
+    p.add_argument("--port", type=int, default=5000)
+    args = p.parse_args(argv)
+    settings = load_settings(args.workspace).ensure()
+    cmd = mlflow_ui_command(settings, host=args.host, port=args.port)
+    print(f"mlflow UI on {settings.tracking_uri}: http://{args.host}:{args.port}/", flush=True)
+    return subprocess.call(cmd)
+
+
+def mlflow_ui_command(settings, *, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+    """The command line `mlflow-ui` runs: the workspace's tracking URI and artifact root, bound to `host`."""
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", settings.tracking_uri,
+            "--default-artifact-root", settings.artifact_root.as_uri(), "--host", host, "--port", str(port)]
