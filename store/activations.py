@@ -287,10 +287,17 @@ class GuardedStore(WrapperStore):
 def _zarr_store(url: str, *, read_only: bool, storage_options: Mapping | None, retries: int) -> GuardedStore:
     url = str(url)
     if "://" in url and not url.startswith("file://"):
+        opts = dict(storage_options or {})
+        if url.startswith(("s3://", "s3a://")):
+            # GuardedStore retries with backoff itself; s3fs's and botocore's own retry loops would multiply it
+            opts.setdefault("config_kwargs", {"retries": {"max_attempts": 2, "mode": "standard"},
+                                              "connect_timeout": 5, "read_timeout": 30})
         try:
-            inner = FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
+            inner = FsspecStore.from_url(url, storage_options=opts, read_only=read_only)
         except Exception as e:
             raise StoreUnavailableError(f"{url}: cannot reach the object store ({type(e).__name__}: {e})") from e
+        if getattr(inner.fs, "retries", None) == 5:  # s3fs's default loop (~2 s per call), under ours
+            inner.fs.retries = 2
     else:
         path = Path(url.removeprefix("file://")).expanduser()
         if read_only and not path.exists():
