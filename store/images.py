@@ -20,6 +20,7 @@ import hashlib
 import logging
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -296,8 +297,19 @@ def _safe_reason(exc: BaseException, known_values: set[str] = frozenset()) -> st
 
 
 def _header_strings(ds) -> set[str]:
-    """Every text value in a dataset (sequences and private tags included), to scrub from messages."""
+    """Every text run in a dataset's values (sequences and private tags included), to scrub from messages.
+
+    Raw values are read as bytes and never converted: pydicom's conversion validates values and logs the invalid
+    ones verbatim (a patient name in a date field would reach the log).
+    """
     out: set[str] = set()
+
+    def add(raw: bytes) -> None:
+        for run in re.findall(rb"[\x20-\x7e]{3,}", raw[:4096]):
+            s = run.decode("ascii").strip()
+            if len(s) >= 3:
+                out.add(s)
+                out.update(p for p in re.split(r"[\^=\\ ]", s) if len(p) >= 3)
 
     def walk(d, depth=0):
         if depth > 8:
@@ -305,21 +317,19 @@ def _header_strings(ds) -> set[str]:
         for tag in list(d.keys()):
             try:
                 elem = d.get_item(tag, keep_deferred=True)
-                if elem is None or getattr(elem, "value", None) is None:
+                value = getattr(elem, "value", None)
+                if value is None:
                     continue
-                elem = d[tag]
-                if elem.VR == "SQ":
-                    for item in elem.value:
+                if isinstance(value, (bytes, bytearray)):  # raw (unconverted) value
+                    add(bytes(value))
+                elif getattr(elem, "VR", "") == "SQ":
+                    for item in value:
                         walk(item, depth + 1)
-                    continue
-                vals = elem.value if isinstance(elem.value, (list, tuple)) or elem.VM > 1 else [elem.value]
-                for v in vals:
-                    if isinstance(v, bytes):
-                        v = v.decode("latin-1", "replace").strip("\x00 ")
-                    s = str(v).strip()
-                    if s:
-                        out.add(s)
-                        out.update(p for p in re.split(r"[\^=\\ ]", s) if len(p) >= 3)
+                elif isinstance(value, str):
+                    add(value.encode("latin-1", "replace"))
+                elif isinstance(value, (list, tuple)) or hasattr(value, "__iter__"):
+                    for v in value:
+                        add(str(v).encode("latin-1", "replace"))
             except Exception:  # noqa: BLE001 — a value we cannot read is a value we cannot leak
                 continue
 
@@ -378,7 +388,9 @@ def _read_dicom(path: Path, size: int, *, max_pixels: int, salt: str, allow_moda
 
     # Pass 1: the header only, pixel data untouched — refuses pixel bombs before anything large is read.
     try:
-        hdr = pydicom.dcmread(path, stop_before_pixels=True, defer_size=_DEFER_BYTES)
+        with warnings.catch_warnings(record=True) as caught:  # pydicom's warnings quote values: kept in here
+            warnings.simplefilter("always")
+            hdr = pydicom.dcmread(path, stop_before_pixels=True, defer_size=_DEFER_BYTES)
     except InvalidDicomError as e:
         raise ImageError(path, f"not a valid DICOM file ({_safe_reason(e)})") from None
     except MemoryError:
@@ -398,7 +410,7 @@ def _read_dicom(path: Path, size: int, *, max_pixels: int, salt: str, allow_moda
     spp = _int(hdr, "SamplesPerPixel", 1)
     bits_alloc, bits_stored = _int(hdr, "BitsAllocated"), _int(hdr, "BitsStored")
     if not rows or not cols:
-        raise fail("no image: Rows/Columns missing or zero (no pixel data?)")
+        raise fail("Rows/Columns missing or zero (a truncated header, or not an image)")
     if frames is None or frames < 1 or spp is None or spp < 1:
         raise fail("invalid NumberOfFrames or SamplesPerPixel")
     declared = rows * cols * frames * spp
@@ -428,13 +440,18 @@ def _read_dicom(path: Path, size: int, *, max_pixels: int, salt: str, allow_moda
 
     # Pass 2: the whole dataset with large values deferred, to check the pixel data element before decoding it.
     try:
-        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
-        raw = ds.get_item(0x7FE00010, keep_deferred=True) if 0x7FE00010 in ds else None
+        with warnings.catch_warnings(record=True) as more:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+            raw = ds.get_item(0x7FE00010, keep_deferred=True) if 0x7FE00010 in ds else None
+        caught.extend(more)
     except Exception as e:  # noqa: BLE001
         raise fail(f"corrupt or truncated DICOM ({_safe_reason(e, known)})") from None
     if raw is None:
         if any(t in ds for t in (0x7FE00008, 0x7FE00009)):
             raise fail("float pixel data (FloatPixelData) is not supported")
+        if _contains(path, b"\xe0\x7f\x10\x00"):  # the tag is there but the parser could not finish it
+            raise fail("pixel data element (7FE0,0010) is truncated or corrupt")
         raise fail("DICOM file has no pixel data (7FE0,0010)")
     length = getattr(raw, "length", None)
     tell = getattr(raw, "value_tell", None)
@@ -478,7 +495,10 @@ def _read_dicom(path: Path, size: int, *, max_pixels: int, salt: str, allow_moda
 
     # Decode. Any decoder failure (corrupt RLE segments, bad JPEG stream) is refused, never shown as garbage.
     try:
-        arr = ds.pixel_array
+        with warnings.catch_warnings(record=True) as more:
+            warnings.simplefilter("always")
+            arr = ds.pixel_array
+        caught.extend(more)
     except MemoryError:
         raise fail("decoding the pixel data needs too much memory") from None
     except Exception as e:  # noqa: BLE001
@@ -517,8 +537,19 @@ def _read_dicom(path: Path, size: int, *, max_pixels: int, salt: str, allow_moda
     )
     orientation = _str(ds, "PatientOrientation")
     row_direction = orientation.split("\\")[0] if "\\" in orientation else ""
-    log.debug("read %s: %s %dx%d %s", path, syntax_name, rows, cols, img.id)
+    log.debug("read %s: %s %dx%d %s (%d parser warnings withheld)", path, syntax_name, rows, cols, img.id, len(caught))
     return img, row_direction
+
+
+def _contains(path: Path, needle: bytes) -> bool:
+    """Whether the file's bytes contain `needle` (memory-mapped: no copy of the file)."""
+    import mmap
+
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return m.find(needle) >= 0
+    except (OSError, ValueError):
+        return False
 
 
 def _sha256_file(path: Path) -> str:
@@ -613,7 +644,10 @@ def _read_pillow(path: Path, fmt: str, *, max_pixels: int, salt: str) -> Medical
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:  # lazy: reads the header only
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own budget decides below
+            im = Image.open(path)  # lazy: reads the header only
+        with im:
             w, h = im.size
             if w * h > max_pixels:
                 raise PixelBudgetError(
@@ -633,6 +667,8 @@ def _read_pillow(path: Path, fmt: str, *, max_pixels: int, salt: str) -> Medical
                 raise ImageError(path, f"unsupported {fmt.upper()} pixel mode {mode}")
     except ImageError:
         raise
+    except Image.DecompressionBombError:
+        raise PixelBudgetError(path, "declared image size exceeds the pixel budget (pillow's bomb limit)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         raise ImageError(path, f"unreadable {fmt.upper()} ({_safe_reason(e)})") from None
     except Exception as e:  # noqa: BLE001 — pillow plugins raise many types on hostile input
