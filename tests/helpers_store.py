@@ -2,7 +2,7 @@
 
     >>> manifest = make_patch_manifest(tmp_path / "data", real_dicoms, n=24, size=32)
     >>> net, meta = tiny_model()                # deterministic weights, two traced layers
-    >>> python -c "from tests.helpers_store import ..."   # usable from subprocess scripts too (repo root on sys.path)
+    (subprocess scripts put tests/ on sys.path and `import helpers_store`)
 
 Nothing here reads ./workspace; everything is written under the directory given.
 """
@@ -116,3 +116,37 @@ def assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> No
     for key in a:
         assert a[key].dtype == b[key].dtype, key
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+class MotoS3:
+    """An S3 server on loopback (moto), with one bucket; `.options` are the fsspec storage options to reach it.
+
+        >>> with MotoS3() as s3:
+        ...     url = s3.url("x.zarr")                # s3://conceptlens-test/x.zarr
+    """
+
+    bucket = "conceptlens-test"
+
+    def __enter__(self) -> "MotoS3":
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        self.options = {"endpoint_url": self.endpoint, "key": "testing", "secret": "testing"}
+        import s3fs
+
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **self.options)
+        fs.mkdir(self.bucket)
+        self._n = 0
+        return self
+
+    def url(self, name: str) -> str:
+        return f"s3://{self.bucket}/{name}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.stop()
