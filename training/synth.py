@@ -205,6 +205,12 @@ def _bent(p0, p1, bend: float, pieces: int = 3) -> list[tuple[float, float]]:
     return pts
 
 
+def _spread_angles(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n directions all around the circle: evenly spaced, each jittered by up to ±40 % of the spacing."""
+    step = 2 * math.pi / n
+    return rng.uniform(0, 2 * math.pi) + step * (np.arange(n) + rng.uniform(-0.4, 0.4, n))
+
+
 def _rim(body: np.ndarray, width: int) -> np.ndarray:
     return body & ~ndi.binary_erosion(body, iterations=width, border_value=0)
 
@@ -238,7 +244,7 @@ def _boundary(rng: np.random.Generator, shape: str, radius: float):
     elif shape == "oval":
         q, amps = rng.uniform(0.5, 0.72), [rng.uniform(0.0, 0.03) for _ in range(2)]
     else:  # irregular: lobulated, angular
-        q, amps = rng.uniform(0.65, 0.95), [rng.uniform(0.02, 0.1) / math.sqrt(k) for k in range(1, 7)]
+        q, amps = rng.uniform(0.65, 0.95), [0.0] + [rng.uniform(0.05, 0.13) / math.sqrt(k) for k in range(1, 6)]
     rot = rng.uniform(0, math.pi)
     phases = rng.uniform(0, 2 * math.pi, len(amps))
     a, b = radius / math.sqrt(q), radius * math.sqrt(q)  # same area as the circle of `radius`
@@ -284,7 +290,7 @@ def draw_mass(
     spicules = []
     if spiculated:
         n = int(rng.integers(config.spicule_count[0], config.spicule_count[1] + 1))
-        angles = np.sort(rng.uniform(0, 2 * math.pi, n))
+        angles = _spread_angles(rng, n)
         for th in angles:
             length = _uniform(rng, config.spicule_length) * radius + 2.0
             tilt, bend, weight = rng.uniform(-0.25, 0.25), rng.uniform(-0.12, 0.12), rng.uniform(0.45, 1.0)
@@ -356,12 +362,14 @@ def _speck_positions(rng, config: LesionConfig, n: int, distribution: str, min_g
             rho, th = radius * math.sqrt(rng.random()), rng.uniform(0, 2 * math.pi)
             return rho * math.sin(th), rho * math.cos(th)
     else:  # linear / segmental: clumps along a gently curving path, like calcium cast in a duct
-        length = _uniform(rng, config.segment_length_mm) / config.mm_per_px
+        length = max(_uniform(rng, config.segment_length_mm) / config.mm_per_px, 1.4 * n * min_gap)  # room for all
         th0, bend = rng.uniform(0, math.pi), rng.uniform(-0.5, 0.5)
         clumps = rng.uniform(-0.5, 0.5, int(rng.integers(2, 5)))
 
         def propose():
-            s = float(np.clip(rng.choice(clumps) + rng.normal(0, 0.12), -0.5, 0.5))
+            # mostly around the clumps, some anywhere along the duct (so long runs still fit every speck)
+            s = float(np.clip(rng.choice(clumps) + rng.normal(0, 0.12), -0.5, 0.5)) if rng.random() < 0.7 \
+                else rng.uniform(-0.5, 0.5)
             th = th0 + bend * s
             jitter = rng.normal(0, 0.7)
             along = s * length
@@ -449,7 +457,7 @@ def draw_distortion(rng: np.random.Generator, config: LesionConfig, *, diameter_
     dy, dx = _grid(size, center, 1)
     att = np.zeros((size, size))
     mask = np.zeros((size, size), dtype=bool)
-    angles = np.sort(rng.uniform(0, 2 * math.pi, n))
+    angles = _spread_angles(rng, n)
     for th in angles:
         r0 = rng.uniform(1.5, 3.5)  # the lines stop short of the centre: no central density
         r1 = radius * rng.uniform(0.5, 1.0)
