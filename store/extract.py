@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from explain.hooks import resolve_layers
+
 from .activations import (
     QUANTILE_LEVELS,
     ActivationStore,
@@ -281,6 +283,15 @@ class _Job:
             self.writer.submit(block, self.buffers.pop(block))
             del self.filled[block]
 
+    def abort(self, error: BaseException) -> None:
+        """After a failure: let the blocks already handed to the writer land (they are whole and correct)."""
+        if self.writer is None:
+            return
+        try:
+            self.writer.close()
+        except Exception as w:  # noqa: BLE001 — reported on the error that is propagating
+            error.add_note(f"also, writing a finished block failed: {type(w).__name__}: {w}")
+
     def finish(self, barrier) -> None:
         if self.buffers:
             raise ActivationStoreError(f"{self.url}: blocks {sorted(self.buffers)} were only partly computed")
@@ -356,6 +367,7 @@ def extract(module: nn.Module, *, meta: dict, manifest: Manifest | str | Path, u
     layers = list(config.layers or meta.get("layers") or [])
     if not layers:
         raise ValueError("extract: no layers given and meta has no 'layers'")
+    resolve_layers(module, layers)  # an unknown layer name fails here, before any store is touched
     input_size = tuple(int(s) for s in meta["input_size"])
     transform = dict(meta["transform"])
     opts = dict(config.storage_options)
@@ -424,7 +436,11 @@ def _predict(module: nn.Module, job: _Job, config: ExtractConfig) -> None:
         # our batch sampler hands out whole blocks on purpose, and predict_step returns nothing on purpose
         warnings.filterwarnings("ignore", message=".*custom batch sampler.*")
         warnings.filterwarnings("ignore", message=".*predict returned None.*")
-        trainer.predict(_lightning_module(module, job), return_predictions=False)
+        try:
+            trainer.predict(_lightning_module(module, job), return_predictions=False)
+        except BaseException as e:
+            job.abort(e)
+            raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -452,14 +468,15 @@ def main(argv: list[str] | None = None) -> int:
     config = ExtractConfig(layers=layers, batch_size=args.batch_size, block=args.block, k=args.k,
                            devices=args.devices, num_workers=args.num_workers, progress_bar=not args.no_progress,
                            replace=args.replace, threads=args.threads)
-    try:
-        from training import load_model
+    from explain.errors import ExplainError
+    from training import TrainingError, load_model
 
+    try:
         loaded = load_model(args.model, settings=settings)
         url = settings.store_url(args.out)
         result = extract(loaded.module, meta=loaded.meta, manifest=settings.manifest_path(args.data), url=url,
                          config=config)
-    except (ActivationStoreError, ImageError, ValueError) as e:
+    except (ActivationStoreError, ImageError, ValueError, TrainingError, ExplainError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if result.reused:

@@ -1,0 +1,170 @@
+"""store.extract: tiny models on patches cut from the real CBIS-DDSM mammograms, checked against direct forward passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers_store import assert_same_arrays, make_patch_manifest, store_arrays, tiny_model
+from store.activations import open_store
+from store.errors import StoreMismatchError
+from store.extract import ExtractConfig, _BlockBatches, extract, load_patch, main, rank_blocks
+from store.manifest import read_manifest
+from training.transforms import preprocess
+
+torch.set_num_threads(1)
+FAST = dict(batch_size=3, block=4, k=5, progress_bar=False, threads=1)
+
+
+@pytest.fixture(scope="module")
+def patches(real_dicoms, tmp_path_factory):
+    """18 real 32×32 patches; images 4 … 7 (block 1) are black."""
+    return make_patch_manifest(tmp_path_factory.mktemp("patches"), real_dicoms, n=18, size=32, zero_block=(4, 8))
+
+
+def direct(net, meta, images: np.ndarray) -> tuple[dict, np.ndarray]:
+    from explain.hooks import Trace
+
+    with torch.inference_mode(), Trace(net, meta["layers"]) as t:
+        logits = net(preprocess(images, meta["transform"]))
+    return {k: v.numpy() for k, v in t.outputs.items()}, logits.softmax(1).numpy()
+
+
+def test_extraction_equals_direct_forward_passes(patches, tmp_path):
+    net, meta = tiny_model()
+    url = str(tmp_path / "s.zarr")
+    r = extract(net, meta=meta, manifest=patches, url=url, config=ExtractConfig(**FAST))
+    assert (r.n_images, r.blocks_total, r.blocks_written, r.reused) == (18, 5, 5, False)
+    manifest = read_manifest(patches)
+    s = open_store(url, expect_model=meta, expect_dataset=manifest)
+    images = np.stack([load_patch(rec.image, (32, 32)) for rec in manifest.records])  # (image, y, x)
+    np.testing.assert_array_equal(s.images(), images)
+    np.testing.assert_array_equal(s.labels(), [rec.label for rec in manifest.records])
+    assert s.image_ids == manifest.ids and s.attrs["splits"] == ["train"] * 18
+    acts, probs = direct(net, meta, images)
+    np.testing.assert_allclose(s.probs(), probs, rtol=1e-5, atol=1e-6)
+    assert s.layers == ["features.1", "features.4"]
+    assert s.layer_shape("features.1") == (4, 32, 32) and s.layer_shape("features.4") == (6, 16, 16)
+    for name, a in acts.items():  # a: (image, unit, y, x) float32
+        stored = s.maps_many(name, range(18))
+        np.testing.assert_allclose(stored, a, rtol=2 ** -10, atol=1e-6)  # float16 rounding
+        np.testing.assert_allclose(s.pooled(name, "max"), a.max(axis=(2, 3)), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(s.pooled(name, "mean"), a.mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
+        units = a.shape[1]
+        rows = np.moveaxis(stored, 1, 0).reshape(units, -1).astype(np.float64)
+        np.testing.assert_array_equal(s.quantiles(name), np.quantile(rows, s.quantile_levels(name), axis=1).T
+                                      .astype(np.float32))
+        pooled = s.pooled(name, "max")
+        idx, val = s.topk(name)
+        assert idx.shape == (units, 5)
+        for u in range(units):
+            assert idx[u].tolist() == sorted(range(18), key=lambda i: (-pooled[i, u], i))[:5]
+    a = s.attrs
+    assert a["model"] == {k: meta[k] for k in ("model_uri", "run_id", "name", "version")}
+    assert a["dataset"]["sha256"] == manifest.sha256 and a["input_size"] == [32, 32]
+    assert a["transform"] == meta["transform"] and a["format_version"] == 1 and a["created"] and a["complete"]
+
+
+def test_rerun_is_a_no_op_and_a_crash_resumes_to_the_same_store(patches, tmp_path):
+    net, meta = tiny_model()
+    clean = str(tmp_path / "clean.zarr")
+    extract(net, meta=meta, manifest=patches, url=clean, config=ExtractConfig(**FAST))
+    again = extract(net, meta=meta, manifest=patches, url=clean, config=ExtractConfig(**FAST))
+    assert again.reused and again.blocks_written == 0
+
+    class Crash(RuntimeError):
+        pass
+
+    calls = {"n": 0}
+    original = net.forward
+
+    def crashing(x):
+        calls["n"] += 1
+        if calls["n"] == 6:  # call 1 sizes the layers; batch 5 of 10: blocks 0 and 1 are whole, block 2 half
+            raise Crash("simulated crash")
+        return original(x)
+
+    url = str(tmp_path / "crashed.zarr")
+    net.forward = crashing
+    with pytest.raises(Crash):
+        extract(net, meta=meta, manifest=patches, url=url, config=ExtractConfig(**FAST))
+    net.forward = original
+    partial = open_store(url, allow_incomplete=True)
+    assert partial.completed_blocks().tolist() == [True, True, False, False, False]
+    resumed = extract(net, meta=meta, manifest=patches, url=url, config=ExtractConfig(**FAST))
+    assert resumed.blocks_written == 3
+    assert_same_arrays(store_arrays(url), store_arrays(clean))
+    a, b = open_store(url).attrs, open_store(clean).attrs
+    for key in ("created", "finished"):
+        a.pop(key), b.pop(key)
+    assert a == b
+
+
+def test_all_zero_block_is_complete_and_not_recomputed(patches, tmp_path):
+    net, meta = tiny_model(bias=False)
+    meta = {**meta, "transform": {"mean": 0.0, "std": 1.0}}  # black patches → zero input → zero maps
+    url = str(tmp_path / "z.zarr")
+    extract(net, meta=meta, manifest=patches, url=url, config=ExtractConfig(**FAST))
+    s = open_store(url)
+    assert np.all(s.maps_many("features.4", range(4, 8)) == 0) and np.all(s.pooled("features.1")[4:8] == 0)
+    assert np.any(s.maps("features.4", 3) != 0)
+    # forget block 3 only, as a crash would: the resume recomputes that block, not the all-zero block 1
+    w = open_store(url, read_only=False)
+    w._array("progress")[3] = 0
+    w._set_attrs({"complete": False})
+    r = extract(net, meta=meta, manifest=patches, url=url, config=ExtractConfig(**FAST))
+    assert r.blocks_written == 1
+
+
+def test_store_of_another_model_is_refused_unless_replaced(patches, tmp_path):
+    net, meta = tiny_model(seed=0)
+    url = str(tmp_path / "m.zarr")
+    extract(net, meta=meta, manifest=patches, url=url, config=ExtractConfig(**FAST))
+    net2, meta2 = tiny_model(seed=1)
+    with pytest.raises(StoreMismatchError) as e:
+        extract(net2, meta=meta2, manifest=patches, url=url, config=ExtractConfig(**FAST))
+    assert "tiny/1" in str(e.value) and "tiny/2" in str(e.value)
+    with pytest.raises(StoreMismatchError, match="layers"):
+        extract(net, meta=meta, manifest=patches, url=url, config=ExtractConfig(layers=("features.1",), **FAST))
+    r = extract(net2, meta=meta2, manifest=patches, url=url, config=ExtractConfig(replace=True, **FAST))
+    assert not r.reused and open_store(url, expect_model=meta2).attrs["model"]["version"] == "2"
+
+
+def test_block_sampler_and_rank_shares():
+    batches = _BlockBatches([1, 2], block=4, n_images=10, batch_size=3).batches
+    assert batches == [[4, 5, 6], [7], [8, 9]]  # never across a block boundary
+    todo = [0, 2, 3, 5, 6, 7, 9]
+    shares = [rank_blocks(todo, r, 3) for r in range(3)]
+    assert sum(shares, []) == todo and all(s == todo[todo.index(s[0]):todo.index(s[0]) + len(s)] for s in shares)
+    assert [len(s) for s in shares] == [2, 2, 3]
+
+
+def test_command_line_with_a_saved_model_directory(patches, workspace, capsys):
+    from training import default_layers
+    from training.registry import save_model
+    from training.zoo import ModelSpec, VGGConfig, vgg_bn
+
+    torch.manual_seed(0)
+    net = vgg_bn(VGGConfig(widths=(4, 8), convs=1)).eval()
+    layers = default_layers(net, (32, 32), count=2)
+    model_dir = save_model(workspace.workspace / "model", net,
+                           spec=ModelSpec(zoo="vgg_bn", config={"widths": [4, 8], "convs": 1}),
+                           input_size=(32, 32), transform={"mean": 0.4, "std": 0.2}, layers=layers)
+    argv = ["--model", str(model_dir), "--data", str(patches), "--out", "cli", "--batch-size", "4", "--block", "4",
+            "--no-progress", "--threads", "1", "--workspace", str(workspace.workspace)]
+    assert main(argv) == 0
+    s = open_store(workspace.store_url("cli"), expect_dataset=patches)
+    assert s.layers == layers and s.attrs["model"]["model_uri"] == str(model_dir.resolve())
+    assert "18 images" in capsys.readouterr().out
+    assert main(argv) == 0 and "nothing to do" in capsys.readouterr().out
+    assert main([*argv[:-2], "--workspace", str(workspace.workspace), "--layers", "nope"]) == 1
+    assert "nope" in capsys.readouterr().err
+
+
+def test_unknown_layer_fails_before_a_store_is_made(patches, tmp_path):
+    net, meta = tiny_model()
+    with pytest.raises(KeyError, match="features.7"):
+        extract(net, meta=meta, manifest=patches, url=str(tmp_path / "u.zarr"),
+                config=ExtractConfig(layers=("features.7",), **FAST))
+    assert not (tmp_path / "u.zarr").exists()
