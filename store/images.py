@@ -258,22 +258,29 @@ def read_image(
             head = f.read(132)
     except OSError as e:
         raise ImageError(path, f"cannot read file ({type(e).__name__}: {e.strerror or 'unreadable'})") from None
-    if head.startswith(_PNG_MAGIC):
-        img, row_direction = _read_pillow(path, "png", max_pixels=max_pixels, salt=salt), ""
-    elif head[:4] in _TIFF_MAGICS:
-        img, row_direction = _read_pillow(path, "tiff", max_pixels=max_pixels, salt=salt), ""
-    elif len(head) == 132 and head[128:132] == b"DICM":
-        img, row_direction = _read_dicom(
-            path, size, max_pixels=max_pixels, salt=salt, allow_modalities=allow_modalities
-        )
-    elif len(head) < 132 and head[:1] == b"\x00":
-        raise ImageError(path, f"truncated or not an image: only {size} bytes, no DICOM preamble")
-    else:
-        raise ImageError(
-            path, "not a DICOM, PNG or TIFF file (no 'DICM' marker at byte 128, no PNG or TIFF signature)"
-        )
-    if orient:
-        _orient(img, row_direction)
+    try:
+        if head.startswith(_PNG_MAGIC):
+            img, row_direction = _read_pillow(path, "png", max_pixels=max_pixels, salt=salt), ""
+        elif head[:4] in _TIFF_MAGICS:
+            img, row_direction = _read_pillow(path, "tiff", max_pixels=max_pixels, salt=salt), ""
+        elif len(head) == 132 and head[128:132] == b"DICM":
+            img, row_direction = _read_dicom(
+                path, size, max_pixels=max_pixels, salt=salt, allow_modalities=allow_modalities
+            )
+        elif len(head) < 132 and head[:1] == b"\x00":
+            raise ImageError(path, f"truncated or not an image: only {size} bytes, no DICOM preamble")
+        else:
+            raise ImageError(
+                path, "not a DICOM, PNG or TIFF file (no 'DICM' marker at byte 128, no PNG or TIFF signature)"
+            )
+        if orient:
+            _orient(img, row_direction)
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageError(path, "reading the image needs more memory than is available") from None
+    except Exception as e:  # noqa: BLE001 — the promise is "an image or an ImageError", whatever the bytes are
+        raise ImageError(path, f"malformed image file ({_safe_reason(e)})") from None
     return img
 
 
@@ -340,45 +347,79 @@ def _header_strings(ds) -> set[str]:
     return out
 
 
+_MODALITIES = frozenset(
+    "AR AU BDUS BI BMD CR CT DG DOC DX ECG EPS ES FID GM HC HD IO IOL IVOCT IVUS KER KO LEN LS MG MR NM OAM OCT OP "
+    "OPM OPT OPV OSS OT PLAN PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTPLAN RTRECORD RTSTRUCT RWV SEG SM SMR SR SRF "
+    "STAIN TG US VA XA XC".split()
+)
+_PHOTOMETRICS = frozenset(
+    ["MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "YBR_FULL", "YBR_FULL_422",
+     "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT"]
+)  # fmt: skip
+
+
+def _shown(value: str, known: frozenset[str]) -> str:
+    """A header value fit for an error message: defined terms as they are, anything else withheld."""
+    if not value:
+        return "(missing)"
+    return value if value in known else "(unrecognised value)"
+
+
 def _int(ds, name: str, default: int | None = None) -> int | None:
-    v = ds.get(name, None)
+    """An integer attribute (US/IS); `default` when absent, None when unreadable."""
+    try:
+        v = ds.get(name, None)
+    except Exception:  # noqa: BLE001 — a malformed value is as good as none
+        return None
     if v is None or v == "":
         return default
     try:
-        if isinstance(v, (list, tuple)) or hasattr(v, "__len__") and not isinstance(v, (str, bytes)):
+        if not isinstance(v, (str, bytes, int)) and hasattr(v, "__getitem__"):
             v = v[0]
         return int(v)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
 
 
-def _floats(v) -> list[float]:
-    if v is None or v == "":
+def _text(ds, name: str) -> str:
+    """A text attribute, upper-cased, multiple values joined by '\\', read from the raw bytes when still raw.
+
+    Reading the raw bytes skips pydicom's value conversion, which validates values and logs invalid ones verbatim:
+    a hostile file could put a patient's name in any field.
+    """
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(name)
+    if tag is None or tag not in ds:
+        return ""
+    try:
+        v = ds.get_item(tag, keep_deferred=True).value
+    except Exception:  # noqa: BLE001
+        return ""
+    if v is None:
+        return ""
+    if isinstance(v, (bytes, bytearray)):
+        v = bytes(v[:1024]).decode("latin-1").strip("\x00 ")
+    elif not isinstance(v, str) and hasattr(v, "__iter__"):
+        v = "\\".join(str(x) for x in v)
+    return "\\".join(part.strip(" \x00") for part in str(v).split("\\")).strip().upper()
+
+
+def _floats(ds, name: str) -> list[float]:
+    """A DS attribute's values as finite floats (from the raw text); [] when absent or malformed."""
+    text = _text(ds, name)
+    if not text:
         return []
-    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
-        v = [v]
     out = []
-    for x in v:
+    for x in text.split("\\"):
         try:
             f = float(x)
-        except (TypeError, ValueError):
+        except ValueError:
             return []
         if not math.isfinite(f):
             return []
         out.append(f)
     return out
-
-
-def _str(ds, name: str) -> str:
-    try:
-        v = ds.get(name, "")
-    except Exception:  # noqa: BLE001
-        return ""
-    if v is None:
-        return ""
-    if not isinstance(v, str) and hasattr(v, "__iter__"):
-        return "\\".join(str(x) for x in v).strip().upper()
-    return str(v).strip().upper()
 
 
 def _read_dicom(path: Path, size: int, *, max_pixels: int, salt: str, allow_modalities) -> tuple[MedicalImage, str]:
@@ -426,13 +467,13 @@ def _read_dicom(path: Path, size: int, *, max_pixels: int, salt: str, allow_moda
         raise fail(f"{spp} samples per pixel: only grayscale (1 sample) images are supported")
     if bits_alloc not in (8, 16, 32) or not bits_stored or bits_stored > bits_alloc:
         raise fail(f"unsupported BitsAllocated={bits_alloc} / BitsStored={bits_stored}")
-    photometric = _str(hdr, "PhotometricInterpretation")
+    photometric = _text(hdr, "PhotometricInterpretation")
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise fail(f"photometric interpretation {photometric or '(missing)'} is not MONOCHROME1/2")
-    modality = _str(hdr, "Modality")
+        raise fail(f"photometric interpretation {_shown(photometric, _PHOTOMETRICS)} is not MONOCHROME1/2")
+    modality = _text(hdr, "Modality")
     if allow_modalities is not None and modality not in allow_modalities:
         raise fail(
-            f"modality {modality or '(missing)'} is not a mammogram (allowed: {', '.join(allow_modalities)}); "
+            f"modality {_shown(modality, _MODALITIES)} is not a mammogram (allowed: {', '.join(allow_modalities)}); "
             "pass allow_modalities= to read it anyway"
         )
     if size > declared * (bits_alloc // 8) + _HEADER_SLACK_BYTES:
@@ -466,6 +507,8 @@ def _read_dicom(path: Path, size: int, *, max_pixels: int, salt: str, allow_moda
         known_syntax = uid.is_transfer_syntax
     except Exception:  # noqa: BLE001 — pydicom raises on UIDs it does not know
         encapsulated, known_syntax = True, False
+    if not re.fullmatch(r"[0-9.]{1,64}", tsyntax):
+        raise fail("transfer syntax UID is malformed (not digits and dots)")
     syntax_name = uid.name if uid.name != str(uid) else str(uid)
     if not known_syntax:
         raise fail(f"unknown transfer syntax {tsyntax}: no decoder exists for it", MissingDecoderError)
@@ -512,13 +555,13 @@ def _read_dicom(path: Path, size: int, *, max_pixels: int, salt: str, allow_moda
     voi = _voi(ds, modality_lut_applied=True)
     # MONOCHROME1 is displayed inverted; for MONOCHROME1 files INVERSE is the standard's way of saying the same thing
     # (PS3.3 C.8.11.6: MG "for presentation" uses INVERSE with MONOCHROME1), so the two never cancel out.
-    invert = photometric == "MONOCHROME1" or _str(ds, "PresentationLUTShape") == "INVERSE"
-    laterality = _str(ds, "ImageLaterality") or _str(ds, "Laterality")
+    invert = photometric == "MONOCHROME1" or _text(ds, "PresentationLUTShape") == "INVERSE"
+    laterality = _text(ds, "ImageLaterality") or _text(ds, "Laterality")
     laterality = laterality if laterality in ("L", "R") else ""
     view = _view(ds)
-    sop = _str(ds, "SOPInstanceUID") or _str(ds, "MediaStorageSOPInstanceUID")
+    sop = _text(ds, "SOPInstanceUID") or _text(getattr(ds, "file_meta", None) or {}, "MediaStorageSOPInstanceUID")
     if sop:
-        pid = pseudonym("dicom", sop, _str(ds, "StudyInstanceUID"), salt=salt)
+        pid = pseudonym("dicom", sop, _text(ds, "StudyInstanceUID"), salt=salt)
     else:  # no UID to anchor on: the file's own bytes
         pid = pseudonym("file", _sha256_file(path), salt=salt)
     img = MedicalImage(
@@ -535,7 +578,7 @@ def _read_dicom(path: Path, size: int, *, max_pixels: int, salt: str, allow_moda
         format="dicom",
         bits_stored=int(bits_stored),
     )
-    orientation = _str(ds, "PatientOrientation")
+    orientation = _text(ds, "PatientOrientation")
     row_direction = orientation.split("\\")[0] if "\\" in orientation else ""
     log.debug("read %s: %s %dx%d %s (%d parser warnings withheld)", path, syntax_name, rows, cols, img.id, len(caught))
     return img, row_direction
@@ -564,12 +607,12 @@ def _view(ds) -> str:
     """CC / MLO / … from ViewPosition, else from PatientOrientation when a file (like CBIS-DDSM) puts it there."""
     known = ("CC", "MLO", "ML", "LM", "XCC", "XCCL", "XCCM", "FB", "SIO", "LMO", "AT", "CV")
     for name in ("ViewPosition", "PatientOrientation"):
-        v = _str(ds, name)
+        v = _text(ds, name)
         if v in known:
             return v
-    seq = ds.get("ViewCodeSequence", None)
     try:
-        meaning = str(seq[0].CodeMeaning).lower() if seq else ""
+        seq = ds.get("ViewCodeSequence", None)
+        meaning = _text(seq[0], "CodeMeaning").lower() if seq else ""
     except Exception:  # noqa: BLE001
         meaning = ""
     if "medio-lateral oblique" in meaning:
@@ -599,8 +642,8 @@ def _modality_lut(ds, arr: np.ndarray) -> tuple[np.ndarray, bool]:
             return lut[idx], True
         except Exception:  # noqa: BLE001
             return arr.astype(np.float32), False
-    slope = _floats(ds.get("RescaleSlope", None)) or [1.0]
-    intercept = _floats(ds.get("RescaleIntercept", None)) or [0.0]
+    slope = _floats(ds, "RescaleSlope") or [1.0]
+    intercept = _floats(ds, "RescaleIntercept") or [0.0]
     if slope[0] == 0:
         return arr.astype(np.float32), False
     data = arr.astype(np.float32)
@@ -629,10 +672,10 @@ def _voi(ds, *, modality_lut_applied: bool) -> VoiTransform | None:
                 return VoiTransform(kind="LUT", lut=lut, first=first)
         except Exception:  # noqa: BLE001 — a malformed LUT falls back to the window or percentiles
             pass
-    centers = _floats(ds.get("WindowCenter", None))
-    widths = _floats(ds.get("WindowWidth", None))
+    centers = _floats(ds, "WindowCenter")
+    widths = _floats(ds, "WindowWidth")
     if centers and widths and widths[0] > 0:
-        func = _str(ds, "VOILUTFunction") or "LINEAR"
+        func = _text(ds, "VOILUTFunction") or "LINEAR"
         if func not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
             func = "LINEAR"
         return VoiTransform(kind=func, center=centers[0], width=widths[0])

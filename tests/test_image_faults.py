@@ -368,6 +368,7 @@ SENTINELS = {
     "description": "ZQXSENTINELDESC",
     "other": "ZQXSENTINELOTHER",
     "birth": "ZQXSENTINELBIRTH",
+    "field": "ZQXSENTINELFIELD",
 }
 
 
@@ -419,6 +420,16 @@ def _sentinel_files(real: Path, native: Path, d: Path) -> list[tuple[Path, dict]
     ds = pydicom.dcmread(native)
     ds.NumberOfFrames = 3
     save("frames", ds)
+    ds = pydicom.dcmread(native)
+    ds.Modality = SENTINELS["field"]  # a hostile file may put a name in any field the reader looks at
+    save("modality_field", ds)
+    ds = pydicom.dcmread(native)
+    ds.PhotometricInterpretation = SENTINELS["field"]
+    save("photometric_field", ds)
+    ds = pydicom.dcmread(native)
+    ds.ViewPosition = SENTINELS["field"].lower()  # invalid CS (lower case): pydicom would log it if it converted it
+    ds.Laterality = SENTINELS["field"].lower()
+    save("view_field", ds)
     p = save("truncated", pydicom.dcmread(native))
     data = p.read_bytes()
     p.write_bytes(data[: len(data) - 5000])
@@ -462,12 +473,12 @@ def test_sentinel_identifiers_never_appear_in_messages_logs_or_repr(real_lcc, na
     seen += [r.getMessage() for r in caplog.records]
     out = capsys.readouterr()
     seen += [out.out, out.err]
-    assert outcomes["good"] == "image"
+    assert outcomes["good"] == "image" and outcomes["view_field"] == "image"
     assert outcomes["budget"] == "PixelBudgetError" and outcomes["no_decoder"] == "MissingDecoderError"
-    others = {k: v for k, v in outcomes.items() if k not in ("good", "budget", "no_decoder")}
+    others = {k: v for k, v in outcomes.items() if k not in ("good", "view_field", "budget", "no_decoder")}
     assert set(others.values()) == {"ImageError"}, outcomes
     assert len(caplog.records) > 0  # the log was really captured (read_image logs at debug level)
-    text = "\n".join(seen)
+    text = "\n".join(seen).upper()
     for what, sentinel in SENTINELS.items():
         assert sentinel not in text, f"{what} sentinel leaked"
     # the same in a subprocess with pydicom's own debug logging switched on, stderr captured
