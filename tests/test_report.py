@@ -1,0 +1,122 @@
+"""Per-image and model reports on a real-data store, with contributions checked against the network's own
+arithmetic (after the last block comes global average pooling and one linear layer)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from explain.dissection import unit_masks
+from explain.errors import UnknownLayerError, UnknownUnitError
+from explain.report import image_report, model_report, units_by_concept
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def lesion(tmp_path_factory, real_dicoms):
+    from helpers_probes import build_lesion_store
+
+    return build_lesion_store(tmp_path_factory.mktemp("report") / "lesion.zarr", real_dicoms[0])
+
+
+def _lesion_units(store, layer, n=2):
+    top, _ = store.topk(layer)
+    return [int(u) for u in np.argsort(-store.labels()[top].mean(axis=1), kind="stable")[:n]]
+
+
+def test_image_report_evidence_and_contributions(lesion, workspace):
+    from explain.probes import ProbeAnnotations, load_probe, retrain
+
+    store, net = lesion.store, lesion.net
+    deep = lesion.layers[-1]
+    units = _lesion_units(store, deep)
+    labels = {deep: {units[0]: "mass", units[1]: "mass"}, lesion.layers[0]: {0: "calcification"}}
+    retrain(store, ProbeAnnotations("mass", regions=[(i, lesion.masks[i]) for i in (1, 3, 5)]), settings=workspace,
+            session="report", layers=[deep])
+    i = int(np.flatnonzero(store.labels() == 1)[10])
+    r = image_report(store, store.image_ids[i], labels=labels, model=lesion.model, settings=workspace)
+
+    probs = store.probs()[i]
+    assert r["image"] == store.image_ids[i] and r["index"] == i and r["label"] == "lesion"
+    assert r["prediction"]["class"] == ["normal", "lesion"][int(probs.argmax())]
+    assert r["prediction"]["probability"] == pytest.approx(float(probs.max()))
+    mass = r["concepts"]["mass"]
+    maps = store.maps(deep, i)
+    thr = store.thresholds(deep)
+    for item in mass["units"]:
+        u = item["unit"]
+        assert item["max"] == pytest.approx(float(maps[u].max()))
+        assert item["fires"] == bool(maps[u].max() > thr[u])
+        assert item["area"] == pytest.approx(unit_masks(maps, thr, (32, 32))[u].mean())
+    assert mass["present"] == (any(it["fires"] for it in mass["units"]) or mass["probes"][0]["score"] >= 0.5)
+    probe = store.probe("mass", deep)
+    assert mass["probes"][0]["score"] == pytest.approx(float(probe.scores[i]))
+    assert mass["probes"][0]["heatmap"].shape == (32, 32)
+
+    # contributions: after the last block, logit_c = W[c] · mean_{y,x}(A) + b[c], so removing the concept changes the
+    # predicted logit by W[c] · (change of the pooled mean) — computed here from the network's weights by hand
+    pred = int(probs.argmax())
+    w = net.classifier[-1].weight.detach().numpy()[pred]  # (unit,)
+    with torch.no_grad():
+        from explain.hooks import Trace
+        from training.transforms import preprocess
+
+        with Trace(net, deep) as t:
+            net(preprocess(store.image(i)[None], lesion.model.transform))
+        a = t.output[0].numpy()  # (unit, y, x)
+    zero = [c for c in mass["contributions"] if c["method"] == "zero labeled units"][0]
+    assert zero["layer"] == deep and zero["units"] == sorted(units)
+    assert zero["logit_change"] == pytest.approx(float(w[units] @ a[units].mean(axis=(1, 2))), rel=1e-4, abs=1e-5)
+    assert zero["logit_change"] > 0.1  # the lesion units push a lesion patch towards "lesion"
+    erase = [c for c in mass["contributions"] if c["method"] == "erase CAV direction"][0]
+    p = load_probe(probe.run_id, settings=workspace)
+    v = p.cav / np.linalg.norm(p.cav)
+    proj = np.einsum("uyx,u->yx", a - p.mean[:, None, None], v).mean()  # mean over positions of (a − μ)·v
+    assert erase["logit_change"] == pytest.approx(float(w @ v) * float(proj), rel=1e-3, abs=1e-4)
+
+    cam = r["gradcam"]
+    assert cam["layer"] == deep and cam["map"].shape == (32, 32) and cam["map"].min() >= 0
+    # without the model: evidence only
+    plain = image_report(store, i, labels=labels, with_maps=False)
+    assert "gradcam" not in plain and plain["concepts"]["mass"]["contributions"] == []
+    assert "heatmap" not in plain["concepts"]["mass"]["probes"][0]
+    assert plain["concepts"]["calcification"]["units"][0]["layer"] == lesion.layers[0]
+
+
+def test_model_report(lesion, workspace):
+    from explain.probes import ProbeAnnotations, retrain
+
+    store = lesion.store
+    deep = lesion.layers[-1]
+    units = _lesion_units(store, deep, 3)
+    labels = {deep: {units[0]: "mass", units[1]: "mass", units[2]: "spiculated_margin"}}
+    res = retrain(store, ProbeAnnotations("circumscribed_margin", regions=[(1, lesion.masks[1]), (3, lesion.masks[3])],
+                                          marks=[(0, False), (2, False)]),
+                  settings=workspace, session="report", layers=[deep])
+    m = model_report(store, labels=labels, settings=workspace)
+    n = store.layer_shape(deep)[0]
+    assert m["layers"][deep]["units"] == n and m["layers"][deep]["labeled"] == 3
+    assert m["layers"][deep]["unlabeled"] == n - 3 and units[0] not in m["layers"][deep]["unlabeled_units"]
+    assert m["layers"][deep]["units_per_concept"] == {"mass": 2, "spiculated_margin": 1}
+    assert m["layers"][lesion.layers[0]]["labeled"] == 0
+    fires = store.pooled(deep, "max")[:, sorted(units[:2])] > store.thresholds(deep)[sorted(units[:2])]
+    assert m["concepts"]["mass"]["coverage"] == pytest.approx(fires.any(axis=1).mean())
+    assert m["concepts"]["mass"]["units"] == 2 and m["concepts"]["mass"]["layers"] == {deep: sorted(units[:2])}
+    assert m["accuracy"] == pytest.approx(float((store.probs().argmax(1) == store.labels()).mean()))
+    item = [p for p in m["probes"] if p["concept"] == "circumscribed_margin"][0]
+    assert item["run_id"] == res[0].run_id and item["n_annotations"] == 4
+    assert item["auroc"] == pytest.approx(res[0].fit.metrics["auroc"], nan_ok=True)
+
+
+def test_report_errors(lesion):
+    store = lesion.store
+    with pytest.raises(UnknownLayerError, match="layer9"):
+        units_by_concept({"layer9": {0: "mass"}}, store)
+    with pytest.raises(UnknownUnitError, match="500"):
+        image_report(store, 0, labels={lesion.layers[0]: {500: "mass"}})
+    from explain.errors import UnknownImageError
+
+    with pytest.raises(UnknownImageError, match="img-xyz"):
+        image_report(store, "img-xyz")
