@@ -552,7 +552,7 @@ def _read_dicom(path: Path, size: int, *, max_pixels: int, salt: str, allow_moda
     data, slope_ok = _modality_lut(ds, arr)
     if not slope_ok:
         raise fail("invalid modality LUT (RescaleSlope/RescaleIntercept or ModalityLUTSequence)")
-    voi = _voi(ds, modality_lut_applied=True)
+    voi = _voi(ds)
     # MONOCHROME1 is displayed inverted; for MONOCHROME1 files INVERSE is the standard's way of saying the same thing
     # (PS3.3 C.8.11.6: MG "for presentation" uses INVERSE with MONOCHROME1), so the two never cancel out.
     invert = photometric == "MONOCHROME1" or _text(ds, "PresentationLUTShape") == "INVERSE"
@@ -653,7 +653,7 @@ def _modality_lut(ds, arr: np.ndarray) -> tuple[np.ndarray, bool]:
     return data, True
 
 
-def _voi(ds, *, modality_lut_applied: bool) -> VoiTransform | None:
+def _voi(ds) -> VoiTransform | None:
     """The file's first VOI transform: a VOI LUT Sequence table, else the first window (LINEAR/…/SIGMOID)."""
     seq = ds.get("VOILUTSequence", None)
     if seq:

@@ -27,7 +27,7 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from helpers_images import write_dicom
 from store.errors import ImageError, MissingDecoderError, PixelBudgetError
-from store.images import MedicalImage, read_image
+from store.images import read_image
 
 ROOT = Path(__file__).resolve().parent.parent
 MEMORY_LIMIT = 2 * 1024**3  # address space for the reading subprocess (imports ≈ 0.5 GiB; one real film ≈ 0.15 GiB)
