@@ -352,3 +352,29 @@ def test_probe_from_labeled_units(lesion):
     assert (ex.vectors[ex.labels == 1, unit] >= thr).all() and (ex.vectors[ex.labels == 0, unit] < thr).all()
     fit = fit_probe(ex, concept="mass", layer=layer)
     assert fit.probe.weights[unit] > 0
+
+
+def test_ground_truth_curve_on_held_out_patches(lesion):
+    from explain.probe_eval import eval_images, pixel_auroc, probe_curve
+
+    store, layer = lesion.store, lesion.layers[-1]
+    masks = {i: m for i, m in enumerate(lesion.masks) if m.any()}
+    draw = np.arange(0, 30)
+    evaluate = eval_images(np.arange(30, store.n_images), masks, max_eval=40, seed=1)
+    assert len(evaluate) == 40 and sum(int(i) in masks for i in evaluate) == 20
+    curve = probe_curve(store, "mass", layer, masks, draw=draw, evaluate=evaluate, ks=(1, 3, 5))
+    assert [p["k"] for p in curve] == [1, 3, 5]
+    assert all(store.index_of(i) in masks and store.index_of(i) < 30 for i in curve[-1]["images"])
+    assert curve[0]["images"] == curve[-1]["images"][:1]  # each k adds drawings to the previous ones
+    assert curve[-1]["pixel_auroc"] > 0.85
+    # the number is the plain pixel AUROC of the k=5 probe's heatmaps
+    from explain.probes import ProbeAnnotations, collect_examples
+
+    idx = [store.index_of(i) for i in curve[-1]["images"]]
+    fit = fit_probe(collect_examples(store, layer, ProbeAnnotations("mass", regions=[(i, masks[i]) for i in idx])),
+                    concept="mass", layer=layer)
+    assert pixel_auroc(fit.probe, store, evaluate, masks) == pytest.approx(curve[-1]["pixel_auroc"])
+    with pytest.raises(ProbeDataError, match="must not be evaluated"):
+        probe_curve(store, "mass", layer, masks, draw=draw, evaluate=[1, 40], ks=(1,))
+    with pytest.raises(ProbeDataError, match="no patch to draw on"):
+        probe_curve(store, "mass", layer, masks, draw=[0, 2, 4], evaluate=evaluate, ks=(1,))

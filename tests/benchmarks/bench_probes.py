@@ -1,0 +1,193 @@
+"""Concept probes: fit time, retrain time on the demo store, and pixel AUROC against the demo's ground truth.
+
+Figures (tests/benchmarks/run.py prints them next to their goals):
+- probes/fit_p50 — one probe fit (grouped CV over C × balancing, held-out metrics, final refit) on 20,000
+  vectors × 512 units; goal ≤ 1 s. Baseline: one sklearn LogisticRegression(lbfgs) fit at C=1 on the same data.
+- probes/retrain_p50[_layer] — the whole interaction on the demo store: a new drawing → collect examples, fit,
+  mlflow run, scores + heatmaps of every image written to the store; for the probe of one layer and for all layers
+  (what the app retrains by default), warm feature cache; goal ≤ 1 s. retrain_cold adds loading the layer maps.
+- probes/gt/<concept>/k=<k> — pixel AUROC of probe heatmaps against the ground-truth masks of held-out test patches,
+  probes fitted from k simulated ground-truth drawings on validation patches (explain.probe_eval), at the layer
+  chosen *without* ground truth: the layer whose k=5 probe has the best cross-validated AUROC on its own drawings.
+  goal ≥ 0.9 at k = 5. probes/gt/<concept>/<layer>@k=5 gives every layer's value for comparison.
+The ground-truth curves are also logged to mlflow (experiment conceptlens-bench, run "probes ground truth").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import numpy as np
+import torch
+
+GT_CONCEPTS = ("mass", "calcification", "spiculated_margin", "circumscribed_margin")
+
+
+def _fig(name, value, unit="", goal=None, ok=None, baseline=None, note=None) -> dict:
+    f = {"name": name, "value": value, "unit": unit, "goal": goal, "ok": ok}
+    if baseline:
+        f["baseline"] = baseline
+    if note:
+        f["note"] = note
+    return f
+
+
+def _synthetic(n=20_000, d=512, images=100, seed=0):
+    """Vectors like a layer's positions: non-negative, correlated units, a concept direction on ~10 % of them."""
+    from explain.probes import Examples
+
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(32, d)) / np.sqrt(32)
+    x = np.maximum(rng.normal(size=(n, 32)) @ basis + 0.3 * rng.normal(size=(n, d)), 0).astype(np.float32)
+    y = (rng.uniform(size=n) < 0.1).astype(np.int8)
+    direction = np.zeros(d, np.float32)
+    direction[rng.choice(d, 24, replace=False)] = 1.0
+    x += y[:, None] * direction * rng.uniform(0.2, 1.0, size=(n, 1)).astype(np.float32)
+    return Examples(x, y, np.repeat(np.arange(images), n // images))
+
+
+def fit_speed(repeats: int = 7) -> list[dict]:
+    from sklearn.linear_model import LogisticRegression
+
+    from explain.probes import fit_probe
+
+    ex = _synthetic()
+    times, fit = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fit = fit_probe(ex, concept="bench", layer="synthetic")
+        times.append(time.perf_counter() - t0)
+    z = (ex.vectors - ex.vectors.mean(0)) / (ex.vectors.std(0) + 1e-8)
+    t0 = time.perf_counter()
+    LogisticRegression(C=1.0, max_iter=1000).fit(z, ex.labels)
+    base = time.perf_counter() - t0
+    p50 = statistics.median(times)
+    return [_fig("probes/fit_p50", p50, "s", "<= 1", p50 <= 1.0,
+                 {"name": "one sklearn lbfgs fit at C=1", "value": base, "unit": "s"},
+                 f"{len(ex)} × {ex.vectors.shape[1]}, {torch.get_num_threads()} threads; CV grid "
+                 f"{fit.params['Cs']} × balanced/not, {fit.params['folds']} folds; held-out AUROC "
+                 f"{fit.metrics['auroc']:.3f}")]
+
+
+def _open_demo(settings):
+    from store.activations import open_store
+    from store.manifest import read_manifest
+
+    store = open_store(settings.store_url("demo"), read_only=False)
+    manifest = read_manifest(settings.manifest_path("demo"))
+    return store, manifest
+
+
+def retrain_speed(settings, store, manifest, repeats: int = 7) -> list[dict]:
+    from explain.probe_eval import ground_truth_masks, split_images
+    from explain.probes import FeatureCache, ProbeAnnotations, retrain
+
+    bench = dataclasses.replace(settings, tracking_uri=f"sqlite:///{settings.bench_dir / 'probes-mlflow.db'}")
+    masks = ground_truth_masks(store, manifest, "mass")
+    pool = [i for i in split_images(store, manifest, "val") if i in masks]
+    normal = [i for i in split_images(store, manifest, "val") if store.labels()[i] == 0]
+    concept = "bench_mass"
+    out = []
+    try:
+        for label, layers in [("retrain_p50_layer", [store.layers[-1]]), ("retrain_p50", list(store.layers))]:
+            cache = FeatureCache(store)
+            t0 = time.perf_counter()
+            retrain(store, ProbeAnnotations(concept, regions=[(pool[0], masks[pool[0]])]), settings=bench,
+                    session="bench", layers=layers, cache=cache)
+            cold = time.perf_counter() - t0
+            times, steps = [], []
+            for r in range(repeats):  # each call adds one annotation, as a reviewer does
+                regions = [(i, masks[i]) for i in pool[: 2 + r]]
+                marks = [(i, False) for i in normal[: 1 + r // 2]]
+                t0 = time.perf_counter()
+                res = retrain(store, ProbeAnnotations(concept, regions=regions, marks=marks), settings=bench,
+                              session="bench", layers=layers, cache=cache)
+                times.append(time.perf_counter() - t0)
+                steps.append({k: sum(x.timings[k] for x in res) for k in res[0].timings})
+            p50 = statistics.median(times)
+            mean_steps = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
+            note = (f"{store.n_images} images, layers {', '.join(layers)}; median step times (s): "
+                    + ", ".join(f"{k} {v:.3f}" for k, v in mean_steps.items()))
+            out.append(_fig(f"probes/{label}", p50, "s", "<= 1", p50 <= 1.0, None, note))
+            if label == "retrain_p50":
+                out.append(_fig("probes/retrain_cold", cold, "s", None, None, None,
+                                "first call: loads every layer's maps into the feature cache"))
+    finally:
+        for layer in store.layers:
+            if (concept, layer) in store.probes():
+                store.delete_probe(concept, layer)
+    return out
+
+
+def ground_truth(settings, store, manifest, ks=tuple(range(1, 11))) -> list[dict]:
+    from explain.probe_eval import eval_images, ground_truth_masks, probe_curve, split_images
+    from explain.probes import FeatureCache, ProbeAnnotations, collect_examples, fit_probe
+
+    cache = FeatureCache(store)
+    draw, test = split_images(store, manifest, "val"), split_images(store, manifest, "test")
+    figures, logged = [], {}
+    for concept in GT_CONCEPTS:
+        masks = ground_truth_masks(store, manifest, concept)
+        if not any(i in masks for i in draw):
+            figures.append(_fig(f"probes/gt/{concept}/k=5", float("nan"), "AUROC", ">= 0.9", False, None,
+                                "no validation patch holds this concept"))
+            continue
+        evaluate = eval_images(test, masks)
+        curves, chooser = {}, {}
+        for layer in store.layers:
+            curves[layer] = probe_curve(store, concept, layer, masks, draw=draw, evaluate=evaluate, ks=ks,
+                                        cache=cache)
+            # layer choice without ground truth: CV AUROC of the k=5 probe on its own drawings
+            imgs = [store.index_of(i) for i in next(p for p in curves[layer] if p["k"] == min(5, len(curves[layer])))
+                    ["images"]]
+            fit = fit_probe(collect_examples(store, layer, ProbeAnnotations(concept, regions=[(i, masks[i])
+                                                                                                for i in imgs]),
+                                             cache=cache), concept=concept, layer=layer)
+            chooser[layer] = np.nan_to_num(fit.metrics["cv_auroc"], nan=fit.metrics["train_auroc"])
+        best = max(store.layers, key=lambda l: chooser[l])
+        for p in curves[best]:
+            k, v = p["k"], p["pixel_auroc"]
+            goal = ">= 0.9" if k == 5 else None
+            figures.append(_fig(f"probes/gt/{concept}/k={k}", v, "AUROC", goal, (v >= 0.9) if goal else None, None,
+                                f"layer {best} (CV {chooser[best]:.3f}); {len(evaluate)} test patches, "
+                                f"{sum(int(i) in masks for i in evaluate)} with {concept}" if k == 5 else None))
+        for layer in store.layers:
+            at5 = [p["pixel_auroc"] for p in curves[layer] if p["k"] == 5]
+            if at5:
+                figures.append(_fig(f"probes/gt/{concept}/{layer}@k=5", at5[0], "AUROC", None, None, None,
+                                    f"probe CV AUROC on its drawings {chooser[layer]:.3f}"))
+        logged[concept] = (best, curves)
+    _log(settings, logged)
+    return figures
+
+
+def _log(settings, logged: dict) -> None:
+    """The ground-truth curves as one mlflow run: metric gt/<concept>/<layer> at step k."""
+    from mlflow.entities import Metric
+
+    from training.registry import open_tracking
+
+    client, exp = open_tracking(settings, "conceptlens-bench")
+    run = client.create_run(exp, run_name="probes ground truth", tags={"conceptlens.kind": "bench"})
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"gt/{c}/{layer}", float(p["pixel_auroc"]), now, p["k"])
+               for c, (_, curves) in logged.items() for layer, curve in curves.items() for p in curve]
+    for i in range(0, len(metrics), 900):
+        client.log_batch(run.info.run_id, metrics=metrics[i:i + 900])
+    client.log_batch(run.info.run_id, params=[__import__("mlflow").entities.Param(f"layer/{c}", best)
+                                              for c, (best, _) in logged.items()])
+    client.set_terminated(run.info.run_id)
+
+
+def run(settings) -> list[dict]:
+    figures = fit_speed()
+    try:
+        store, manifest = _open_demo(settings)
+    except Exception as e:  # the demo store is made by `make extract`; say so instead of failing the whole area
+        figures.append(_fig("probes/demo_store", 0, "", "exists", False, None, f"no demo store or manifest: {e}"))
+        return figures
+    figures += retrain_speed(settings, store, manifest)
+    figures += ground_truth(settings, store, manifest)
+    return figures
