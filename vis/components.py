@@ -32,9 +32,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from store.errors import StoreError
     from training.errors import TrainingError
 
-    from .errors import NotReady
+    from .errors import NotReady, UserInputError
 
-    return (NotReady, StoreError, ExplainError, TrainingError)
+    return (NotReady, UserInputError, StoreError, ExplainError, TrainingError)
 
 
 def shows_errors(n_outputs: int, *, at: int):

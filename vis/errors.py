@@ -10,7 +10,7 @@ cannot be shown yet (no dataset, no store, a store from another model): pages re
 
 from __future__ import annotations
 
-__all__ = ["VisError", "InvalidInput", "NotReady"]
+__all__ = ["VisError", "InvalidInput", "NotReady", "UserInputError"]
 
 
 class VisError(Exception):
@@ -28,3 +28,7 @@ class InvalidInput(VisError, ValueError):
 
 class NotReady(VisError, LookupError):
     """The workspace lacks what a view needs (dataset, store, model); the message tells which command makes it."""
+
+
+class UserInputError(VisError, ValueError):
+    """Something a user typed cannot be used (e.g. a concept name with odd characters); shown as a message."""

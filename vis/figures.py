@@ -162,7 +162,7 @@ def mammogram_figure(image: np.ndarray, *, scale: float = 1.0, overlay: LesionOv
             y0=overlay.origin[1] + overlay.size / 2, dy=overlay.step, zmin=0, zmax=1, colorscale=_LESION_SCALE,
             zsmooth="best", name="P(lesion)", hovertemplate="P(lesion) %{z:.2f}<extra></extra>",
             colorbar=dict(title=dict(text="P(lesion)", side="right", font=dict(color="#dee2e6", size=11)),
-                          thickness=10, len=0.35, x=0.995, xanchor="right", y=0.98, yanchor="top",
+                          thickness=10, len=0.3, x=0.99, xanchor="right", y=0.02, yanchor="bottom",
                           tickfont=dict(color="#dee2e6", size=10), tickvals=[0, 0.5, 1]),
         ))
     shapes = [dict(type="rect", x0=b[0], y0=b[1], x1=b[2], y1=b[3], line=dict(color=FLAG, width=1.5, dash="dot"),
@@ -287,7 +287,7 @@ def unit_map_figure(xy: np.ndarray, *, labels: Sequence[str], color_by: str = "c
                                    customdata=[selected], hoverinfo="skip",
                                    marker=dict(size=size[selected] + 10, color="rgba(0,0,0,0)",
                                                line=dict(width=3, color="#111"))))
-    _chart_layout(fig, height=height, title=f"Units of {layer}" if layer else None)
+    _chart_layout(fig, height=height)
     fig.update_xaxes(showticklabels=False, zeroline=False, showgrid=True, gridcolor=GRID)
     fig.update_yaxes(showticklabels=False, zeroline=False, showgrid=True, gridcolor=GRID)
     fig.update_layout(dragmode=dragmode, uirevision=uirevision, clickmode="event+select")

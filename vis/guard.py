@@ -56,7 +56,12 @@ def _is_multi(declared) -> bool:
     return isinstance(declared, dict) and any(v in (["ALL"], ["ALLSMALLER"]) for v in declared.values())
 
 
-def _check_deps(kind: str, declared: list[dict], sent, *, with_value: bool) -> list[dict]:
+def _base(prop) -> str | None:
+    """A property without Dash's allow_duplicate suffix ('data@<hash>' → 'data')."""
+    return prop.split("@", 1)[0] if isinstance(prop, str) else None
+
+
+def _check_deps(kind: str, declared: list[dict], sent) -> list[dict]:
     """Check one list of dependencies; returns the flat list of sent entries (for changedPropIds)."""
     if not isinstance(sent, list):
         raise InvalidInput(kind, f"expected a list, got {type(sent).__name__}")
@@ -74,11 +79,9 @@ def _check_deps(kind: str, declared: list[dict], sent, *, with_value: bool) -> l
         for e in entries:
             if not isinstance(e, dict):
                 raise InvalidInput(f"{kind}[{i}]", f"expected an object, got {type(e).__name__}")
-            if e.get("property") != prop or not _id_matches(want_id, e.get("id")):
+            if _base(e.get("property")) != _base(prop) or not _id_matches(want_id, e.get("id")):
                 raise InvalidInput(f"{kind}[{i}]", f"{e.get('id')!r}.{e.get('property')!r} is not "
                                                   f"{dep['id']}.{prop}, which this callback declares")
-            if with_value and "value" not in e and not dep.get("allow_optional"):
-                raise InvalidInput(f"{kind}[{i}]", "missing 'value'")
             flat.append(e)
     return flat
 
@@ -117,9 +120,9 @@ def validate_body(callback_map: dict, raw: bytes) -> dict:
         declared = _declared_outputs(callback)
         multi_output = output.startswith("..")
         sent = outputs if multi_output else [outputs]
-        _check_deps("outputs", declared, sent, with_value=False)
-    inputs = _check_deps("inputs", callback["inputs"], body.get("inputs"), with_value=True)
-    _check_deps("state", callback["state"], body.get("state", []), with_value=True)
+        _check_deps("outputs", declared, sent)
+    inputs = _check_deps("inputs", callback["inputs"], body.get("inputs"))
+    _check_deps("state", callback["state"], body.get("state", []))
     changed = body.get("changedPropIds", [])
     if not isinstance(changed, list) or not all(isinstance(c, str) for c in changed):
         raise InvalidInput("changedPropIds", "expected a list of strings")

@@ -269,3 +269,981 @@ class Workbench:
         if not isinstance(layer, str) or layer not in layers:
             raise InvalidInput("layer", f"{repr(layer)[:80]} is not a layer of the store ({', '.join(layers)})")
         return layer
+
+    # -- sources and mammograms -----------------------------------------------------------------------------------------
+    def source_options(self) -> list[dict]:
+        return [{"label": s.label, "value": s.id} for s in self.sources()]
+
+    def step_source(self, source, delta: int) -> str:
+        """The mammogram `delta` places after `source` in the list (wrapping around)."""
+        ids_ = [s.id for s in self.sources()]
+        i = ids_.index(self.source(source).id)
+        return ids_[(i + delta) % len(ids_)]
+
+    def mammogram(self, source_id) -> np.ndarray:
+        """float32 (y, x) in [0, 1]: the display mammogram as stored (its PNG is already display-domain)."""
+        src = self.source(source_id)
+
+        def read():
+            from store.images import read_image
+
+            img = read_image(src.path)
+            data = img.data[:, ::-1] if img.flipped else img.data  # boxes are in the PNG's own pixel grid
+            return np.ascontiguousarray(data / np.float32(2 ** min(img.bits_stored or 16, 16) - 1), dtype=np.float32)
+
+        return self._mammograms.get(src.id, read)
+
+    def _source_patches(self) -> dict[str, list[tuple[int, object]]]:
+        """source id → [(store row, PatchRecord)] of the patches that are in the store."""
+
+        def build():
+            store, out = self.store(), {}
+            for rec in self.manifest().records:
+                try:
+                    row = store.index_of(rec.id)
+                except KeyError:
+                    continue
+                out.setdefault(rec.source_id, []).append((row, rec))
+            return out
+
+        return self._handle("source-patches", build)
+
+    def _by_id(self) -> dict:
+        return self._handle("by-id", self.manifest().by_id)
+
+    def record(self, image_id):
+        """(store row, PatchRecord or None) of a store image id."""
+        check_id(image_id, "image")
+        try:
+            row = self.store().index_of(image_id)
+        except KeyError:
+            raise InvalidInput("image", f"{image_id!r} is not an image of store {self.config.store!r}") from None
+        return row, self._by_id().get(image_id)
+
+    def lesion_prob(self) -> np.ndarray:
+        """float32 (image,): P(lesion) of every store image (the class named "lesion", else the last)."""
+        store = self.store()
+        classes = list(store.classes or [])
+        k = classes.index("lesion") if "lesion" in classes else store.probs().shape[1] - 1
+        return store.probs()[:, k]
+
+    def flagged(self, source_id) -> list[Flag]:
+        """The source's patches with P(lesion) ≥ the flag threshold, most probable first (at most max_flagged)."""
+        src = self.source(source_id)
+        prob = self.lesion_prob()
+        items = [Flag(rec.id, float(prob[row]), tuple(rec.box)) for row, rec in self._source_patches().get(src.id, [])
+                 if prob[row] >= self.config.flagged_threshold]
+        items.sort(key=lambda f: -f.prob)
+        return items[: self.config.max_flagged]
+
+    def default_patch(self, source_id) -> str | None:
+        """The patch opened with a mammogram: its most probable flagged patch, if any."""
+        flags = self.flagged(source_id)
+        return flags[0].image_id if flags else None
+
+    def patch_at(self, state, click) -> str:
+        """The store patch under a click on the mammogram: the patch containing the point whose centre is nearest."""
+        source = self.source((state or {}).get("source")).id
+        try:
+            point = click["points"][0]
+            x = check_number(point["x"], "click x", lo=-1e6, hi=1e6)
+            y = check_number(point["y"], "click y", lo=-1e6, hi=1e6)
+        except (TypeError, KeyError, IndexError):
+            raise InvalidInput("clickData", "expected {'points': [{'x': …, 'y': …}]}") from None
+        best, best_d = None, math.inf
+        for _row, rec in self._source_patches().get(source, []):
+            x0, y0, x1, y1 = rec.box
+            if x0 <= x < x1 and y0 <= y < y1:
+                d = (x - (x0 + x1) / 2) ** 2 + (y - (y0 + y1) / 2) ** 2
+                if d < best_d:
+                    best, best_d = rec.id, d
+        if best is None:
+            raise NotReady(f"no patch of this mammogram covers the point ({x:.0f}, {y:.0f}): click inside the breast")
+        return best
+
+    def lesion_overlay(self, source_id):
+        """P(lesion) of the served model over the whole mammogram (figures.LesionOverlay), cached on disk.
+
+        Windows of the model's input size slide at a quarter of it; each window is exactly what the model sees
+        for a patch (uint8 display pixels through training.preprocess). Cached per model run and mammogram under
+        <workspace>/cache/overlays, so every worker and later start reuses it.
+        """
+        from .figures import LesionOverlay
+
+        src = self.source(source_id)
+        model = self.model()
+        run = str(model.meta.get("run_id") or model.meta.get("version") or "model")
+        size = int(model.input_size[0])
+        step = max(1, size // 4)
+        path = self.settings.cache_dir / "overlays" / run / f"{src.id}-{size}-{step}.npy"
+
+        def compute():
+            if path.is_file():
+                probs = np.load(path, allow_pickle=False)
+            else:
+                probs = self._slide(self.mammogram(src.id), model, size=size, step=step)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + f".{threading.get_ident()}.tmp")
+                with open(tmp, "wb") as f:
+                    np.save(f, probs, allow_pickle=False)
+                tmp.replace(path)  # atomic: a concurrent worker reads the old absence or the whole file
+            return LesionOverlay(probs=probs, origin=(0.0, 0.0), step=float(step), size=float(size))
+
+        return self._views.get(("overlay", src.id, run, size, step), compute)
+
+    @staticmethod
+    def _slide(display: np.ndarray, model, *, size: int, step: int, batch: int = 256) -> np.ndarray:
+        """float32 (row, col): P(lesion) of every size×size window at `step` over a display image in [0, 1]."""
+        import torch
+
+        from training.transforms import preprocess
+
+        img = (np.clip(display, 0, 1) * 255 + 0.5).astype(np.uint8)  # (y, x), as the demo's patches
+        h, w = img.shape
+        rows, cols = max(1, (h - size) // step + 1), max(1, (w - size) // step + 1)
+        windows = np.lib.stride_tricks.sliding_window_view(img, (size, size))[::step, ::step][:rows, :cols]
+        flat = windows.reshape(-1, size, size)  # (window, y, x)
+        classes = list(model.meta.get("classes") or [])
+        k = classes.index("lesion") if "lesion" in classes else -1
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(flat), batch):
+                x = preprocess(np.ascontiguousarray(flat[i:i + batch]), model.transform)
+                out.append(torch.softmax(model.module(x), dim=1)[:, k].float().numpy())
+        return np.concatenate(out).reshape(rows, cols).astype(np.float32)
+
+    def _box_of(self, source, state) -> tuple | None:
+        image = (state or {}).get("image")
+        if not image:
+            return None
+        _row, rec = self.record(image)
+        return tuple(rec.box) if rec is not None and rec.source_id == source else None
+
+    def mammogram_figure(self, source, state, *, level, width, overlay):
+        """The Review page's mammogram: windowed, with the P(lesion) overlay, flagged boxes and the open box."""
+        from . import figures
+
+        src = self.source(source)
+        level = check_number(level, "level", lo=0.0, hi=1.0)
+        width = check_number(width, "width", lo=0.01, hi=1.0)
+        if not isinstance(overlay, bool):
+            raise InvalidInput("overlay", f"expected true or false, got {repr(overlay)[:40]}")
+        img = figures.window_image(self.mammogram(src.id), level, width)
+        return figures.mammogram_figure(
+            img, overlay=self.lesion_overlay(src.id) if overlay else None, box=self._box_of(src.id, state),
+            flagged=[f.box for f in self.flagged(src.id)], uirevision=src.id, height=720)
+
+    def mammogram_boxes(self, source, state):
+        """A partial figure update (dash.Patch) that only moves the open patch's box."""
+        import dash
+
+        from . import figures
+
+        src = self.source(source)
+        box = self._box_of(src.id, state)
+        shapes = [dict(type="rect", x0=b[0], y0=b[1], x1=b[2], y1=b[3], layer="above",
+                       line=dict(color=figures.FLAG, width=1.5, dash="dot")) for b in (f.box for f in self.flagged(src.id))]
+        if box is not None:
+            shapes.append(dict(type="rect", x0=box[0], y0=box[1], x1=box[2], y1=box[3], layer="above",
+                               line=dict(color=figures.BOX, width=3)))
+        patch = dash.Patch()
+        patch["layout"]["shapes"] = shapes
+        return patch
+
+    def source_info(self, source) -> str:
+        src = self.source(source)
+        n = len(self._source_patches().get(src.id, []))
+        return f"{src.width}×{src.height} px · {n} patches · {len(self.flagged(src.id))} flagged"
+
+    def flagged_strip(self, source, state):
+        """Thumbnails of the flagged patches (buttons with pattern-matching ids)."""
+        from . import figures, ids
+        from .components import Tile, gallery
+
+        src = self.source(source)
+        store = self.store()
+        open_id = (state or {}).get("image")
+        tiles = []
+        for f in self.flagged(src.id):
+            row = store.index_of(f.image_id)
+            tiles.append(Tile(src=self._thumb(row), caption=f"P {f.prob:.2f}", tile_id=ids.flagged_patch(f.image_id),
+                              selected=f.image_id == open_id, title=f"{f.image_id} · P(lesion) {f.prob:.3f}"))
+        return gallery(tiles, size=72, empty="No patch of this mammogram reaches the flag threshold "
+                                              f"(P(lesion) ≥ {self.config.flagged_threshold:g}).")
+
+    def _thumb(self, row: int, size: int = 72) -> str:
+        from . import figures
+
+        return self._views.get(("thumb", row, size), lambda: figures.png_data_uri(self.store().image(row), size=size))
+
+    # -- the open patch ------------------------------------------------------------------------------------------------
+    def open_state(self, state, **changes) -> dict:
+        """The Review state after a change, validated: {"source", "image", "unit"} (ids and an index only)."""
+        state = dict(state) if isinstance(state, dict) else {}
+        new = {"source": state.get("source"), "image": state.get("image"), "unit": state.get("unit")}
+        new.update(changes)
+        if "source" in changes or new["source"] is not None:
+            new["source"] = self.source(new["source"]).id
+        if new["image"] is not None:
+            _row, rec = self.record(new["image"])
+            if rec is not None and "source" not in changes:
+                new["source"] = rec.source_id
+        if "image" in changes and "unit" not in changes:
+            new["unit"] = None
+        if new["unit"] is not None:
+            new["unit"] = check_int(new["unit"], "unit", lo=0, hi=65535)
+        return new
+
+    def clicked_unit(self, click) -> int:
+        try:
+            unit = click["points"][0]["customdata"]
+        except (TypeError, KeyError, IndexError):
+            raise InvalidInput("clickData", "expected a point with customdata (the unit index)") from None
+        if isinstance(unit, list):  # plotly wraps customdata of some traces in a list
+            unit = unit[0] if unit else None
+        return check_int(unit, "unit", lo=0, hi=65535)
+
+    def selected_points(self, selected, *, what: str, limit: int = 20000) -> list[int]:
+        """Indices (customdata) of a lasso / box selection; [] when cleared."""
+        if not selected:
+            return []
+        try:
+            points = selected["points"]
+        except (TypeError, KeyError):
+            raise InvalidInput("selectedData", "expected {'points': [...]}") from None
+        points = check_list(points, "selectedData.points", max_len=limit)
+        out = set()
+        for p in points:
+            c = p.get("customdata") if isinstance(p, dict) else None
+            if isinstance(c, list):
+                c = c[0] if c else None
+            out.add(check_int(c, f"selected {what}", lo=0, hi=10**7))
+        return sorted(out)
+
+    def _unit_iou(self, layer: str):
+        from explain.dissection import UnitIoU
+
+        return self._handle(f"unit-iou:{layer}:{self.config.mask_level}",
+                            lambda: UnitIoU(self.store(), layer, level=self.config.mask_level))
+
+    def update_regions(self, regions, relayout) -> list[dict]:
+        """The drawn shapes after a relayout event, each validated (InvalidInput for what no drawing produces)."""
+        from explain.errors import RegionError
+        from explain.regions import apply_relayout, parse_plotly_shapes
+
+        regions = check_list(regions, "regions", max_len=200)
+        if not isinstance(relayout, dict):
+            raise InvalidInput("relayoutData", f"expected an object, got {type(relayout).__name__}")
+        if not any(k == "shapes" or k.startswith("shapes[") for k in relayout):
+            import dash
+
+            return dash.no_update  # zoom, pan, autosize: the regions are unchanged
+        try:
+            shapes = apply_relayout(regions, relayout)
+            if len(shapes) > 200:
+                raise RegionError(f"{len(shapes)} shapes (at most 200)")
+            if shapes:
+                parse_plotly_shapes(shapes)
+        except RegionError as e:
+            raise InvalidInput("regions", str(e)) from None
+        keep = ("type", "path", "x0", "y0", "x1", "y1", "name")
+        return [{k: s[k] for k in keep if k in s} for s in shapes]
+
+    def region_iou(self, image_id, layer: str, regions) -> np.ndarray | None:
+        """float32 (unit,): IoU of the drawn regions with every unit's mask on the image; None when none drawn."""
+        from explain.regions import parse_plotly_shapes
+
+        regions = check_list(regions, "regions", max_len=200)
+        if not regions or not image_id:
+            return None
+        row, _rec = self.record(image_id)
+        return self._unit_iou(layer).compute(row, parse_plotly_shapes(regions))
+
+    def region_mask(self, regions) -> np.ndarray:
+        """bool (y, x) of the patch size from the drawn shapes (RegionError when it covers no pixel)."""
+        from explain.regions import parse_plotly_shapes, rasterize_regions
+
+        return rasterize_regions(parse_plotly_shapes(check_list(regions, "regions", max_len=200)),
+                                 self.patch_size())
+
+    def patch_size(self) -> tuple[int, int]:
+        from explain.dissection import patch_size
+
+        return tuple(patch_size(self.store()))
+
+    def unit_mask(self, layer: str, row: int, unit: int) -> np.ndarray:
+        """bool (y, x): the unit's Network-Dissection mask on one store image."""
+        from explain.dissection import unit_masks
+
+        store = self.store()
+        maps = store.maps(layer, row)  # (unit, y, x)
+        if not 0 <= unit < maps.shape[0]:
+            raise InvalidInput("unit", f"{unit} is outside 0 … {maps.shape[0] - 1} of layer {layer!r}")
+        thr = store.thresholds(layer, self.config.mask_level)
+        return unit_masks(maps[unit:unit + 1], thr[unit:unit + 1].copy(), self.patch_size())[0]
+
+    def gradcam(self, row: int, layer: str) -> np.ndarray:
+        """float32 (y, x) in [0, 1]: Grad-CAM of the predicted class at `layer`, normalized to its maximum."""
+        from explain.attribution import grad_cam
+        from training.transforms import preprocess
+
+        def compute():
+            model = self.model()
+            x = preprocess(self.store().image(row)[None], model.transform)
+            cam = grad_cam(model.module, x, layer, size=self.patch_size())[0]
+            peak = float(cam.max())
+            return cam / peak if peak > 0 else cam
+
+        return self._views.get(("gradcam", row, layer), compute)
+
+    def probe_map(self, probe: str, row: int) -> np.ndarray | None:
+        """float32 (y, x) in [0, 1] of a stored probe version on one image, upsampled to the patch; None if absent."""
+        import torch
+
+        concept, layer = self.parse_probe(probe)
+        stored = self.store().probe(concept, layer)
+        if stored.maps is None:
+            return None
+        m = torch.from_numpy(np.asarray(stored.maps[row], np.float32))[None, None]
+        up = torch.nn.functional.interpolate(m, size=self.patch_size(), mode="bilinear", align_corners=False)
+        return up[0, 0].numpy()
+
+    def parse_probe(self, probe) -> tuple[str, str]:
+        """'concept@layer' → (concept, layer), both checked against the store."""
+        check_id(probe, "probe")
+        concept, sep, layer = probe.rpartition("@")
+        if not sep or (concept, layer) not in set(self.store().probes()):
+            raise InvalidInput("probe", f"{probe!r} is not a probe of store {self.config.store!r}")
+        return concept, layer
+
+    def probe_options(self) -> list[dict]:
+        from .figures import concept_name
+
+        return [{"label": f"{concept_name(c)} @ {l}", "value": f"{c}@{l}"} for c, l in self.store().probes()]
+
+    def patch_view(self, state, *, overlays, probe, regions, layer):
+        """(patch figure, info) of the open patch with the chosen overlays and the drawn regions."""
+        from dash import html
+
+        from . import figures
+        from .components import stat
+
+        state = self.open_state(state)
+        image = state.get("image")
+        if not image:
+            return (figures.empty_figure("Open a flagged patch or click the breast", dark=True, height=440),
+                    html.Div("No patch open.", className="cl-muted"))
+        layer = self.layer(layer)
+        overlays = check_list(overlays, "overlays", max_len=3)
+        for o in overlays:
+            check_choice(o, "overlay", ("gradcam", "unit", "probe"))
+        regions = check_list(regions, "regions", max_len=200)
+        row, rec = self.record(image)
+        layers: list = []
+        unit_text = ""
+        if "gradcam" in overlays:
+            layers.append(figures.Overlay("Grad-CAM", self.gradcam(row, layer), kind="heat", color="#ff6b35"))
+        if "probe" in overlays and probe:
+            pmap = self.probe_map(probe, row)
+            if pmap is not None:
+                layers.append(figures.Overlay(f"probe {probe}", pmap, kind="heat", color="#7048e8"))
+        if "unit" in overlays or regions:
+            unit, why = self._shown_unit(state, layer, row, regions)
+            mask = self.unit_mask(layer, row, unit)
+            layers.append(figures.Overlay(f"unit {unit}", mask, kind="mask", color="#ffd43b"))
+            unit_text = f"unit {unit} ({why})"
+        fig = figures.patch_figure(self.store().image(row), overlays=layers, shapes=regions,
+                                   uirevision=image, height=440)
+        p = float(self.lesion_prob()[row])
+        truth = int(self.store().labels()[row])
+        classes = list(self.store().classes or ["normal", "lesion"])
+        predicted = "lesion" if p >= 0.5 else "normal"
+        info = [stat("prediction", predicted, tone="cl-pos" if predicted == "lesion" else "cl-neg"),
+                stat("P(lesion)", f"{p:.3f}"),
+                stat("ground truth", classes[truth] if 0 <= truth < len(classes) else str(truth))]
+        if unit_text:
+            info.append(stat("mask shown", unit_text))
+        shown = [c for c in (rec.concepts if rec is not None else ()) if c != "background"]
+        if shown:  # the demo data's ground truth: which concepts the patch really holds
+            info.append(html.Div([html.Span("ground-truth concepts ", className="cl-stat-label")] + [
+                html.Span(figures.concept_name(c), className="badge cl-concept",
+                          style={"background": figures.concept_color(c)}) for c in shown], className="cl-badges"))
+        return fig, info
+
+    def _shown_unit(self, state, layer: str, row: int, regions) -> tuple[int, str]:
+        """Which unit's mask the patch shows: best IoU with the region, else the clicked unit, else the most active."""
+        if regions:
+            iou = self.region_iou(state["image"], layer, regions)
+            u = int(np.argmax(iou))
+            return u, f"best IoU {iou[u]:.2f}"
+        if state.get("unit") is not None:
+            return int(state["unit"]), "selected"
+        maps = self.store().maps(layer, row)
+        return int(np.argmax(maps.reshape(maps.shape[0], -1).max(axis=1))), "most active"
+
+    # -- concepts --------------------------------------------------------------------------------------------------------
+    def known_concepts(self) -> list[str]:
+        """Concepts with labels in the database (beyond the default vocabulary)."""
+        return []
+
+    def concept_options(self, user_concepts) -> list[dict]:
+        """The default vocabulary, then concepts already used in labels, then this user's typed concepts."""
+        from .figures import concept_name
+
+        user_concepts = check_list(user_concepts, "concepts", max_len=200)
+        seen, out = set(), []
+        for c in (*DEFAULT_VOCABULARY, *self.known_concepts(), *user_concepts):
+            if isinstance(c, str) and c not in seen:
+                seen.add(c)
+                out.append({"label": concept_name(c), "value": c})
+        return out
+
+    def add_concept(self, concepts, typed) -> tuple[list[str], str]:
+        """Add a typed concept ('rim sign' → 'rim_sign') to the user's list; returns (list, new id)."""
+        concepts = [c for c in check_list(concepts, "concepts", max_len=200) if isinstance(c, str)]
+        concept = concept_id(typed)
+        if concept not in concepts and concept not in DEFAULT_VOCABULARY:
+            concepts = [*concepts, concept]
+        return concepts, concept
+
+
+    # -- units -----------------------------------------------------------------------------------------------------------
+    def unit_labels(self, layer: str) -> list[str]:
+        """(unit,) concept id of each unit of the layer ('' when unlabeled), from the annotation database."""
+        n = self.store().layer_shape(layer)[0]
+        labels = [""] * n
+        for unit, concept in self.labels().get(layer, {}).items():
+            if 0 <= int(unit) < n:
+                labels[int(unit)] = concept
+        return labels
+
+    def labels(self) -> dict[str, dict[int, str]]:
+        """{layer: {unit: concept}}: the current label of every labeled unit of this store."""
+        return {}
+
+    def unit_coords(self, layer: str, projection: str = "pca") -> np.ndarray:
+        """float32 (unit, 2) of the unit map: the store's cached embedding, else PCA computed here (cheap)."""
+        from explain.embeddings import pca_coords, read_maps, unit_profiles
+
+        check_choice(projection, "projection", ("pca", "umap"))
+        cached = read_maps(self.store(), layer)
+        if f"unit_{projection}" in cached:
+            return np.asarray(cached[f"unit_{projection}"])[:, :2]
+        if projection == "umap":
+            raise NotReady(f"no UMAP of layer {layer!r} yet: run `python -m explain maps --store {self.config.store}`")
+        return self._views.get(("unit-pca", layer), lambda: pca_coords(unit_profiles(
+            np.asarray(self.store().pooled(layer, "max"))))[0][:, :2])
+
+    def review_unit_map(self, state, *, regions, layer):
+        """(unit map figure, IoU summary) for the Review page: units above the IoU threshold enlarged."""
+        from dash import html
+
+        from . import figures
+        from .components import stat
+
+        state = self.open_state(state)
+        layer = self.layer(layer)
+        iou = self.region_iou(state.get("image"), layer, regions) if state.get("image") else None
+        fig = figures.unit_map_figure(self.unit_coords(layer), labels=self.unit_labels(layer), iou=iou,
+                                      threshold=self.config.iou_threshold, selected=state.get("unit"), layer=layer,
+                                      uirevision=layer, height=330)
+        if iou is None:
+            info = html.Div("Draw a region on the patch to find the units that match it.", className="cl-muted")
+        else:
+            best = int(np.argmax(iou))
+            above = int((iou > self.config.iou_threshold).sum())
+            info = html.Div([stat("best unit", f"{best}"), stat("its IoU", f"{iou[best]:.2f}"),
+                             stat(f"units with IoU > {self.config.iou_threshold:g}", str(above))],
+                            className="cl-stats")
+        return fig, info
+
+    def prototype_tiles(self, layer: str, unit: int, *, k: int = 8, size: int = 88):
+        """Gallery tiles of a unit's top-k prototypes, each with the unit's mask outlined."""
+        from explain.prototypes import render_overlay, unit_prototypes
+
+        from .components import Tile
+
+        def build():
+            store = self.store()
+            tiles = []
+            for p in unit_prototypes(store, layer, unit, k=k, level=self.config.mask_level):
+                png = render_overlay(store.image(p.image), p.mask, color=(255, 212, 59), scale=2)
+                tiles.append(Tile(src=_png_uri(png), caption=f"{p.value:.2f}",
+                                  title=f"{p.image_id} · max activation {p.value:.3f}"))
+            return tiles
+
+        return self._views.get(("protos", layer, unit, k), build)
+
+    def review_unit_detail(self, state, *, layer):
+        """The clicked (or best) unit: its label, top-k prototypes with masks, and its mask on the open patch."""
+        from dash import html
+        from explain.prototypes import render_overlay
+
+        from . import figures
+        from .components import gallery
+
+        state = self.open_state(state)
+        layer = self.layer(layer)
+        unit = state.get("unit")
+        if unit is None:
+            return html.Div("Click a unit in the map to see its prototypes and its mask on this patch.",
+                            className="cl-muted")
+        n = self.store().layer_shape(layer)[0]
+        if unit >= n:
+            raise InvalidInput("unit", f"{unit} is outside 0 … {n - 1} of layer {layer!r}")
+        label = self.unit_labels(layer)[unit]
+        head = html.Div([html.Strong(f"Unit {unit} of {layer}"),
+                         html.Span(f" · {figures.concept_name(label)}" if label else " · unlabeled",
+                                   className="cl-muted")])
+        children = [head]
+        if state.get("image"):
+            row, _ = self.record(state["image"])
+            mask = self.unit_mask(layer, row, unit)
+            png = render_overlay(self.store().image(row), mask, color=(255, 212, 59), scale=2)
+            children += [html.Div("On this patch", className="cl-section-title"),
+                         html.Img(src=_png_uri(png), width=128, height=128, className="cl-tile",
+                                  alt=f"unit {unit} on this patch")]
+        children += [html.Div("Top prototypes (mask outlined, max activation)", className="cl-section-title"),
+                     gallery(self.prototype_tiles(layer, unit), size=88)]
+        return html.Div(children)
+
+    # -- report ----------------------------------------------------------------------------------------------------------
+    def report_view(self, state, *, layer):
+        """The concept report of the open patch: units per concept, activation, area, probe scores, contributions."""
+        from dash import dcc, html
+        from explain.report import image_report
+
+        from . import figures
+
+        state = self.open_state(state)
+        if not state.get("image"):
+            return html.Div("Open a patch to see its report.", className="cl-muted")
+        layer = self.layer(layer)
+        labels = self.labels()
+        rep = image_report(self.store(), state["image"], labels=labels, model=self.model(), settings=self.settings,
+                           level=self.config.mask_level, gradcam_layer=layer, with_maps=False)
+        rows = []
+        for concept, e in sorted(rep["concepts"].items()):
+            units = [u for u in e["units"]]
+            rows.append({
+                "concept": concept,
+                "units": float(len(units)),
+                "activation": float(max((u["max"] / u["threshold"] if u["threshold"] > 0 else 0.0) for u in units))
+                if units else 0.0,
+                "area": float(sum(u["area"] for u in units if u["fires"])),
+                "probe": float(max((p["score"] for p in e["probes"]), default=0.0)),
+                "contribution": float(sum(c["logit_change"] for c in e["contributions"])),
+            })
+        pred = rep["prediction"]
+        head = html.Div([html.Strong(f"{pred['class']} ({pred['probability']:.2f})"),
+                         html.Span(f" · ground truth {rep.get('label')}", className="cl-muted")])
+        if not rows:
+            return html.Div([head, html.P("No concept yet: draw a region and label units, or mark images on the "
+                                          "Images page to train a probe.", className="cl-muted mt-2")])
+        measures = [("units", "labeled units"), ("activation", "activation / threshold"),
+                    ("area", "activated area (patch share)"), ("probe", "probe score"),
+                    ("contribution", "contribution (logit change)")]
+        return html.Div([head, dcc.Graph(figure=figures.report_figure(rows, measures=measures),
+                                         config={"displayModeBar": False, "staticPlot": False})])
+
+
+    # -- units page ------------------------------------------------------------------------------------------------------
+    def unit_color_options(self) -> list[dict]:
+        opts = [{"label": "concept", "value": "concept"}, {"label": "cluster", "value": "cluster"}]
+        if self.has_ground_truth():
+            opts.append({"label": "ground-truth IoU", "value": "gt_iou"})
+        return opts
+
+    def has_ground_truth(self) -> bool:
+        """True when the dataset carries concept masks (the demo does), so units can be scored against them."""
+        try:
+            return any(r.masks for r in self.manifest().records[:50])
+        except NotReady:
+            return False
+
+    def unit_clusters(self, layer: str) -> np.ndarray:
+        """int64 (unit,): groups of units that fire together (cached in the store, else computed here)."""
+        from explain.embeddings import read_maps, unit_groups, unit_profiles
+
+        cached = read_maps(self.store(), layer)
+        if "unit_groups" in cached:
+            return np.asarray(cached["unit_groups"])
+        return self._views.get(("unit-groups", layer), lambda: unit_groups(unit_profiles(
+            np.asarray(self.store().pooled(layer, "max")))))
+
+    def unit_gt_iou(self, layer: str) -> tuple[np.ndarray, list[str]]:
+        """(best ground-truth IoU float32 (unit,), best concept per unit): Network Dissection on the demo's masks."""
+        def compute():
+            from explain.groundtruth import dissect_ground_truth
+
+            res = dissect_ground_truth(self.settings, store=self.settings.store_url(self.config.store),
+                                       data=self.config.dataset, layer=layer)
+            table = res.iou if hasattr(res, "iou") else res.table
+            idx, best = table.best()
+            return np.asarray(best, np.float32), [table.concepts[i] for i in idx]
+
+        return self._handle(f"gt-iou:{layer}", compute)
+
+    def unit_map(self, layer, *, projection, color_by, state):
+        """The Units page's map: one point per unit, lasso-selectable."""
+        from . import figures
+
+        layer = self.layer(layer)
+        color_by = check_choice(color_by, "color", ("concept", "cluster", "gt_iou"))
+        state = state if isinstance(state, dict) else {}
+        selected = state.get("unit")
+        if selected is not None:
+            selected = check_int(selected, "unit", lo=0, hi=65535)
+        values = None
+        labels = self.unit_labels(layer)
+        if color_by == "cluster":
+            values = self.unit_clusters(layer)
+        elif color_by == "gt_iou":
+            values, _best = self.unit_gt_iou(layer)
+        return figures.unit_map_figure(self.unit_coords(layer, projection), labels=labels, color_by=color_by,
+                                       values=values, selected=selected, layer=layer, dragmode="lasso",
+                                       uirevision=f"{layer}-{projection}", height=620)
+
+    def prototype_gallery(self, layer, state, *, max_units: int = 12, per_unit: int = 4):
+        """Prototypes of the lasso-selected units: a row of top patches (mask outlined) per unit."""
+        from dash import html
+
+        from . import figures
+        from .components import gallery
+
+        layer = self.layer(layer)
+        state = state if isinstance(state, dict) else {}
+        units = [check_int(u, "unit", lo=0, hi=65535) for u in check_list(state.get("selected"), "selected",
+                                                                           max_len=20000)]
+        if not units:
+            return html.Div("Lasso units on the map to see what they respond to.", className="cl-muted")
+        n = self.store().layer_shape(layer)[0]
+        labels = self.unit_labels(layer)
+        rows = []
+        for u in units[:max_units]:
+            if u >= n:
+                raise InvalidInput("selected", f"unit {u} is outside 0 … {n - 1} of layer {layer!r}")
+            name = figures.concept_name(labels[u]) if labels[u] else "unlabeled"
+            rows.append(html.Div([html.Div(f"unit {u} · {name}", className="cl-section-title"),
+                                  gallery(self.prototype_tiles(layer, u, k=per_unit), size=72)]))
+        more = len(units) - max_units
+        if more > 0:
+            rows.append(html.Div(f"… and {more} more units (select fewer to see them).", className="cl-muted"))
+        return html.Div([html.Div(f"{len(units)} unit(s) selected", className="cl-muted"), *rows])
+
+    def unit_detail(self, layer, state):
+        """One unit: activation histogram with its threshold, top-k prototypes, label history."""
+        from dash import dcc, html
+
+        from . import figures
+        from .components import gallery
+
+        layer = self.layer(layer)
+        state = state if isinstance(state, dict) else {}
+        unit = state.get("unit")
+        if unit is None:
+            return html.Div("Click a unit on the map.", className="cl-muted")
+        unit = check_int(unit, "unit", lo=0, hi=65535)
+        store = self.store()
+        n = store.layer_shape(layer)[0]
+        if unit >= n:
+            raise InvalidInput("unit", f"{unit} is outside 0 … {n - 1} of layer {layer!r}")
+        values = np.asarray(store.pooled(layer, "max"))[:, unit]
+        threshold = float(store.thresholds(layer, self.config.mask_level)[unit])
+        label = self.unit_labels(layer)[unit]
+        hist = figures.histogram_figure(values, threshold=threshold, height=220,
+                                        title=f"max activation per image · threshold (q{self.config.mask_level:g})")
+        return html.Div([
+            html.Div([html.Strong(f"Unit {unit} of {layer}"),
+                      html.Span(f" · {figures.concept_name(label)}" if label else " · unlabeled", className="cl-muted")]),
+            dcc.Graph(figure=hist, config={"displayModeBar": False}),
+            html.Div("Top-k prototypes (mask outlined)", className="cl-section-title"),
+            gallery(self.prototype_tiles(layer, unit, k=12), size=80),
+            html.Div("Label history", className="cl-section-title"),
+            self.label_history_table(layer, unit),
+        ])
+
+    def label_history_table(self, layer: str, unit: int):
+        from dash import html
+
+        rows = self.label_history(layer, unit)
+        if not rows:
+            return html.Div("Never labeled.", className="cl-muted")
+        head = html.Thead(html.Tr([html.Th(h) for h in ("when", "who", "concept", "IoU", "image", "state")]))
+        body = html.Tbody([html.Tr([html.Td(r.get("when", "")), html.Td(r.get("who", "")),
+                                    html.Td(r.get("concept", "")), html.Td(f"{r['iou']:.2f}" if r.get("iou") is not None else ""),
+                                    html.Td(r.get("image", "")), html.Td(r.get("state", ""))]) for r in rows])
+        return html.Table([head, body], className="table table-sm")
+
+    def label_history(self, layer: str, unit: int) -> list[dict]:
+        return []
+
+    # -- images page -----------------------------------------------------------------------------------------------------
+    def image_coords(self, layer: str) -> np.ndarray:
+        """float32 (image, 2) of the image map: the store's cached embedding, else PCA computed here."""
+        from explain.embeddings import image_features, pca_coords, read_maps
+
+        cached = read_maps(self.store(), layer)
+        for kind in ("image_umap", "image_pca"):
+            if kind in cached:
+                return np.asarray(cached[kind])[:, :2]
+        return self._views.get(("image-pca", layer), lambda: pca_coords(image_features(
+            np.asarray(self.store().pooled(layer, "max"))))[0][:, :2])
+
+    def image_map(self, layer, *, color_by, concept, state):
+        from . import figures
+
+        layer = self.layer(layer)
+        color_by = check_choice(color_by, "color", ("class", "prediction", "correct", "probe"))
+        state = state if isinstance(state, dict) else {}
+        store = self.store()
+        selected = self._selected_rows(state)
+        classes = list(store.classes or ["normal", "lesion"])
+        labels = np.asarray(store.labels())
+        pred = np.asarray(store.probs()).argmax(axis=1)
+        if color_by == "class":
+            values = [classes[i] for i in labels]
+        elif color_by == "prediction":
+            values = [classes[i] for i in pred]
+        elif color_by == "correct":
+            values = np.where(pred == labels, "correct", "wrong").tolist()
+        else:
+            concept = check_id(concept, "concept")
+            if (concept, layer) not in set(store.probes()):
+                raise NotReady(f"no probe for {concept.replace('_', ' ')!r} on layer {layer} yet: lasso images "
+                               "and mark them as showing or not showing it")
+            values = store.probe(concept, layer).scores
+        return figures.image_map_figure(self.image_coords(layer), values=values, color_by=color_by,
+                                        ids=store.image_ids, selected=selected, uirevision=layer, height=640)
+
+    def _selected_rows(self, state) -> list[int]:
+        rows = check_list((state or {}).get("selected"), "selected", max_len=20000)
+        n = self.store().n_images
+        out = [check_int(r, "selected image", lo=0, hi=n - 1) for r in rows]
+        return out
+
+    def selection_view(self, state, *, concept, layer):
+        """(summary, gallery) of the lasso-selected images, with each one's current probe score when there is one."""
+        from dash import html
+
+        from .components import Tile, gallery
+
+        rows = self._selected_rows(state)
+        if not rows:
+            return (html.Div("Lasso images on the map, then mark them.", className="cl-muted"),
+                    html.Div("No selection.", className="cl-muted"))
+        store = self.store()
+        scores = None
+        if isinstance(concept, str) and isinstance(layer, str) and (concept, layer) in set(store.probes()):
+            scores = store.probe(concept, layer).scores
+        prob = self.lesion_prob()
+        tiles = [Tile(src=self._thumb(r, 72), caption=(f"score {scores[r]:.2f}" if scores is not None
+                                                       else f"P {prob[r]:.2f}"), title=store.image_ids[r])
+                 for r in rows[:48]]
+        summary = html.Div([html.Strong(f"{len(rows)} image(s) selected"),
+                            html.Span(" (first 48 shown)" if len(rows) > 48 else "", className="cl-muted")])
+        return summary, gallery(tiles, size=72)
+
+    # -- probes page -----------------------------------------------------------------------------------------------------
+    def probe_view(self, probe):
+        """(versions figure, versions table, rollback options, maps gallery) of one probe."""
+        from dash import html
+        from explain.probes import probe_prototypes, probe_versions
+        from explain.prototypes import render_overlay
+
+        from . import figures
+        from .components import Tile, gallery
+
+        if not probe:
+            empty = html.Div("No probe yet: label units on Review or mark images on Images.", className="cl-muted")
+            return figures.empty_figure("no probe", height=300), empty, [], empty
+        concept, layer = self.parse_probe(probe)
+        versions = probe_versions(concept, layer, settings=self.settings)  # newest first
+        current = self.store().probe(concept, layer).run_id
+        fig = figures.probe_versions_figure(list(reversed(versions)), current=current)
+        head = html.Thead(html.Tr([html.Th(h) for h in ("version", "annotations", "AUROC", "AP", "examples +/−",
+                                                          "")]))
+        body = []
+        for n, v in zip(range(len(versions), 0, -1), versions):
+            mark = "current" if v["run_id"] == current else ""
+            body.append(html.Tr([html.Td(f"v{n} · {v['run_id'][:8]}"), html.Td(v["n_annotations"]),
+                                 html.Td(_fmt(v["auroc"])), html.Td(_fmt(v["ap"])),
+                                 html.Td(f"{v['n_positive']} / {v['n_negative']}"), html.Td(mark)]))
+        table = html.Table([head, html.Tbody(body)], className="table table-sm table-hover")
+        options = [{"label": f"v{n} · {v['run_id'][:8]} · AUROC {_fmt(v['auroc'])}", "value": v["run_id"]}
+                   for n, v in zip(range(len(versions), 0, -1), versions) if v["run_id"] != current]
+        store = self.store()
+        tiles = []
+        for p in probe_prototypes(store, concept, layer, k=8):
+            png = render_overlay(store.image(p.image), p.heatmap, alpha=0.6, scale=2)
+            tiles.append(Tile(src=_png_uri(png), caption=f"score {p.value:.2f}", title=p.image_id))
+        rng = np.random.default_rng(0)  # a fixed sample, so versions are compared on the same images
+        sample = rng.choice(store.n_images, size=min(8, store.n_images), replace=False)
+        stored = store.probe(concept, layer)
+        for i in sample:
+            heat = self.probe_map(probe, int(i))
+            png = render_overlay(store.image(int(i)), heat, alpha=0.6, scale=2)
+            tiles.append(Tile(src=_png_uri(png), caption=f"score {stored.scores[i]:.2f}", title=store.image_ids[i]))
+        maps = html.Div([html.Div("Highest scores, then a fixed sample of images", className="cl-muted mb-2"),
+                         gallery(tiles, size=88)])
+        return fig, table, options, maps
+
+    def writable_store(self):
+        from store.activations import open_store
+
+        return open_store(self.store().url, read_only=False)
+
+    def rollback_probe(self, probe, run_id):
+        """Make an earlier version current; returns (new version id for the views, message)."""
+        from explain.probes import rollback
+
+        from .components import message
+
+        concept, layer = self.parse_probe(probe)
+        check_id(run_id, "version")
+        from explain.probes import probe_versions
+
+        if run_id not in {v["run_id"] for v in probe_versions(concept, layer, settings=self.settings)}:
+            raise InvalidInput("version", f"{run_id!r} is not a version of probe {probe!r}")
+        rollback(self.writable_store(), concept, layer, run_id, settings=self.settings)
+        self._views.clear()
+        return run_id, message("Rolled back", f"probe {probe} now uses version {run_id[:8]}.", color="success")
+
+    # -- experiments page ------------------------------------------------------------------------------------------------
+    def _mlflow(self):
+        from mlflow.tracking import MlflowClient
+
+        return self._handle("mlflow", lambda: MlflowClient(tracking_uri=self.settings.tracking_uri))
+
+    def run_options(self) -> list[dict]:
+        """Finished training and probe runs of the tracking store, newest first."""
+        client = self._mlflow()
+        exps = client.search_experiments()
+        if not exps:
+            return []
+        runs = client.search_runs([e.experiment_id for e in exps], order_by=["attributes.start_time DESC"],
+                                  max_results=200)
+        names = {e.experiment_id: e.name for e in exps}
+        out = []
+        for r in runs:
+            if r.data.tags.get("conceptlens.kind") == "session":
+                continue  # a review session's parent run holds no metrics of its own
+            when = __import__("datetime").datetime.fromtimestamp(r.info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
+            out.append({"label": f"{names.get(r.info.experiment_id, '?')} · {r.info.run_name} · {when}",
+                        "value": r.info.run_id})
+        return out
+
+    def _runs(self, run_ids) -> list:
+        from mlflow.exceptions import MlflowException
+
+        run_ids = check_list(run_ids, "runs", max_len=12)
+        out = []
+        for rid in run_ids:
+            check_id(rid, "run")
+            try:
+                out.append(self._mlflow().get_run(rid))
+            except MlflowException:
+                raise InvalidInput("runs", f"{rid!r} is not a run of the tracking store") from None
+        return out
+
+    def runs_view(self, run_ids, metric):
+        """(parameter-difference table, metric options, chosen metric, ROC view, message) of the chosen runs."""
+        from dash import html
+
+        runs = self._runs(run_ids)
+        if not runs:
+            return html.Div("Choose runs above.", className="cl-muted"), [], None, html.Div(), None
+        keys = sorted({k for r in runs for k in r.data.params})
+        differ = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1] if len(runs) > 1 else keys
+        head = html.Thead(html.Tr([html.Th("parameter")] + [html.Th(r.info.run_name or r.info.run_id[:8])
+                                                             for r in runs]))
+        body = [html.Tr([html.Td(k)] + [html.Td(str(r.data.params.get(k, "—"))[:60]) for r in runs]) for k in differ]
+        final = sorted({k for r in runs for k in r.data.metrics})
+        body += [html.Tr([html.Td(html.Strong(k))] + [html.Td(_fmt(r.data.metrics.get(k))) for r in runs])
+                 for k in final if k.startswith(("test/", "best/", "auroc", "ap"))]
+        table = html.Table([head, html.Tbody(body)], className="table table-sm") if body else \
+            html.Div("These runs have the same parameters.", className="cl-muted")
+        options = [{"label": k, "value": k} for k in final]
+        if metric not in final:
+            metric = next((k for k in ("val/auroc", "val/loss", "auroc") if k in final), final[0] if final else None)
+        return table, options, metric, self.roc_view(runs), None
+
+    def metric_curves(self, run_ids, metric):
+        from . import figures
+
+        runs = self._runs(run_ids)
+        if not runs or not metric:
+            return figures.empty_figure("choose runs and a metric", height=340)
+        check_id(metric, "metric")
+        curves = {}
+        for r in runs:
+            hist = self._mlflow().get_metric_history(r.info.run_id, metric)
+            if hist:
+                curves[r.info.run_name or r.info.run_id[:8]] = sorted((m.step, m.value) for m in hist)
+        return figures.metric_curves_figure(curves, metric=metric, height=340)
+
+    def roc_view(self, runs):
+        """ROC curves of the runs: interactive from a logged figures/test_roc.json, else the logged PNG."""
+        import json
+        import tempfile
+
+        import mlflow.artifacts
+        from dash import dcc, html
+        from mlflow.exceptions import MlflowException
+
+        from . import figures
+
+        curves, images = {}, []
+        for r in runs:
+            name = r.info.run_name or r.info.run_id[:8]
+            with tempfile.TemporaryDirectory(prefix="conceptlens-roc-") as tmp:
+                for artifact in ("figures/test_roc.json", "figures/test_roc.png"):
+                    try:
+                        local = Path(mlflow.artifacts.download_artifacts(
+                            run_id=r.info.run_id, artifact_path=artifact, dst_path=tmp,
+                            tracking_uri=self.settings.tracking_uri))
+                    except (MlflowException, OSError):
+                        continue
+                    if artifact.endswith(".json"):
+                        d = json.loads(local.read_text())
+                        curves[name] = (d["fpr"], d["tpr"], d.get("auroc"))
+                    else:
+                        images.append((name, _png_uri(local.read_bytes())))
+                    break
+        children = []
+        if curves:
+            children.append(dcc.Graph(figure=figures.roc_figure(curves, height=360), config={"displaylogo": False}))
+        for name, uri in images:
+            if name not in curves:
+                children.append(html.Figure([html.Img(src=uri, style={"maxWidth": "100%", "maxHeight": "340px"}),
+                                             html.Figcaption(name, className="cl-muted")], className="cl-roc"))
+        return html.Div(children or html.Div("No ROC logged for these runs (probe runs log AUROC and AP only).",
+                                             className="cl-muted"), className="cl-gallery")
+
+
+# The default vocabulary (docs/CONTRACTS.md), in the BI-RADS spirit; users add their own.
+DEFAULT_VOCABULARY = ("mass", "calcification", "spiculated_margin", "circumscribed_margin",
+                      "architectural_distortion", "skin", "film_label", "normal_tissue")
+_CONCEPT_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def concept_id(typed) -> str:
+    """A typed concept name → its id: lower case, spaces to '_'; UserInputError for anything else."""
+    from .errors import UserInputError
+
+    if not isinstance(typed, str):
+        raise InvalidInput("concept", f"expected text, got {type(typed).__name__}")
+    cid = "_".join(typed.strip().lower().split())
+    if not cid or len(cid) > 40 or not set(cid) <= _CONCEPT_CHARS:
+        raise UserInputError(f"concept {typed[:60]!r}: use letters, digits, spaces, '-' or '_' (at most 40)")
+    return cid
+
+
+def _png_uri(png: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _fmt(value) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"

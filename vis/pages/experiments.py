@@ -37,14 +37,13 @@ def layout(**_query):
                                                      figure=figures.empty_figure("", height=340))), width=7),
         ], className="mt-3"),
         dbc.Row([
-            dbc.Col(panel("ROC", dcc.Graph(id=ids.EXP_ROC, config=figures.MAP_CONFIG, style={"height": "380px"},
-                                           figure=figures.empty_figure("", height=380))), width=6),
+            dbc.Col(panel("ROC (test split)", html.Div(id=ids.EXP_ROC)), width=12),
         ], className="mt-3"),
     ])
 
 
 @callback(Output(ids.EXP_PARAMS, "children"), Output(ids.EXP_METRIC, "options"), Output(ids.EXP_METRIC, "value"),
-          Output(ids.EXP_ROC, "figure"), Output(ids.EXP_MESSAGE, "children"),
+          Output(ids.EXP_ROC, "children"), Output(ids.EXP_MESSAGE, "children"),
           Input(ids.EXP_RUNS, "value"), dash.State(ids.EXP_METRIC, "value"))
 @shows_errors(5, at=4)
 def show_runs(run_ids, metric):

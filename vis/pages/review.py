@@ -96,6 +96,7 @@ def layout(**_query):
     return html.Div([
         dcc.Store(id=ids.REVIEW_STATE, data={"source": first, "image": None, "unit": None}),
         dcc.Store(id=ids.REVIEW_REGIONS, data=[]),
+        dcc.Store(id=ids.REVIEW_SHOWN, data=None),
         dcc.Store(id=ids.REVIEW_ACTIONS, data=[], storage_type="session"),
         dcc.Store(id=ids.REVIEW_CONCEPTS, data=[], storage_type="local"),
         toolbar,
@@ -135,15 +136,17 @@ def open_patch(source, _flag_clicks, mammogram_click, unit_click, state):
 
 
 # -- views -------------------------------------------------------------------------------------------------------------
-@callback(Output(ids.REVIEW_MAMMOGRAM, "figure"), Output(ids.REVIEW_SOURCE_INFO, "children"),
+@callback(Output(ids.REVIEW_MAMMOGRAM, "figure"), Output(ids.REVIEW_SHOWN, "data"),
+          Output(ids.REVIEW_SOURCE_INFO, "children"),
           Input(ids.REVIEW_SOURCE, "value"), Input(ids.REVIEW_LEVEL, "value"), Input(ids.REVIEW_WIDTH, "value"),
-          Input(ids.REVIEW_OVERLAY, "value"), Input(ids.REVIEW_STATE, "data"))
-@shows_errors(2, at=1)
-def show_mammogram(source, level, width, overlay, state):
+          Input(ids.REVIEW_OVERLAY, "value"), Input(ids.REVIEW_STATE, "data"), State(ids.REVIEW_SHOWN, "data"))
+@shows_errors(3, at=2)
+def show_mammogram(source, level, width, overlay, state, shown):
     wb = current()
-    if set(ctx.triggered_prop_ids) == {f"{ids.REVIEW_STATE}.data"}:  # only the open patch moved: redraw its box
-        return wb.mammogram_boxes(source, state), no_update
-    return wb.mammogram_figure(source, state, level=level, width=width, overlay=overlay), wb.source_info(source)
+    if shown == source and set(ctx.triggered_prop_ids) == {f"{ids.REVIEW_STATE}.data"}:
+        return wb.mammogram_boxes(source, state), no_update, no_update  # only the open patch moved
+    figure = wb.mammogram_figure(source, state, level=level, width=width, overlay=overlay)
+    return figure, source, wb.source_info(source)
 
 
 @callback(Output(ids.REVIEW_FLAGGED, "children"), Input(ids.REVIEW_SOURCE, "value"), Input(ids.REVIEW_STATE, "data"))

@@ -1,0 +1,266 @@
+"""Browser-test helpers: the app in a subprocess on a free loopback port, driven by Debian's chromium via Playwright.
+
+    >>> with AppServer(workspace) as app, open_browser() as page:
+    ...     page.goto(app.url + "/units")
+    ...     wait_idle(page)
+    ...     screenshot(page, "units")                 # test-output/screenshots/units.png
+
+Never downloads a browser: Playwright launches /usr/bin/chromium with a fresh temporary profile. The server runs
+`python -m vis serve` exactly as a user would (debug off), with one torch thread so tests share the 2 cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOTS = ROOT / "test-output" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AppServer:
+    """`python -m vis serve` (or any argv) on 127.0.0.1:<free port>; `.url`; stopped with its process group."""
+
+    def __init__(self, workspace: Path | str, *, args: list[str] = (), env: dict | None = None,
+                 argv: list[str] | None = None, timeout: float = 120.0):
+        self.workspace = Path(workspace)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.timeout = timeout
+        self.argv = argv or [sys.executable, "-m", "vis", "serve", "--workspace", str(self.workspace),
+                             "--port", str(self.port), *args]
+        self.env = {**os.environ, "CONCEPTLENS_WORKSPACE": str(self.workspace), "OMP_NUM_THREADS": "1",
+                    "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.log_path = Path(tempfile.mkstemp(prefix="conceptlens-app-", suffix=".log")[1])
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "AppServer":
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"app exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.3)
+        self.__exit__(None, None, None)
+        raise TimeoutError(f"app did not answer on {self.url} within {self.timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+@contextlib.contextmanager
+def open_browser(*, width: int = 1440, height: int = 900):
+    """A Playwright page in chromium (fresh profile), viewport width×height; closed on exit."""
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory(prefix="conceptlens-chromium-") as profile, sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": width, "height": height}, device_scale_factor=1)
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            context.close()
+
+
+def wait_idle(page, *, quiet_ms: int = 600, timeout_s: float = 90.0) -> None:
+    """Wait until Dash has no callback in flight (no loading state) for `quiet_ms`."""
+    deadline = time.monotonic() + timeout_s
+    quiet_since = None
+    while time.monotonic() < deadline:
+        busy = page.evaluate(
+            "() => document.querySelectorAll('[data-dash-is-loading=\"true\"]').length"
+            " + (document.title.startsWith('Updating') ? 1 : 0)")
+        if busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif (time.monotonic() - quiet_since) * 1000 >= quiet_ms:
+            return
+        page.wait_for_timeout(100)
+    raise TimeoutError("the app kept working for more than %.0f s" % timeout_s)
+
+
+def screenshot(page, name: str, *, full_page: bool = True) -> Path:
+    """Save a screenshot to test-output/screenshots/<name>.png and return its path."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=full_page)
+    return path
+
+
+def graph_box(page, graph_id: str) -> dict:
+    """Bounding box (page pixels) of a dcc.Graph's plotting area, for real mouse events on it."""
+    return page.locator(f"#{graph_id} .nsewdrag").first.bounding_box()
+
+
+def data_to_page(page, graph_id: str, x: float, y: float) -> tuple[float, float]:
+    """Page pixel coordinates of data point (x, y) on a plotly graph (its first x and y axes)."""
+    return tuple(page.evaluate(
+        """([id, x, y]) => {
+            const gd = document.getElementById(id).querySelector('.js-plotly-plot');
+            const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+            const r = gd.querySelector('.nsewdrag').getBoundingClientRect();
+            return [r.left + xa.l2p(xa.d2l(x)), r.top + ya.l2p(ya.d2l(y))];
+        }""", [graph_id, x, y]))
+
+
+# -- a real small workspace for the app tests (until / unless conftest provides `demo_workspace`) -----------------------
+def build_demo_workspace(root: Path, *, epochs: int = 3) -> Path:
+    """demo data (1 variant of the 8 real films) → a small trained model → extracted store → cached maps.
+
+    Runs the project's own commands in subprocesses with one thread each; returns the workspace directory.
+    """
+    root = Path(root)
+    env = {**os.environ, "CONCEPTLENS_WORKSPACE": str(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "NUMBA_NUM_THREADS": "1"}
+    for var in ("MLFLOW_TRACKING_URI", "CONCEPTLENS_DATABASE_URL", "CONCEPTLENS_STORE_ROOT", "CONCEPTLENS_CACHE_URL"):
+        env.pop(var, None)
+    steps = [
+        ["training", "build-demo", "--variants", "1"],
+        ["training", "fit", "--config", str(ROOT / "training" / "configs" / "demo.yaml"),
+         "--set", f"trainer.max_epochs={epochs}"],
+        ["store", "extract", "--model", "models:/conceptlens-demo@champion", "--data", "demo", "--out", "demo",
+         "--no-progress", "--threads", "1"],
+        ["explain", "maps", "--store", "demo", "--kinds", "unit_pca", "unit_groups", "image_pca"],
+    ]
+    for step in steps:
+        cmd = [sys.executable, "-m", step[0], *step[1:], "--workspace", str(root)]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(step[:2])} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
+                               f"{done.stderr[-3000:]}")
+    return root
+
+
+def workspace_dir(ws) -> Path:
+    """The directory of a workspace given as Settings or a path."""
+    return Path(getattr(ws, "workspace", ws))
+
+
+# -- driving callbacks over HTTP (tests and the benchmark) ----------------------------------------------------------------
+class DashClient:
+    """Calls a Dash app's callbacks the way the browser does: POST /_dash-update-component with the exact payload.
+
+        >>> c = DashClient(flask_app.test_client())              # or DashClient("http://127.0.0.1:8050")
+        >>> status, data = c.call("review-mammogram.figure", {"review-source.value": "img-…", …})
+
+    `inputs` maps "id.property" (pattern-matching ids: the JSON of the dict, sorted keys) to values; declared
+    inputs not given are sent without a value, as the browser does for undefined props.
+    """
+
+    def __init__(self, target):
+        import json as _json
+
+        self._json = _json
+        self.target = target
+        self.deps = self._get("/_dash-dependencies")
+
+    def _get(self, path):
+        if isinstance(self.target, str):
+            with urllib.request.urlopen(self.target + path, timeout=30) as r:
+                return self._json.loads(r.read())
+        r = self.target.get(path)
+        return r.get_json()
+
+    def post(self, body, *, raw: bytes | None = None, content_type: str = "application/json"):
+        """(status, parsed JSON or text) of one POST to the callback endpoint."""
+        data = raw if raw is not None else self._json.dumps(body).encode()
+        if isinstance(self.target, str):
+            req = urllib.request.Request(self.target + "/_dash-update-component", data=data,
+                                         headers={"Content-Type": content_type}, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    status, text = r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                status, text = e.code, e.read().decode()
+        else:
+            r = self.target.post("/_dash-update-component", data=data, content_type=content_type)
+            status, text = r.status_code, r.get_data(as_text=True)
+        try:
+            return status, self._json.loads(text) if text else None
+        except ValueError:
+            return status, text
+
+    def find(self, output: str) -> dict:
+        """The dependency entry whose outputs include `output` ("id.property")."""
+        for exact in (True, False):  # the callback that owns the output first, then allow_duplicate writers
+            for d in self.deps:
+                outs = d["output"].strip(".").split("...")
+                if output in (outs if exact else [o.split("@")[0] for o in outs]):
+                    return d
+        raise KeyError(f"no callback outputs {output!r}")
+
+    @staticmethod
+    def _key(dep: dict) -> str:
+        return f"{dep['id']}.{dep['property']}"
+
+    def body(self, output: str, inputs: dict, *, changed: list[str] | None = None) -> dict:
+        d = self.find(output)
+        outs = d["output"].strip(".").split("...")
+        outputs = []
+        for o in outs:
+            cid, _, prop = o.rpartition(".")
+            outputs.append({"id": self._json.loads(cid) if cid.startswith("{") else cid, "property": prop})
+
+        def entries(deps):
+            out = []
+            for dep in deps:
+                key = self._key(dep)
+                cid = self._json.loads(dep["id"]) if dep["id"].startswith("{") else dep["id"]
+                if isinstance(cid, dict) and any(v == ["ALL"] for v in cid.values()):
+                    out.append(inputs.get(key, []))  # already a list of {"id", "property", "value"}
+                    continue
+                e = {"id": cid, "property": dep["property"]}
+                if key in inputs:
+                    e["value"] = inputs[key]
+                out.append(e)
+            return out
+
+        ins = entries(d["inputs"])
+        changed = changed if changed is not None else [self._key(d["inputs"][0])]
+        return {"output": d["output"], "outputs": outputs if d["output"].startswith("..") else outputs[0],
+                "inputs": ins, "state": entries(d["state"]), "changedPropIds": changed}
+
+    def call(self, output: str, inputs: dict, *, changed: list[str] | None = None):
+        return self.post(self.body(output, inputs, changed=changed))

@@ -1,0 +1,328 @@
+"""The workbench app without a browser: factory, pages' empty states, the callback guard, debug off, commands.
+
+Fast tests use an empty workspace (the `workspace` fixture); tests marked slow use a real small workspace
+(`app_workspace`: the lead's `demo_workspace` when conftest has it, else one built here from the real films).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from browser import DashClient, build_demo_workspace, workspace_dir  # noqa: E402
+
+PAGES = ["/", "/units", "/images", "/probes", "/experiments"]
+ROUTER = "_pages_content.children"
+
+
+@pytest.fixture(scope="session")
+def app_workspace(request, tmp_path_factory):
+    """A workspace with demo data, a trained model, an extracted store and cached maps (Path)."""
+    try:
+        return workspace_dir(request.getfixturevalue("demo_workspace"))
+    except pytest.FixtureLookupError:
+        import torch
+
+        torch.set_num_threads(1)
+        return build_demo_workspace(tmp_path_factory.mktemp("app-ws") / "workspace")
+
+
+def _client(settings, **config):
+    from vis.app import AppConfig, create_app
+
+    app = create_app(settings, config=AppConfig(**config))
+    client = app.server.test_client()
+    assert client.get("/").status_code == 200  # first request: Dash registers the page router
+    return app, DashClient(client)
+
+
+def _page(dc: DashClient, path: str):
+    return dc.call(ROUTER, {"_pages_location.pathname": path, "_pages_location.search": ""},
+                   changed=["_pages_location.pathname"])
+
+
+def _text(component) -> str:
+    """Every string inside a serialized Dash response or component tree, joined."""
+    if isinstance(component, str):
+        return component
+    if isinstance(component, list):
+        return " ".join(_text(c) for c in component)
+    if isinstance(component, dict):
+        return " ".join(_text(v) for k, v in component.items() if k not in ("type", "namespace", "id"))
+    return ""
+
+
+# -- empty workspace ---------------------------------------------------------------------------------------------------
+def test_every_page_explains_what_is_missing_in_an_empty_workspace(workspace):
+    _app, dc = _client(workspace)
+    for path in ["/", "/units", "/images", "/probes"]:
+        status, data = _page(dc, path)
+        assert status == 200, (path, data)
+        text = _text(data["response"])
+        assert "Workspace not ready" in text and "build-demo" in text, (path, text[:300])
+    status, data = _page(dc, "/experiments")  # needs only the tracking store, which starts empty
+    assert status == 200
+    assert "mlflow" in _text(data["response"])
+
+
+def test_the_shell_shows_a_banner_and_links_every_page(workspace):
+    app, dc = _client(workspace)
+    layout = app.server.test_client().get("/_dash-layout").get_json()
+    text = json.dumps(layout)
+    for name in ["Review", "Units", "Images", "Probes", "Experiments"]:
+        assert f'"{name}"' in text
+    assert "Workspace not ready" in _text(layout)
+
+
+# -- the guard: forged or malformed callback requests --------------------------------------------------------------------
+def _valid_body(dc: DashClient) -> dict:
+    return dc.body(ROUTER, {"_pages_location.pathname": "/", "_pages_location.search": ""},
+                   changed=["_pages_location.pathname"])
+
+
+@pytest.mark.parametrize("mutate, status, words", [
+    (lambda b: {**b, "output": "nope.children"}, 400, "not a callback of this app"),
+    (lambda b: {**b, "output": 7}, 400, "expected a string"),
+    (lambda b: {**b, "inputs": b["inputs"][:1]}, 400, "expected 2 entries"),
+    (lambda b: {**b, "inputs": [{"id": "review-source", "property": "value", "value": 1}, b["inputs"][1]]}, 400,
+     "which this callback declares"),
+    (lambda b: {**b, "inputs": "x"}, 400, "expected a list"),
+    (lambda b: {**b, "state": [{"id": "x", "property": "y", "value": 1}]}, 400, "expected 0 entries"),
+    (lambda b: {**b, "changedPropIds": ["secret.data"]}, 400, "not an input of this request"),
+    (lambda b: {**b, "changedPropIds": "all"}, 400, "list of strings"),
+    (lambda b: [b], 400, "JSON object"),
+])
+def test_forged_callback_payloads_get_a_400_naming_the_problem(workspace, mutate, status, words):
+    _app, dc = _client(workspace)
+    code, data = dc.post(mutate(_valid_body(dc)))
+    assert code == status, data
+    assert words in data["error"]
+
+
+def test_nan_infinity_huge_and_non_json_bodies_are_refused(workspace):
+    _app, dc = _client(workspace, max_body_bytes=64 * 1024)
+    body = json.dumps(_valid_body(dc))
+    nan = body.replace('"value": "/"', '"value": NaN')
+    assert '"value": NaN' in nan
+    code, data = dc.post(None, raw=nan.encode())
+    assert code == 400 and "NaN" in data["error"]
+    code, data = dc.post(None, raw=body.replace('"value": "/"', '"value": -Infinity').encode())
+    assert code == 400 and "Infinity" in data["error"]
+    huge = {**_valid_body(dc), "pad": "M" + "L1,1" * 40_000}  # a drawn path of 40 000 vertices
+    code, data = dc.post(huge)
+    assert code == 413 and "larger than" in data["error"]
+    code, data = dc.post(None, raw=b"{not json")
+    assert code == 400 and "not JSON" in data["error"]
+    code, data = dc.post(None, raw=body.encode(), content_type="text/plain")
+    assert code == 415
+
+
+def test_a_valid_request_still_works_through_the_guard(workspace):
+    _app, dc = _client(workspace)
+    code, data = dc.post(_valid_body(dc))
+    assert code == 200 and "Workspace not ready" in _text(data["response"])
+
+
+# -- configuration ---------------------------------------------------------------------------------------------------
+def test_debug_and_dev_tools_are_off_unless_asked(workspace):
+    from vis.app import AppConfig, create_app
+
+    app = create_app(workspace)
+    assert not app._dev_tools.ui and not app._dev_tools.props_check and not app._dev_tools.serve_dev_bundles
+    index = app.server.test_client().get("/").get_data(as_text=True)
+    assert '"ui": false' in index.replace("'", '"').lower() or '"ui":false' in index.replace(" ", "").lower()
+    debug = create_app(workspace, config=AppConfig(debug=True))
+    assert debug._dev_tools.ui
+
+
+def test_secret_key_is_created_once_and_shared(workspace):
+    from vis.app import create_app
+
+    a, b = create_app(workspace), create_app(workspace)
+    assert a.server.secret_key and a.server.secret_key == b.server.secret_key
+    assert (workspace.workspace / "secret_key").stat().st_mode & 0o077 == 0
+
+
+def test_create_server_reads_the_workspace_from_the_environment(workspace):
+    from vis.app import create_server
+    from vis.services import EXTENSION
+
+    server = create_server()  # the `workspace` fixture set CONCEPTLENS_WORKSPACE
+    assert server.extensions[EXTENSION].settings.workspace == workspace.workspace
+    assert server.test_client().get("/health").status_code == 200
+
+
+def test_background_jobs_use_diskcache_in_the_workspace_by_default(workspace):
+    from dash import DiskcacheManager
+
+    from vis.jobs import create_manager
+
+    manager = create_manager(workspace)
+    assert isinstance(manager, DiskcacheManager)
+    assert Path(manager.handle.directory) == workspace.cache_dir / "jobs"
+
+
+@pytest.mark.services
+def test_background_jobs_use_celery_on_redis_in_the_team_setup(workspace, redis_url):
+    from dash import CeleryManager
+
+    from store.settings import load_settings
+    from vis.jobs import create_manager
+
+    settings = load_settings(workspace.workspace, env={"CONCEPTLENS_CACHE_URL": redis_url})
+    manager = create_manager(settings)
+    assert isinstance(manager, CeleryManager)
+    assert manager.handle.conf.broker_url == redis_url
+    # the result backend really is the machine's Redis: a value written through it reads back
+    manager.handle.backend.set("conceptlens-test-key", b"ok")
+    assert manager.handle.backend.get("conceptlens-test-key") == b"ok"
+    manager.handle.backend.delete("conceptlens-test-key")
+
+
+def test_mlflow_ui_command_uses_the_workspace_tracking_store_on_loopback(workspace):
+    from vis.app import mlflow_ui_command
+
+    cmd = mlflow_ui_command(workspace, port=5123)
+    assert cmd[1:4] == ["-m", "mlflow", "ui"]
+    assert cmd[cmd.index("--backend-store-uri") + 1] == workspace.tracking_uri
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "5123"
+
+
+def test_vis_command_line_lists_its_commands():
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "vis", "--help"], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0
+    for name in ("serve", "mlflow-ui", "worker"):
+        assert name in out.stdout
+
+
+# -- figures ---------------------------------------------------------------------------------------------------------
+def test_mammogram_figure_axes_are_the_png_pixels_whatever_the_sent_resolution():
+    import numpy as np
+
+    from vis.figures import LesionOverlay, mammogram_figure
+
+    img = np.zeros((100, 60), np.uint8)  # sent at half resolution of a 200×120 PNG
+    ov = LesionOverlay(probs=np.full((3, 2), 0.8, np.float32), origin=(0, 0), step=32, size=64)
+    fig = mammogram_figure(img, scale=0.5, overlay=ov, box=(10, 20, 74, 84), flagged=[(0, 0, 64, 64)])
+    assert fig.layout.xaxis.range == (0, 120) and fig.layout.yaxis.range == (200, 0)
+    image = fig.data[0]
+    assert image.dx == 2 and image.x0 == 1  # pixel i covers [2i, 2i + 2): centre 2i + 1
+    heat = fig.data[1]
+    assert heat.x0 == 32 and heat.dx == 32  # the first window's centre, then one step per column
+    assert [s.line.color for s in fig.layout.shapes] == ["#4dabf7", "#ffd43b"]
+    assert (fig.layout.shapes[1].x0, fig.layout.shapes[1].y1) == (10, 84)
+
+
+def test_patch_figure_keeps_patch_coordinates_and_offers_drawing_tools():
+    import numpy as np
+
+    from vis.figures import PATCH_CONFIG, Overlay, patch_figure
+
+    patch = np.arange(64 * 64, dtype=np.uint32).reshape(64, 64).astype(np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[10:20, 10:30] = True
+    fig = patch_figure(patch, overlays=[Overlay("unit 3", mask, kind="mask")],
+                       shapes=[{"type": "rect", "x0": 1, "y0": 2, "x1": 30, "y1": 40}])
+    assert fig.layout.xaxis.range == (0, 64) and fig.layout.dragmode == "drawclosedpath"
+    assert fig.data[0].x0 == pytest.approx(0.5 / 6) and fig.data[0].dx == pytest.approx(1 / 6)
+    assert fig.data[1].x0 == 0.5  # mask cell (i, j) is centred on (j + 0.5, i + 0.5)
+    assert fig.layout.shapes[0].x1 == 30
+    assert set(PATCH_CONFIG["modeBarButtonsToAdd"]) == {"drawclosedpath", "drawrect", "drawcircle", "eraseshape"}
+
+
+def test_unit_map_enlarges_and_rings_units_above_the_iou_threshold():
+    import numpy as np
+
+    from vis.figures import unit_map_figure
+
+    xy = np.random.default_rng(0).normal(size=(6, 2))
+    iou = np.array([0.0, 0.5, 0.1, 0.3, 0.0, 0.21], np.float32)
+    fig = unit_map_figure(xy, labels=["", "mass", "", "", "", ""], iou=iou, threshold=0.2, selected=2)
+    sizes = {int(u): s for tr in fig.data[:2] for u, s in zip(tr.customdata, tr.marker.size)}
+    assert sizes[1] > sizes[3] > sizes[5] > sizes[0] == sizes[2]
+    ring = [tr for tr in fig.data if tr.name == "IoU > 0.2"][0]
+    assert sorted(ring.customdata) == [1, 3, 5]
+    assert [tr for tr in fig.data if tr.name == "unit 2"]
+
+
+def test_window_image_maps_level_and_width_linearly():
+    import numpy as np
+
+    from vis.figures import window_image
+
+    ramp = np.linspace(0, 1, 11, dtype=np.float32)
+    out = window_image(ramp, 0.5, 0.5)  # [0.25, 0.75] → [0, 255]
+    assert out[0] == 0 and out[2] == 0 and out[5] == 127 and out[8] == 255 and out[10] == 255
+
+
+# -- a real workspace (slow: builds demo data, trains 3 epochs, extracts) ---------------------------------------------
+@pytest.mark.slow
+def test_every_page_renders_on_a_real_workspace(app_workspace):
+    from store.settings import load_settings
+
+    _app, dc = _client(load_settings(app_workspace))
+    for path in PAGES:
+        status, data = _page(dc, path)
+        assert status == 200, (path, data)
+        text = _text(data["response"])
+        assert "not ready" not in text.lower(), (path, text[:300])
+
+
+@pytest.mark.slow
+def test_wrong_types_in_callback_values_are_400_and_change_nothing(app_workspace):
+    from store.settings import load_settings
+    from vis import ids
+
+    settings = load_settings(app_workspace)
+    app, dc = _client(settings)
+    wb = app.server.extensions["conceptlens"]
+    source = wb.sources()[0].id
+    base = {f"{ids.REVIEW_SOURCE}.value": source, f"{ids.REVIEW_LEVEL}.value": 0.5,
+            f"{ids.REVIEW_WIDTH}.value": 1.0, f"{ids.REVIEW_OVERLAY}.value": True,
+            f"{ids.REVIEW_STATE}.data": {"source": source, "image": None, "unit": None}}
+    code, _ = dc.call(f"{ids.REVIEW_MAMMOGRAM}.figure", base)
+    assert code == 200
+    before = sorted(p.name for p in (settings.workspace).rglob("*") if p.is_file() and "cache" not in p.parts)
+    for key, bad in [(f"{ids.REVIEW_LEVEL}.value", "abc"), (f"{ids.REVIEW_LEVEL}.value", 7.5),
+                     (f"{ids.REVIEW_SOURCE}.value", "../../etc/passwd"), (f"{ids.REVIEW_SOURCE}.value", {"a": 1}),
+                     (f"{ids.REVIEW_OVERLAY}.value", "yes"), (f"{ids.REVIEW_STATE}.data", {"image": 3})]:
+        code, data = dc.call(f"{ids.REVIEW_MAMMOGRAM}.figure", {**base, key: bad})
+        assert code == 400, (key, bad, data)
+        assert data["error"]
+    huge = [{"type": "path", "path": "M0,0" + "L1,1" * 12_000 + "Z"}]
+    code, data = dc.call(f"{ids.REVIEW_REGIONS}.data", {f"{ids.REVIEW_PATCH}.relayoutData": {"shapes": huge},
+                                                       f"{ids.REVIEW_REGIONS}.data": []},
+                         changed=[f"{ids.REVIEW_PATCH}.relayoutData"])
+    assert code == 400 and "vertices" in data["error"]
+    after = sorted(p.name for p in (settings.workspace).rglob("*") if p.is_file() and "cache" not in p.parts)
+    assert before == after
+
+
+@pytest.mark.slow
+def test_a_store_from_another_model_is_refused_with_a_clear_message(app_workspace, tmp_path):
+    import torch
+
+    from store.settings import load_settings
+    from training.registry import save_model
+    from training.zoo import ModelSpec, build_model
+
+    torch.manual_seed(1)
+    spec = ModelSpec(zoo="vgg_bn", config={"widths": [8, 16], "convs": [1, 1]})
+    other = save_model(tmp_path / "other-model", build_model(spec), spec=spec, input_size=(64, 64),
+                       transform={"mean": 0.5, "std": 0.25}, layers=["features.0"])
+    _app, dc = _client(load_settings(app_workspace), model=str(other))
+    for path in ["/", "/units", "/images", "/probes"]:
+        status, data = _page(dc, path)
+        assert status == 200
+        text = _text(data["response"])
+        assert "extracted from another model" in text, text[:400]
+        assert "conceptlens-demo" in text and str(other) in text  # both sides are named
