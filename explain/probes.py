@@ -745,17 +745,10 @@ class FeatureCache:
 
 
 def _image_index(store, image) -> int:
-    from .errors import UnknownImageError
+    """An image id or index → its index (explain.dissection.resolve_image: UnknownImageError otherwise)."""
+    from .dissection import resolve_image
 
-    if isinstance(image, (str, np.str_)):
-        try:
-            return store.index_of(str(image))
-        except KeyError:
-            raise UnknownImageError(image, where=str(store.url)) from None
-    i = int(image)
-    if not 0 <= i < store.n_images:
-        raise UnknownImageError(image, where=f"{store.url} (indices 0 … {store.n_images - 1})")
-    return i
+    return resolve_image(store, image)
 
 
 def collect_examples(store, layer: str, annotations: ProbeAnnotations, *, config: ProbeConfig | None = None,
