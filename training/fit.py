@@ -23,6 +23,7 @@ import sys
 import time
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -516,10 +517,13 @@ def fit(config: FitConfig | str | Path | dict, *, settings=None) -> FitResult:
         if track:
             _log_inputs(client, run_id, config, summary, dataset, layers, code, net)
         module = ClassifierModule(net, optim=config.optim)
-        trainer.fit(module, datamodule=dm)
-        if best.state is not None:
-            net.load_state_dict(best.state)
-        trainer.test(module, datamodule=dm, verbose=False)
+        with warnings.catch_warnings():
+            # the module logs values torchmetrics already synchronised over ranks (see ClassifierModule._log_epoch)
+            warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
+            trainer.fit(module, datamodule=dm)
+            if best.state is not None:
+                net.load_state_dict(best.state)
+            trainer.test(module, datamodule=dm, verbose=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         metrics["best/val_auroc"] = best.best
         metrics["best/epoch"] = float(best.epoch)

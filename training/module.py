@@ -16,7 +16,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     BinaryAccuracy, BinaryAUROC, BinaryConfusionMatrix, BinaryROC, BinarySensitivityAtSpecificity,
 )
@@ -63,6 +63,7 @@ class ClassifierModule(L.LightningModule):
         self.optim = optim or OptimConfig()
         # one metric object per split ("train" itself is taken: nn.Module.train)
         self.metrics = nn.ModuleDict({f"{s}_split": _split_metrics() for s in SPLITS})
+        self.losses = nn.ModuleDict({f"{s}_split": MeanMetric() for s in SPLITS})
         self.test_curves = nn.ModuleDict({"roc": BinaryROC(), "confusion": BinaryConfusionMatrix()})
         self.test_summary: dict | None = None  # ROC points and confusion matrix of the last test run
         self.train_images = 0  # patches seen by training steps on this rank (throughput)
@@ -79,8 +80,9 @@ class ClassifierModule(L.LightningModule):
         if split == "test":
             self.test_curves["roc"].update(prob, y)
             self.test_curves["confusion"].update(prob, y)
-        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, prog_bar=split != "test", sync_dist=True,
-                 batch_size=len(y))
+        self.losses[f"{split}_split"].update(loss.detach(), weight=len(y))
+        if split == "train":  # this rank's running loss, for the progress bar only
+            self.log("loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, logger=False)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -94,11 +96,18 @@ class ClassifierModule(L.LightningModule):
         self.model_step(batch, "test")
 
     def _log_epoch(self, split: str) -> None:
-        values = self.metrics[f"{split}_split"].compute()  # synchronised across ranks by torchmetrics
+        """Every rank computes (and so synchronises) the split's metrics here, at the same point of the loop.
+
+        Nothing is logged with sync_dist: Lightning would synchronise such values lazily, when something reads
+        them — on rank 0 that is the progress bar, which the other ranks do not have, and DDP would deadlock.
+        """
+        values = {"loss": self.losses[f"{split}_split"].compute(), **self.metrics[f"{split}_split"].compute()}
         for name, v in values.items():
-            v = v[0] if isinstance(v, tuple) else v
-            self.log(f"{split}/{name}", v.float(), prog_bar=(split == "val" and name == "auroc"), sync_dist=False)
+            v = v[0] if isinstance(v, tuple) else v  # sensitivity-at-specificity returns (value, threshold)
+            self.log(f"{split}/{name}", v.float(), prog_bar=(split == "val" and name in ("auroc", "loss")),
+                     sync_dist=False)
         self.metrics[f"{split}_split"].reset()
+        self.losses[f"{split}_split"].reset()
 
     def on_train_epoch_end(self):
         self._log_epoch("train")
