@@ -63,7 +63,7 @@ from .errors import (
     MisalignedWriteError,
     StoreMismatchError,
 )
-from .stats import Float16Quantiles, TopK
+from .stats import Float16Histogram, Float16Quantiles, TopK
 
 __all__ = [
     "FORMAT_VERSION", "QUANTILE_LEVELS", "StoreLayout", "ActivationStore", "Probe", "create_store", "open_store",
@@ -636,11 +636,15 @@ class ActivationStore:
                 self.write_aligned(f"layers/{name}/{stat}", start, layers[name][stat])
         self._array("progress")[block] = 1  # after the data: a recorded block is a written block
 
-    def finalize(self, *, progress=None) -> None:
-        """Compute quantiles (exact over the stored float16 maps) and top-k, then mark the store complete.
+    def finalize(self, *, histograms: Mapping[str, Float16Histogram] | None = None, covered: Iterable[int] = (),
+                 progress=None) -> None:
+        """Compute per-unit quantiles and top-k, then mark the store complete.
 
-        Reads the stored data, so the result depends only on the stored arrays, not on how blocks were written.
-        `progress(done, total)` is called after each block of each pass.
+        Quantiles are exact over the stored float16 maps. `histograms[layer]` may already hold the counts of the
+        blocks in `covered` (extraction counts the maps it writes, so they need not be read back); every other block
+        is read from the store. A layer without a histogram is done by a two-pass radix select over the store
+        (Float16Quantiles: same numbers, less memory). Top-k comes from the stored `max` array.
+        `progress(done, total)` is called after each block read.
         """
         self._writable("finalize")
         done = self.completed_blocks()
@@ -651,27 +655,30 @@ class ActivationStore:
         self._zstore.strict = True  # every chunk must exist from here on
         levels = tuple(float(q) for q in self.attrs["quantile_levels"])
         k = int(self.attrs["k"])
-        total, step = len(self.layers) * self.n_blocks * 2, 0
+        histograms, covered = dict(histograms or {}), set(int(b) for b in covered)
+        reads = {name: ([b for b in range(self.n_blocks) if b not in covered], 1) if name in histograms
+                 else (list(range(self.n_blocks)), Float16Quantiles.passes) for name in self.layers}
+        total, step = sum(len(blocks) * passes for blocks, passes in reads.values()), 0
         for name in self.layers:
             p = f"layers/{name}"
             maps = self._array(f"{p}/maps")
             units = maps.shape[1]
-            sketch = Float16Quantiles(units, levels)
-            for _ in range(sketch.passes):
-                for b in range(self.n_blocks):
+            sketch = histograms[name] if name in histograms else Float16Quantiles(units, levels)
+            blocks, passes = reads[name]
+            for _ in range(passes):
+                for b in blocks:
                     start, stop = self.block_range(b)
                     sketch.add(maps[start:stop])  # (image, unit, y, x) float16
                     step += 1
                     if progress:
                         progress(step, total)
-                sketch.end_pass()
+                if passes > 1:
+                    sketch.end_pass()
             top = TopK(units, k)
-            pooled = self._array(f"{p}/max")
-            for b in range(self.n_blocks):
-                start, stop = self.block_range(b)
-                top.add(pooled[start:stop], start=start)
+            top.add(self._array(f"{p}/max")[:], start=0)  # (image, unit) float32: small
             idx, val = top.result()
-            self._array(f"{p}/quantiles")[...] = sketch.quantiles()
+            q = sketch.quantiles(levels) if name in histograms else sketch.quantiles()
+            self._array(f"{p}/quantiles")[...] = q
             self._array(f"{p}/topk")[...] = idx
             self._array(f"{p}/topk_values")[...] = val
         self._set_attrs({"complete": True, "finished": _now()})

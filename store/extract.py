@@ -46,6 +46,7 @@ from .activations import (
 )
 from .errors import ActivationStoreError, ImageError, StoreMismatchError
 from .manifest import Manifest, read_manifest
+from .stats import Float16Histogram
 
 __all__ = ["ExtractConfig", "ExtractResult", "extract", "main", "load_patch", "layer_shapes", "rank_blocks"]
 
@@ -65,6 +66,8 @@ class ExtractConfig:
     replace: bool = False  # delete an existing store made from another model or dataset instead of refusing
     threads: int | None = None  # torch intra-op threads per process (None: leave as is)
     ddp_timeout_s: float = 1800.0
+    histogram_mb: int = 512  # memory for counting quantiles while writing (units × 256 KiB per layer); the rest of
+    #                          the layers are read back from the store after extraction
     storage_options: dict = field(default_factory=dict)  # fsspec options for s3:// etc. (endpoint_url, key, …)
 
 
@@ -167,8 +170,10 @@ def _probs(logits: torch.Tensor) -> torch.Tensor:
 class _BlockWriter:
     """Writes finished blocks in one background thread; at most `depth` blocks wait, so memory stays bounded."""
 
-    def __init__(self, store: ActivationStore, depth: int = 2):
+    def __init__(self, store: ActivationStore, histograms: dict[str, Float16Histogram], depth: int = 2):
         self.store = store
+        self.histograms = histograms  # only this thread adds to them
+        self.covered: set[int] = set()  # blocks counted in the histograms
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         self.slots = threading.Semaphore(depth)
         self.futures: list[Future] = []
@@ -186,6 +191,9 @@ class _BlockWriter:
         def run():
             try:
                 self.store.write_block(block, **data)
+                for name, hist in self.histograms.items():
+                    hist.add(data["layers"][name]["maps"])  # (image, unit, y, x) float16, as stored
+                self.covered.add(block)
                 self.written += 1
             finally:
                 self.slots.release()
@@ -213,6 +221,7 @@ class _Job:
         self.store: ActivationStore | None = None
         self.writer: _BlockWriter | None = None
         self.mine: list[int] = []
+        self.todo: list[int] = []
         self.buffers: dict[int, dict] = {}
         self.filled: dict[int, int] = {}
         self.rank, self.world = 0, 1
@@ -229,8 +238,14 @@ class _Job:
             self.store = open_store(self.url, read_only=False, allow_incomplete=True, storage_options=opts)
         done = self.store.completed_blocks()
         todo = [int(b) for b in np.flatnonzero(~done)]
+        self.todo = todo
         self.mine = rank_blocks(todo, rank, world)
-        self.writer = _BlockWriter(self.store)
+        budget, histograms = self.config.histogram_mb << 20, {}
+        for name, (units, _, _) in self.layout.layers.items():
+            if Float16Histogram.nbytes_for(units) <= budget:  # the same choice on every rank
+                histograms[name] = Float16Histogram(units)
+                budget -= Float16Histogram.nbytes_for(units)
+        self.writer = _BlockWriter(self.store, histograms)
 
     def dataloader(self) -> torch.utils.data.DataLoader:
         sampler = _BlockBatches(self.mine, block=self.layout.block, n_images=self.layout.n_images,
@@ -297,6 +312,9 @@ class _Job:
             raise ActivationStoreError(f"{self.url}: blocks {sorted(self.buffers)} were only partly computed")
         self.writer.close()
         barrier("conceptlens-blocks-written")
+        histograms, covered = self.writer.histograms, self.writer.covered
+        if self.world > 1:
+            covered = self._gather_histograms(histograms)
         if self.rank == 0:
             progress = None
             if self.config.progress_bar:
@@ -307,7 +325,21 @@ class _Job:
                 def progress(done, total):
                     bar.total = total
                     bar.update(done - bar.n)
-            self.store.finalize(progress=progress)
+            self.store.finalize(histograms=histograms, covered=covered, progress=progress)
+
+    def _gather_histograms(self, histograms: dict[str, Float16Histogram]) -> set[int]:
+        """Sum every rank's counts on rank 0 (gloo reduce); they then cover every block written in this run."""
+        import torch.distributed as dist
+
+        for hist in histograms.values():
+            counts = torch.from_numpy(hist.counts.astype(np.int64))  # (unit, key)
+            n = torch.from_numpy(hist.n.copy())  # (unit,)
+            dist.reduce(counts, dst=0, op=dist.ReduceOp.SUM)
+            dist.reduce(n, dst=0, op=dist.ReduceOp.SUM)
+            if self.rank == 0:
+                hist.counts = counts.numpy().astype(np.uint32)
+                hist.n = n.numpy()
+        return set(self.todo)
 
 
 def _lightning_module(net: nn.Module, job: _Job):

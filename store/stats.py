@@ -1,7 +1,11 @@
 """Streaming per-unit statistics whose memory does not grow with the number of images.
 
-    >>> from store.stats import Float16Quantiles, TopK, RunningStats
-    >>> q = Float16Quantiles(units=64, levels=(0.5, 0.99))
+    >>> from store.stats import Float16Histogram, Float16Quantiles, TopK, RunningStats
+    >>> h = Float16Histogram(units=64)                # one pass: a counter for each of the 2**16 float16 values
+    >>> for maps in blocks():                         # float16 (image, unit, y, x)
+    ...     h.add(maps)
+    >>> h.quantiles((0.5, 0.99))                      # float32 (unit, level), equal to numpy.quantile
+    >>> q = Float16Quantiles(units=64, levels=(0.5, 0.99))   # the same numbers in two passes and ~100× less memory
     >>> for p in range(q.passes):                     # two passes over the same data, in any order
     ...     for maps in blocks():                     # float16 (image, unit, y, x), or (image, unit)
     ...         q.add(maps)
@@ -12,8 +16,10 @@
 Each object is created empty, fed with `add(batch)`, read with a verb, saved with `state_dict()` and restored with
 `load_state_dict()`; objects fed with disjoint data merge with `merge(other)` (e.g. one per DDP rank).
 
-Float16Quantiles is exact, not a sketch with an error bound: float16 has 2**16 bit patterns, so a per-unit quantile is
-found by a two-pass radix select on the 16-bit keys — pass 1 counts the high byte (256 bins per unit), which tells
+Both quantile objects are exact, not sketches with an error bound: float16 has 2**16 bit patterns. Float16Histogram
+counts every pattern per unit in one pass (units × 256 KiB of uint32 counters, whatever the number of images); it is
+what extraction feeds from memory while it writes. Float16Quantiles finds the same quantiles by a two-pass radix
+select on the 16-bit keys — pass 1 counts the high byte (256 bins per unit), which tells
 the bin that holds each rank needed by the levels; pass 2 counts the low byte inside those bins only. Memory is
 units × (256 + 2·levels·256) counters whatever the number of images, and the result equals `numpy.quantile(values,
 level)` (method "linear") of the float16 values computed in float64 and rounded to float32. The only difference from
@@ -27,7 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["Float16Quantiles", "TopK", "RunningStats", "float16_keys", "keys_to_float16"]
+__all__ = ["Float16Histogram", "Float16Quantiles", "TopK", "RunningStats", "float16_keys", "keys_to_float16"]
 
 _SIGN = np.uint16(0x8000)
 
@@ -54,11 +60,82 @@ def _as_unit_rows(values: np.ndarray, units: int) -> np.ndarray:
     return float16_keys(values).reshape(values.shape[0], units, -1)
 
 
-def _lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+def _lerp(a, b, t):
     """numpy.quantile's linear interpolation (the same formula, so results match it bit for bit)."""
     diff = b - a
     out = a + diff * t
     return np.where(t >= 0.5, b - diff * (1 - t), out)
+
+
+class Float16Histogram:
+    """Per-unit counts of every float16 value: exact quantiles at any level after one pass (see module docstring)."""
+
+    def __init__(self, units: int):
+        self.units = int(units)
+        self.counts = np.zeros((self.units, 1 << 16), np.uint32)  # (unit, key); keys from float16_keys
+        self.n = np.zeros(self.units, np.int64)  # values counted per unit
+
+    @staticmethod
+    def nbytes_for(units: int) -> int:
+        """Memory of the counters for `units` units (an add briefly needs 512 KiB more)."""
+        return int(units) * (1 << 16) * 4
+
+    def add(self, values: np.ndarray) -> None:
+        """Count a batch shaped (n, unit, …) (float16, or anything that rounds to it)."""
+        keys = _as_unit_rows(values, self.units)  # (n, unit, rest)
+        if keys.size == 0:
+            return
+        per_unit = keys.shape[0] * keys.shape[2]
+        if int(self.n.max(initial=0)) + per_unit >= 2 ** 32:
+            raise OverflowError("Float16Histogram: more than 2**32 values per unit")
+        for u in range(self.units):  # one unit at a time: its 2**16 counters stay in cache (faster than one bincount)
+            np.add(self.counts[u], np.bincount(keys[:, u].ravel(), minlength=1 << 16), out=self.counts[u],
+                   casting="unsafe")
+        self.n += per_unit
+
+    def merge(self, other: "Float16Histogram") -> None:
+        if other.units != self.units:
+            raise ValueError("Float16Histogram.merge: different units")
+        if int((self.n + other.n).max(initial=0)) >= 2 ** 32:
+            raise OverflowError("Float16Histogram: more than 2**32 values per unit")
+        self.counts += other.counts
+        self.n += other.n
+
+    @property
+    def count(self) -> np.ndarray:
+        """(unit,) number of values seen per unit."""
+        return self.n.copy()
+
+    def quantiles(self, levels: Sequence[float]) -> np.ndarray:
+        """float32 (unit, level): numpy.quantile (linear) of each unit's values; NaN for a unit with none."""
+        levels = tuple(float(q) for q in levels)
+        out = np.full((self.units, len(levels)), np.nan, np.float64)
+        for u in range(self.units):
+            cum = np.cumsum(self.counts[u], dtype=np.int64)
+            n = int(cum[-1])
+            if n == 0:
+                continue
+            h = (n - 1) * np.asarray(levels)
+            lo = np.floor(h).astype(np.int64)
+            hi = np.minimum(lo + 1, n - 1)
+            keys = np.searchsorted(cum, np.concatenate([lo, hi]), side="right").astype(np.uint16)
+            vals = keys_to_float16(keys).astype(np.float64)
+            a, b = vals[:len(levels)], vals[len(levels):]
+            out[u] = np.where(a == b, a, _lerp(a, b, h - lo))
+        return out.astype(np.float32)
+
+    def quantile(self, q: float) -> np.ndarray:
+        """float32 (unit,)."""
+        return self.quantiles((q,))[:, 0]
+
+    def state_dict(self) -> dict:
+        return {"units": self.units, "counts": self.counts.copy(), "n": self.n.copy()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["units"]) != self.units:
+            raise ValueError("Float16Histogram.load_state_dict: units differ")
+        self.counts = np.asarray(state["counts"], np.uint32).copy()
+        self.n = np.asarray(state["n"], np.int64).copy()
 
 
 class Float16Quantiles:

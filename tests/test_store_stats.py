@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from store.stats import Float16Quantiles, RunningStats, TopK, float16_keys, keys_to_float16
+from store.stats import Float16Histogram, Float16Quantiles, RunningStats, TopK, float16_keys, keys_to_float16
 
 LEVELS = (0.0, 0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
 
@@ -140,3 +140,35 @@ def test_running_stats():
     t.load_state_dict(s.state_dict())
     assert np.array_equal(t.max(), s.max())
     assert np.isnan(RunningStats(2).mean()).all()
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 500.0])
+def test_histogram_quantiles_equal_numpy_in_one_pass(scale):
+    rng = np.random.default_rng(11)
+    maps = (rng.standard_normal((29, 5, 6, 3)) * scale).astype(np.float16)  # (image, unit, y, x)
+    maps[:, 1] = np.maximum(maps[:, 1], 0)
+    maps[:, 2] = 0
+    h = Float16Histogram(units=5)
+    for i in range(0, 29, 6):
+        h.add(maps[i:i + 6])
+    np.testing.assert_array_equal(h.quantiles(LEVELS), numpy_quantiles(maps, LEVELS))
+    radix = Float16Quantiles(5, LEVELS)
+    feed(radix, maps, batch=29)
+    np.testing.assert_array_equal(h.quantiles(LEVELS), radix.quantiles())  # the two methods agree exactly
+    assert h.count.tolist() == [29 * 18] * 5
+
+
+def test_histogram_merge_state_and_bounded_memory():
+    rng = np.random.default_rng(2)
+    a, b, whole = Float16Histogram(3), Float16Histogram(3), Float16Histogram(3)
+    x = rng.standard_normal((40, 3, 7)).astype(np.float16)
+    a.add(x[:25]); b.add(x[25:]); whole.add(x)
+    a.merge(b)
+    np.testing.assert_array_equal(a.counts, whole.counts)
+    c = Float16Histogram(3)
+    c.load_state_dict(whole.state_dict())
+    np.testing.assert_array_equal(c.quantile(0.99), numpy_quantiles(x, (0.99,))[:, 0])
+    for _ in range(20):
+        c.add(rng.standard_normal((64, 3, 7)).astype(np.float16))
+    assert c.counts.nbytes == Float16Histogram.nbytes_for(3) == 3 * 65536 * 4
+    assert np.isnan(Float16Histogram(2).quantiles((0.5,))).all()
