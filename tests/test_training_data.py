@@ -1,0 +1,113 @@
+"""The datamodule: checks, in-memory and lazy loading, torch augmentation, and the one shared input transform."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers_data import make_manifest
+from training.datamodule import AugmentConfig, DataConfig, PatchDataModule, augment_batch, load_patch
+from training.errors import ConfigError, DataError
+from training.transforms import preprocess
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return make_manifest(tmp_path_factory.mktemp("dm"), counts={"train": 20, "val": 8, "test": 6}, size=16)
+
+
+def test_check_summarises_the_dataset(manifest):
+    dm = PatchDataModule(DataConfig(manifest=str(manifest)), manifest_path=manifest)
+    s = dm.check()
+    assert s.input_size == (16, 16) and len(s.sha256) == 64
+    assert s.counts == {"train": {"normal": 10, "lesion": 10}, "val": {"normal": 4, "lesion": 4},
+                        "test": {"normal": 3, "lesion": 3}}
+
+
+def test_val_batches_are_exactly_preprocess(manifest):
+    dm = PatchDataModule(DataConfig(manifest=str(manifest), eval_batch_size=8), manifest_path=manifest)
+    dm.setup()
+    x, y = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)  # no trainer: eval path
+    recs = dm.manifest.split("val")
+    raw = np.stack([np.asarray(Image.open(r.image)) for r in recs])  # (image, y, x)
+    assert torch.equal(x, preprocess(raw, dm.transform))
+    assert y.tolist() == [r.label for r in recs]
+    # the transform is measured on the training pixels
+    train = np.stack([np.asarray(Image.open(r.image)) for r in dm.manifest.split("train")]) / 255.0
+    assert dm.transform["mean"] == pytest.approx(train.mean(), abs=1e-6)
+    assert dm.transform["std"] == pytest.approx(train.std(ddof=1), abs=1e-5)
+
+
+def test_lazy_and_in_memory_give_the_same_batches(manifest):
+    eager = PatchDataModule(DataConfig(manifest=str(manifest), in_memory=True), manifest_path=manifest, seed=3)
+    lazy = PatchDataModule(DataConfig(manifest=str(manifest), in_memory=False), manifest_path=manifest, seed=3)
+    for dm in (eager, lazy):
+        dm.setup()
+    assert eager.datasets["train"].images is not None and lazy.datasets["train"].images is None
+    assert eager.transform == lazy.transform
+    for a, b in zip(eager.train_dataloader(), lazy.train_dataloader()):  # same seed: same shuffle order
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert a[0].dtype == torch.uint8 and a[0].shape[1:] == (1, 16, 16)
+
+
+def test_workers_load_the_same_data(manifest):
+    dm0 = PatchDataModule(DataConfig(manifest=str(manifest), batch_size=8, num_workers=0), manifest_path=manifest, seed=1)
+    dm1 = PatchDataModule(DataConfig(manifest=str(manifest), batch_size=8, num_workers=1), manifest_path=manifest, seed=1)
+    b0 = [b for b in dm0.train_dataloader()]
+    b1 = [b for b in dm1.train_dataloader()]
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(b0, b1)) and len(b0) == len(b1) == 3
+
+
+def test_geometric_augmentation_keeps_pixels_and_covers_all_8_symmetries():
+    x = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4).repeat(400, 1, 1, 1) / 15
+    torch.manual_seed(0)
+    out = augment_batch(x, AugmentConfig(brightness=0, contrast=0))
+    assert out.shape == x.shape
+    # every output is the same set of pixels, rearranged: flips and quarter turns only
+    assert torch.equal(out.flatten(1).sort(1).values, x.flatten(1).sort(1).values)
+    seen = {tuple(o.flatten().tolist()) for o in out}
+    assert len(seen) == 8  # the dihedral group of the square
+    same = augment_batch(x, AugmentConfig(flip=False, rot90=False, brightness=0, contrast=0))
+    assert torch.equal(same, x)
+
+
+def test_photometric_jitter_is_bounded_and_per_patch():
+    torch.manual_seed(1)
+    x = torch.full((64, 1, 8, 8), 0.5)
+    x[:, :, :4] = 0.3
+    out = augment_batch(x, AugmentConfig(flip=False, rot90=False, brightness=0.1, contrast=0.2))
+    shift = out.mean(dim=(1, 2, 3)) - x.mean(dim=(1, 2, 3))  # brightness moves the mean
+    assert shift.abs().max() <= 0.1 + 1e-6 and shift.std() > 0.02
+    spread = (out[:, 0, 5, 0] - out[:, 0, 0, 0]) / 0.2  # contrast scales the difference
+    assert spread.min() >= 0.8 - 1e-5 and spread.max() <= 1.2 + 1e-5 and spread.std() > 0.05
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_non_square_patches_get_half_turns_only():
+    torch.manual_seed(0)
+    x = torch.rand(50, 1, 4, 6)
+    out = augment_batch(x, AugmentConfig(flip=False, brightness=0, contrast=0))
+    for a, b in zip(out, x):
+        assert torch.equal(a, b) or torch.equal(a, torch.rot90(b, 2, (-2, -1)))
+
+
+def test_sixteen_bit_patches_keep_the_top_byte(tmp_path):
+    a = np.array([[0, 256], [65535, 1024]], dtype=np.uint16)
+    Image.fromarray(a).save(tmp_path / "p.png")
+    assert load_patch(tmp_path / "p.png").tolist() == [[0, 1], [255, 4]]
+    Image.new("RGB", (4, 4)).save(tmp_path / "rgb.png")
+    with pytest.raises(DataError, match="rgb.png: image mode RGB is not grayscale"):
+        load_patch(tmp_path / "rgb.png")
+
+
+def test_data_config_validation():
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        DataConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="data.transform"):
+        DataConfig(transform={"mean": 0.5})
+    with pytest.raises(ConfigError, match="data.augment"):
+        AugmentConfig(contrast=1.5)
