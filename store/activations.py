@@ -546,7 +546,7 @@ class ActivationStore:
         for key in [k for k in self._arrays if k.startswith(path + "/")]:
             del self._arrays[key]
 
-    # -- embeddings -----------------------------------------------------------------------------------------------------
+    # -- embeddings ---------------------------------------------------------------------------------------------------
     def _embedding_path(self, layer: str, kind: str) -> str:
         if not _NAME.match(str(kind)):
             raise ValueError(f"embedding kind {kind!r}: use letters, digits, '_', '.', '-'")
@@ -688,7 +688,7 @@ class ActivationStore:
         self._group.attrs.update(dict(values))
         self.attrs.update(dict(values))
 
-    # -- whole-store views ----------------------------------------------------------------------------------------------
+    # -- whole-store views --------------------------------------------------------------------------------------------
     def arrays(self) -> list[tuple[str, zarr.Array]]:
         """(path, array) of every array in the store, sorted by path."""
         out = []
@@ -874,7 +874,8 @@ def describe(store: ActivationStore) -> str:
     """Human-readable attributes and arrays of a store."""
     attrs = dict(store.attrs)
     ids = attrs.pop("image_ids", [])
-    lines = [f"store {store.url}", f"  images: {len(ids)} (first ids: {', '.join(ids[:3])}{' …' if len(ids) > 3 else ''})"]
+    first = ", ".join(ids[:3]) + (" …" if len(ids) > 3 else "")
+    lines = [f"store {store.url}", f"  images: {len(ids)} (first ids: {first})"]
     for key in sorted(attrs):
         lines.append(f"  {key}: {json.dumps(attrs[key], sort_keys=True)}")
     lines.append("arrays:")

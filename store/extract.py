@@ -38,7 +38,6 @@ from explain.hooks import resolve_layers
 from .activations import (
     QUANTILE_LEVELS,
     ActivationStore,
-    IncompleteStoreError,
     StoreLayout,
     create_store,
     open_store,
@@ -60,7 +59,8 @@ class ExtractConfig:
     block: int = 32  # images per aligned write block; batches never straddle a block
     k: int = 16
     levels: tuple[float, ...] = QUANTILE_LEVELS
-    devices: int = 1  # > 1: DDP on CPU with gloo, one process per device
+    devices: int = 1  # > 1: DDP, one process per device (gloo on CPU)
+    accelerator: str = "cpu"  # Lightning accelerator: "cpu", "gpu" or "auto"
     num_workers: int = 0  # DataLoader workers reading patches
     progress_bar: bool = True
     replace: bool = False  # delete an existing store made from another model or dataset instead of refusing
@@ -83,21 +83,14 @@ class ExtractResult:
 
 # -- data -------------------------------------------------------------------------------------------------------------
 def load_patch(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """uint8 (y, x) network-input patch from an 8- or 16-bit grayscale PNG/TIFF (16-bit → >> 8, as in training)."""
-    from PIL import Image
+    """uint8 (y, x) network-input patch, read exactly as training reads it (training.datamodule.load_patch).
 
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im)
-            if arr.ndim == 3:
-                arr = np.asarray(im.convert("L"))
-    except (OSError, ValueError) as e:
-        raise ImageError(path, f"cannot read patch ({e})") from None
-    if arr.dtype == np.uint16 or arr.dtype == np.int32:
-        arr = (arr.astype(np.uint32) >> 8).clip(0, 255)
-    elif arr.dtype == bool:
-        arr = arr.astype(np.uint8) * 255
-    arr = arr.astype(np.uint8, copy=False)
+    A patch of another size than the model's input is refused (ImageError naming the file): nothing is resized
+    behind the user's back.
+    """
+    from training.datamodule import load_patch as read_training_patch
+
+    arr = read_training_patch(Path(path))
     if arr.shape != tuple(size):
         raise ImageError(path, f"patch is {arr.shape[0]}×{arr.shape[1]} px, the model's input is {size[0]}×{size[1]}")
     return arr
@@ -143,7 +136,9 @@ def layer_shapes(net: nn.Module, layers: list[str], input_size: tuple[int, int],
     from training.transforms import preprocess
 
     x = preprocess(np.zeros((1, *input_size), np.uint8), transform)  # (1, 1, y, x)
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
     with torch.inference_mode(), Trace(net, layers) as t:
+        x = x.to(device)
         out = net(x)
     shapes = {}
     for name in layers:
@@ -275,7 +270,7 @@ class _Job:
         from training.transforms import preprocess
 
         index, images = batch  # (batch,), uint8 (batch, y, x)
-        index = index.numpy()
+        index = index.cpu().numpy()
         block = int(index[0]) // self.layout.block
         start = block * self.layout.block
         rows = slice(int(index[0]) - start, int(index[-1]) - start + 1)
@@ -283,16 +278,16 @@ class _Job:
         with Trace(net, self.layers, clone=False) as t:
             logits = net(x)  # (batch, class)
         buf = self._buffer(block)
-        buf["images"][rows] = images.numpy()
-        buf["probs"][rows] = _probs(logits).numpy()
+        buf["images"][rows] = images.cpu().numpy()
+        buf["probs"][rows] = _probs(logits).cpu().numpy()
         for name in self.layers:
             a = t.outputs[name].float()
             if a.ndim == 2:
                 a = a[:, :, None, None]  # (batch, unit) → (batch, unit, 1, 1)
             out = buf["layers"][name]
-            out["maps"][rows] = a.half().numpy()
-            out["max"][rows] = a.amax(dim=(2, 3)).numpy()
-            out["mean"][rows] = a.mean(dim=(2, 3)).numpy()
+            out["maps"][rows] = a.half().cpu().numpy()
+            out["max"][rows] = a.amax(dim=(2, 3)).cpu().numpy()
+            out["mean"][rows] = a.mean(dim=(2, 3)).cpu().numpy()
         self.filled[block] += len(index)
         if self.filled[block] == buf["images"].shape[0]:
             self.writer.submit(block, self.buffers.pop(block))
@@ -457,11 +452,12 @@ def _predict(module: nn.Module, job: _Job, config: ExtractConfig) -> None:
                  "lightning.fabric.utilities.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if config.devices > 1:
-        strategy: Any = DDPStrategy(process_group_backend="gloo",
+        backend = "gloo" if config.accelerator == "cpu" else None  # None: Lightning picks nccl for GPUs
+        strategy: Any = DDPStrategy(process_group_backend=backend,
                                     timeout=datetime.timedelta(seconds=config.ddp_timeout_s))
     else:
         strategy = "auto"
-    trainer = L.Trainer(accelerator="cpu", devices=config.devices, strategy=strategy, logger=False,
+    trainer = L.Trainer(accelerator=config.accelerator, devices=config.devices, strategy=strategy, logger=False,
                         enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=config.progress_bar, use_distributed_sampler=False, num_nodes=1)
     with warnings.catch_warnings():
@@ -488,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--block", type=int, default=32, help="images per aligned write block")
     ap.add_argument("--k", type=int, default=16, help="top-k images kept per unit")
-    ap.add_argument("--devices", type=int, default=1, help="> 1: DDP over that many CPU processes (gloo)")
+    ap.add_argument("--devices", type=int, default=1, help="> 1: DDP over that many processes (gloo on CPU)")
+    ap.add_argument("--accelerator", default="cpu", help="cpu (default), gpu or auto")
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process")
     ap.add_argument("--replace", action="store_true", help="replace a store made from another model or dataset")
@@ -498,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(args.workspace)
     layers = None if args.layers is None else tuple(n for item in args.layers for n in item.split(",") if n)
     config = ExtractConfig(layers=layers, batch_size=args.batch_size, block=args.block, k=args.k,
-                           devices=args.devices, num_workers=args.num_workers, progress_bar=not args.no_progress,
+                           devices=args.devices, accelerator=args.accelerator, num_workers=args.num_workers,
+                           progress_bar=not args.no_progress,
                            replace=args.replace, threads=args.threads)
     from explain.errors import ExplainError
     from training import TrainingError, load_model

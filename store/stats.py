@@ -264,7 +264,7 @@ class TopK:
 
         >>> top = TopK(units=3, k=2)
         >>> top.add(np.array([[1., 5., 2.], [4., 5., 0.]]), start=10)   # values (image, unit), images 10 and 11
-        >>> top.result()[0]                                               # int32 (unit, k): [[11, 10], [10, 11], [10, 11]]
+        >>> top.result()[0]                            # int32 (unit, k): [[11, 10], [10, 11], [10, 11]]
 
     Until k images are seen the tail is index -1, value NaN. NaN values rank below every number.
     """

@@ -1,4 +1,4 @@
-"""store.extract: tiny models on patches cut from the real CBIS-DDSM mammograms, checked against direct forward passes."""
+"""store.extract: tiny models on patches cut from the real CBIS-DDSM films, checked against direct forward passes."""
 
 from __future__ import annotations
 
@@ -168,3 +168,19 @@ def test_unknown_layer_fails_before_a_store_is_made(patches, tmp_path):
         extract(net, meta=meta, manifest=patches, url=str(tmp_path / "u.zarr"),
                 config=ExtractConfig(layers=("features.7",), **FAST))
     assert not (tmp_path / "u.zarr").exists()
+
+
+def test_patches_are_read_as_training_reads_them(tmp_path):
+    from PIL import Image
+
+    from store.errors import ImageError
+    from training.datamodule import load_patch as training_patch
+
+    ramp = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60)  # 16-bit
+    Image.fromarray(ramp).save(tmp_path / "p16.png")
+    got = load_patch(tmp_path / "p16.png", (32, 32))
+    assert got.dtype == np.uint8 and np.array_equal(got, training_patch(tmp_path / "p16.png"))
+    assert got[-1, -1] == (1023 * 60) >> 8
+    Image.fromarray(np.zeros((16, 32), np.uint8)).save(tmp_path / "small.png")
+    with pytest.raises(ImageError, match=r"small.png.*16×32 px.*32×32"):
+        load_patch(tmp_path / "small.png", (32, 32))

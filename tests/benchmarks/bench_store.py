@@ -61,8 +61,8 @@ def _synthetic_manifest(root: Path, n: int, size: int) -> Path:
             patch[(yy - cy) ** 2 + (xx - cx) ** 2 < (size // 8) ** 2] = 230
         path = root / "images" / f"s{i:05d}.png"
         Image.fromarray(patch).save(path)
-        records.append(PatchRecord(id=f"s{i:05d}", source_id="synthetic", view="", laterality="", box=(0, 0, size, size),
-                                   label=i % 2, concepts=(), split="train", image=path))
+        records.append(PatchRecord(id=f"s{i:05d}", source_id="synthetic", view="", laterality="",
+                                   box=(0, 0, size, size), label=i % 2, concepts=(), split="train", image=path))
     write_manifest(root / "manifest.csv", records)
     return root / "manifest.csv"
 
