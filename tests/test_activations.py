@@ -413,3 +413,12 @@ def test_info_command_prints_attributes_and_arrays(tmp_path, capsys):
     assert "layers/conv.1/maps" in out and "(image, unit, y, x)" in out and "float16" in out
     assert info_main([str(tmp_path / "nothing.zarr")]) == 1
     assert "no activation store" in capsys.readouterr().err
+
+
+def test_python_dash_m_store_info(tmp_path):
+    url = str(tmp_path / "cli.zarr")
+    build(url, {})
+    proc = subprocess.run([sys.executable, "-m", "store", "info", url], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "conceptlens-activation-store" in proc.stdout and "layers/conv.2/topk" in proc.stdout

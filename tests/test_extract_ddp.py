@@ -119,3 +119,32 @@ def test_sigkill_of_one_rank_then_rerun_resumes_to_the_same_store(patches, clean
     assert sum(d["written"] for d in lines) == done.size - done.sum()  # only the missing blocks
     assert_same_arrays(store_arrays(url), store_arrays(clean))
     assert _attrs(url) == _attrs(clean)
+
+
+@pytest.mark.slow
+def test_command_line_ddp_equals_in_process_extraction(patches, tmp_path):
+    """`python -m store extract --devices 2`: Lightning restarts the command for rank 1; the store is the same."""
+    from training import default_layers, load_model
+    from training.registry import save_model
+    from training.zoo import ModelSpec, VGGConfig, vgg_bn
+
+    from store.settings import load_settings
+
+    torch.manual_seed(0)
+    net = vgg_bn(VGGConfig(widths=(4, 8), convs=1)).eval()
+    model_dir = save_model(tmp_path / "model", net, spec=ModelSpec(zoo="vgg_bn", config={"widths": [4, 8], "convs": 1}),
+                           input_size=(32, 32), transform={"mean": 0.4, "std": 0.2},
+                           layers=default_layers(net, (32, 32), count=2))
+    settings = load_settings(tmp_path / "ws")
+    loaded = load_model(model_dir, settings=settings)
+    single = str(tmp_path / "single.zarr")
+    extract(loaded.module, meta=loaded.meta, manifest=patches, url=single, config=ExtractConfig(**CONFIG))
+    url = str(tmp_path / "cli.zarr")
+    proc = subprocess.run([sys.executable, "-m", "store", "extract", "--model", str(model_dir), "--data", str(patches),
+                           "--out", url, "--devices", "2", "--batch-size", "3", "--block", "4", "--k", "5",
+                           "--threads", "1", "--no-progress", "--workspace", str(tmp_path / "ws")],
+                          capture_output=True, text=True, timeout=400, env=_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "30 images" in proc.stdout
+    assert_same_arrays(store_arrays(url), store_arrays(single))
+    assert _attrs(url) == _attrs(single)
