@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers_store import make_patch_manifest, tiny_model
+from helpers_dissection import build_real_store
 
 from explain.dissection import (
     DatasetIoU,
@@ -153,16 +153,7 @@ def test_bad_input_to_the_pure_functions():
 @pytest.fixture(scope="module")
 def real_store(real_dicoms, tmp_path_factory):
     """24 real 64×64 CBIS-DDSM patches through a small CNN, extracted into a zarr store."""
-    from store.activations import open_store
-    from store.extract import ExtractConfig, extract
-
-    root = tmp_path_factory.mktemp("dissect")
-    manifest = make_patch_manifest(root / "data", real_dicoms, n=24, size=64, scale=0.12)
-    net, meta = tiny_model(size=64)
-    url = str(root / "s.zarr")
-    extract(net, meta=meta, manifest=manifest, url=url,
-            config=ExtractConfig(batch_size=8, block=8, k=3, progress_bar=False, threads=1))
-    return open_store(url)
+    return build_real_store(tmp_path_factory.mktemp("dissect"), real_dicoms)
 
 
 def test_unit_iou_on_stored_activations_equals_the_reference(real_store):

@@ -1,0 +1,388 @@
+"""The annotation database: unit labels with provenance and their history, drawn regions, image marks, concepts.
+
+    >>> from store.annotations import open_database
+    >>> db = open_database(settings.database_url)            # SQLite file in the workspace, or postgresql+psycopg://…
+    >>> with db.write() as s:                                 # one IMMEDIATE transaction: all or nothing
+    ...     s.add(ImageMark(image_id="p0001", concept="mass", present=True, author="ana"))
+    >>> with db.read() as s:
+    ...     s.scalars(select(UnitLabel).where(UnitLabel.layer == "features.9")).all()
+
+Everything about the schema is in this module: the SQLAlchemy 2 ORM models, their `metadata`, the schema version
+(table `schema_version`) and the default concept vocabulary. A later issue adds users, sessions and Alembic
+migrations on top of this `metadata`; until then a database whose schema version differs from `SCHEMA_VERSION`
+is refused with a clear error instead of being changed.
+
+SQLite (the embedded default, `<workspace>/annotations.db`) runs in WAL mode with a busy timeout, and every write
+transaction begins with `BEGIN IMMEDIATE`, so two writers queue instead of failing with "database is locked" on
+upgrade from a read lock (RELIABILITY.md #23). Read transactions begin DEFERRED and never block writers. PostgreSQL is
+chosen by URL; a fresh database is initialized under an advisory lock (one process creates the tables).
+
+The explain/ functions (explain.labels) are the API the app uses; these models are their storage.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+    text,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from .errors import StoreError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "DEFAULT_CONCEPTS",
+    "metadata",
+    "Base",
+    "SchemaVersion",
+    "Concept",
+    "Region",
+    "LabelAction",
+    "UnitLabel",
+    "LabelChange",
+    "ImageMark",
+    "Database",
+    "open_database",
+    "AnnotationDatabaseError",
+    "SchemaVersionError",
+    "utcnow",
+]
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 30.0
+_PG_INIT_LOCK = 0x436C4C6E  # advisory lock key ("ClLn") held while one process creates the schema
+
+# (id, display name, description): the demo's inserted concepts first, then the anatomy and film concepts
+DEFAULT_CONCEPTS: tuple[tuple[str, str, str], ...] = (
+    ("mass", "mass", "a space-occupying lesion seen in two projections"),
+    ("calcification", "calcification", "calcium deposits: bright specks, alone or clustered"),
+    ("spiculated_margin", "spiculated margin", "lines radiating from the margin of a mass"),
+    ("circumscribed_margin", "circumscribed margin", "a sharply demarcated mass margin"),
+    ("architectural_distortion", "architectural distortion", "distorted parenchyma without a visible mass"),
+    ("skin", "skin", "the skin line at the breast's edge"),
+    ("film_label", "film label", "burned-in text and labels outside the breast"),
+    ("normal_tissue", "normal tissue", "fibroglandular and fatty tissue without findings"),
+    ("background", "background", "outside the breast"),
+    ("pectoral_muscle", "pectoral muscle", "the pectoral muscle in MLO views"),
+)
+
+
+class AnnotationDatabaseError(StoreError):
+    """The annotation database cannot be used (bad URL, unreachable, wrong schema); the message names the URL."""
+
+
+class SchemaVersionError(AnnotationDatabaseError):
+    """The database was made by another schema version; it is refused, never silently changed."""
+
+
+def utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+# -- models ----------------------------------------------------------------------------------------------------------
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    })
+
+
+metadata = Base.metadata
+_TS = DateTime(timezone=True)
+
+
+class SchemaVersion(Base):
+    """One row per schema version applied (the highest is the database's version)."""
+
+    __tablename__ = "schema_version"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    applied_at: Mapped[_dt.datetime] = mapped_column(_TS, default=utcnow)
+    note: Mapped[str] = mapped_column(String(200), default="")
+
+
+class Concept(Base):
+    """The concept vocabulary: ids are snake case (docs/CONTRACTS.md); the UI shows `name`."""
+
+    __tablename__ = "concept"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(String(1000), default="")
+    builtin: Mapped[bool] = mapped_column(Boolean, default=False)
+    position: Mapped[int] = mapped_column(Integer, default=1000)  # display order: the built-in list first
+    created_at: Mapped[_dt.datetime] = mapped_column(_TS, default=utcnow)
+
+
+class Region(Base):
+    """A region drawn (or given as a mask) on one image for one concept, in patch coordinates.
+
+    `spec` is explain.regions' JSON (a list of shapes applied in order); `height`, `width` the patch size it was
+    drawn on; `area` its pixel count. An undone drawing keeps its row with `deleted_at` set.
+    """
+
+    __tablename__ = "region"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    image_id: Mapped[str] = mapped_column(String(128), index=True)
+    concept: Mapped[str] = mapped_column(ForeignKey("concept.id"), index=True)
+    spec: Mapped[list] = mapped_column(JSON)
+    height: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    area: Mapped[int] = mapped_column(Integer)
+    author: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[_dt.datetime] = mapped_column(_TS, default=utcnow)
+    deleted_at: Mapped[_dt.datetime | None] = mapped_column(_TS, nullable=True)
+
+
+class LabelAction(Base):
+    """One labeling act: a drawn region with the rule applied ("region"), a manual name ("manual"), or an undo."""
+
+    __tablename__ = "label_action"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))  # region | manual | undo
+    layer: Mapped[str] = mapped_column(String(200), index=True)
+    concept: Mapped[str | None] = mapped_column(ForeignKey("concept.id"), nullable=True)
+    image_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    region_id: Mapped[int | None] = mapped_column(ForeignKey("region.id"), nullable=True)
+    rule: Mapped[dict] = mapped_column(JSON, default=dict)  # the rule's parameters (threshold, level, …)
+    author: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[_dt.datetime] = mapped_column(_TS, default=utcnow)
+    n_changed: Mapped[int] = mapped_column(Integer, default=0)
+    undoes: Mapped[int | None] = mapped_column(ForeignKey("label_action.id"), nullable=True)  # for kind undo
+    undone_by: Mapped[int | None] = mapped_column(ForeignKey("label_action.id"), nullable=True)
+
+
+class UnitLabel(Base):
+    """The current label of a unit (layer, unit), with the provenance of the act that gave it.
+
+    `iou` is the IoU of the drawn region with the unit's mask that earned the label (NULL for a manual name, which
+    the labeling rule never overrides); `version` counts the label's changes (for conflict detection).
+    """
+
+    __tablename__ = "unit_label"
+    layer: Mapped[str] = mapped_column(String(200), primary_key=True)
+    unit: Mapped[int] = mapped_column(Integer, primary_key=True)
+    concept: Mapped[str] = mapped_column(ForeignKey("concept.id"), index=True)
+    iou: Mapped[float | None] = mapped_column(Float, nullable=True)
+    author: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[_dt.datetime] = mapped_column(_TS, default=utcnow)
+    image_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    region_id: Mapped[int | None] = mapped_column(ForeignKey("region.id"), nullable=True)
+    action_id: Mapped[int] = mapped_column(ForeignKey("label_action.id"))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+    PROVENANCE = ("concept", "iou", "author", "created_at", "image_id", "region_id", "action_id", "version")
+
+    def snapshot(self) -> dict[str, Any]:
+        """The label's fields as JSON-ready values (what LabelChange keeps to undo a change exactly)."""
+        out = {k: getattr(self, k) for k in self.PROVENANCE}
+        out["created_at"] = _iso(out["created_at"])
+        return out
+
+
+class LabelChange(Base):
+    """One unit's label before and after an action (JSON snapshots; `before` NULL = the unit had no label)."""
+
+    __tablename__ = "label_change"
+    __table_args__ = (Index("ix_label_change_layer_unit", "layer", "unit"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    action_id: Mapped[int] = mapped_column(ForeignKey("label_action.id"), index=True)
+    layer: Mapped[str] = mapped_column(String(200))
+    unit: Mapped[int] = mapped_column(Integer)
+    before: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    after: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+
+
+class ImageMark(Base):
+    """A reviewer's statement that an image shows (present) or does not show a concept — for concept probes."""
+
+    __tablename__ = "image_mark"
+    __table_args__ = (UniqueConstraint("image_id", "concept"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    image_id: Mapped[str] = mapped_column(String(128), index=True)
+    concept: Mapped[str] = mapped_column(ForeignKey("concept.id"), index=True)
+    present: Mapped[bool] = mapped_column(Boolean)
+    author: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[_dt.datetime] = mapped_column(_TS, default=utcnow)
+
+
+def _iso(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:  # SQLite returns naive datetimes; they were written in UTC
+            value = value.replace(tzinfo=_dt.timezone.utc)
+        return value.isoformat()
+    return str(value)
+
+
+def parse_time(value: str | None) -> _dt.datetime | None:
+    """The inverse of the snapshots' ISO timestamps."""
+    return None if value is None else _dt.datetime.fromisoformat(value)
+
+
+# -- the database ------------------------------------------------------------------------------------------------------
+class Database:
+    """An opened annotation database (use `open_database`). Sessions come from `read()` and `write()`."""
+
+    def __init__(self, engine: Engine, url: str):
+        self.engine = engine
+        self.url = url
+        self._read = sessionmaker(bind=engine, expire_on_commit=False)
+        self._write = sessionmaker(bind=engine.execution_options(conceptlens_write=True), expire_on_commit=False)
+
+    def __repr__(self) -> str:
+        return f"Database({make_url(self.url).render_as_string(hide_password=True)!r})"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reading; its transaction is rolled back at the end (nothing it does is kept)."""
+        with self._read() as session:
+            try:
+                yield session
+            finally:
+                session.rollback()
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A session in one write transaction (BEGIN IMMEDIATE on SQLite): committed when the block ends,
+        rolled back entirely if it raises."""
+        with self._write() as session:
+            with session.begin():
+                session.connection()  # BEGIN (IMMEDIATE) now, not at the first statement
+                yield session
+
+    def schema_version(self) -> int:
+        with self.read() as s:
+            return int(s.scalar(select(SchemaVersion.version).order_by(SchemaVersion.version.desc())) or 0)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_events(engine: Engine, *, memory: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below), sqlite3 must not
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        cur.execute("PRAGMA foreign_keys = ON")
+        if not memory:
+            cur.execute("PRAGMA journal_mode = WAL")
+            cur.execute("PRAGMA synchronous = NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn):
+        # writers take the write lock up front: no deadlock-prone upgrade from a shared lock later
+        immediate = conn.get_execution_options().get("conceptlens_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _initialize(db: Database) -> None:
+    """Create the schema and the default concepts once; refuse a database of another schema version."""
+    with db.write() as s:
+        conn = s.connection()
+        if db.engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_INIT_LOCK})
+        metadata.create_all(conn, checkfirst=True)
+        version = s.scalar(select(SchemaVersion.version).order_by(SchemaVersion.version.desc()))
+        if version is None:
+            s.add(SchemaVersion(version=SCHEMA_VERSION, note="created"))
+            for position, (cid, name, description) in enumerate(DEFAULT_CONCEPTS):
+                s.add(Concept(id=cid, name=name, description=description, builtin=True, position=position))
+        elif version != SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{db!r}: schema version {version}, this ConceptLens expects {SCHEMA_VERSION}; "
+                f"{'upgrade ConceptLens' if version > SCHEMA_VERSION else 'run the database migrations'} first")
+
+
+def open_database(url: str | None = None, *, settings=None, create: bool = True, echo: bool = False) -> Database:
+    """Open (and, with create, initialize) the annotation database at `url` (default: settings.database_url).
+
+        >>> db = open_database("sqlite:///" + str(tmp_path / "a.db"))
+        >>> db = open_database("postgresql+psycopg://user@127.0.0.1/conceptlens")
+        >>> db = open_database("sqlite://")                    # in memory (tests, simulations)
+
+    Raises AnnotationDatabaseError naming the URL (password hidden) when it is malformed or unreachable, and
+    SchemaVersionError for a database of another schema version.
+    """
+    if url is None:
+        if settings is None:
+            raise AnnotationDatabaseError("open_database: give a URL or a Settings object")
+        url = settings.database_url
+    url = str(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise AnnotationDatabaseError(f"{url!r} is not a database URL (sqlite:///path.db, postgresql+psycopg://…)") \
+            from None
+    shown = parsed.render_as_string(hide_password=True)
+    kwargs: dict[str, Any] = {"echo": echo, "future": True}
+    memory = False
+    if parsed.get_backend_name() == "sqlite":
+        memory = parsed.database in (None, "", ":memory:")
+        kwargs["connect_args"] = {"timeout": BUSY_TIMEOUT_S, "check_same_thread": False}
+        if memory:  # one shared connection, or every connection would see its own empty database
+            kwargs["poolclass"] = StaticPool
+        else:
+            from pathlib import Path
+
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    else:
+        kwargs["pool_pre_ping"] = True
+    try:
+        engine = create_engine(parsed, **kwargs)
+    except (ArgumentError, ImportError) as e:
+        raise AnnotationDatabaseError(f"{shown}: cannot create an engine ({e})") from None
+    if parsed.get_backend_name() == "sqlite":
+        _sqlite_events(engine, memory=memory)
+    db = Database(engine, url)
+    try:
+        if create:
+            _initialize(db)
+        else:
+            version = db.schema_version()
+            if version != SCHEMA_VERSION:
+                raise SchemaVersionError(f"{shown}: schema version {version}, expected {SCHEMA_VERSION}")
+    except OperationalError as e:
+        engine.dispose()
+        raise AnnotationDatabaseError(f"{shown}: cannot open the annotation database ({e.orig})") from None
+    return db
+
+
+def dump(db: Database) -> dict[str, list[dict]]:
+    """Every row of every table as plain dicts, sorted (for tests and exports: compare two states of a database)."""
+    out = {}
+    with db.read() as s:
+        for table in metadata.sorted_tables:
+            rows = s.execute(select(table)).mappings().all()
+            out[table.name] = sorted((json.loads(json.dumps(dict(r), default=_iso)) for r in rows),
+                                     key=lambda r: json.dumps(r, sort_keys=True))
+    return out
