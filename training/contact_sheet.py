@@ -74,9 +74,14 @@ def write_contact_sheet(path: str | Path, items, *, per_kind: int = 4, zoom: int
         by_cat.setdefault(category(rec.attributes, rec.label), []).append(item)
     chosen: dict[str, list] = {}
     for cat, group in by_cat.items():
-        if cat != "normal":  # the clearest examples: most of the lesion inside the patch
-            group = sorted(group, key=lambda it: -max(x["share_in_patch"] for x in it[0].attributes["lesions"]))
-            group = group[: max(per_kind * 4, per_kind)]
+        if cat != "normal":  # the clearest patch of each lesion (most of it inside), then different lesions
+            best: dict[tuple, tuple] = {}
+            for it in group:
+                main = max(it[0].attributes["lesions"], key=lambda x: x["share_in_patch"])
+                key = (it[0].source_id, tuple(sorted((k, str(v)) for k, v in main.items() if k != "share_in_patch")))
+                if key not in best or main["share_in_patch"] > best[key][0]:
+                    best[key] = (main["share_in_patch"], it)
+            group = [it for _, it in sorted(best.values(), key=lambda t: (-t[0], t[1][0].id))]
         idx = rng.permutation(len(group))[:per_kind] if group else []
         chosen[cat] = [group[i] for i in sorted(idx)]
 

@@ -126,7 +126,7 @@ class DemoReport:
     def summary(self) -> str:
         lines = [f"demo dataset {'reused' if self.reused else 'built'}: {self.path}",
                  f"  {self.patches} patches from {self.sources} mammograms in {self.seconds:.1f} s"]
-        for split, c in self.counts.items():
+        for split, c in sorted(self.counts.items(), key=lambda kv: ("train", "val", "test").index(kv[0])):
             total = c.get("0", 0) + c.get("1", 0)
             pos = c.get("1", 0) / total if total else 0.0
             lines.append(f"  {split:<5} {total:>5} patches, {c.get('1', 0)} with a lesion ({pos:.0%})")
@@ -252,9 +252,19 @@ def _hash_or_reason(path: Path) -> str:
 def _fingerprint(config: DemoConfig, entries: list[tuple[Path, str]]) -> str:
     """sha256 of what decides the output: parameters, format version, each source's bytes and group."""
     groups = {g: i for i, g in enumerate(dict.fromkeys(g for _, g in entries))}  # group names → order only
-    doc = {"format_version": FORMAT_VERSION, "parameters": config.parameters(),
+    doc = {"format_version": FORMAT_VERSION, "parameters": config.parameters(), "code": _code_digest(),
            "sources": [[_hash_or_reason(p), groups[g]] for p, g in entries]}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _code_digest() -> str:
+    """sha256 of the modules whose code decides the output: a changed generator never reuses an old build."""
+    import importlib
+
+    h = hashlib.sha256()
+    for name in ("training.demo", "training.synth", "training.contact_sheet", "store.images", "store.segment"):
+        h.update(Path(importlib.import_module(name).__file__).read_bytes())
+    return h.hexdigest()
 
 
 def _try_reuse(target: Path, fingerprint: str, *, force: bool) -> DemoReport | None:

@@ -70,13 +70,13 @@ class LesionConfig:
     mm_per_px: float = 0.4  # display pixel size: CBIS-DDSM films at ≈50 µm, displayed at 1/8
     kind_weights: tuple[float, float, float] = (0.5, 0.32, 0.18)  # mass, calcification, architectural distortion
     # masses
-    mass_diameter_mm: tuple[float, float] = (6.0, 20.0)
-    mass_attenuation: tuple[float, float] = (0.14, 0.32)  # at the centre of the body, display units
+    mass_diameter_mm: tuple[float, float] = (5.0, 18.0)  # drawn log-uniformly
+    mass_attenuation: tuple[float, float] = (0.18, 0.38)  # at the centre of the body, display units
     shape_weights: tuple[float, float, float] = (0.3, 0.3, 0.4)  # round, oval, irregular
     spiculated_given_shape: tuple[float, float, float] = (0.25, 0.3, 0.7)  # P(spiculated | round, oval, irregular)
     soft_edge_px: float = 2.5  # width of the fading border of non-circumscribed masses
     spicule_count: tuple[int, int] = (6, 14)
-    spicule_length: tuple[float, float] = (0.4, 1.5)  # beyond the border, × the mass radius
+    spicule_length: tuple[float, float] = (0.3, 1.6)  # beyond the border, × the mass radius
     spicule_strength: tuple[float, float] = (0.45, 0.8)  # × the mass's central attenuation, at the spicule's root
     # calcifications
     calc_count: tuple[int, int] = (5, 20)
@@ -86,9 +86,9 @@ class LesionConfig:
     cluster_radius_mm: tuple[float, float] = (2.5, 5.0)  # for 10 specks; grows with √count
     segment_length_mm: tuple[float, float] = (8.0, 16.0)
     # architectural distortion
-    distortion_lines: tuple[int, int] = (8, 15)
+    distortion_lines: tuple[int, int] = (7, 14)
     distortion_radius_mm: tuple[float, float] = (7.0, 13.0)
-    distortion_attenuation: tuple[float, float] = (0.09, 0.16)
+    distortion_attenuation: tuple[float, float] = (0.13, 0.22)
 
     @property
     def edge_margin_px(self) -> int:
@@ -281,7 +281,10 @@ def draw_mass(
         margin = "spiculated" if rng.random() < config.spiculated_given_shape[shapes.index(shape)] else "circumscribed"
     if margin not in ("circumscribed", "spiculated"):
         raise ValueError(f"mass margin {margin!r}: expected circumscribed or spiculated")
-    diameter_mm = _uniform(rng, config.mass_diameter_mm) if diameter_mm is None else float(diameter_mm)
+    if diameter_mm is None:  # log-uniform: small masses are more common than large ones
+        lo, hi = config.mass_diameter_mm
+        diameter_mm = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    diameter_mm = float(diameter_mm)
     a0 = _uniform(rng, config.mass_attenuation) if attenuation is None else float(attenuation)
     radius = diameter_mm / 2.0 / config.mm_per_px
     r_of, r_max = _boundary(rng, shape, radius)
@@ -293,7 +296,7 @@ def draw_mass(
         angles = _spread_angles(rng, n)
         for th in angles:
             length = _uniform(rng, config.spicule_length) * radius + 2.0
-            tilt, bend, weight = rng.uniform(-0.25, 0.25), rng.uniform(-0.12, 0.12), rng.uniform(0.45, 1.0)
+            tilt, bend, weight = rng.uniform(-0.35, 0.35), rng.uniform(-0.15, 0.15), rng.uniform(0.45, 1.0)
             rb = float(r_of(np.array([th]))[0])
             spicules.append((th, tilt, bend, weight, rb, length))
     reach = r_max + config.soft_edge_px + 2 + max((s[5] for s in spicules), default=0.0)
@@ -459,13 +462,15 @@ def draw_distortion(rng: np.random.Generator, config: LesionConfig, *, diameter_
     mask = np.zeros((size, size), dtype=bool)
     angles = _spread_angles(rng, n)
     for th in angles:
-        r0 = rng.uniform(1.5, 3.5)  # the lines stop short of the centre: no central density
-        r1 = radius * rng.uniform(0.5, 1.0)
-        tilt, bend, weight = rng.uniform(-0.12, 0.12), rng.uniform(-0.1, 0.1), rng.uniform(0.5, 1.0)
-        p0 = (r0 * math.sin(th), r0 * math.cos(th))
+        # lines aim near, not exactly at, the centre and stop short of it: no central density, no perfect star
+        r0 = rng.uniform(1.5, 4.0)
+        r1 = radius * rng.uniform(0.35, 1.0)
+        off, tilt = rng.uniform(-0.5, 0.5), rng.uniform(-0.15, 0.15)
+        bend, weight = rng.uniform(-0.2, 0.2), rng.uniform(0.45, 1.0)
+        p0 = (r0 * math.sin(th + off), r0 * math.cos(th + off))
         p1 = (r1 * math.sin(th + tilt), r1 * math.cos(th + tilt))
         a_i, m_i = _line(dy, dx, _bent(p0, p1, bend), amplitude=(weight * strength, 0.3 * weight * strength),
-                         sigma=(0.65, 0.45))
+                         sigma=(0.65, 0.4))
         np.maximum(att, a_i, out=att)
         mask |= m_i
     attributes = {"type": "architectural_distortion", "size_mm": round(2 * radius * config.mm_per_px, 1),
@@ -582,7 +587,7 @@ def unshoulder(v: np.ndarray) -> np.ndarray:
         return np.where(v <= SHOULDER, v, SHOULDER - k * np.log(np.maximum((1.0 - v) / k, 0.0)))
 
 
-MASKING = 0.45  # how much dense surroundings reduce a lesion's contrast (0: not at all)
+MASKING = 0.35  # how much dense surroundings reduce a lesion's contrast (0: not at all)
 
 
 def insert_lesions(display: np.ndarray, lesions: list[Lesion]) -> np.ndarray:
