@@ -119,15 +119,18 @@ def assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> No
 
 
 class MotoS3:
-    """An S3 server on loopback (moto), with one bucket; `.options` are the fsspec storage options to reach it.
+    """An S3 server on loopback (moto), with a fresh bucket; `.options` are the fsspec storage options to reach it.
 
         >>> with MotoS3() as s3:
-        ...     url = s3.url("x.zarr")                # s3://conceptlens-test/x.zarr
+        ...     url = s3.url("x.zarr")                # s3://conceptlens-test-<random>/x.zarr
+
+    moto keeps its buckets in process-wide state, so each server gets its own bucket name.
     """
 
-    bucket = "conceptlens-test"
-
     def __enter__(self) -> "MotoS3":
+        import uuid
+
+        self.bucket = f"conceptlens-test-{uuid.uuid4().hex[:12]}"
         import logging
 
         from moto.server import ThreadedMotoServer
@@ -142,7 +145,6 @@ class MotoS3:
 
         fs = s3fs.S3FileSystem(skip_instance_cache=True, **self.options)
         fs.mkdir(self.bucket)
-        self._n = 0
         return self
 
     def url(self, name: str) -> str:
