@@ -767,11 +767,13 @@ def _open_group(url: str, *, read_only: bool, storage_options, retries: int) -> 
 
 
 def store_exists(url: str, *, storage_options: Mapping | None = None) -> bool:
-    """True when a zarr group exists at url (complete or not)."""
-    try:
-        zstore = _zarr_store(url, read_only=True, storage_options=storage_options, retries=1)
-    except ActivationStoreError:
-        return False
+    """True when a zarr group exists at url (complete or not); an unreachable object store raises, never False."""
+    url = str(url)
+    if "://" not in url or url.startswith("file://"):
+        path = Path(url.removeprefix("file://")).expanduser()
+        if not (path / "zarr.json").is_file():
+            return False
+    zstore = _zarr_store(url, read_only=True, storage_options=storage_options, retries=3)
     try:
         zarr.open_group(zstore, mode="r", zarr_format=3)
         return True
