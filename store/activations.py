@@ -27,7 +27,13 @@ read-only numpy arrays: keep one store object per process (e.g. per app worker) 
 
 Writer API (extraction, store/extract.py): `create_store(url, *, attrs, layout)` makes every array once;
 `.write_block(b, …)` writes block b's whole, aligned chunks and then records it in `progress`;
-`.completed_blocks()`; `.finalize()` computes quantiles and top-k from the stored data and marks the store complete.
+`.write_aligned(path, start, rows)` refuses anything but whole chunks (MisalignedWriteError); `.completed_blocks()`;
+`.finalize(histograms=…, covered=…)` computes exact quantiles (from counts made while writing, the rest read back)
+and top-k, then marks the store complete.
+
+Errors (all store.errors.ActivationStoreError): MissingArrayError (also KeyError: unknown layer, probe, embedding,
+level, image id), ImageIndexError (IndexError), IncompleteStoreError, StoreMismatchError (ValueError),
+ChunkCorruptionError (IOError), StoreUnavailableError (ConnectionError), MisalignedWriteError (ValueError).
 
 Layout (docs/STORE.md has the full description for readers without this code): DESIGN.md §3. Every array has
 `dimension_names`, a crc32c checksum after compression on every chunk, and every chunk is written even when it
