@@ -494,53 +494,91 @@ class ConceptIoU:
 class DatasetIoU:
     """Dataset-level IoU (Network Dissection): intersections and unions summed over images, per unit and concept.
 
-        >>> res = DatasetIoU(store, "features.9").compute([("p0001", {"mass": m1}), ("p0002", {"mass": m2})])
+        >>> res = DatasetIoU(store, "features.9").compute({"p0001": {"mass": m1}, "p0002": {"mass": m2}})
         >>> res.iou.shape                                      # (unit, concept)
+        >>> acc = DatasetIoU(store, "features.9", concepts=["mass", "skin"])   # streaming: add, then result
+        >>> acc.add_maps(maps, stack); acc.result()            # maps (unit, y, x), stack bool (concept, H, W)
 
-    `masks`: a mapping image id → {concept: bool (y, x)} or an iterable of such pairs (read lazily, one image at a
-    time). A concept missing for an image counts as an empty mask there, so a unit that fires on images without the
-    concept is penalized through its union, as in Network Dissection.
+    `masks`: a mapping image id (or index) → {concept: bool (y, x)} or an iterable of such pairs (read lazily, in
+    blocks of `block` images whose maps are read together). A concept missing for an image counts as an empty mask
+    there, so a unit that fires on images without the concept is penalized through its union, as in Network
+    Dissection.
     """
 
-    def __init__(self, store, layer: str, *, level: float = DEFAULT_LEVEL):
+    def __init__(self, store, layer: str, *, level: float = DEFAULT_LEVEL, concepts: Sequence[str] | None = None,
+                 block: int = 32):
         self.store = store
         self.layer = _check_layer(store, layer)
         self.level = float(level)
         self.thresholds = np.asarray(store.thresholds(layer, level), dtype=_F32)
         self.size = patch_size(store)
         self.grid = UpsampleGrid.build(store.layer_shape(layer)[1:], self.size)
+        self.block = int(block)
+        self.reset(concepts or [])
+
+    def reset(self, concepts: Sequence[str]) -> None:
+        """Start again, counting the given concepts."""
+        self.concepts = list(concepts)
+        n_units = self.thresholds.shape[0]
+        self.intersection = np.zeros((n_units, len(self.concepts)), np.int64)  # (unit, concept)
+        self.union = np.zeros((n_units, len(self.concepts)), np.int64)
+        self.n_images = 0
+
+    def stack(self, image, masks: Mapping[str, np.ndarray]) -> np.ndarray:
+        """{concept: mask} → bool (concept, y, x) in this object's concept order (absent: empty)."""
+        out = np.zeros((len(self.concepts), *self.size), bool)
+        for j, c in enumerate(self.concepts):
+            m = masks.get(c)
+            if m is None:
+                continue
+            m = np.asarray(m, dtype=bool)
+            if m.shape != self.size:
+                raise RegionError(f"mask of {c!r} on image {image!r} has shape {m.shape}, expected {self.size}")
+            out[j] = m
+        return out
+
+    def add_maps(self, maps: np.ndarray, stack: np.ndarray) -> None:
+        """Count one image: maps float32 (unit, y, x), stack bool (concept, H, W)."""
+        area, cross = mask_counts(maps, self.thresholds, stack, grid=self.grid)  # (unit,), (concept, unit)
+        reg = stack.reshape(len(self.concepts), -1).sum(axis=1)  # (concept,)
+        self.intersection += cross.T
+        self.union += area[:, None] + reg[None, :] - cross.T
+        self.n_images += 1
+
+    def add(self, image, masks: Mapping[str, np.ndarray]) -> None:
+        """Count one image given by id or index."""
+        index = resolve_image(self.store, image)
+        self.add_maps(self.store.maps(self.layer, index), self.stack(image, masks))
+
+    def result(self) -> ConceptIoU:
+        return ConceptIoU(layer=self.layer, level=self.level, concepts=list(self.concepts),
+                          intersection=self.intersection.copy(), union=self.union.copy(), n_images=self.n_images)
 
     def compute(self, masks: Mapping | Iterable, *, concepts: Sequence[str] | None = None,
                 progress=None) -> ConceptIoU:
+        """Count every image of `masks` (from zero) → ConceptIoU; concepts default to all those in `masks`."""
         items = masks.items() if isinstance(masks, Mapping) else masks
         if concepts is None:
-            if not isinstance(masks, Mapping):
-                items = list(items)
+            items = list(items)
             concepts = sorted({c for _, per in items for c in per})
-        concepts = list(concepts)
-        n_units = self.thresholds.shape[0]
-        inter = np.zeros((n_units, len(concepts)), np.int64)
-        union = np.zeros((n_units, len(concepts)), np.int64)
-        n = 0
+        self.reset(concepts)
+        batch: list[tuple[int, object, Mapping]] = []
+
+        def flush():
+            maps = self.store.maps_many(self.layer, [i for i, _, _ in batch])  # (image, unit, y, x)
+            for (_, image, per), m in zip(batch, maps):
+                self.add_maps(m, self.stack(image, per))
+                if progress:
+                    progress(self.n_images)
+            batch.clear()
+
         for image, per in items:
-            index = resolve_image(self.store, image)
-            stack = np.zeros((len(concepts), *self.size), bool)
-            for j, c in enumerate(concepts):
-                if c in per and per[c] is not None:
-                    m = np.asarray(per[c], dtype=bool)
-                    if m.shape != self.size:
-                        raise RegionError(f"mask of {c!r} on image {image!r} has shape {m.shape}, "
-                                          f"expected {self.size}")
-                    stack[j] = m
-            area, cross = mask_counts(self.store.maps(self.layer, index), self.thresholds, stack, grid=self.grid)
-            reg = stack.reshape(len(concepts), -1).sum(axis=1)  # (concept,)
-            inter += cross.T
-            union += area[:, None] + reg[None, :] - cross.T
-            n += 1
-            if progress:
-                progress(n)
-        return ConceptIoU(layer=self.layer, level=self.level, concepts=concepts, intersection=inter, union=union,
-                          n_images=n)
+            batch.append((resolve_image(self.store, image), image, per))
+            if len(batch) >= self.block:
+                flush()
+        if batch:
+            flush()
+        return self.result()
 
 
 # -- python -m explain dissect ------------------------------------------------------------------------------------------

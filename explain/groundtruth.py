@@ -1,0 +1,431 @@
+"""Unit labels measured against ground truth: the demo dataset's exact concept masks.
+
+    >>> from explain.groundtruth import GroundTruthConfig, evaluate_ground_truth, log_ground_truth
+    >>> report = evaluate_ground_truth(settings)                 # demo store + demo manifest of the workspace
+    >>> report.detectors["features.20"]["mass"]                   # ground-truth detector units
+    >>> report.curves["features.20"]["mass"][4]                   # {"k": 5, "precision": …, "recall": …, …}
+    >>> report.drawings                                           # [Drawing(k, concept, image_id, mask), …]
+    >>> log_ground_truth(report, settings)                        # an mlflow run in "conceptlens-groundtruth"
+
+1. Dataset-level IoU (Network Dissection): every unit thresholded at its quantile (level 0.99), intersections and
+   unions with every ground-truth concept summed over the reference images (the train and val splits). A unit is a
+   ground-truth detector of concept c when its IoU with c is above 0.04 and c is its best concept among all the
+   concepts that have masks (inserted lesions and the anatomy: skin, background, …), as in Network Dissection.
+2. A simulated reviewer draws the exact ground-truth region of each inserted concept on k patches (k = 1 … 10), one
+   new patch per concept per round, in a seeded order, and the labeling rule (explain.labels, published defaults)
+   runs after each drawing against a real annotation database (in memory). The patches come from the test split:
+   never used to train the model, to select it, or to compute the detectors above; only patches where the concept
+   covers at least `min_region_px` pixels are drawn (a reviewer does not outline a 3-pixel speck).
+3. After each round: precision and recall of the units labeled c against the detectors of c. Precision is undefined
+   (None) while no unit carries the label, recall while the model has no detector of c — reported as such, never
+   replaced by a looser definition.
+
+The drawings are kept (`report.drawings`) so the probe evaluation can fit probes from exactly the same regions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .dissection import DEFAULT_LEVEL, ConceptIoU, DatasetIoU, UnitIoU, patch_size
+from .errors import ExplainError
+from .labels import LabelRule, apply_ious, units_for
+from .regions import MaskRegion
+
+__all__ = [
+    "INSERTED_CONCEPTS",
+    "GroundTruthConfig",
+    "Drawing",
+    "GroundTruthReport",
+    "DissectReport",
+    "load_concept_masks",
+    "dataset_concept_iou",
+    "find_detectors",
+    "choose_drawings",
+    "simulate_reviewer",
+    "evaluate_ground_truth",
+    "dissect_ground_truth",
+    "log_ground_truth",
+    "EXPERIMENT",
+]
+
+INSERTED_CONCEPTS = ("mass", "calcification", "spiculated_margin", "circumscribed_margin")
+EXPERIMENT = "conceptlens-groundtruth"
+
+
+@dataclass(frozen=True)
+class GroundTruthConfig:
+    level: float = DEFAULT_LEVEL  # unit threshold quantile
+    detector_iou: float = 0.04  # Network Dissection: IoU above this with the unit's best concept
+    ks: tuple[int, ...] = tuple(range(1, 11))  # drawings per concept
+    concepts: tuple[str, ...] = INSERTED_CONCEPTS  # concepts the reviewer draws
+    reference_splits: tuple[str, ...] = ("train", "val")  # images of the dataset-level IoU
+    review_split: str = "test"  # images the reviewer draws on
+    min_region_px: int = 16  # smallest ground-truth region the reviewer draws
+    seed: int = 0
+    rule: LabelRule = field(default_factory=LabelRule)
+    goal_k: int = 5
+    goal_precision: float = 0.8
+    goal_recall: float = 0.8
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """One simulated drawing: round k, the concept, the image and the exact region (bool (y, x), patch size)."""
+
+    k: int
+    concept: str
+    image_id: str
+    mask: np.ndarray = field(repr=False)
+
+
+@dataclass
+class GroundTruthReport:
+    layers: list[str]
+    config: GroundTruthConfig
+    concepts: list[str]  # every concept with masks (the columns of the IoU tables)
+    iou: dict[str, ConceptIoU]  # layer → dataset-level IoU
+    detectors: dict[str, dict[str, list[int]]]  # layer → concept → units
+    curves: dict[str, dict[str, list[dict]]]  # layer → concept → [{k, precision, recall, labeled, hits, …}]
+    drawings: list[Drawing]
+    available: dict[str, int]  # concept → patches of the review split the reviewer could draw on
+    n_reference_images: int
+    seconds: float
+
+    def at(self, layer: str, concept: str, k: int) -> dict | None:
+        for row in self.curves[layer][concept]:
+            if row["k"] == k:
+                return row
+        return None
+
+    def k_to_goal(self, layer: str, concept: str) -> int | None:
+        """Smallest k at which both precision and recall reach their goals (None: never within the ks drawn)."""
+        c = self.config
+        for row in self.curves[layer][concept]:
+            p, r = row["precision"], row["recall"]
+            if p is not None and r is not None and p >= c.goal_precision and r >= c.goal_recall:
+                return row["k"]
+        return None
+
+    def summary(self) -> str:
+        lines = []
+        for layer in self.layers:
+            lines.append(f"{layer}: detectors " + ", ".join(
+                f"{c} {len(self.detectors[layer].get(c, []))}" for c in self.config.concepts))
+            for c in self.config.concepts:
+                row = self.at(layer, c, self.config.goal_k)
+                if row is None:
+                    lines.append(f"  {c}: fewer than {self.config.goal_k} drawings possible")
+                    continue
+                lines.append(f"  {c} @k={row['k']}: precision {_fmt(row['precision'])} recall {_fmt(row['recall'])}"
+                             f" (labeled {row['labeled']}, detectors {row['detectors']}, hits {row['hits']})")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "layers": self.layers, "config": _config_json(self.config), "concepts": self.concepts,
+            "detectors": self.detectors, "curves": self.curves, "available": self.available,
+            "n_reference_images": self.n_reference_images, "seconds": self.seconds,
+            "iou": {layer: res.to_json() for layer, res in self.iou.items()},
+            "drawings": [{"k": d.k, "concept": d.concept, "image_id": d.image_id, "area": int(d.mask.sum())}
+                         for d in self.drawings],
+        }
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def _config_json(config: GroundTruthConfig) -> dict:
+    d = asdict(config)
+    d["rule"] = asdict(config.rule)
+    return d
+
+
+# -- ground-truth masks -----------------------------------------------------------------------------------------------
+def load_concept_masks(record, size: tuple[int, int], concepts: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """{concept: bool (y, x)} of a manifest record's mask PNGs (nonzero = inside), at the store's patch `size`.
+
+    Masks of another size are resized with nearest-neighbour sampling (the network input may be a resized patch).
+    """
+    from PIL import Image
+
+    out = {}
+    for concept, path in record.masks.items():
+        if concepts is not None and concept not in concepts:
+            continue
+        with Image.open(path) as im:
+            if im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.Resampling.NEAREST)
+            m = np.asarray(im)
+        if m.ndim == 3:
+            m = m[..., 0]
+        out[concept] = m > 0
+    return out
+
+
+def _store_records(store, manifest) -> list:
+    """Manifest records in store image order; ExplainError when the store was made from another dataset."""
+    by_id = manifest.by_id()
+    missing = [i for i in store.image_ids if i not in by_id]
+    if missing:
+        raise ExplainError(f"{store.url}: {len(missing)} store images are not in {manifest.path} "
+                           f"(first: {missing[0]!r}); use the manifest the store was extracted from")
+    return [by_id[i] for i in store.image_ids]
+
+
+def _mask_concepts(records) -> list[str]:
+    seen: set[str] = set()
+    for r in records:
+        seen.update(r.masks)
+    return sorted(seen)
+
+
+# -- 1. dataset-level IoU and detectors ---------------------------------------------------------------------------------
+def dataset_concept_iou(store, manifest, layers: Sequence[str], *, splits: Sequence[str] = ("train", "val"),
+                        level: float = DEFAULT_LEVEL, concepts: Sequence[str] | None = None, block: int = 32,
+                        progress=None) -> dict[str, ConceptIoU]:
+    """{layer: ConceptIoU} over the store images of `splits`, every concept with masks (or `concepts`).
+
+    Each image's masks are read once and counted for every layer.
+    """
+    records = _store_records(store, manifest)
+    concepts = list(concepts) if concepts is not None else _mask_concepts(records)
+    size = patch_size(store)
+    acc = {layer: DatasetIoU(store, layer, level=level, concepts=concepts) for layer in layers}
+    chosen = [i for i, r in enumerate(records) if r.split in splits]
+    for start in range(0, len(chosen), block):
+        idx = chosen[start:start + block]
+        stacks = [acc[layers[0]].stack(records[i].id, load_concept_masks(records[i], size, concepts)) for i in idx]
+        for layer in layers:
+            maps = store.maps_many(layer, idx)  # (image, unit, y, x)
+            for m, st in zip(maps, stacks):
+                acc[layer].add_maps(m, st)
+        if progress:
+            progress(min(start + block, len(chosen)), len(chosen))
+    return {layer: a.result() for layer, a in acc.items()}
+
+
+def find_detectors(result: ConceptIoU, *, min_iou: float = 0.04) -> dict[str, list[int]]:
+    """{concept: units} whose best concept it is with an IoU above `min_iou` (every concept gets a list)."""
+    best, value = result.best()
+    out: dict[str, list[int]] = {c: [] for c in result.concepts}
+    for unit in np.flatnonzero(value > min_iou).tolist():
+        out[result.concepts[int(best[unit])]].append(unit)
+    return out
+
+
+# -- 2. the simulated reviewer --------------------------------------------------------------------------------------------
+def choose_drawings(store, manifest, config: GroundTruthConfig) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """Per concept, the store image indices the reviewer draws on, in order (seeded), and how many were eligible."""
+    records = _store_records(store, manifest)
+    size = patch_size(store)
+    rng = np.random.default_rng(config.seed)
+    order: dict[str, list[int]] = {}
+    available: dict[str, int] = {}
+    for concept in config.concepts:
+        eligible = []
+        for i, r in enumerate(records):
+            if r.split != config.review_split or concept not in r.masks:
+                continue
+            if load_concept_masks(r, size, [concept])[concept].sum() >= config.min_region_px:
+                eligible.append(i)
+        available[concept] = len(eligible)
+        picked = rng.permutation(len(eligible))[:max(config.ks)]
+        order[concept] = [eligible[j] for j in picked]
+    return order, available
+
+
+def _pr(labeled: set[int], detectors: set[int]) -> tuple[float | None, float | None, int]:
+    hits = len(labeled & detectors)
+    precision = hits / len(labeled) if labeled else None
+    recall = hits / len(detectors) if detectors else None
+    return precision, recall, hits
+
+
+def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Sequence[int]], *,
+                      config: GroundTruthConfig = GroundTruthConfig(), order: Mapping[str, list[int]] | None = None,
+                      db=None) -> tuple[dict[str, list[dict]], list[Drawing]]:
+    """Draw, round by round, the ground-truth region of each concept and apply the labeling rule; measure after each
+    round. Returns ({concept: [{k, precision, recall, labeled, detectors, hits, drawn}]}, drawings)."""
+    from store.annotations import open_database
+
+    records = _store_records(store, manifest)
+    size = patch_size(store)
+    if order is None:
+        order, _ = choose_drawings(store, manifest, config)
+    db = db if db is not None else open_database("sqlite://")
+    dissect = UnitIoU(store, layer, level=config.level)
+    curves: dict[str, list[dict]] = {c: [] for c in config.concepts}
+    drawings: list[Drawing] = []
+    drawn = {c: 0 for c in config.concepts}
+    for k in range(1, max(config.ks) + 1):
+        for concept in config.concepts:
+            if k > len(order[concept]):
+                continue
+            index = order[concept][k - 1]
+            mask = load_concept_masks(records[index], size, [concept])[concept]
+            ious = dissect.compute(index, mask)
+            apply_ious(db, store, layer=layer, image=index, concept=concept, author="simulated-reviewer",
+                       ious=ious, specs=[MaskRegion.from_mask(mask)], mask=mask, rule=config.rule,
+                       rule_extra={"level": config.level})
+            drawings.append(Drawing(k=k, concept=concept, image_id=records[index].id, mask=mask))
+            drawn[concept] += 1
+        if k not in config.ks:
+            continue
+        for concept in config.concepts:
+            labeled = set(units_for(db, concept, layer).get(layer, []))
+            det = set(int(u) for u in detectors.get(concept, []))
+            precision, recall, hits = _pr(labeled, det)
+            curves[concept].append({"k": k, "drawn": drawn[concept], "precision": precision, "recall": recall,
+                                    "labeled": len(labeled), "detectors": len(det), "hits": hits})
+    return curves, drawings
+
+
+# -- the whole evaluation -------------------------------------------------------------------------------------------------
+def _open(settings, store, data):
+    from store.activations import open_store
+    from store.manifest import read_manifest
+
+    s = store if hasattr(store, "maps") else open_store(settings.store_url(store))
+    m = data if hasattr(data, "records") else read_manifest(settings.manifest_path(data))
+    return s, m
+
+
+def evaluate_ground_truth(settings, *, store="demo", data="demo", layers: Sequence[str] | None = None,
+                          config: GroundTruthConfig = GroundTruthConfig(), progress=None) -> GroundTruthReport:
+    """Steps 1–3 of the module docstring on a store and its manifest (names in the workspace, or opened objects)."""
+    t0 = time.perf_counter()
+    store, manifest = _open(settings, store, data)
+    layers = list(layers or store.layers)
+    records = _store_records(store, manifest)
+    concepts = _mask_concepts(records)
+    unknown = [c for c in config.concepts if c not in concepts]
+    if unknown:
+        raise ExplainError(f"{manifest.path}: no ground-truth masks of {unknown} (concepts with masks: {concepts})")
+    iou = dataset_concept_iou(store, manifest, layers, splits=config.reference_splits, level=config.level,
+                              concepts=concepts, progress=progress)
+    detectors = {layer: find_detectors(iou[layer], min_iou=config.detector_iou) for layer in layers}
+    order, available = choose_drawings(store, manifest, config)
+    curves, drawings = {}, []
+    for layer in layers:
+        curves[layer], drawn = simulate_reviewer(store, manifest, layer, detectors[layer], config=config, order=order)
+        drawings = drawings or drawn  # the same drawings for every layer
+    n_ref = sum(r.split in config.reference_splits for r in records)
+    return GroundTruthReport(layers=layers, config=config, concepts=concepts, iou=iou, detectors=detectors,
+                             curves=curves, drawings=drawings, available=available, n_reference_images=n_ref,
+                             seconds=time.perf_counter() - t0)
+
+
+@dataclass
+class DissectReport:
+    """What `python -m explain dissect` prints: dataset-level IoU and detectors per layer."""
+
+    iou: dict[str, ConceptIoU]
+    detectors: dict[str, dict[str, list[int]]]
+    config: GroundTruthConfig
+    n_images: int
+
+    def summary(self) -> str:
+        lines = [f"dataset-level IoU over {self.n_images} images (splits {', '.join(self.config.reference_splits)}),"
+                 f" unit thresholds at level {self.config.level}, detectors: IoU > {self.config.detector_iou}"]
+        for layer, res in self.iou.items():
+            best, value = res.best()
+            lines.append(f"\n{layer} ({len(best)} units)")
+            for j, c in enumerate(res.concepts):
+                units = self.detectors[layer][c]
+                top = np.argsort(-res.iou[:, j])[:3]
+                tops = ", ".join(f"u{u} {res.iou[u, j]:.3f}" for u in top)
+                lines.append(f"  {c:<26} detectors {len(units):>3}  best units: {tops}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"config": _config_json(self.config), "n_images": self.n_images, "detectors": self.detectors,
+                "iou": {layer: r.to_json() for layer, r in self.iou.items()}}
+
+
+def dissect_ground_truth(settings, *, store="demo", data="demo", layer: str | None = None,
+                         config: GroundTruthConfig = GroundTruthConfig()) -> DissectReport:
+    """Dataset-level IoU of every unit of every layer (or `layer`) with the ground-truth concept masks."""
+    store, manifest = _open(settings, store, data)
+    layers = [layer] if layer else list(store.layers)
+    iou = dataset_concept_iou(store, manifest, layers, splits=config.reference_splits, level=config.level)
+    detectors = {lay: find_detectors(iou[lay], min_iou=config.detector_iou) for lay in layers}
+    return DissectReport(iou=iou, detectors=detectors, config=config, n_images=iou[layers[0]].n_images)
+
+
+# -- mlflow ---------------------------------------------------------------------------------------------------------------------
+def log_ground_truth(report: GroundTruthReport, settings, *, run_name: str | None = None,
+                     store_attrs: Mapping | None = None) -> str:
+    """Log the report as one mlflow run in experiment "conceptlens-groundtruth" → the run id.
+
+    Params: config, layers, model of the store; metrics per layer and concept with step = k
+    (`<layer>/precision/<concept>`, `…/recall/…`, `…/labeled/…`) and the number of detectors; artifacts: the
+    report as JSON and the dataset-level IoU tables as .npy (never pickle).
+    """
+    import tempfile
+
+    from mlflow.entities import Metric, Param, RunTag
+
+    from training.registry import open_tracking
+
+    client, exp_id = open_tracking(settings, EXPERIMENT)  # a client: no process-global mlflow state
+    tags = [RunTag("mlflow.runName", run_name or "ground-truth")]
+    if store_attrs:
+        model = store_attrs.get("model") or {}
+        tags += [RunTag("model_uri", str(model.get("model_uri", ""))),
+                 RunTag("model_run_id", str(model.get("run_id", ""))),
+                 RunTag("dataset_sha256", str((store_attrs.get("dataset") or {}).get("sha256", "")))]
+    run = client.create_run(exp_id, run_name=run_name or "ground-truth")
+    run_id = run.info.run_id
+    try:
+        cfg = _config_json(report.config)
+        params = {"level": cfg["level"], "detector_iou": cfg["detector_iou"], "seed": cfg["seed"],
+                  "rule_threshold": cfg["rule"]["threshold"], "rule_above_current": cfg["rule"]["above_current"],
+                  "review_split": cfg["review_split"], "reference_splits": ",".join(cfg["reference_splits"]),
+                  "layers": ",".join(report.layers), "min_region_px": cfg["min_region_px"],
+                  "n_reference_images": report.n_reference_images}
+        now = int(time.time() * 1000)
+        metrics = []
+        for layer in report.layers:
+            for concept in report.config.concepts:
+                metrics.append(Metric(f"{layer}/detectors/{concept}",
+                                      len(report.detectors[layer].get(concept, [])), now, 0))
+                for row in report.curves[layer][concept]:
+                    for key in ("precision", "recall"):
+                        v = row[key]
+                        metrics.append(Metric(f"{layer}/{key}/{concept}", float("nan") if v is None else float(v),
+                                              now, row["k"]))
+                    metrics.append(Metric(f"{layer}/labeled/{concept}", row["labeled"], now, row["k"]))
+        for start in range(0, len(metrics), 900):  # mlflow's batch limit is 1000 entries
+            client.log_batch(run_id, metrics=metrics[start:start + 900],
+                             params=[Param(k, str(v)) for k, v in params.items()] if start == 0 else [],
+                             tags=tags if start == 0 else [])
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / "groundtruth.json"
+            p.write_text(json.dumps(report.to_json(), indent=1, default=_json_default))
+            client.log_artifact(run_id, str(p))
+            for layer, res in report.iou.items():
+                q = Path(tmp) / f"iou_{layer}.npy"
+                np.save(q, res.iou, allow_pickle=False)
+                client.log_artifact(run_id, str(q), artifact_path="iou")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def _json_default(v):
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return None if math.isnan(v) else float(v)
+    return str(v)

@@ -1,0 +1,166 @@
+"""Ground truth: dataset-level IoU against brute force, detectors by hand, and the simulated reviewer end to end on
+real mammogram patches with inserted lesions (exact masks) seen by a hand-set network whose units are known:
+unit 0 of features.1 responds to bright domes (masses), unit 1 to bright specks (calcifications)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers_dissection import build_lesion_store
+
+from explain.dissection import ConceptIoU, main, unit_masks
+from explain.errors import ExplainError
+from explain.groundtruth import (
+    EXPERIMENT,
+    GroundTruthConfig,
+    choose_drawings,
+    dataset_concept_iou,
+    evaluate_ground_truth,
+    find_detectors,
+    load_concept_masks,
+    log_ground_truth,
+)
+from store.manifest import read_manifest
+
+torch.set_num_threads(1)
+CONFIG = GroundTruthConfig(concepts=("mass", "calcification"), ks=(1, 2, 3, 4, 5))
+
+
+@pytest.fixture(scope="module")
+def lesions(real_dicoms, tmp_path_factory):
+    store, manifest = build_lesion_store(tmp_path_factory.mktemp("gt"), real_dicoms)
+    return store, read_manifest(manifest)
+
+
+@pytest.fixture(scope="module")
+def report(lesions, tmp_path_factory):
+    from store.settings import load_settings
+
+    store, manifest = lesions
+    return evaluate_ground_truth(load_settings(tmp_path_factory.mktemp("ws")), store=store, data=manifest,
+                                 config=CONFIG)
+
+
+def test_find_detectors_by_hand():
+    iou = np.array([[0.30, 0.10, 0.0],   # unit 0: best mass 0.30 → mass detector
+                    [0.05, 0.06, 0.0],   # unit 1: best calcification 0.06 → calcification detector
+                    [0.03, 0.01, 0.0],   # unit 2: best mass but 0.03 ≤ 0.04 → none
+                    [0.20, 0.0, 0.25]])  # unit 3: fires on mass too, but its best concept is skin
+    union = np.full(iou.shape, 10_000)
+    res = ConceptIoU(layer="l", level=0.99, concepts=["mass", "calcification", "skin"],
+                     intersection=np.rint(iou * union).astype(np.int64), union=union, n_images=3)
+    assert find_detectors(res) == {"mass": [0], "calcification": [1], "skin": [3]}
+    assert find_detectors(res, min_iou=0.2) == {"mass": [0], "calcification": [], "skin": [3]}
+
+
+def test_dataset_level_iou_equals_brute_force_over_the_reference_images(lesions):
+    store, manifest = lesions
+    res = dataset_concept_iou(store, manifest, ["features.1"], splits=("train", "val"))["features.1"]
+    assert res.concepts == ["calcification", "mass", "normal_tissue"]
+    by_id = manifest.by_id()
+    t = store.thresholds("features.1")
+    inter = np.zeros((3, 3), np.int64)
+    union = np.zeros((3, 3), np.int64)
+    n = 0
+    for i, image_id in enumerate(store.image_ids):
+        rec = by_id[image_id]
+        if rec.split == "test":
+            continue
+        n += 1
+        up = unit_masks(store.maps("features.1", i), t, (64, 64))
+        masks = load_concept_masks(rec, (64, 64))
+        for j, c in enumerate(res.concepts):
+            m = masks.get(c, np.zeros((64, 64), bool))
+            inter[:, j] += (up & m).sum(axis=(1, 2))
+            union[:, j] += (up | m).sum(axis=(1, 2))
+    assert res.n_images == n == 42
+    np.testing.assert_array_equal(res.intersection, inter)
+    np.testing.assert_array_equal(res.union, union)
+
+
+def test_the_known_units_are_the_ground_truth_detectors(report):
+    assert report.detectors["features.1"]["mass"] == [0]
+    assert report.detectors["features.1"]["calcification"] == [1]
+    assert report.iou["features.1"].iou[0, report.concepts.index("mass")] > 0.2
+
+
+def test_the_simulated_reviewer_finds_them_with_the_published_rule(report):
+    for concept in ("mass", "calcification"):
+        rows = report.curves["features.1"][concept]
+        assert [r["k"] for r in rows] == [1, 2, 3, 4, 5]
+        assert all(r["precision"] == 1.0 and r["recall"] == 1.0 for r in rows), rows
+        assert report.k_to_goal("features.1", concept) == 1
+    assert "mass @k=5: precision 1.00 recall 1.00" in report.summary()
+
+
+def test_undefined_precision_and_recall_are_reported_as_such(report):
+    # features.2 (max-pooled) has no calcification detector: nothing to recall, and nothing was labeled
+    assert report.detectors["features.2"]["calcification"] == []
+    row = report.at("features.2", "calcification", 5)
+    assert row["recall"] is None and row["detectors"] == 0
+    assert row["precision"] is None if row["labeled"] == 0 else row["precision"] == 0.0
+    assert report.k_to_goal("features.2", "calcification") is None
+    assert "n/a" in report.summary()
+
+
+def test_drawings_are_exact_ground_truth_regions_of_test_patches(report, lesions):
+    store, manifest = lesions
+    by_id = manifest.by_id()
+    assert [(d.k, d.concept) for d in report.drawings] == [(k, c) for k in range(1, 6) for c in ("mass",
+                                                                                                "calcification")]
+    for d in report.drawings:
+        rec = by_id[d.image_id]
+        assert rec.split == "test" and d.concept in rec.masks
+        np.testing.assert_array_equal(d.mask, load_concept_masks(rec, (64, 64), [d.concept])[d.concept])
+        assert d.mask.sum() >= CONFIG.min_region_px
+    assert report.available == {"mass": 6, "calcification": 6}
+    # seeded: the same order again, another order with another seed
+    again, _ = choose_drawings(store, manifest, CONFIG)
+    assert [store.image_ids[i] for i in again["mass"]] == [d.image_id for d in report.drawings if d.concept == "mass"]
+    other, _ = choose_drawings(store, manifest, GroundTruthConfig(concepts=("mass",), ks=(1, 2, 3, 4, 5), seed=3))
+    assert other["mass"] != again["mass"]
+
+
+def test_the_report_is_logged_to_mlflow(report, workspace, lesions):
+    from mlflow.tracking import MlflowClient
+
+    run_id = log_ground_truth(report, workspace, store_attrs=lesions[0].attrs)
+    client = MlflowClient(workspace.tracking_uri)
+    run = client.get_run(run_id)
+    assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT == "conceptlens-groundtruth"
+    assert run.info.status == "FINISHED" and run.data.params["level"] == "0.99"
+    assert run.data.tags["model_uri"] == "models:/hand/1"
+    hist = client.get_metric_history(run_id, "features.1/recall/mass")
+    assert [(m.step, m.value) for m in sorted(hist, key=lambda m: m.step)] == [(k, 1.0) for k in range(1, 6)]
+    assert run.data.metrics["features.1/detectors/calcification"] == 1
+    path = client.download_artifacts(run_id, "groundtruth.json", str(workspace.workspace))
+    data = json.loads(open(path).read())
+    assert data["detectors"]["features.1"]["mass"] == [0] and len(data["drawings"]) == 10
+    npy = client.download_artifacts(run_id, "iou/iou_features.1.npy", str(workspace.workspace))
+    np.testing.assert_allclose(np.load(npy, allow_pickle=False), report.iou["features.1"].iou)
+
+
+def test_python_m_explain_dissect(lesions, workspace, capsys, tmp_path):
+    store, manifest = lesions
+    out = tmp_path / "dissect.json"
+    assert main(["--workspace", str(workspace.workspace), "--store", store.url, "--data", str(manifest.path),
+                 "--layer", "features.1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "features.1 (3 units)" in text and "mass" in text and "detectors   1" in text
+    data = json.loads(out.read_text())
+    assert data["detectors"]["features.1"]["mass"] == [0] and data["n_images"] == 42
+
+
+def test_a_manifest_of_another_dataset_or_missing_concepts_are_refused(lesions, workspace, real_dicoms, tmp_path):
+    from helpers_store import make_patch_manifest
+
+    store, manifest = lesions
+    with pytest.raises(ExplainError, match="no ground-truth masks of \\['spiculated_margin'\\]"):
+        evaluate_ground_truth(workspace, store=store, data=manifest,
+                              config=GroundTruthConfig(concepts=("spiculated_margin",)))
+    other = read_manifest(make_patch_manifest(tmp_path, real_dicoms, n=4, size=32))
+    with pytest.raises(ExplainError, match="store images are not in"):
+        evaluate_ground_truth(workspace, store=store, data=other, config=CONFIG)
