@@ -13,7 +13,6 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from scipy import ndimage as ndi
 
 from store.manifest import read_manifest
 from store.settings import load_settings

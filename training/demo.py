@@ -223,8 +223,6 @@ def build_demo(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    for s in skipped:
-        log.warning("demo dataset: skipped %s: %s", s.path, s.reason)
     return _report(target, info, reused=False)
 
 
@@ -316,22 +314,27 @@ def _read_sources(entries, config: DemoConfig) -> tuple[list[_Source], list[Skip
         try:
             img = read_image(path, max_pixels=config.max_pixels)
         except ImageError as e:
-            skipped.append(SkippedFile(str(path), e.reason))
-            log.warning("demo dataset: skipping %s: %s", path, e.reason)
+            _skip(skipped, path, e.reason)
             continue
         if img.id in seen:
-            skipped.append(SkippedFile(str(path), f"the same image as an earlier source ({img.id})"))
+            _skip(skipped, path, f"the same image as an earlier source ({img.id})")
             continue
         display = img.display(scale=config.scale)
         seg = segment_breast(display, view=img.view)
         if seg.breast.sum() < config.patch * config.patch:
-            skipped.append(SkippedFile(str(path), "no breast found (segmented breast smaller than one patch)"))
+            _skip(skipped, path, "no breast found (segmented breast smaller than one patch)")
             continue
         seen.add(img.id)
         img.data = None  # the full-resolution film is not needed any more: ≈50 MB per image
         usable.append(_Source(path=Path(path), group=group, sha256=file_sha256(path), image=img,
                               display=display, seg=seg))
     return usable, skipped
+
+
+def _skip(skipped: list[SkippedFile], path, reason: str) -> None:
+    """Record and log a file the build cannot use: its path on disk and the reason, never what is inside it."""
+    skipped.append(SkippedFile(str(path), reason))
+    log.warning("demo dataset: skipping %s: %s", path, reason)
 
 
 def _assign_splits(sources: list[_Source], config: DemoConfig) -> None:
