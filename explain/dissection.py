@@ -116,7 +116,7 @@ class _Axis:
         seg_of = np.repeat(np.arange(len(start)), length)
         offset = np.arange(n_out) - start[seg_of]
         line = first[seg_of] + np.where(clamped, 0.0, offset * float(scale))
-        slack = float(np.abs(l1.astype(np.float64) - line).max()) * 2 + 1e-9
+        slack = float(np.abs(l1.astype(np.float64) - line).max()) * 2 + 1e-6  # + float32 λ arithmetic
         src_idx = np.arange(n_in)
         return cls(n_in=n_in, n_out=n_out, l0=l0, l1=l1, start=start, length=length, i0=i0[start],
                    i1=np.minimum(i0[start] + 1, n_in - 1), first=first, step=step, slack=slack,
@@ -246,18 +246,25 @@ def mask_counts(maps: np.ndarray, thresholds: np.ndarray, regions: np.ndarray | 
     gy, gx = grid.y, grid.x
     n_units, n_reg = maps.shape[0], regions.shape[0]
     H, W = size
+    h, w = maps.shape[1:]
 
     # window (i, j) = the output pixels between source rows i, i+1 and columns j, j+1: its values lie between the
     # smallest and largest of those four map values
     wmax = _pair_reduce(maps, np.maximum)  # (unit, y, x)
-    wmin = _pair_reduce(maps, np.minimum)
+    nonnegative = bool(maps.min() >= 0)  # after a ReLU: the window's magnitude is its maximum
+    wmin = None if nonnegative else _pair_reduce(maps, np.minimum)
     # float margin relative to the window's own magnitude: an all-zero window of a dead unit stays exactly zero
-    margin = np.maximum(wmax, -wmin)
-    margin *= _F32(_MARGIN)
+    margin = wmax * _F32(_MARGIN) if nonnegative else np.maximum(wmax, -wmin) * _F32(_MARGIN)
     t = thresholds[:, None, None]
     uc, yc, xc = np.nonzero(wmax > t - margin)  # windows with any pixel possibly above the threshold
     mc, tc = margin[uc, yc, xc], thresholds[uc]
-    full = wmin[uc, yc, xc] > tc + mc  # every pixel above
+    if nonnegative:
+        xc1, yc1 = np.minimum(xc + 1, w - 1), np.minimum(yc + 1, h - 1)
+        cmin = np.minimum(np.minimum(maps[uc, yc, xc], maps[uc, yc, xc1]),
+                          np.minimum(maps[uc, yc1, xc], maps[uc, yc1, xc1]))
+    else:
+        cmin = wmin[uc, yc, xc]
+    full = cmin > tc + mc  # every pixel above
     uf, yf, xf = uc[full], yc[full], xc[full]
     ub, yb, xb, mb = uc[~full], yc[~full], xc[~full], mc[~full]  # boundary windows
 
@@ -292,12 +299,23 @@ def mask_counts(maps: np.ndarray, thresholds: np.ndarray, regions: np.ndarray | 
     return area, inter
 
 
+def _count_le(lam: np.ndarray, first: np.ndarray, step: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """Rows of a segment (first weight, step, length) whose weight l1 is <= lam; ±inf → all or none."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        k = np.floor((lam - first) / step)
+    k += 1
+    return np.clip(k, 0, length, out=k).astype(np.int64)
+
+
 def _pair_reduce(maps: np.ndarray, op) -> np.ndarray:
     """(unit, y, x) → op over each 2×2 window (i, min(i+1, y-1)) × (j, min(j+1, x-1)), same shape."""
-    rows = maps.copy()
-    op(maps[:, :-1], maps[:, 1:], out=rows[:, :-1])
-    out = rows.copy()
-    op(rows[:, :, :-1], rows[:, :, 1:], out=out[:, :, :-1])
+    out = np.empty_like(maps)
+    rows = op(maps[:, :-1], maps[:, 1:])  # (unit, y-1, x)
+    op(rows[:, :, :-1], rows[:, :, 1:], out=out[:, :-1, :-1])
+    out[:, :-1, -1] = rows[:, :, -1]
+    last = maps[:, -1]  # the last row pairs with itself
+    op(last[:, :-1], last[:, 1:], out=out[:, -1, :-1])
+    out[:, -1, -1] = last[:, -1]
     return out
 
 
@@ -335,20 +353,21 @@ def _boundary_counts(thresholds, grid, colcum, block_rows, regions, u, sy, sx, c
     if c_i.size == 0:
         return
     owner, seg = u[c_i], sy[c_i]
-    tp, bt = top[c_i, j_i].astype(np.float64), bot[c_i, j_i].astype(np.float64)
+    tp, bt = top[c_i, j_i], bot[c_i, j_i]  # float32: λ below is accurate to ~1e-7, inside the λ slack
     g0 = tp - thresholds[owner]
     slope = bt - tp
     falling = slope < 0
-    m = margin[c_i].astype(np.float64)
+    m = margin[c_i]
     m = np.where(falling, -m, m)
-    slope[slope == 0] = 1e-300  # flat: λ bounds become ±inf (all above, all near or all below)
+    slope[slope == 0] = np.finfo(np.float32).tiny  # flat: λ bounds become ±inf (all above, all near or all below)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         lam_a = (-m - g0) / slope  # the band's low end in λ
         lam_b = (m - g0) / slope  # its high end
-    k_a = gy.count_le(seg, lam_a - gy.slack)  # rows [k_a, k_b) are near the threshold: evaluated exactly
-    k_b = gy.count_le(seg, lam_b + gy.slack)
+    first, step, length = gy.first[seg], gy.step[seg], gy.length[seg]
+    k_a = _count_le(lam_a - gy.slack, first, step, length)  # rows [k_a, k_b) near the threshold: evaluated exactly
+    k_b = _count_le(lam_b + gy.slack, first, step, length)
     lo = np.where(falling, 0, k_b)  # rows surely above: after the band when rising, before it when falling
-    hi = np.where(falling, k_a, gy.length[seg])
+    hi = np.where(falling, k_a, length)
     area += np.bincount(owner, hi - lo, minlength=n_units).astype(np.int64)
     y0 = gy.start[seg]
     x = grid.cols[sx[c_i], j_i]

@@ -29,7 +29,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +98,7 @@ class GroundTruthReport:
     available: dict[str, int]  # concept → patches of the review split the reviewer could draw on
     n_reference_images: int
     seconds: float
+    missing: list[str] = field(default_factory=list)  # requested concepts without any ground-truth mask
 
     def at(self, layer: str, concept: str, k: int) -> dict | None:
         for row in self.curves[layer][concept]:
@@ -132,7 +133,7 @@ class GroundTruthReport:
         return {
             "layers": self.layers, "config": _config_json(self.config), "concepts": self.concepts,
             "detectors": self.detectors, "curves": self.curves, "available": self.available,
-            "n_reference_images": self.n_reference_images, "seconds": self.seconds,
+            "n_reference_images": self.n_reference_images, "seconds": self.seconds, "missing": self.missing,
             "iou": {layer: res.to_json() for layer, res in self.iou.items()},
             "drawings": [{"k": d.k, "concept": d.concept, "image_id": d.image_id, "area": int(d.mask.sum())}
                          for d in self.drawings],
@@ -307,9 +308,11 @@ def evaluate_ground_truth(settings, *, store="demo", data="demo", layers: Sequen
     layers = list(layers or store.layers)
     records = _store_records(store, manifest)
     concepts = _mask_concepts(records)
-    unknown = [c for c in config.concepts if c not in concepts]
-    if unknown:
-        raise ExplainError(f"{manifest.path}: no ground-truth masks of {unknown} (concepts with masks: {concepts})")
+    missing = [c for c in config.concepts if c not in concepts]
+    if len(missing) == len(config.concepts):
+        raise ExplainError(f"{manifest.path}: no ground-truth masks of {missing} (concepts with masks: {concepts})")
+    if missing:  # evaluate the others; the report names the missing ones
+        config = replace(config, concepts=tuple(c for c in config.concepts if c not in missing))
     iou = dataset_concept_iou(store, manifest, layers, splits=config.reference_splits, level=config.level,
                               concepts=concepts, progress=progress)
     detectors = {layer: find_detectors(iou[layer], min_iou=config.detector_iou) for layer in layers}
@@ -321,7 +324,7 @@ def evaluate_ground_truth(settings, *, store="demo", data="demo", layers: Sequen
     n_ref = sum(r.split in config.reference_splits for r in records)
     return GroundTruthReport(layers=layers, config=config, concepts=concepts, iou=iou, detectors=detectors,
                              curves=curves, drawings=drawings, available=available, n_reference_images=n_ref,
-                             seconds=time.perf_counter() - t0)
+                             seconds=time.perf_counter() - t0, missing=missing)
 
 
 @dataclass

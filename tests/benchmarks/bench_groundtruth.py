@@ -1,0 +1,88 @@
+"""Unit labels against ground truth on the demo dataset (issue 5, "Measured against ground truth", parts 1–3).
+
+    >>> from tests.benchmarks.bench_groundtruth import run
+    >>> run(load_settings())    # [{"name": "groundtruth/mass/precision@5", ...}, ...]
+
+Needs the demo workspace (`make extract`: the demo store and manifest). Steps (explain.groundtruth):
+dataset-level IoU of every unit with every ground-truth concept over the train and val patches; ground-truth
+detectors (IoU > 0.04 with their best concept); a simulated reviewer drawing the exact ground-truth region on k test
+patches per inserted concept (k = 1 … 10) with the published labeling rule after each drawing; precision and recall
+of the labeled units against the detectors. Goals (at k = 5) apply to the store's deepest layer, the dissection
+layer; the other layers are reported without goals. The whole report is logged as an mlflow run in experiment
+"conceptlens-groundtruth" (its id is in the notes).
+"""
+
+from __future__ import annotations
+
+GOAL_K = 5
+
+
+def _value(v):
+    return "n/a" if v is None else v
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _curve(rows) -> str:
+    return " ".join(f"k{r['k']}:{_fmt(r['precision'])}/{_fmt(r['recall'])}" for r in rows)
+
+
+def run(settings) -> list[dict]:
+    from explain.groundtruth import GroundTruthConfig, evaluate_ground_truth, log_ground_truth
+    from store.activations import open_store, store_exists
+
+    url = settings.store_url("demo")
+    manifest = settings.manifest_path("demo")
+    if not store_exists(url) or not manifest.is_file():
+        return [{"name": "groundtruth/demo_store", "value": "missing", "unit": "", "goal": "present", "ok": False,
+                 "note": f"demo store {url} or manifest {manifest} missing: run `make extract` first"}]
+    store = open_store(url)
+    config = GroundTruthConfig()
+    report = evaluate_ground_truth(settings, store=store, data="demo", config=config)
+    run_id = log_ground_truth(report, settings, store_attrs=store.attrs, run_name="bench")
+    head = report.layers[-1]
+    figures = []
+    for layer in report.layers:
+        goals = layer == head
+        for c in report.config.concepts:
+            det = report.detectors[layer].get(c, [])
+            row = report.at(layer, c, GOAL_K) or {"precision": None, "recall": None, "labeled": 0, "hits": 0}
+            rows = report.curves[layer][c]
+            note = (f"layer {layer}; {len(det)} detectors {det[:12]}; drawn on {report.available[c]} eligible test "
+                    f"patches; P/R by k: {_curve(rows)}; mlflow run {run_id}")
+            prefix = f"groundtruth/{c}" if goals else f"groundtruth/{layer}/{c}"
+            p, r = row["precision"], row["recall"]
+            k_goal = report.k_to_goal(layer, c)
+            figures += [
+                {"name": f"{prefix}/detectors", "value": len(det), "unit": "units", "goal": "> 0" if goals else None,
+                 "ok": (len(det) > 0) if goals else None, "note": note},
+                {"name": f"{prefix}/precision@{GOAL_K}", "value": _value(p), "unit": "",
+                 "goal": ">= 0.8" if goals else None, "ok": (p is not None and p >= 0.8) if goals else None,
+                 "note": note},
+                {"name": f"{prefix}/recall@{GOAL_K}", "value": _value(r), "unit": "",
+                 "goal": ">= 0.8" if goals else None, "ok": (r is not None and r >= 0.8) if goals else None,
+                 "note": note},
+                {"name": f"{prefix}/k_to_goal", "value": "never" if k_goal is None else k_goal, "unit": "drawings",
+                 "goal": f"<= {GOAL_K}" if goals else None,
+                 "ok": (k_goal is not None and k_goal <= GOAL_K) if goals else None, "note": note},
+            ]
+    for c in report.missing:
+        figures.append({"name": f"groundtruth/{c}/detectors", "value": "no masks", "unit": "", "goal": "> 0",
+                        "ok": False, "note": f"the demo manifest has no ground-truth mask of {c}"})
+    figures.append({"name": "groundtruth/seconds", "value": report.seconds, "unit": "s", "goal": None, "ok": None,
+                     "note": f"{report.n_reference_images} reference images, {len(report.layers)} layers, "
+                             f"{len(report.drawings)} drawings; mlflow run {run_id}"})
+    return figures
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from store.settings import load_settings
+
+    for f in run(load_settings()):
+        print(f)
