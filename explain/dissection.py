@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import RegionError, UnknownImageError, UnknownLayerError
+from .errors import ExplainError, RegionError, UnknownImageError, UnknownLayerError
 from .regions import RegionSpec, rasterize_regions
 
 __all__ = [
@@ -53,6 +53,8 @@ __all__ = [
     "UnitIoU",
     "DatasetIoU",
     "ConceptIoU",
+    "resolve_image",
+    "patch_size",
     "main",
 ]
 
@@ -611,14 +613,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workspace", default=None, help="workspace directory (default: CONCEPTLENS_WORKSPACE or ./workspace)")
     p.add_argument("--store", default="demo", help="activation store name or URL (default: demo)")
     p.add_argument("--data", default="demo", help="dataset name or manifest path (default: demo)")
-    p.add_argument("--layer", default=None, help="layer (default: the store's last layer)")
+    p.add_argument("--layer", default=None, help="one layer (default: every layer of the store)")
     p.add_argument("--level", type=float, default=DEFAULT_LEVEL, help="unit threshold quantile level (0.99)")
     p.add_argument("--min-iou", type=float, default=0.04, help="IoU above which a unit detects its best concept")
     p.add_argument("--json", default=None, help="also write the IoU table and detectors to this JSON file")
     args = p.parse_args(argv)
     settings = load_settings(args.workspace)
     config = GroundTruthConfig(level=args.level, detector_iou=args.min_iou)
-    result = dissect_ground_truth(settings, store=args.store, data=args.data, layer=args.layer, config=config)
+    from store.errors import StoreError
+
+    try:
+        result = dissect_ground_truth(settings, store=args.store, data=args.data, layer=args.layer, config=config)
+    except (StoreError, ExplainError) as e:  # the command line reports what is wrong, without a traceback
+        print(f"python -m explain dissect: {e}", file=sys.stderr)
+        return 1
     print(result.summary())
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -164,3 +164,9 @@ def test_a_manifest_of_another_dataset_or_missing_concepts_are_refused(lesions, 
     other = read_manifest(make_patch_manifest(tmp_path, real_dicoms, n=4, size=32))
     with pytest.raises(ExplainError, match="store images are not in"):
         evaluate_ground_truth(workspace, store=store, data=other, config=CONFIG)
+
+
+def test_python_m_explain_dissect_without_a_store_says_so(workspace, capsys):
+    assert main(["--workspace", str(workspace.workspace)]) == 1
+    err = capsys.readouterr().err
+    assert "demo.zarr" in err and "Traceback" not in err
