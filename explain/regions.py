@@ -88,8 +88,6 @@ class Polygon:
     def to_json(self) -> dict:
         return {"type": "polygon", "points": [[float(x), float(y)] for x, y in self.points], "erase": self.erase}
 
-    def transformed(self, fn) -> "Polygon":
-        return Polygon([tuple(p) for p in fn(np.asarray(self.points, dtype=np.float64))], erase=self.erase)
 
 
 @dataclass(frozen=True)
@@ -106,9 +104,6 @@ class Rect:
         return {"type": "rect", "x0": float(self.x0), "y0": float(self.y0), "x1": float(self.x1),
                 "y1": float(self.y1), "erase": self.erase}
 
-    def transformed(self, fn) -> "Rect":
-        (a, b), (c, d) = fn(np.array([[self.x0, self.y0], [self.x1, self.y1]], dtype=np.float64))
-        return Rect(a, b, c, d, erase=self.erase)
 
 
 @dataclass(frozen=True)
@@ -125,9 +120,6 @@ class Ellipse:
         return {"type": "ellipse", "x0": float(self.x0), "y0": float(self.y0), "x1": float(self.x1),
                 "y1": float(self.y1), "erase": self.erase}
 
-    def transformed(self, fn) -> "Ellipse":
-        (a, b), (c, d) = fn(np.array([[self.x0, self.y0], [self.x1, self.y1]], dtype=np.float64))
-        return Ellipse(a, b, c, d, erase=self.erase)
 
 
 @dataclass(frozen=True)
@@ -165,8 +157,6 @@ class MaskRegion:
     def to_json(self) -> dict:
         return {"type": "mask", "shape": list(self.shape), "counts": list(self.counts), "erase": self.erase}
 
-    def transformed(self, fn) -> "MaskRegion":
-        raise RegionError("a mask region is already in patch coordinates and cannot be moved by a display view")
 
 
 RegionSpec = Polygon | Rect | Ellipse | MaskRegion
