@@ -70,7 +70,7 @@ def _fma32(x, y, z) -> np.ndarray:
     return (np.asarray(x, np.float64) * np.asarray(y, np.float64) + np.asarray(z, np.float64)).astype(_F32)
 
 
-# -- geometry of one upsampling ---------------------------------------------------------------------------------------
+# -- geometry of one upsampling ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Axis:
     """Bilinear weights along one axis (n_in → n_out, align_corners=False) and their grouping into segments.
@@ -174,7 +174,7 @@ class UpsampleGrid:
                    win_area=ay.win_length[:, None] * ax.win_length[None, :])
 
 
-# -- the plain definitions (also the reference) -------------------------------------------------------------------------
+# -- the plain definitions (also the reference) ------------------------------------------------------------------------
 def upsample_maps(maps: np.ndarray | torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """float32 (unit, y, x) maps → float32 (unit, H, W), bilinear, align_corners=False (the unit-mask definition)."""
     t = torch.as_tensor(np.asarray(maps, dtype=_F32) if not isinstance(maps, torch.Tensor) else maps.float())
@@ -205,7 +205,7 @@ def reference_unit_iou(maps: np.ndarray, thresholds: np.ndarray, region: np.ndar
     return out
 
 
-# -- the fast path --------------------------------------------------------------------------------------------------------
+# -- the fast path -----------------------------------------------------------------------------------------------------
 def _check_inputs(maps: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     maps = np.asarray(maps, dtype=_F32)
     thresholds = np.asarray(thresholds, dtype=_F32).reshape(-1)
@@ -416,7 +416,7 @@ def region_iou(maps: np.ndarray, thresholds: np.ndarray, region: np.ndarray, *,
     return (inter / (area + n - inter)).astype(_F32)
 
 
-# -- store-bound classes -------------------------------------------------------------------------------------------------
+# -- store-bound classes -----------------------------------------------------------------------------------------------
 def _check_layer(store, layer: str) -> str:
     if layer not in store.layers:
         raise UnknownLayerError(layer, known=store.layers, where=str(getattr(store, "url", "the store")))
@@ -602,7 +602,7 @@ class DatasetIoU:
         return self.result()
 
 
-# -- python -m explain dissect ------------------------------------------------------------------------------------------
+# -- python -m explain dissect -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """`python -m explain dissect`: dataset-level IoU of every unit with the demo's ground-truth concept masks."""
     from store.settings import load_settings
@@ -610,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     from .groundtruth import GroundTruthConfig, dissect_ground_truth
 
     p = argparse.ArgumentParser(prog="python -m explain dissect", description=main.__doc__)
-    p.add_argument("--workspace", default=None, help="workspace directory (default: CONCEPTLENS_WORKSPACE or ./workspace)")
+    p.add_argument("--workspace", default=None,
+                   help="workspace directory (default: CONCEPTLENS_WORKSPACE or ./workspace)")
     p.add_argument("--store", default="demo", help="activation store name or URL (default: demo)")
     p.add_argument("--data", default="demo", help="dataset name or manifest path (default: demo)")
     p.add_argument("--layer", default=None, help="one layer (default: every layer of the store)")

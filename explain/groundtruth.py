@@ -150,7 +150,7 @@ def _config_json(config: GroundTruthConfig) -> dict:
     return d
 
 
-# -- ground-truth masks -----------------------------------------------------------------------------------------------
+# -- ground-truth masks ------------------------------------------------------------------------------------------------
 def load_concept_masks(record, size: tuple[int, int], concepts: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """{concept: bool (y, x)} of a manifest record's mask PNGs (nonzero = inside), at the store's patch `size`.
 
@@ -189,7 +189,7 @@ def _mask_concepts(records) -> list[str]:
     return sorted(seen)
 
 
-# -- 1. dataset-level IoU and detectors ---------------------------------------------------------------------------------
+# -- 1. dataset-level IoU and detectors --------------------------------------------------------------------------------
 def dataset_concept_iou(store, manifest, layers: Sequence[str], *, splits: Sequence[str] = ("train", "val"),
                         level: float = DEFAULT_LEVEL, concepts: Sequence[str] | None = None, block: int = 32,
                         progress=None) -> dict[str, ConceptIoU]:
@@ -223,7 +223,7 @@ def find_detectors(result: ConceptIoU, *, min_iou: float = 0.04) -> dict[str, li
     return out
 
 
-# -- 2. the simulated reviewer --------------------------------------------------------------------------------------------
+# -- 2. the simulated reviewer -----------------------------------------------------------------------------------------
 def choose_drawings(store, manifest, config: GroundTruthConfig) -> tuple[dict[str, list[int]], dict[str, int]]:
     """Per concept, the store image indices the reviewer draws on, in order (seeded), and how many were eligible."""
     records = _store_records(store, manifest)
@@ -290,7 +290,7 @@ def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Seque
     return curves, drawings
 
 
-# -- the whole evaluation -------------------------------------------------------------------------------------------------
+# -- the whole evaluation ----------------------------------------------------------------------------------------------
 def _open(settings, store, data):
     from store.activations import open_store
     from store.manifest import read_manifest
@@ -364,7 +364,7 @@ def dissect_ground_truth(settings, *, store="demo", data="demo", layer: str | No
     return DissectReport(iou=iou, detectors=detectors, config=config, n_images=iou[layers[0]].n_images)
 
 
-# -- mlflow ---------------------------------------------------------------------------------------------------------------------
+# -- mlflow ------------------------------------------------------------------------------------------------------------
 def log_ground_truth(report: GroundTruthReport, settings, *, run_name: str | None = None,
                      store_attrs: Mapping | None = None) -> str:
     """Log the report as one mlflow run in experiment "conceptlens-groundtruth" → the run id.

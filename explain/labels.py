@@ -156,7 +156,7 @@ def decide_labels(ious: np.ndarray, current_iou: np.ndarray, rule: LabelRule = L
     return take
 
 
-# -- validation ----------------------------------------------------------------------------------------------------------
+# -- validation --------------------------------------------------------------------------------------------------------
 def _check_layer(store, layer: str) -> int:
     if layer not in store.layers:
         raise UnknownLayerError(layer, known=store.layers, where=str(store.url))
@@ -207,7 +207,7 @@ def _set_label(session, action: LabelAction, layer: str, unit: int, existing: Un
     session.add(LabelChange(action_id=action.id, layer=layer, unit=unit, before=before, after=existing.snapshot()))
 
 
-# -- labeling --------------------------------------------------------------------------------------------------------------
+# -- labeling ----------------------------------------------------------------------------------------------------------
 def label_region(db: Database, store, *, layer: str, image, region, concept: str, author: str,
                  rule: LabelRule = LabelRule(), level: float = DEFAULT_LEVEL,
                  dissect: UnitIoU | None = None) -> LabelResult:
@@ -351,7 +351,7 @@ def undo(db: Database, action_id: int, *, author: str) -> UndoResult:
     return UndoResult(action_id=rec_id, undone=int(action_id), restored=restored)
 
 
-# -- queries -----------------------------------------------------------------------------------------------------------------
+# -- queries -----------------------------------------------------------------------------------------------------------
 def current_labels(db: Database, layer: str) -> dict[int, str]:
     """{unit: concept} of every labeled unit of a layer."""
     with db.read() as s:

@@ -73,7 +73,7 @@ class RegionConfig:
 DEFAULT_CONFIG = RegionConfig()
 
 
-# -- region specs ----------------------------------------------------------------------------------------------------
+# -- region specs ------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Polygon:
     """A closed polygon (the last point joins the first). `points` are (x, y) pairs in patch coordinates."""
@@ -87,7 +87,6 @@ class Polygon:
 
     def to_json(self) -> dict:
         return {"type": "polygon", "points": [[float(x), float(y)] for x, y in self.points], "erase": self.erase}
-
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,6 @@ class Rect:
                 "y1": float(self.y1), "erase": self.erase}
 
 
-
 @dataclass(frozen=True)
 class Ellipse:
     """The axis-aligned ellipse inscribed in the box (x0, y0)–(x1, y1) — plotly's "circle" shape."""
@@ -119,7 +117,6 @@ class Ellipse:
     def to_json(self) -> dict:
         return {"type": "ellipse", "x0": float(self.x0), "y0": float(self.y0), "x1": float(self.x1),
                 "y1": float(self.y1), "erase": self.erase}
-
 
 
 @dataclass(frozen=True)
@@ -156,7 +153,6 @@ class MaskRegion:
 
     def to_json(self) -> dict:
         return {"type": "mask", "shape": list(self.shape), "counts": list(self.counts), "erase": self.erase}
-
 
 
 RegionSpec = Polygon | Rect | Ellipse | MaskRegion
@@ -443,7 +439,7 @@ def rasterize_regions(specs: Sequence[RegionSpec], shape, *, config: RegionConfi
     return mask
 
 
-# -- JSON ---------------------------------------------------------------------------------------------------------------
+# -- JSON --------------------------------------------------------------------------------------------------------------
 def regions_to_json(specs: Sequence[RegionSpec]) -> list[dict]:
     """Region specs → a JSON-ready list (what the annotation database stores)."""
     return [s.to_json() for s in specs]
@@ -479,7 +475,7 @@ def regions_from_json(data, *, config: RegionConfig = DEFAULT_CONFIG) -> list[Re
     return out
 
 
-# -- plotly shapes ------------------------------------------------------------------------------------------------------
+# -- plotly shapes -----------------------------------------------------------------------------------------------------
 _PATH_TOKEN = re.compile(r"\s*(?:([MLHVZmlhvz])|([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))\s*,?\s*")
 
 

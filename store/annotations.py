@@ -101,7 +101,7 @@ def utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
-# -- models ----------------------------------------------------------------------------------------------------------
+# -- models ------------------------------------------------------------------------------------------------------------
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",

@@ -45,7 +45,7 @@ def fresh_postgres_database(admin_url: str):
         admin.dispose()
 
 
-# -- a small ground-truth dataset: real patches, inserted lesions with exact masks, a hand-set network -------------------
+# -- a small ground-truth dataset: real patches, inserted lesions with exact masks, a hand-set network -----------------
 HAND_LAYERS = ["features.1", "features.2"]  # relu(conv) at 64×64, its 2×2 max-pool at 32×32
 
 

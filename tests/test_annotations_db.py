@@ -185,7 +185,7 @@ def test_an_in_memory_database_keeps_its_data_across_sessions():
         assert s.scalar(select(ImageMark.image_id)) == "p1"
 
 
-# -- PostgreSQL ----------------------------------------------------------------------------------------------------------
+# -- PostgreSQL --------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def pg_database(postgres_url):
     with fresh_postgres_database(postgres_url) as url:

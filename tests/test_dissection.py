@@ -81,7 +81,7 @@ def test_a_pixel_equal_to_the_threshold_is_outside():
     assert area[0] == 64 * 64
 
 
-# -- fast path = reference -------------------------------------------------------------------------------------------------
+# -- fast path = reference ---------------------------------------------------------------------------------------------
 def _smooth_maps(rng, n_units, h, w):
     x = torch.from_numpy(rng.standard_normal((n_units, 1, h, w)).astype(np.float32))
     k = torch.exp(-torch.arange(-3, 4, dtype=torch.float32) ** 2 / 3)
@@ -149,7 +149,7 @@ def test_bad_input_to_the_pure_functions():
         region_iou(HAND_MAPS, HAND_T, np.ones(16, bool))
 
 
-# -- on a real store -------------------------------------------------------------------------------------------------------
+# -- on a real store ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def real_store(real_dicoms, tmp_path_factory):
     """24 real 64×64 CBIS-DDSM patches through a small CNN, extracted into a zarr store."""

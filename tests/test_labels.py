@@ -63,7 +63,7 @@ def _apply(db, store, ious, concept="mass", image=0, layer=L4, author="ana", rul
                       ious=np.asarray(ious, np.float32), specs=SQUARE, rule=rule)
 
 
-# -- the rule ------------------------------------------------------------------------------------------------------------
+# -- the rule ----------------------------------------------------------------------------------------------------------
 def test_decide_labels_by_hand():
     ious = np.array([0.5, 0.3, 0.1, 0.25, 0.9])
     behind = np.array([0.0, 0.4, 0.0, 0.2, np.inf])  # unit 4 was named by hand
@@ -141,7 +141,7 @@ def test_named_units_are_never_overridden_by_the_rule(db, store):
         name_unit(db, store, layer=L4, unit=6, concept="skin", author="ana")
 
 
-# -- on real activations -------------------------------------------------------------------------------------------------
+# -- on real activations -----------------------------------------------------------------------------------------------
 def test_label_region_uses_the_unit_iou_of_the_drawn_region(db, store):
     # the largest unit mask of the layer on these real patches, drawn exactly (as a mask): that unit's IoU is 1
     thresholds = store.thresholds(L1)
@@ -173,7 +173,7 @@ def test_label_region_uses_the_unit_iou_of_the_drawn_region(db, store):
     assert hist[0]["action"]["rule"] == {"threshold": 0.01, "above_current": True, "level": 0.99}
 
 
-# -- bad input: clear errors, nothing stored changes ------------------------------------------------------------------------
+# -- bad input: clear errors, nothing stored changes -------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, error, words", [
     (dict(layer="layer9"), UnknownLayerError, "unknown layer 'layer9'"),
     (dict(image="p9999"), UnknownImageError, "unknown image 'p9999'"),
@@ -230,7 +230,7 @@ def test_a_failure_inside_the_write_transaction_rolls_everything_back(db, store,
     assert dump(db) == before
 
 
-# -- marks and concepts -------------------------------------------------------------------------------------------------------
+# -- marks and concepts ------------------------------------------------------------------------------------------------
 def test_image_marks_for_probes(db, store):
     mark_image(db, store, image=0, concept="mass", present=True, author="ana")
     mark_image(db, store, image=store.image_ids[2], concept="mass", present=False, author="ana")
