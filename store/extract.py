@@ -207,7 +207,7 @@ class _BlockWriter:
 
 
 class _Job:
-    """Everything one process needs; the Lightning module calls prepare / dataloader / step / finish."""
+    """Everything one process needs: the Lightning module calls prepare / dataloader / step, `_predict` finish."""
 
     def __init__(self, *, url: str, attrs: dict, layout: StoreLayout, paths: list[Path], labels: list[int],
                  transform: dict, config: ExtractConfig):
@@ -222,7 +222,6 @@ class _Job:
         self.buffers: dict[int, dict] = {}
         self.filled: dict[int, int] = {}
         self.rank, self.world = 0, 1
-        self.t0 = time.perf_counter()
 
     def prepare(self, rank: int, world: int, barrier) -> None:
         self.rank, self.world = rank, world
@@ -324,7 +323,11 @@ class _Job:
                 def progress(done, total):
                     bar.total = total
                     bar.update(done - bar.n)
-            self.store.finalize(histograms=histograms, covered=covered, progress=progress)
+            try:
+                self.store.finalize(histograms=histograms, covered=covered, progress=progress)
+            finally:
+                if progress:
+                    bar.close()
 
     def _gather_histograms(self, histograms: dict[str, Float16Histogram]) -> set[int]:
         """Sum every rank's counts on rank 0 (gloo reduce); they then cover every block written in this run."""
@@ -350,6 +353,7 @@ def _lightning_module(net: nn.Module, job: _Job):
         def __init__(self):
             super().__init__()
             self.net = net
+            self.allow_zero_length_dataloader_with_multiple_devices = True  # a rank whose blocks are all done
 
         def setup(self, stage: str) -> None:
             job.prepare(self.global_rank, self.trainer.world_size, self.trainer.strategy.barrier)
@@ -359,9 +363,6 @@ def _lightning_module(net: nn.Module, job: _Job):
 
         def predict_step(self, batch, batch_idx):
             job.step(self.net, batch)
-
-        def on_predict_end(self) -> None:
-            job.finish(self.trainer.strategy.barrier)
 
     return ExtractionModule()
 
@@ -484,6 +485,8 @@ def _predict(module: nn.Module, job: _Job, config: ExtractConfig) -> None:
         except BaseException as e:
             job.abort(e)
             raise
+    # after predict, not in a hook: Lightning skips the predict hooks of a rank with no batches (all its blocks done)
+    job.finish(trainer.strategy.barrier)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,6 +100,14 @@ def test_rerun_is_a_no_op_and_a_crash_resumes_to_the_same_store(patches, tmp_pat
         a.pop(key), b.pop(key)
     assert a == b
 
+    # killed during the final pass: every block is recorded, the store is not complete; a rerun only finalizes
+    w = open_store(url, read_only=False)
+    w._array(f"layers/{meta['layers'][0]}/quantiles")[...] = 0
+    w._set_attrs({"complete": False})
+    again = extract(net, meta=meta, manifest=patches, url=url, config=ExtractConfig(**FAST))
+    assert again.blocks_written == 0 and not again.reused and open_store(url).complete
+    assert_same_arrays(store_arrays(url), store_arrays(clean))
+
 
 def test_all_zero_block_is_complete_and_not_recomputed(patches, tmp_path):
     net, meta = tiny_model(bias=False)

@@ -148,3 +148,20 @@ def test_command_line_ddp_equals_in_process_extraction(patches, tmp_path):
     assert "30 images" in proc.stdout
     assert_same_arrays(store_arrays(url), store_arrays(single))
     assert _attrs(url) == _attrs(single)
+
+
+@pytest.mark.slow
+def test_ddp_resume_when_a_rank_has_no_block_left(patches, clean, tmp_path):
+    """One block left for two ranks: rank 0 gets none, still meets rank 1 at the barriers and finalizes."""
+    import shutil
+
+    script = tmp_path / "ddp_extract.py"
+    script.write_text(SCRIPT)
+    url = str(tmp_path / "one_left.zarr")
+    shutil.copytree(clean, url)
+    w = open_store(url, read_only=False)
+    w._array("progress")[7] = 0
+    w._set_attrs({"complete": False})
+    lines = _run(script, patches, url, devices=2)
+    assert {d["rank"]: d["written"] for d in lines} == {0: 0, 1: 1}
+    assert_same_arrays(store_arrays(url), store_arrays(clean))
