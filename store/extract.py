@@ -67,7 +67,7 @@ class ExtractConfig:
     replace: bool = False  # delete an existing store made from another model or dataset instead of refusing
     threads: int | None = None  # torch intra-op threads per process; None: the process's share of the cores minus one,
     #                             left to the writer thread (2× faster on 2 cores than letting torch take them all)
-    ddp_timeout_s: float = 1800.0
+    ddp_timeout_s: float = 600.0  # a rank waits at most this long for the others (their shares differ by <= 1 block)
     histogram_mb: int = 512  # memory for counting quantiles while writing (units × 256 KiB per layer); the rest of
     #                          the layers are read back from the store after extraction
     storage_options: dict = field(default_factory=dict)  # fsspec options for s3:// etc. (endpoint_url, key, …)
