@@ -49,6 +49,7 @@ import datetime as _dt
 import json
 import re
 import sys
+import uuid
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,6 +341,7 @@ class ActivationStore:
         self.read_only = read_only
         self._arrays: dict[str, zarr.Array] = {}
         self._memo: dict[tuple, np.ndarray] = {}
+        self._probes: dict[str, tuple[tuple, Probe]] = {}  # probe path → (version, arrays), see probe()
         self.attrs: dict = dict(group.attrs)
         self.image_ids: list[str] = list(self.attrs.get("image_ids", []))
         self.layers: list[str] = list(self.attrs.get("layers", []))
@@ -403,6 +405,11 @@ class ActivationStore:
                 arr = arr.with_config({"write_empty_chunks": True})
             self._arrays[path] = arr
         return arr
+
+    def _fresh_array(self, path: str) -> zarr.Array:
+        """The array as stored now: probes and embeddings can be replaced by another process (new shape)."""
+        self._arrays.pop(path, None)
+        return self._array(path)
 
     def _memoized(self, key: tuple, read) -> np.ndarray:
         if key not in self._memo:
@@ -486,7 +493,7 @@ class ActivationStore:
     def _put_whole(self, path: str, data: np.ndarray, *, chunks: tuple[int, ...], fill, dims, attrs=None) -> None:
         """Write a whole array, creating it if absent; an array of another shape or dtype is replaced."""
         try:
-            arr = self._array(path)
+            arr = self._fresh_array(path)
             if arr.shape != data.shape or arr.dtype != data.dtype:
                 del self._group[path]
                 self._arrays.pop(path, None)
@@ -523,19 +530,27 @@ class ActivationStore:
             self._arrays.pop(f"{path}/maps", None)
         # the run id goes last: it names the version whose data is now in place
         group.attrs.update({**dict(attrs or {}), "concept": concept, "layer": layer, "run_id": str(run_id),
-                            "updated": _now()})
+                            "updated": _now(), "write_id": uuid.uuid4().hex})
 
     def probe(self, concept: str, layer: str) -> Probe:
+        """The probe version in place now. Its arrays are read once per write (run id, write id) per store object:
+        each call reads only the probe's attributes, so calling it per image is cheap."""
         path = self._probe_path(concept, layer)
         try:
-            group = self._group[path]
+            group = self._group[path]  # metadata read now: another worker may have written a new version
         except KeyError:
             raise MissingArrayError(f"{self.url}: no probe {concept!r} on layer {layer!r}") from None
         attrs = dict(group.attrs)
-        scores = self._array(f"{path}/scores")[:]
-        maps = self._array(f"{path}/maps")[:].astype(np.float32) if "maps" in group else None
-        return Probe(concept=concept, layer=layer, scores=scores, maps=maps, run_id=str(attrs.get("run_id", "")),
-                     attrs=attrs)
+        version = (attrs.get("run_id"), attrs.get("write_id"))
+        cached = self._probes.get(path)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        scores = _readonly(self._fresh_array(f"{path}/scores")[:])
+        maps = _readonly(self._fresh_array(f"{path}/maps")[:].astype(np.float32)) if "maps" in group else None
+        probe = Probe(concept=concept, layer=layer, scores=scores, maps=maps, run_id=str(attrs.get("run_id", "")),
+                      attrs=attrs)
+        self._probes[path] = (version, probe)
+        return probe
 
     def probes(self) -> list[tuple[str, str]]:
         """(concept, layer) of every stored probe, sorted."""
@@ -549,6 +564,7 @@ class ActivationStore:
         if path not in self._group:
             raise MissingArrayError(f"{self.url}: no probe {concept!r} on layer {layer!r}")
         del self._group[path]
+        self._probes.pop(path, None)
         for key in [k for k in self._arrays if k.startswith(path + "/")]:
             del self._arrays[key]
 
@@ -585,10 +601,10 @@ class ActivationStore:
 
     def embedding(self, layer: str, kind: str) -> np.ndarray:
         """float32 (unit|image, component); MissingArrayError (a KeyError) when it was never computed."""
-        return self._array(self._embedding_path(layer, kind))[:]
+        return self._fresh_array(self._embedding_path(layer, kind))[:]
 
     def embedding_attrs(self, layer: str, kind: str) -> dict:
-        return dict(self._array(self._embedding_path(layer, kind)).attrs)
+        return dict(self._fresh_array(self._embedding_path(layer, kind)).attrs)
 
     def embeddings(self, layer: str) -> list[str]:
         p = f"layers/{self._layer(layer)}/embedding"

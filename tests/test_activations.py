@@ -422,3 +422,23 @@ def test_python_dash_m_store_info(tmp_path):
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "conceptlens-activation-store" in proc.stdout and "layers/conv.2/topk" in proc.stdout
+
+
+def test_probe_reads_follow_versions_written_by_another_process(where):
+    make, opts = where
+    url = make("versions")
+    build(url, opts)
+    writer = open_store(url, read_only=False, storage_options=opts)  # e.g. a background job
+    reader = open_store(url, storage_options=opts)  # e.g. an app worker
+    writer.write_probe("mass", "conv.1", scores=np.zeros(10), maps=np.zeros((10, 4, 5)), run_id="v1")
+    first = reader.probe("mass", "conv.1")
+    assert reader.probe("mass", "conv.1") is first  # unchanged version: arrays not read again
+    writer.write_probe("mass", "conv.1", scores=np.ones(10), maps=np.ones((10, 2, 2)), run_id="v2")
+    second = reader.probe("mass", "conv.1")
+    assert second.run_id == "v2" and second.maps.shape == (10, 2, 2) and np.all(second.scores == 1)
+    writer.write_probe("mass", "conv.1", scores=np.full(10, 2.0), maps=None, run_id="v2")  # same run, new write
+    assert np.all(reader.probe("mass", "conv.1").scores == 2) and reader.probe("mass", "conv.1").maps is None
+    writer.write_embedding("conv.1", "unit_pca", np.zeros((3, 2)))
+    assert reader.embedding("conv.1", "unit_pca").shape == (3, 2)
+    writer.write_embedding("conv.1", "unit_pca", np.zeros((3, 5)))
+    assert reader.embedding("conv.1", "unit_pca").shape == (3, 5)
