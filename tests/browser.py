@@ -103,14 +103,23 @@ def open_browser(*, width: int = 1440, height: int = 900):
             context.close()
 
 
+# Callbacks Dash's renderer still has in its queues, plus components marked as loading.
+_BUSY_JS = """() => {
+    const s = window.store && window.store.getState && window.store.getState();
+    if (!s || !s.callbacks) return 1;
+    const c = s.callbacks;
+    const queued = ['requested', 'prioritized', 'blocked', 'executing', 'watched', 'stored']
+        .reduce((n, k) => n + ((c[k] || []).length), 0);
+    return queued + document.querySelectorAll('[data-dash-is-loading="true"]').length;
+}"""
+
+
 def wait_idle(page, *, quiet_ms: int = 600, timeout_s: float = 90.0) -> None:
     """Wait until Dash has no callback in flight (no loading state) for `quiet_ms`."""
     deadline = time.monotonic() + timeout_s
     quiet_since = None
     while time.monotonic() < deadline:
-        busy = page.evaluate(
-            "() => document.querySelectorAll('[data-dash-is-loading=\"true\"]').length"
-            " + (document.title.startsWith('Updating') ? 1 : 0)")
+        busy = page.evaluate(_BUSY_JS)
         if busy:
             quiet_since = None
         elif quiet_since is None:
@@ -264,3 +273,27 @@ class DashClient:
 
     def call(self, output: str, inputs: dict, *, changed: list[str] | None = None):
         return self.post(self.body(output, inputs, changed=changed))
+
+
+def _center(page, element_id: str) -> None:
+    """Scroll an element to the middle of the viewport (clear of the sticky navbar) before mouse events."""
+    page.evaluate("(id) => document.getElementById(id).scrollIntoView({block: 'center', inline: 'center'})",
+                  element_id)
+    page.wait_for_timeout(50)
+
+
+def drag(page, graph_id: str, points: list[tuple[float, float]], *, steps: int = 4) -> None:
+    """A real mouse drag through data points of a plotly graph (scrolled into view first): press at the first,
+    move through the others in `steps` small moves each, release at the last."""
+    _center(page, graph_id)
+    page.mouse.move(*data_to_page(page, graph_id, *points[0]))
+    page.mouse.down()
+    for p in points[1:]:
+        page.mouse.move(*data_to_page(page, graph_id, *p), steps=steps)
+    page.mouse.up()
+
+
+def click_data(page, graph_id: str, x: float, y: float) -> None:
+    """A real mouse click at data point (x, y) of a plotly graph (scrolled into view first)."""
+    _center(page, graph_id)
+    page.mouse.click(*data_to_page(page, graph_id, x, y))

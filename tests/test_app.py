@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,8 @@ ROUTER = "_pages_content.children"
 @pytest.fixture(scope="session")
 def app_workspace(request, tmp_path_factory):
     """A workspace with demo data, a trained model, an extracted store and cached maps (Path)."""
+    if os.environ.get("CONCEPTLENS_APP_TEST_WORKSPACE"):  # a prebuilt one, to iterate quickly (copied per test)
+        return Path(os.environ["CONCEPTLENS_APP_TEST_WORKSPACE"])
     try:
         return workspace_dir(request.getfixturevalue("demo_workspace"))
     except pytest.FixtureLookupError:

@@ -217,6 +217,7 @@ def patch_figure(patch: np.ndarray, *, overlays: Sequence[Overlay] = (), shapes:
                                      name=ov.name, hovertemplate=f"{ov.name} %{{z:.2f}}<extra></extra>"))
     _image_axes(fig, w, h)
     fig.update_layout(
+        margin=dict(l=0, r=0, t=30, b=0),  # the mode bar sits above the image, never over what one draws on
         shapes=list(shapes), dragmode="drawclosedpath", uirevision=uirevision, height=height,
         newshape=dict(line=dict(color=DRAW, width=2), fillcolor="rgba(0,229,255,0.12)", opacity=1),
         activeshape=dict(fillcolor="rgba(0,229,255,0.3)", opacity=1),
@@ -246,6 +247,9 @@ def unit_map_figure(xy: np.ndarray, *, labels: Sequence[str], color_by: str = "c
                     uirevision: str | None = None, height: int = 420) -> go.Figure:
     """Units of one layer as points: xy float (unit, 2) from PCA or UMAP; one marker per unit.
 
+    customdata are plain lists (not numpy): plotly sends numpy arrays as typed binary arrays, and scattergl then
+    leaves customdata out of click and selection events.
+
     `labels` (unit,) are concept ids ('' = unlabeled). `color_by` "concept" colours by label, "cluster" and
     "gt_iou" by `values` (unit,) (cluster ids, or the ground-truth IoU). With `iou` (unit,) from a drawn region,
     units above `threshold` are enlarged and ringed; `selected` is ringed in black. customdata holds the unit index.
@@ -264,14 +268,14 @@ def unit_map_figure(xy: np.ndarray, *, labels: Sequence[str], color_by: str = "c
             idx = units[np.asarray(labels) == concept]
             fig.add_trace(go.Scattergl(
                 x=xy[idx, 0], y=xy[idx, 1], mode="markers", name=concept_name(concept) or "unlabeled",
-                customdata=idx, hovertext=[hover[i] for i in idx], hoverinfo="text",
+                customdata=idx.tolist(), hovertext=[hover[i] for i in idx], hoverinfo="text",
                 marker=dict(size=size[idx], color=concept_color(concept), opacity=0.9,
                             line=dict(width=1, color="rgba(0,0,0,0.35)"))))
     else:
         vals = np.zeros(n) if values is None else np.asarray(values, dtype=float)
         categorical = color_by == "cluster"
         fig.add_trace(go.Scattergl(
-            x=xy[:, 0], y=xy[:, 1], mode="markers", name=color_by, customdata=units, hoverinfo="text",
+            x=xy[:, 0], y=xy[:, 1], mode="markers", name=color_by, customdata=units.tolist(), hoverinfo="text",
             hovertext=[f"{hover[u]} · {color_by} {vals[u]:.3g}" for u in units],
             marker=dict(size=size, color=vals, opacity=0.9, line=dict(width=1, color="rgba(0,0,0,0.35)"),
                         colorscale="Turbo" if categorical else "Viridis", showscale=not categorical,
@@ -279,12 +283,12 @@ def unit_map_figure(xy: np.ndarray, *, labels: Sequence[str], color_by: str = "c
     if iou is not None and np.any(iou > threshold):
         top = units[iou > threshold]
         fig.add_trace(go.Scattergl(x=xy[top, 0], y=xy[top, 1], mode="markers", name=f"IoU > {threshold:g}",
-                                   customdata=top, hoverinfo="skip",
+                                   customdata=top.tolist(), hoverinfo="skip",
                                    marker=dict(size=size[top] + 6, color="rgba(0,0,0,0)",
                                                line=dict(width=2.5, color="#e03131"))))
     if selected is not None and 0 <= selected < n:
         fig.add_trace(go.Scattergl(x=[xy[selected, 0]], y=[xy[selected, 1]], mode="markers", name=f"unit {selected}",
-                                   customdata=[selected], hoverinfo="skip",
+                                   customdata=[int(selected)], hoverinfo="skip",
                                    marker=dict(size=size[selected] + 10, color="rgba(0,0,0,0)",
                                                line=dict(width=3, color="#111"))))
     _chart_layout(fig, height=height)
@@ -307,7 +311,7 @@ def image_map_figure(xy: np.ndarray, *, values: Sequence, color_by: str, ids: Se
     if color_by == "probe":
         vals = np.asarray(values, dtype=float)
         fig.add_trace(go.Scattergl(
-            x=xy[:, 0], y=xy[:, 1], mode="markers", customdata=rows, name="probe score", hoverinfo="text",
+            x=xy[:, 0], y=xy[:, 1], mode="markers", customdata=rows.tolist(), name="probe score", hoverinfo="text",
             hovertext=[f"{ids[i]} · score {vals[i]:.2f}" for i in rows],
             marker=dict(size=7, color=vals, cmin=0, cmax=1, colorscale="Viridis", showscale=True, opacity=0.85,
                         colorbar=dict(title=dict(text="score"), thickness=10))))
@@ -317,12 +321,12 @@ def image_map_figure(xy: np.ndarray, *, values: Sequence, color_by: str, ids: Se
         for name in sorted(set(values)):
             idx = rows[np.asarray(values) == name]
             fig.add_trace(go.Scattergl(
-                x=xy[idx, 0], y=xy[idx, 1], mode="markers", name=name, customdata=idx, hoverinfo="text",
+                x=xy[idx, 0], y=xy[idx, 1], mode="markers", name=name, customdata=idx.tolist(), hoverinfo="text",
                 hovertext=[f"{ids[i]} · {name}" for i in idx],
                 marker=dict(size=7, color=palette.get(name, concept_color(name)), opacity=0.8)))
     if len(selected):
         sel = np.asarray(selected, dtype=int)
-        fig.add_trace(go.Scattergl(x=xy[sel, 0], y=xy[sel, 1], mode="markers", name="selected", customdata=sel,
+        fig.add_trace(go.Scattergl(x=xy[sel, 0], y=xy[sel, 1], mode="markers", name="selected", customdata=sel.tolist(),
                                    hoverinfo="skip", marker=dict(size=11, color="rgba(0,0,0,0)",
                                                                  line=dict(width=2, color="#111"))))
     _chart_layout(fig, height=height)

@@ -678,34 +678,95 @@ class Workbench:
             return u, f"best IoU {iou[u]:.2f}"
         if state.get("unit") is not None:
             return int(state["unit"]), "selected"
-        maps = self.store().maps(layer, row)
-        return int(np.argmax(maps.reshape(maps.shape[0], -1).max(axis=1))), "most active"
+        return self.most_active_unit(layer, row), "most active"
+
+    def most_active_unit(self, layer: str, row: int) -> int:
+        """The unit that exceeds its mask threshold the most on this image (peak / threshold), so its mask shows."""
+        store = self.store()
+        peak = store.maps(layer, row).reshape(store.layer_shape(layer)[0], -1).max(axis=1)  # (unit,)
+        thr = np.asarray(store.thresholds(layer, self.config.mask_level), np.float64)
+        ratio = np.where(thr > 0, peak / np.where(thr > 0, thr, 1.0), -np.inf)
+        return int(np.argmax(ratio))
 
     # -- concepts --------------------------------------------------------------------------------------------------------
     def known_concepts(self) -> list[str]:
-        """Concepts with labels in the database (beyond the default vocabulary)."""
-        return []
+        """The database's concept vocabulary (the defaults and every concept a user added)."""
+        from explain.labels import concepts
+
+        return [c["id"] for c in concepts(self.db())]
 
     def concept_options(self, user_concepts) -> list[dict]:
-        """The default vocabulary, then concepts already used in labels, then this user's typed concepts."""
+        """The default vocabulary first, then every other concept of the database's vocabulary."""
         from .figures import concept_name
 
         user_concepts = check_list(user_concepts, "concepts", max_len=200)
+        known = self.known_concepts()
         seen, out = set(), []
-        for c in (*DEFAULT_VOCABULARY, *self.known_concepts(), *user_concepts):
-            if isinstance(c, str) and c not in seen:
+        for c in (*DEFAULT_VOCABULARY, *known, *user_concepts):
+            if isinstance(c, str) and c not in seen and c in known:
                 seen.add(c)
                 out.append({"label": concept_name(c), "value": c})
         return out
 
     def add_concept(self, concepts, typed) -> tuple[list[str], str]:
-        """Add a typed concept ('rim sign' → 'rim_sign') to the user's list; returns (list, new id)."""
+        """Add a typed concept ('rim sign' → 'rim_sign') to the shared vocabulary; returns (this user's list, id)."""
+        from explain.labels import add_concept
+
         concepts = [c for c in check_list(concepts, "concepts", max_len=200) if isinstance(c, str)]
         concept = concept_id(typed)
-        if concept not in concepts and concept not in DEFAULT_VOCABULARY:
+        if concept not in self.known_concepts():
+            add_concept(self.db(), concept)
+        if concept not in concepts:
             concepts = [*concepts, concept]
         return concepts, concept
 
+    # -- labeling --------------------------------------------------------------------------------------------------------
+    def label_units(self, state, *, regions, concept, layer, actions):
+        """Apply the labeling rule to the drawn region; returns (this session's action ids, message)."""
+        from explain.labels import LabelRule, label_region
+        from explain.regions import parse_plotly_shapes
+
+        from . import figures
+        from .components import message
+
+        state = self.open_state(state)
+        layer = self.layer(layer)
+        actions = [check_int(a, "action", lo=1, hi=2**62) for a in check_list(actions, "actions", max_len=10000)]
+        check_id(concept, "concept")
+        regions = check_list(regions, "regions", max_len=200)
+        if not state.get("image"):
+            return actions, message("No patch open", "open a flagged patch first.", color="info")
+        if not regions:
+            return actions, message("No region", "draw the concept on the patch first.", color="info")
+        result = label_region(self.db(), self.store(), layer=layer, image=state["image"],
+                              region=parse_plotly_shapes(regions), concept=concept, author=self.user(),
+                              rule=LabelRule(threshold=self.config.iou_threshold), level=self.config.mask_level,
+                              dissect=self._unit_iou(layer))
+        name = figures.concept_name(concept)
+        if not result.changed:
+            best = float(result.ious.max()) if result.ious is not None else 0.0
+            text = (f"no unit of {layer} has IoU > {self.config.iou_threshold:g} with this region (best {best:.2f}) "
+                    "and above its current label's; the region is kept for the probe.")
+            return [*actions, result.action_id], message("Nothing relabeled", text, color="info")
+        units = sorted(result.changed)
+        shown = ", ".join(str(u) for u in units[:12]) + (" …" if len(units) > 12 else "")
+        return [*actions, result.action_id], message(f"Labeled {len(units)} unit(s) as {name}",
+                                                     f"on {layer}: {shown}. Undo reverts exactly this.",
+                                                     color="success")
+
+    def undo_last(self, actions):
+        """Undo this session's last labeling action; returns (remaining action ids, message)."""
+        from explain.labels import undo
+
+        from .components import message
+
+        actions = [check_int(a, "action", lo=1, hi=2**62) for a in check_list(actions, "actions", max_len=10000)]
+        if not actions:
+            return actions, message("Nothing to undo", "this session has no labeling action left.", color="info")
+        result = undo(self.db(), actions[-1], author=self.user())
+        back = ", ".join(f"{u}→{c or 'unlabeled'}" for u, c in sorted(result.restored.items())[:12])
+        return actions[:-1], message("Undone", f"action {result.undone}: {back or 'no unit had changed'}.",
+                                     color="success")
 
     # -- units -----------------------------------------------------------------------------------------------------------
     def unit_labels(self, layer: str) -> list[str]:
@@ -719,7 +780,19 @@ class Workbench:
 
     def labels(self) -> dict[str, dict[int, str]]:
         """{layer: {unit: concept}}: the current label of every labeled unit of this store."""
-        return {}
+        from explain.labels import current_labels
+
+        db = self.db()
+        return {layer: current_labels(db, layer) for layer in self.store().layers}
+
+    def db(self, *, fresh: bool = False):
+        """The annotation database (store.annotations); `fresh` opens a new engine (a forked job process must not
+        reuse the parent's connections)."""
+        from store.annotations import open_database
+
+        if fresh:
+            return open_database(self.settings.database_url)
+        return self._handle("db", lambda: open_database(self.settings.database_url))
 
     def unit_coords(self, layer: str, projection: str = "pca") -> np.ndarray:
         """float32 (unit, 2) of the unit map: the store's cached embedding, else PCA computed here (cheap)."""
@@ -976,7 +1049,20 @@ class Workbench:
         return html.Table([head, body], className="table table-sm")
 
     def label_history(self, layer: str, unit: int) -> list[dict]:
-        return []
+        """The unit's label changes, newest first: when, who, concept after, IoU, image, and whether undone."""
+        from explain.labels import label_history
+
+        rows = []
+        for item in label_history(self.db(), layer=layer, unit=unit)[:50]:
+            a = item["action"]
+            for ch in item["changes"]:
+                after = ch["after"] or {}
+                when = a["created_at"]
+                rows.append({"when": when.strftime("%Y-%m-%d %H:%M") if hasattr(when, "strftime") else str(when),
+                             "who": a["author"], "concept": (after.get("concept") or "unlabeled").replace("_", " "),
+                             "iou": after.get("iou"), "image": a["image_id"] or "",
+                             "state": "undo" if a["kind"] == "undo" else ("undone" if a["undone_by"] else "")})
+        return rows
 
     # -- images page -----------------------------------------------------------------------------------------------------
     def image_coords(self, layer: str) -> np.ndarray:
@@ -1048,8 +1134,8 @@ class Workbench:
     def probe_view(self, probe):
         """(versions figure, versions table, rollback options, maps gallery) of one probe."""
         from dash import html
-        from explain.probes import probe_prototypes, probe_versions
-        from explain.prototypes import render_overlay
+        from explain.probes import probe_versions
+        from explain.prototypes import probe_prototypes, render_overlay
 
         from . import figures
         from .components import Tile, gallery
@@ -1087,6 +1173,81 @@ class Workbench:
         maps = html.Div([html.Div("Highest scores, then a fixed sample of images", className="cl-muted mb-2"),
                          gallery(tiles, size=88)])
         return fig, table, options, maps
+
+    def annotations(self, concept: str, *, db=None):
+        """Everything reviewers said about a concept, for its probes (explain.probes.ProbeAnnotations)."""
+        from explain.labels import image_marks, regions_for, units_for
+        from explain.probes import ProbeAnnotations
+
+        db = db or self.db()
+        return ProbeAnnotations(concept, regions=[(r.image_id, r.mask()) for r in regions_for(db, concept)],
+                                marks=list(image_marks(db, concept).items()), units=units_for(db, concept))
+
+    def mark_and_retrain(self, state, *, concept, layer, present, progress):
+        """Background job: record the selected images as showing (or not) the concept, then retrain its probe.
+
+        Returns (the new probe version's run id, message, the map's colouring); progress((value, label)) drives the
+        progress bar.
+        """
+        import dash
+
+        from explain.labels import mark_image
+
+        from .components import message, user_errors
+
+        layer = self.layer(layer)
+        check_id(concept, "concept")
+        rows = self._selected_rows(state)
+        if present is not None and not rows:
+            return dash.no_update, message("No selection", "lasso images on the map first.", color="info"), \
+                dash.no_update
+        progress = progress or (lambda _v: None)
+        try:
+            db = self.db(fresh=True)  # this runs in a job process: its own connections
+            if present is not None:
+                progress((5, f"recording {len(rows)} mark(s)"))
+                store = self.store()
+                for r in rows:
+                    mark_image(db, store, image=int(r), concept=concept, present=bool(present), author=self.user())
+            run_id, text = self._retrain(concept, layer, db=db, progress=progress)
+        except user_errors() as e:
+            progress((100, "stopped"))
+            return dash.no_update, message("Probe not retrained", str(e), color="warning"), dash.no_update
+        return run_id, message("Probe retrained", text, color="success"), "probe"
+
+    def retrain_probe(self, probe, *, progress):
+        """Background job for the Probes page: refit a probe from every annotation of its concept."""
+        import dash
+
+        from .components import message, user_errors
+
+        concept, layer = self.parse_probe(probe)
+        try:
+            run_id, text = self._retrain(concept, layer, db=self.db(fresh=True), progress=progress)
+        except user_errors() as e:
+            progress((100, "stopped"))
+            return dash.no_update, message("Probe not retrained", str(e), color="warning")
+        return run_id, message("Probe retrained", text, color="success")
+
+    def _retrain(self, concept: str, layer: str, *, db, progress) -> tuple[str, str]:
+        import datetime
+
+        from explain.probes import FeatureCache, retrain
+
+        progress((20, "collecting examples"))
+        ann = self.annotations(concept, db=db)
+        store = self.writable_store()
+        progress((40, "fitting the probe"))
+        session = f"{self.user()}-{datetime.date.today().isoformat()}"
+        results = retrain(store, ann, settings=self.settings, session=session, layers=[layer],
+                          cache=FeatureCache(store), store_name=self.config.store)
+        self._views.clear()
+        progress((100, "done"))
+        r = results[0]
+        metrics = r.fit.metrics
+        return r.run_id, (f"{concept.replace('_', ' ')} @ {layer}: version {r.run_id[:8]} from "
+                          f"{ann.n_annotations} annotation(s), held-out AUROC {_fmt(metrics.get('auroc'))}, "
+                          f"AP {_fmt(metrics.get('ap'))}.")
 
     def writable_store(self):
         from store.activations import open_store
@@ -1224,7 +1385,7 @@ class Workbench:
 # The default vocabulary (docs/CONTRACTS.md), in the BI-RADS spirit; users add their own.
 DEFAULT_VOCABULARY = ("mass", "calcification", "spiculated_margin", "circumscribed_margin",
                       "architectural_distortion", "skin", "film_label", "normal_tissue")
-_CONCEPT_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
+_CONCEPT_ID = __import__("re").compile(r"[a-z][a-z0-9_]{0,39}")
 
 
 def concept_id(typed) -> str:
@@ -1233,9 +1394,10 @@ def concept_id(typed) -> str:
 
     if not isinstance(typed, str):
         raise InvalidInput("concept", f"expected text, got {type(typed).__name__}")
-    cid = "_".join(typed.strip().lower().split())
-    if not cid or len(cid) > 40 or not set(cid) <= _CONCEPT_CHARS:
-        raise UserInputError(f"concept {typed[:60]!r}: use letters, digits, spaces, '-' or '_' (at most 40)")
+    cid = "_".join(typed.strip().lower().replace("-", " ").split())
+    if not _CONCEPT_ID.fullmatch(cid):
+        raise UserInputError(f"concept {typed[:60]!r}: start with a letter; use letters, digits, spaces, '-' or "
+                             "'_' (at most 40)")
     return cid
 
 

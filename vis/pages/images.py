@@ -81,7 +81,7 @@ def show_selection(state, _version, concept, layer):
 
 
 @callback(Output(ids.IMAGES_VERSION, "data"), Output(ids.IMAGES_MESSAGE, "children"),
-          Input(ids.IMAGES_MARK_POS, "n_clicks"), Input(ids.IMAGES_MARK_NEG, "n_clicks"),
+          Output(ids.IMAGES_COLOR, "value"), Input(ids.IMAGES_MARK_POS, "n_clicks"), Input(ids.IMAGES_MARK_NEG, "n_clicks"),
           Input(ids.IMAGES_RETRAIN, "n_clicks"),
           State(ids.IMAGES_STATE, "data"), State(ids.IMAGES_CONCEPT, "value"), State(ids.IMAGES_LAYER, "value"),
           background=True, prevent_initial_call=True,

@@ -1,0 +1,266 @@
+"""The workbench in a real browser (Debian chromium, headless), against a real small workspace.
+
+Every page is opened and screenshotted to test-output/screenshots/; the review loop is driven with real mouse events
+on the plotly graphs (click a flagged patch, draw a region, label units, undo) and the images loop (lasso, mark,
+retrain with the progress bar, views updated). Look at the screenshots: a cramped or broken view is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from browser import (AppServer, build_demo_workspace, click_data, drag, open_browser, screenshot,  # noqa: E402
+                     wait_idle, workspace_dir)
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+PAGES = [("/", "review", "#review-mammogram .main-svg"), ("/units", "units", "#units-map .main-svg"),
+         ("/images", "images", "#images-map .main-svg"), ("/probes", "probes", "#probes-versions .main-svg"),
+         ("/experiments", "experiments", "#exp-curves .main-svg")]
+
+
+@pytest.fixture(scope="session")
+def app_workspace(request, tmp_path_factory):
+    if os.environ.get("CONCEPTLENS_APP_TEST_WORKSPACE"):  # a prebuilt one, to iterate quickly (copied per test)
+        return Path(os.environ["CONCEPTLENS_APP_TEST_WORKSPACE"])
+    try:
+        return workspace_dir(request.getfixturevalue("demo_workspace"))
+    except pytest.FixtureLookupError:
+        return build_demo_workspace(tmp_path_factory.mktemp("browser-ws") / "workspace")
+
+
+@pytest.fixture
+def served(app_workspace, tmp_path):
+    """The app on a copy of the workspace (the tests write labels, marks and probes), and a browser page."""
+    import shutil
+
+    ws = tmp_path / "workspace"
+    shutil.copytree(app_workspace, ws, ignore=shutil.ignore_patterns("secret_key"))
+    with AppServer(ws) as app, open_browser() as page:
+        failures: list[str] = []
+        page.on("response", lambda r: failures.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+        page.on("pageerror", lambda e: failures.append(f"page error: {e}"))
+        yield app, page, failures
+        assert not failures, f"{failures}\n{app.log()}"
+
+
+def _figure(page, graph_id: str) -> dict:
+    """What plotly shows now: per trace name, type, customdata and marker sizes (typed arrays made plain), and the
+    layout's shapes."""
+    return page.evaluate("""(id) => {
+        const gd = document.getElementById(id).querySelector('.js-plotly-plot');
+        const plain = (v) => (v && typeof v === 'object' && v.length !== undefined) ? Array.from(v) : v;
+        return JSON.parse(JSON.stringify({
+            data: gd._fullData.map(t => ({name: t.name || '', type: t.type, customdata: plain(t.customdata) || [],
+                                     sizes: plain((t.marker || {}).size)})),
+            layout: {shapes: gd.layout.shapes || []}}));
+    }""", graph_id)
+
+
+def _text(page, selector: str) -> str:
+    return page.locator(selector).inner_text()
+
+
+def test_every_page_opens_and_is_screenshotted(served):
+    app, page, _failures = served
+    for path, name, ready in PAGES:
+        page.goto(app.url + path)
+        page.wait_for_selector(ready, state="visible")
+        wait_idle(page)
+        shot = screenshot(page, name)
+        assert shot.stat().st_size > 20_000
+        assert "not ready" not in page.inner_text("body").lower()
+        assert page.locator(".cl-navbar .nav-link.active").inner_text() == {"/": "Review"}.get(path, name.title())
+
+
+def _labelable_patch(workspace) -> tuple[str, str, int, tuple[int, int, int, int]]:
+    """(source, flagged patch, unit, mask bbox x0, y0, x1, y1) where the patch's most active unit has a clear mask."""
+    from store.settings import load_settings
+    from vis.app import AppConfig
+    from vis.services import Workbench
+
+    wb = Workbench(load_settings(workspace), AppConfig())
+    layer = wb.layer()
+    for src in wb.sources():
+        for flag in wb.flagged(src.id):
+            row, _ = wb.record(flag.image_id)
+            unit = wb.most_active_unit(layer, row)
+            mask = wb.unit_mask(layer, row, unit)
+            if mask.sum() >= 150:
+                ys, xs = mask.nonzero()
+                return src.id, flag.image_id, unit, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    pytest.fail("no flagged patch of the workspace has a unit with a visible mask")
+
+
+def test_review_loop_with_real_mouse_events(served):
+    app, page, _failures = served
+    source, image, unit, (bx0, by0, bx1, by1) = _labelable_patch(app.workspace)
+    page.goto(app.url + "/")
+    page.wait_for_selector("#review-mammogram .main-svg")
+    wait_idle(page)
+    screenshot(page, "review-first-load")
+    for _ in range(20):  # a mammogram with at least two flagged patches
+        if page.locator("#review-flagged button").count() >= 2:
+            break
+        page.locator("#review-next").click()
+        wait_idle(page)
+
+    # click the second flagged patch: the patch opens and its box is outlined on the mammogram
+    tiles = page.locator("#review-flagged button")
+    assert tiles.count() >= 2
+    caption = tiles.nth(1).inner_text()
+    tiles.nth(1).click()
+    wait_idle(page)
+    info = _text(page, "#review-patch-info").split("\n")
+    shown = float(info[info.index("P(LESION)") - 1])
+    assert abs(shown - float(caption.split()[-1])) <= 0.005  # the tile's P(lesion) is the open patch's
+    boxes = _figure(page, "review-mammogram")["layout"]["shapes"]
+    open_box = [s for s in boxes if s["line"]["color"] == "#ffd43b"]
+    assert len(open_box) == 1
+
+    # clicking a point of the breast opens the patch under it
+    x0, y0, x1, y1 = (open_box[0][k] for k in ("x0", "y0", "x1", "y1"))
+    cx, cy = (x0 + x1) / 2 + 20, (y0 + y1) / 2 + 20
+    click_data(page, "review-mammogram", cx, cy)
+    wait_idle(page)
+    box = [s for s in _figure(page, "review-mammogram")["layout"]["shapes"] if s["line"]["color"] == "#ffd43b"][0]
+    assert box["x0"] <= cx < box["x1"] and box["y0"] <= cy < box["y1"]
+
+    # next / previous mammogram until the one whose patch we label
+    for _ in range(20):
+        if page.locator(f'#review-flagged button[id*="{image}"]').count():
+            break
+        page.locator("#review-next").click()
+        wait_idle(page)
+    page.locator(f'#review-flagged button[id*="{image}"]').click()
+    wait_idle(page)
+
+    # the most active unit's mask over the patch
+    page.get_by_label("unit mask").check()
+    wait_idle(page)
+    assert f"unit {unit} (most active)" in _text(page, "#review-patch-info").replace("\n", " ")
+    assert [t for t in _figure(page, "review-patch")["data"] if t["name"] == f"unit {unit}"]
+    screenshot(page, "review-unit-mask")
+
+    # draw a closed freehand region around it with real mouse events
+    before = _figure(page, "review-unit-map")
+    ring = [(bx0 - 1, by0 - 1), ((bx0 + bx1) / 2, by0 - 2), (bx1 + 1, by0 - 1), (bx1 + 2, (by0 + by1) / 2),
+            (bx1 + 1, by1 + 1), ((bx0 + bx1) / 2, by1 + 2), (bx0 - 1, by1 + 1), (bx0 - 2, (by0 + by1) / 2),
+            (bx0 - 1, by0 - 1)]
+    drag(page, "review-patch", [(max(0.5, x), max(0.5, y)) for x, y in ring], steps=5)
+    wait_idle(page)
+    assert "best unit" in _text(page, "#review-iou-info").lower()
+    after = _figure(page, "review-unit-map")
+    size_of = lambda fig: max(s for t in fig["data"] for s in (t["sizes"] if isinstance(t["sizes"], list)  # noqa
+                                                                else [t["sizes"] or 0]))
+    assert size_of(after) > size_of(before)  # the units that match the region are enlarged
+    assert [t for t in after["data"] if t["name"].startswith("IoU >")]
+    assert "best IoU" in _text(page, "#review-patch-info")
+    screenshot(page, "review-region-drawn")
+
+    # a rectangle as a second region
+    page.locator('#review-patch .modebar-btn[data-title="Draw rectangle"]').click()
+    drag(page, "review-patch", [(bx1 + 3, by1 + 3), (min(63, bx1 + 14), min(63, by1 + 14))], steps=8)
+    wait_idle(page)
+    shapes = _figure(page, "review-patch")["layout"]["shapes"]
+    assert {s["type"] for s in shapes} == {"path", "rect"}
+
+    # clicking a unit of the map shows its prototypes and its mask on this patch
+    ring_trace = [t for t in after["data"] if t["name"].startswith("IoU >")][0]
+    xy = page.evaluate("""() => { const gd = document.querySelector('#review-unit-map .js-plotly-plot');
+        const t = gd._fullData.find(t => (t.name || '').startsWith('IoU >'));
+        return [t.x[0], t.y[0], t.customdata[0]]; }""")
+    click_data(page, "review-unit-map", xy[0], xy[1])
+    wait_idle(page)
+    detail = _text(page, "#review-unit-detail")
+    assert f"Unit {xy[2]} of" in detail and "on this patch" in detail.lower()
+    assert page.locator("#review-unit-detail img").count() >= 2
+    assert ring_trace
+
+    # label the matching units as a concept: message, unit map, report change; then undo
+    report_before = _text(page, "#review-report")
+    page.locator("#review-label").click()
+    wait_idle(page)
+    message = _text(page, "#review-message")
+    assert "labeled" in message.lower(), message
+    assert "mass" in _text(page, "#review-report") and _text(page, "#review-report") != report_before
+    assert "mass" in [t["name"] for t in _figure(page, "review-unit-map")["data"]]
+    screenshot(page, "review-labeled")
+    page.locator("#review-undo").click()
+    wait_idle(page)
+    assert "undone" in _text(page, "#review-message").lower()
+    assert "mass" not in [t["name"] for t in _figure(page, "review-unit-map")["data"]]
+    assert _text(page, "#review-report") == report_before
+    page.locator("#review-clear").click()
+    wait_idle(page)
+    assert _figure(page, "review-patch")["layout"]["shapes"] == []
+    screenshot(page, "review-undone")
+
+
+def _lasso_trace(page, graph_id: str, name: str, share: float = 0.5) -> None:
+    """Lasso (a real mouse drag) around the lower-left `share` of the points of one trace."""
+    t = page.evaluate("""([id, name]) => { const gd = document.querySelector('#' + id + ' .js-plotly-plot');
+        const t = gd._fullData.find(t => t.name === name); return {x: Array.from(t.x), y: Array.from(t.y)}; }""",
+                      [graph_id, name])
+    xs, ys = sorted(t["x"]), sorted(t["y"])
+    lo_x, hi_x = xs[0], xs[int(len(xs) * share)]
+    lo_y, hi_y = ys[0], ys[int(len(ys) * share)]
+    px, py = (xs[-1] - xs[0]) * 0.01, (ys[-1] - ys[0]) * 0.01
+    corners = [(lo_x - px, lo_y - py), (hi_x + px, lo_y - py), (hi_x + px, hi_y + py), (lo_x - px, hi_y + py),
+               (lo_x - px, lo_y - py)]
+    drag(page, graph_id, corners, steps=6)
+
+
+def _finish_job(page, before: str) -> str:
+    """Wait for the background job to end (a new message) and return the message."""
+    page.wait_for_function("(before) => { const m = document.querySelector('#images-message');"
+                           " return m && m.innerText.length > 0 && m.innerText !== before; }", arg=before,
+                           timeout=180_000)
+    wait_idle(page)
+    return _text(page, "#images-message")
+
+
+def test_images_lasso_mark_retrain_and_views_update(served):
+    app, page, _failures = served
+    page.goto(app.url + "/images")
+    page.wait_for_selector("#images-map .main-svg")
+    wait_idle(page)
+
+    _lasso_trace(page, "images-map", "lesion")
+    wait_idle(page)
+    selected = _text(page, "#images-selection")
+    assert "image(s) selected" in selected and int(selected.split()[0]) > 0
+    assert page.locator("#images-gallery img").count() > 0
+    screenshot(page, "images-selected")
+    page.locator("#images-mark-pos").click()
+    message = _finish_job(page, "")
+    # positives alone cannot make a probe: the job says so and nothing is retrained
+    assert "only positives" in message, message
+
+    _lasso_trace(page, "images-map", "normal")
+    wait_idle(page)
+    page.locator("#images-mark-neg").click()
+    page.wait_for_selector("#images-progress .progress-bar-animated", timeout=30_000)  # the job is running
+    screenshot(page, "images-retraining")
+    message = _finish_job(page, message)
+    assert "Probe retrained" in message and "AUROC" in message, message
+    assert page.evaluate("() => document.querySelector('#images-progress .progress-bar').style.width") == "100%"
+    # the views moved to the new version: the map is coloured by the probe's scores, the selection shows them
+    names = page.evaluate("() => document.querySelector('#images-map .js-plotly-plot')._fullData.map(t => t.name)")
+    assert "probe score" in names
+    assert "score" in _text(page, "#images-gallery")
+    screenshot(page, "images-retrained")
+
+    page.goto(app.url + "/probes")
+    page.wait_for_selector("#probes-versions .main-svg")
+    wait_idle(page)
+    assert "v1" in _text(page, "#probes-table") and "current" in _text(page, "#probes-table")
+    assert page.locator("#probes-maps img").count() >= 8
+    screenshot(page, "probes-after-retrain")
