@@ -71,7 +71,7 @@ class LesionConfig:
     kind_weights: tuple[float, float, float] = (0.5, 0.32, 0.18)  # mass, calcification, architectural distortion
     # masses
     mass_diameter_mm: tuple[float, float] = (5.0, 18.0)  # drawn log-uniformly
-    mass_attenuation: tuple[float, float] = (0.18, 0.38)  # at the centre of the body, display units
+    mass_attenuation: tuple[float, float] = (0.2, 0.42)  # at the centre of the body, display units
     shape_weights: tuple[float, float, float] = (0.3, 0.3, 0.4)  # round, oval, irregular
     spiculated_given_shape: tuple[float, float, float] = (0.25, 0.3, 0.7)  # P(spiculated | round, oval, irregular)
     soft_edge_px: float = 2.5  # width of the fading border of non-circumscribed masses
@@ -88,7 +88,7 @@ class LesionConfig:
     # architectural distortion
     distortion_lines: tuple[int, int] = (7, 14)
     distortion_radius_mm: tuple[float, float] = (7.0, 13.0)
-    distortion_attenuation: tuple[float, float] = (0.13, 0.22)
+    distortion_attenuation: tuple[float, float] = (0.15, 0.25)
 
     @property
     def edge_margin_px(self) -> int:
@@ -587,7 +587,7 @@ def unshoulder(v: np.ndarray) -> np.ndarray:
         return np.where(v <= SHOULDER, v, SHOULDER - k * np.log(np.maximum((1.0 - v) / k, 0.0)))
 
 
-MASKING = 0.35  # how much dense surroundings reduce a lesion's contrast (0: not at all)
+MASKING = 0.3  # how much dense surroundings reduce a lesion's contrast (0: not at all)
 
 
 def insert_lesions(display: np.ndarray, lesions: list[Lesion]) -> np.ndarray:
