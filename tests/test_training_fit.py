@@ -66,6 +66,7 @@ def test_fit_logs_registers_and_reuses(tiny_manifest, workspace):
     sha = run.data.params["data.manifest_sha256"]
     assert sha == run.data.tags["conceptlens.manifest_sha256"] and len(sha) == 64
     assert len(run.data.tags.get("mlflow.source.git.commit", "")) == 40
+    assert run.data.tags["conceptlens.git_dirty"] in ("true", "false")
     # per-epoch metrics, one point per epoch, and test metrics
     hist = client.get_metric_history(r.run_id, "val/auroc")
     assert sorted(m.step for m in hist) == [0, 1]
@@ -252,3 +253,9 @@ def test_cli(tiny_manifest, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.startswith("reused models:/tiny/1")
     assert main(["--config", str(path), "--workspace", str(ws), "--set", "trainer.epochs=2"]) == 2
     assert "unknown key(s) ['epochs']" in capsys.readouterr().err
+
+
+def test_bad_trainer_arguments_fail_before_any_run(tiny_manifest, workspace):
+    with pytest.raises(ConfigError, match=r"trainer: .*no_such_strategy"):
+        fit(tiny_config(tiny_manifest, trainer__strategy="no_such_strategy"), settings=workspace)
+    assert _runs(workspace) == []

@@ -93,7 +93,7 @@ def test_spec_round_trips_through_json():
     spec = ModelSpec(zoo="resnet", config={"widths": [8, 16], "blocks": 1})
     d = json.loads(json.dumps(spec.to_dict()))
     assert d == {"zoo": "resnet", "config": {"widths": [8, 16], "blocks": [1, 1], "in_channels": 1,
-                                             "num_classes": 2, "stem_pool": False}}
+                                             "num_classes": 2, "stem_pool": False, "head": "avg"}}
     a, b = build_model(ModelSpec.from_dict(d)), build_model(spec)
     assert [tuple(p.shape) for p in a.parameters()] == [tuple(p.shape) for p in b.parameters()]
 

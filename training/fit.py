@@ -257,13 +257,18 @@ class FitResult:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
-def _git_commit() -> str | None:
+def _git_state() -> tuple[str | None, bool]:
+    """(commit of the code that trains, whether tracked files differ from it) — (None, False) outside git."""
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None, False
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+        return None, False
+    return head.stdout.strip() or None, bool(dirty.stdout.strip())
 
 
 def _dataset_name(manifest: str, manifest_path: Path) -> str:
@@ -498,17 +503,20 @@ def fit(config: FitConfig | str | Path | dict, *, settings=None) -> FitResult:
                 champion=True, key=key,
             )
 
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     try:
         trainer = L.Trainer(**trainer_kwargs, logger=False)
-    except (ValueError, TypeError, RuntimeError) as e:
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError) as e:
         raise ConfigError(f"trainer: {e}") from None
     if track:
-        commit = _git_commit()
+        commit, dirty = _git_state()
         tags = {"conceptlens.key": key, "conceptlens.dataset": dataset, "conceptlens.manifest_sha256": summary.sha256,
                 "conceptlens.code_version": code, "mlflow.source.type": "LOCAL",
                 "mlflow.source.name": "training.fit"}
         if commit:
             tags["mlflow.source.git.commit"] = commit
+            tags["conceptlens.git_dirty"] = str(dirty).lower()
         run = client.create_run(experiment_id, run_name=config.mlflow.run_name, tags=tags)
         run_id = run.info.run_id
         trainer.logger = _epoch_logger(client, run_id)

@@ -46,8 +46,10 @@ class VGGConfig:
     num_classes: int = 2
     dropout: float = 0.0
     pool_last: bool = False
+    head: str = "avg"  # global pooling before the linear head: avg | max
 
     def __post_init__(self):
+        _check_head(self.head, "VGGConfig")
         convs = (self.convs,) * len(self.widths) if isinstance(self.convs, int) else tuple(self.convs)
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         object.__setattr__(self, "convs", tuple(int(c) for c in convs))
@@ -71,7 +73,7 @@ class VGG(nn.Module):
         if config.pool_last:
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = _global_pool(config.head)
         self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(config.dropout), nn.Linear(c_in, config.num_classes))
         _init_weights(self)
 
@@ -106,8 +108,10 @@ class ResNetConfig:
     in_channels: int = 1
     num_classes: int = 2
     stem_pool: bool = False
+    head: str = "avg"  # global pooling before the linear head: avg | max
 
     def __post_init__(self):
+        _check_head(self.head, "ResNetConfig")
         blocks = (self.blocks,) * len(self.widths) if isinstance(self.blocks, int) else tuple(self.blocks)
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         object.__setattr__(self, "blocks", tuple(int(b) for b in blocks))
@@ -148,7 +152,7 @@ class ResNet(nn.Module):
             blocks = [BasicBlock(c_in if i == 0 else width, width, 2 if (i == 0 and s > 1) else 1) for i in range(n)]
             self.add_module(f"layer{s}", nn.Sequential(*blocks))
             c_in = width
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = _global_pool(config.head)  # torchvision's name, whichever pooling
         self.fc = nn.Linear(c_in, config.num_classes)
         _init_weights(self)
 
@@ -166,6 +170,17 @@ class ResNet(nn.Module):
 def resnet(config: ResNetConfig | None = None, **kwargs) -> ResNet:
     """`resnet(ResNetConfig(widths=(16, 32, 64), blocks=2))` or `resnet(widths=[16, 32, 64])`."""
     return ResNet(config or ResNetConfig(**kwargs))
+
+
+def _check_head(head: str, where: str) -> None:
+    if head not in ("avg", "max"):
+        raise ConfigError(f"{where}: head {head!r} is not 'avg' or 'max'")
+
+
+def _global_pool(head: str) -> nn.Module:
+    # max pooling makes a unit answer "is my pattern anywhere in the patch": a small lesion is not averaged away,
+    # and the units' maps stay local, which is what dissection thresholds
+    return nn.AdaptiveMaxPool2d(1) if head == "max" else nn.AdaptiveAvgPool2d(1)
 
 
 def _init_weights(net: nn.Module) -> None:
