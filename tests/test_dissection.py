@@ -214,3 +214,22 @@ def test_unknown_layer_image_and_bad_regions_are_clear_errors(real_store):
         dissect.compute(0, [Rect(100, 100, 120, 120)])
     with pytest.raises(UnknownImageError):
         DatasetIoU(s, s.layers[0]).compute({"nope": {"a": region}})
+
+
+def test_a_second_drawing_on_the_same_image_reuses_the_unit_areas(real_store):
+    s = real_store
+    layer = s.layers[0]
+    dissect = UnitIoU(s, layer, cache_images=2)
+    thresholds = s.thresholds(layer)
+    rng = np.random.default_rng(7)
+    for image in (3, 3, 4, 3, 5, 6, 3):  # hits, misses and evictions
+        region = rasterize_regions([Rect(*rng.integers(0, 30, 2), *rng.integers(34, 64, 2))], (64, 64))
+        np.testing.assert_array_equal(dissect.compute(image, region),
+                                      reference_unit_iou(s.maps(layer, image), thresholds, region))
+    assert list(dissect._areas) == [5, 6, 3][-2:]
+    # known areas with a region: intersections equal the full computation
+    maps = s.maps(layer, 3)
+    area, inter = mask_counts(maps, thresholds, region)
+    a2, i2 = mask_counts(maps, thresholds, region, known_area=area)
+    np.testing.assert_array_equal(a2, area)
+    np.testing.assert_array_equal(i2, inter)
