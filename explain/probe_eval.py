@@ -76,11 +76,13 @@ def pixel_auroc(probe, store, images: np.ndarray, masks: Mapping[int, np.ndarray
 
 def probe_curve(store, concept: str, layer: str, masks: Mapping[int, np.ndarray], *, draw: Sequence[int],
                 evaluate: Sequence[int], ks: Sequence[int] = tuple(range(1, 11)), config: ProbeConfig | None = None,
-                cache: FeatureCache | None = None, seed: int = 0) -> list[dict]:
+                cache: FeatureCache | None = None, background_pool: Sequence[int] | None = None,
+                seed: int = 0) -> list[dict]:
     """Pixel AUROC of probes fitted from k ground-truth drawings, for every k in `ks`.
 
     draw: candidate images to draw on (those with the concept are used, in a seeded order); evaluate: the images
-    whose pixels are scored. Returns [{"k", "pixel_auroc", "n_positive", "n_negative", "images"}].
+    whose pixels are scored; background_pool: where background negatives may come from (default: the `draw`
+    candidates — never the evaluated images). Returns [{"k", "pixel_auroc", "n_positive", "n_negative", "images"}].
     """
     cache = cache or FeatureCache(store)
     pool = [int(i) for i in draw if int(i) in masks]
@@ -95,7 +97,8 @@ def probe_curve(store, concept: str, layer: str, masks: Mapping[int, np.ndarray]
         if k > len(order):
             break
         ann = ProbeAnnotations(concept, regions=[(i, masks[i]) for i in order[:k]])
-        ex = collect_examples(store, layer, ann, config=config, cache=cache)
+        pool = np.setdiff1d(np.asarray(draw if background_pool is None else background_pool, np.int64), evaluate)
+        ex = collect_examples(store, layer, ann, config=config, cache=cache, background_pool=pool)
         fit = fit_probe(ex, concept=concept, layer=layer, config=config)
         out.append({"k": int(k), "pixel_auroc": pixel_auroc(fit.probe, store, evaluate, masks, cache=cache),
                     "n_positive": fit.n_positive, "n_negative": fit.n_negative,

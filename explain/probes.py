@@ -11,8 +11,14 @@ Examples (DESIGN.md §4) — every example is the vector of one layer's unit val
 - drawn regions: the region mask (patch pixels) is reduced to the layer's map grid as the *fraction of each map
   cell it covers* (exact area weights, any patch/grid ratio). A cell covered ≥ `inside` (0.5) is a positive, a cell
   covered ≤ `outside` (0: not touched at all) is a negative, the cells on the border in between are ignored.
+  A region too small to fill any cell (calcifications on a coarse layer) is measured against its best-covered
+  cell instead: positives are the cells covered ≥ `inside` × that cell's coverage.
 - images marked as showing / not showing the concept: the image's max-pooled vector is one positive / negative
   (max pooling is what "somewhere in the image" means, and it is the store's `pooled(layer, "max")`).
+- background: `background` random positions from `background_images` unannotated images are added as negatives,
+  as TCAV contrasts a concept with random images: most of any patch is not the concept, and without them a probe
+  drawn from a few lesion patches learns "this lesion vs the tissue around it" and fires on normal patches.
+  A probe whose annotations give only positives is still refused (background never stands in for a reviewer).
 - labeled units: in the top-k images of each unit labeled with the concept, positions where any labeled unit
   reaches its dataset threshold (the Network-Dissection quantile) are positives; positions where none does and
   that do not touch (8-neighbourhood) a positive are negatives.
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -46,7 +53,7 @@ __all__ = [
     "cell_coverage", "upsample", "region_examples", "mark_examples", "unit_examples",
     "fit_logistic", "grouped_folds", "held_out_split", "fit_probe", "auroc", "average_precision",
     "session_run", "log_probe", "load_probe", "probe_versions", "PROBE_EXPERIMENT",
-    "ProbeAnnotations", "FeatureCache", "collect_examples", "heatmaps_for_store", "write_probe_version",
+    "ProbeAnnotations", "FeatureCache", "collect_examples", "background_examples", "heatmaps_for_store", "write_probe_version",
     "RetrainResult", "retrain", "rollback", "probe_heatmap",
 ]
 
@@ -59,13 +66,17 @@ class ProbeConfig:
     balance: tuple[bool, ...] = (True, False)  # class balancing options tried by cross-validation
     folds: int = 3  # grouped CV folds (fewer when there are fewer images)
     held_out: float = 0.25  # fraction of images held out for the reported metrics
-    cv_max_examples: int = 6000  # CV runs on at most this many examples (whole images are kept or dropped)
+    cv_max_examples: int = 4000  # CV runs on at most this many examples (whole images are kept or dropped)
+    cv_max_iter: int = 50  # L-BFGS iterations of the CV fits (they only rank settings)
     inside: float = 0.5  # a map cell covered at least this much by a region is a positive
     outside: float = 0.0  # ... at most this much is a negative; in between: ignored
     max_iter: int = 100  # L-BFGS iterations
     tol: float = 1e-4  # L-BFGS gradient tolerance (on the objective divided by C·Σs)
+    background: int = 1000  # random positions of unannotated images added as negatives (TCAV's random set); 0: none
+    background_images: int = 100  # … drawn from this many images
     score: str = "max"  # image score from its heatmap: "max" or "mean"
     seed: int = 0
+    threads: int | None = 1  # torch threads during a fit (restored after); None: leave torch's setting alone
 
     def __post_init__(self):
         if not self.Cs or min(self.Cs) <= 0:
@@ -126,7 +137,8 @@ class Examples:
 
     @property
     def n_annotations(self) -> int:
-        return int(sum(self.counts.values()))
+        """Annotations behind these examples (background samples are not annotations)."""
+        return int(sum(n for k, n in self.counts.items() if k != "background"))
 
 
 def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -171,7 +183,8 @@ def region_examples(maps: np.ndarray, mask: np.ndarray, *, image: int, inside: f
 
         >>> ex = region_examples(store.maps("features.13", 7), region_mask, image=7)   # maps (unit, y, x)
 
-    `mask` is bool (Y, X) in patch pixels; cells covered ≥ `inside` are positives, ≤ `outside` negatives, the
+    `mask` is bool (Y, X) in patch pixels; cells covered ≥ `inside` × (the best-covered cell's coverage) are
+    positives — `inside` itself whenever the region fills a cell —, cells covered ≤ `outside` negatives, the
     border cells in between are left out. An empty mask is an error (nothing to learn from).
     """
     maps = np.asarray(maps)
@@ -181,7 +194,9 @@ def region_examples(maps: np.ndarray, mask: np.ndarray, *, image: int, inside: f
     if not mask.any():
         raise ProbeDataError(f"image {image}: the region mask is empty")
     cover = cell_coverage(mask, maps.shape[1:])  # (y, x)
-    pos = cover >= inside
+    # relative to the best-covered cell, so a region smaller than one cell (a calcification on a coarse layer)
+    # still gives positives; for any region that fills a cell this is `inside` itself
+    pos = cover >= inside * cover.max()
     neg = cover <= outside
     vectors = maps.reshape(maps.shape[0], -1).T  # (position, unit)
     keep = (pos | neg).reshape(-1)
@@ -260,12 +275,18 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, Cs: to
                             tolerance_change=1e-9, line_search_fn="strong_wolfe")
 
     def closure():
-        opt.zero_grad()
-        logits = x @ theta[:, :d].T + theta[:, d]  # (n, M)
-        loss_i = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, yf[:, None].expand_as(logits), reduction="none")  # (n, M)
-        loss = (scaled.T * loss_i).sum() + (ridge * (theta[:, :d] ** 2).sum(dim=1)).sum()
-        loss.backward()
+        # loss and gradient by hand (two matrix products), cheaper than autograd for this one formula
+        with torch.no_grad():
+            w, b = theta[:, :d], theta[:, d]
+            logits = x @ w.T + b  # (n, M)
+            # ℓ = softplus(z) − y·z; dℓ/dz = σ(z) − y
+            loss_i = torch.nn.functional.softplus(logits) - yf[:, None] * logits
+            loss = (scaled.T * loss_i).sum() + (ridge * (w ** 2).sum(dim=1)).sum()
+            g = scaled.T * (torch.sigmoid(logits) - yf[:, None])  # (n, M)
+            grad = torch.empty_like(theta)
+            grad[:, :d] = g.T @ x + 2 * ridge[:, None] * w
+            grad[:, d] = g.sum(dim=0)
+            theta.grad = grad
         return loss
 
     opt.step(closure)
@@ -437,13 +458,15 @@ def _cv_subset(examples_groups: np.ndarray, limit: int, seed: int) -> np.ndarray
     return idx
 
 
-def _select(x: torch.Tensor, y: np.ndarray, groups: np.ndarray, config: ProbeConfig) -> tuple[float, bool, float]:
-    """Choose (C, balanced) by grouped CV; returns them with the chosen mean validation AUROC (NaN: no CV)."""
+def _select(x: torch.Tensor, y: np.ndarray, groups: np.ndarray,
+            config: ProbeConfig) -> tuple[float, bool, float, torch.Tensor | None]:
+    """Choose (C, balanced) by grouped CV; returns them with the chosen mean validation AUROC (NaN: no CV) and the
+    chosen setting's parameters averaged over folds (a warm start for the final fits, None without CV)."""
     default = (1.0 if 1.0 in config.Cs else config.Cs[len(config.Cs) // 2], config.balance[0])
     n_groups = len(np.unique(groups))
     n_folds = min(config.folds, n_groups)
     if n_folds < 2 or (len(config.Cs) == 1 and len(config.balance) == 1):
-        return (*default, float("nan"))
+        return (*default, float("nan"), None)
     idx = _cv_subset(groups, config.cv_max_examples, config.seed)
     xs, ys, gs = x[idx], y[idx], groups[idx]
     folds = grouped_folds(gs, n_folds, seed=config.seed)
@@ -457,7 +480,8 @@ def _select(x: torch.Tensor, y: np.ndarray, groups: np.ndarray, config: ProbeCon
             rows.append(w)
             cs.append(c)
     weights = torch.from_numpy(np.stack(rows))
-    theta = fit_logistic(xs, torch.from_numpy(ys), weights, torch.tensor(cs), max_iter=config.max_iter, tol=config.tol)
+    theta = fit_logistic(xs, torch.from_numpy(ys), weights, torch.tensor(cs), max_iter=config.cv_max_iter,
+                         tol=config.tol)
     logits = (xs @ theta[:, :-1].T + theta[:, -1]).numpy()  # (n, M)
     scores = np.full((n_folds, len(combos)), np.nan)
     for f in range(n_folds):
@@ -465,13 +489,29 @@ def _select(x: torch.Tensor, y: np.ndarray, groups: np.ndarray, config: ProbeCon
         for j in range(len(combos)):
             scores[f, j] = auroc(ys[val], logits[val, f * len(combos) + j])
     if np.isnan(scores).all():
-        return (*default, float("nan"))
+        return (*default, float("nan"), None)
     mean = np.nanmean(scores, axis=0)
     best = np.nanmax(mean)
     # ties → balanced first, then the smallest C (most regularized)
     candidates = [j for j in range(len(combos)) if mean[j] >= best - 0.005]
     j = min(candidates, key=lambda j: (not combos[j][1], combos[j][0]))
-    return combos[j][0], combos[j][1], float(mean[j])
+    start = theta[[f * len(combos) + j for f in range(n_folds)]].mean(dim=0)
+    return combos[j][0], combos[j][1], float(mean[j]), start
+
+
+@contextmanager
+def _torch_threads(n: int | None):
+    """Run with `n` torch threads, then restore: small fits are latency-bound and extra threads only contend
+    (on a busy 2-core machine two threads made a fit 10× slower). Process-wide while it lasts."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def fit_probe(examples: Examples, *, concept: str, layer: str, config: ProbeConfig | None = None,
@@ -481,9 +521,15 @@ def fit_probe(examples: Examples, *, concept: str, layer: str, config: ProbeConf
         >>> fit = fit_probe(region_examples(maps, mask, image=0), concept="mass", layer="features.13")
 
     Raises ProbeDataError (naming the concept and layer) when the examples hold only one class.
-    `init` (a previous version of the same probe) warm-starts the final fits.
+    `init` (a previous version of the same probe) warm-starts the final fits; otherwise they start from the
+    cross-validated model of the chosen setting.
     """
     config = config or ProbeConfig()
+    with _torch_threads(config.threads):
+        return _fit_probe(examples, concept=concept, layer=layer, config=config, init=init)
+
+
+def _fit_probe(examples: Examples, *, concept: str, layer: str, config: ProbeConfig, init: Probe | None) -> ProbeFit:
     where = f"probe {concept}@{layer}"
     if len(examples) == 0:
         raise ProbeDataError(f"{where}: no examples")
@@ -499,7 +545,7 @@ def fit_probe(examples: Examples, *, concept: str, layer: str, config: ProbeConf
     std = v.std(axis=0, dtype=np.float64)
     scale = np.where(std > 1e-8, std, 1.0)
     x = torch.from_numpy(((v - mean) / scale).astype(np.float32))  # (example, unit) standardized
-    C, balanced, cv_auroc = _select(x, examples.labels, groups, config)
+    C, balanced, cv_auroc, start = _select(x, examples.labels, groups, config)
 
     held = held_out_split(examples.labels, groups, config.held_out, seed=config.seed)
     rows = [_class_weights(examples.labels, balanced)]
@@ -507,14 +553,20 @@ def fit_probe(examples: Examples, *, concept: str, layer: str, config: ProbeConf
         w = np.zeros(len(y), np.float32)
         w[~held] = _class_weights(examples.labels[~held], balanced)
         rows.append(w)
-    theta0 = None
+    theta0 = None if start is None else start.repeat(len(rows), 1)
     if init is not None and len(init.weights) == v.shape[1]:
         # the previous version in this fit's standardized space: w_z = w·scale, b_z = b + w·mean
         wz = init.weights * scale
         bz = init.bias + float(init.weights @ mean)
         theta0 = torch.from_numpy(np.concatenate([wz, [bz]]).astype(np.float32)).repeat(len(rows), 1)
-    theta = fit_logistic(x, torch.from_numpy(y), torch.from_numpy(np.stack(rows)), torch.full((len(rows),), C),
-                         init=theta0, max_iter=config.max_iter, tol=config.tol)
+    # one L-BFGS run per model: jointly, the shared line search lets the slower model hold back the other
+    yt, Ct = torch.from_numpy(y), torch.tensor([C])
+    thetas = []
+    for m in (range(len(rows))[::-1]):  # the held-out model first; it warm-starts the model of every example
+        init_m = thetas[-1][None] if thetas else (None if theta0 is None else theta0[m:m + 1])
+        thetas.append(fit_logistic(x, yt, torch.from_numpy(rows[m])[None], Ct, init=init_m,
+                                   max_iter=config.max_iter, tol=config.tol)[0])
+    theta = torch.stack(thetas[::-1])  # (model, unit + 1): row 0 every example, row 1 without the held-out images
     logits = (x @ theta[:, :-1].T + theta[:, -1]).numpy()  # (example, model)
     metrics = {"cv_auroc": cv_auroc, "train_auroc": auroc(examples.labels, logits[:, 0])}
     if held is not None:
@@ -752,14 +804,50 @@ def _image_index(store, image) -> int:
 
 
 def collect_examples(store, layer: str, annotations: ProbeAnnotations, *, config: ProbeConfig | None = None,
-                     cache: FeatureCache | None = None) -> Examples:
-    """The examples of one layer from every kind of annotation (module docstring: how each kind is turned into
-    positives and negatives).
+                     cache: FeatureCache | None = None, background_pool: Sequence[int] | None = None) -> Examples:
+    """The examples of one layer from every kind of annotation, plus background negatives (module docstring: how
+    each kind is turned into positives and negatives).
 
         >>> ex = collect_examples(store, "features.13", ann)
+
+    Raises ProbeDataError (naming concept and layer) when the annotations give only positives or only negatives.
+    background_pool: the images background positions may come from (default: every image of the store); the
+    annotated images are never used.
     """
     config = config or ProbeConfig()
     cache = cache or FeatureCache(store)
+    ex = _annotation_examples(store, layer, annotations, config=config, cache=cache)
+    if len(ex) and (ex.n_positive == 0 or ex.n_negative == 0):
+        which = "positives" if ex.n_negative == 0 else "negatives"
+        raise ProbeDataError(f"probe {annotations.concept}@{layer}: only {which} ({ex.n_positive} positive, "
+                             f"{ex.n_negative} negative examples from {annotations.n_annotations} annotations)")
+    if len(ex) and config.background > 0:
+        pool = np.arange(store.n_images) if background_pool is None else np.asarray(background_pool, np.int64)
+        pool = np.setdiff1d(pool, np.unique(ex.groups))
+        ex = ex + background_examples(store, layer, pool, n=config.background, images=config.background_images,
+                                      seed=config.seed, cache=cache)
+    return ex
+
+
+def background_examples(store, layer: str, pool: np.ndarray, *, n: int, images: int, seed: int = 0,
+                        cache: FeatureCache | None = None) -> Examples:
+    """`n` random positions (as negatives) from `images` random images of `pool`, chosen with `seed`."""
+    cache = cache or FeatureCache(store)
+    units_n, gy, gx = store.layer_shape(layer)
+    pool = np.asarray(pool, np.int64)
+    if len(pool) == 0 or n <= 0:
+        return Examples.empty(units_n)
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(pool, size=min(images, len(pool)), replace=False))
+    maps = cache.image_maps(layer, idx)  # (image, unit, y, x)
+    flat = np.moveaxis(maps, 1, -1).reshape(-1, units_n)  # (image·position, unit)
+    take = np.sort(rng.choice(len(flat), size=min(n, len(flat)), replace=False))
+    groups = np.repeat(idx, gy * gx)[take]
+    return Examples(flat[take], np.zeros(len(take), np.int8), groups, {"background": len(take)})
+
+
+def _annotation_examples(store, layer: str, annotations: ProbeAnnotations, *, config: ProbeConfig,
+                         cache: FeatureCache) -> Examples:
     units_n, gy, gx = store.layer_shape(layer)
     ex = Examples.empty(units_n)
     if annotations.regions:
@@ -790,15 +878,17 @@ def collect_examples(store, layer: str, annotations: ProbeAnnotations, *, config
 
 
 def heatmaps_for_store(store, probe: Probe, *, cache: FeatureCache | None = None,
-                       batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+                       batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(scores float32 (image,), heatmaps float16 (image, y, x)) of a probe over every image of the store."""
     cache = cache or FeatureCache(store)
     maps = cache.maps(probe.layer)  # (image, unit, y, x) float16
+    n, u, h, w_ = maps.shape
     w = torch.from_numpy(np.asarray(probe.weights, np.float32))
-    out = np.empty((maps.shape[0], *maps.shape[2:]), np.float16)
-    for i in range(0, maps.shape[0], batch):
-        m = torch.from_numpy(maps[i:i + batch]).float()
-        out[i:i + batch] = torch.sigmoid(torch.einsum("nuyx,u->nyx", m, w) + float(probe.bias)).numpy()
+    out = np.empty((n, h, w_), np.float16)
+    # small batches: the float16 → float32 copy stays in cache; (unit,) @ (image, unit, position) is a plain matmul
+    for i in range(0, n, batch):
+        m = torch.from_numpy(maps[i:i + batch]).reshape(-1, u, h * w_).float()
+        out[i:i + batch] = torch.sigmoid(torch.matmul(w, m) + float(probe.bias)).reshape(-1, h, w_).numpy()
     return probe.score(out.astype(np.float32)), out
 
 
@@ -832,17 +922,29 @@ def retrain(store, annotations: ProbeAnnotations, *, settings, session: str, lay
         >>> res = retrain(store, ann, settings=s, session="alice", cache=cache)   # after every new annotation
         >>> res[0].run_id, res[0].fit.metrics["auroc"], res[0].timings
 
-    Layers: `layers`, or every store layer when regions or marks are given, else the layers with labeled units.
+    Layers (the affected probes): `layers`; by default the layers where this concept already has a probe or has
+    labeled units — and, for a concept's first regions or marks, every layer of the store.
     Every layer's examples are collected and checked first: when any probe would have only positives or only
     negatives, ProbeDataError is raised and nothing (store, mlflow) changes.
     """
+    config = config or ProbeConfig()
+    with _torch_threads(config.threads):
+        return _retrain(store, annotations, settings=settings, session=session, layers=layers, config=config,
+                        cache=cache or FeatureCache(store), store_name=store_name, experiment=experiment)
+
+
+def _retrain(store, annotations: ProbeAnnotations, *, settings, session: str, layers, config: ProbeConfig,
+             cache: FeatureCache, store_name: str | None, experiment: str) -> list[RetrainResult]:
     import time
 
-    config = config or ProbeConfig()
-    cache = cache or FeatureCache(store)
     if layers is None:
-        layers = list(store.layers) if (annotations.regions or annotations.marks) else \
-            [l for l in store.layers if annotations.units.get(l)]
+        existing = {l for c, l in store.probes() if c == annotations.concept}
+        with_units = {l for l in store.layers if annotations.units.get(l)}
+        if annotations.regions or annotations.marks:
+            chosen = (existing | with_units) or set(store.layers)
+        else:
+            chosen = with_units
+        layers = [l for l in store.layers if l in chosen]
     for layer in annotations.units:
         if layer not in store.layers:
             from .errors import UnknownLayerError
@@ -851,14 +953,9 @@ def retrain(store, annotations: ProbeAnnotations, *, settings, session: str, lay
     collected = {}
     for layer in layers:
         t0 = time.perf_counter()
-        ex = collect_examples(store, layer, annotations, config=config, cache=cache)
+        ex = collect_examples(store, layer, annotations, config=config, cache=cache)  # one class → ProbeDataError
         if len(ex) == 0:
             continue
-        if ex.n_positive == 0 or ex.n_negative == 0:
-            which = "positives" if ex.n_negative == 0 else "negatives"
-            raise ProbeDataError(f"probe {annotations.concept}@{layer}: only {which} ({ex.n_positive} positive, "
-                                 f"{ex.n_negative} negative examples from {annotations.n_annotations} annotations); "
-                                 "nothing was changed")
         collected[layer] = (ex, time.perf_counter() - t0)
     if not collected:
         raise ProbeDataError(f"probe {annotations.concept}: no examples on layers {list(layers)}")
