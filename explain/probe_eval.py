@@ -2,14 +2,15 @@
 
     >>> from explain.probe_eval import ground_truth_masks, probe_curve
     >>> gt = ground_truth_masks(store, manifest, "mass")                       # {image index: bool (Y, X)}
-    >>> curve = probe_curve(store, "mass", "features.13", gt, draw_split="val", eval_split="test")
+    >>> curve = probe_curve(store, "mass", "features.13", gt, draw=order["mass"], evaluate=held_out)
     >>> [(p["k"], round(p["pixel_auroc"], 3)) for p in curve]                   # k = 1 … 10
 
 The simulated reviewer (issue 5, "Measured against ground truth") draws the exact ground-truth region of the
-concept on k patches that hold it, taken in a fixed seeded order from `draw_split` (the validation patches: never
-evaluated on), and the probe is fitted from those k regions alone (cells inside vs outside, as for any drawn region).
-Pixel AUROC: every pixel of the evaluation patches (`eval_split`, the test patches; at most `max_eval` of them,
-all holding the concept first up to half of them, then others), the probe's heatmap upsampled to the patch as
+concept on k patches that hold it — the same patches, in the same order, as explain.groundtruth's reviewer who
+labels units — and the probe is fitted from those k regions (cells inside vs outside, as for any drawn region) plus
+background negatives from images that are never evaluated on.
+Pixel AUROC: every pixel of the evaluation patches (held-out patches nobody drew on; at most `max_eval` of them,
+those holding the concept first up to half of them, then others), the probe's heatmap upsampled to the patch as
 the app shows it, against the concept's ground-truth mask (empty on patches without the concept).
 """
 
@@ -76,19 +77,18 @@ def pixel_auroc(probe, store, images: np.ndarray, masks: Mapping[int, np.ndarray
 
 def probe_curve(store, concept: str, layer: str, masks: Mapping[int, np.ndarray], *, draw: Sequence[int],
                 evaluate: Sequence[int], ks: Sequence[int] = tuple(range(1, 11)), config: ProbeConfig | None = None,
-                cache: FeatureCache | None = None, background_pool: Sequence[int] | None = None,
-                seed: int = 0) -> list[dict]:
+                cache: FeatureCache | None = None, background_pool: Sequence[int] | None = None) -> list[dict]:
     """Pixel AUROC of probes fitted from k ground-truth drawings, for every k in `ks`.
 
-    draw: candidate images to draw on (those with the concept are used, in a seeded order); evaluate: the images
+    draw: the images to draw on, in drawing order (those without the concept are skipped) — e.g. the order of
+    explain.groundtruth.choose_drawings, so probes and unit labels come from the same drawings; evaluate: the images
     whose pixels are scored; background_pool: where background negatives may come from (default: the `draw`
     candidates — never the evaluated images). Returns [{"k", "pixel_auroc", "n_positive", "n_negative", "images"}].
     """
     cache = cache or FeatureCache(store)
-    pool = [int(i) for i in draw if int(i) in masks]
-    if not pool:
+    order = [int(i) for i in draw if int(i) in masks]
+    if not order:
         raise ProbeDataError(f"ground truth for {concept!r}: no patch to draw on among {len(draw)} candidates")
-    order = list(np.random.default_rng(seed).permutation(pool))
     evaluate = np.asarray(evaluate, np.int64)
     if np.intersect1d(evaluate, np.asarray(order)).size:
         raise ProbeDataError(f"ground truth for {concept!r}: drawn patches must not be evaluated on")

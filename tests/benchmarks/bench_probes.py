@@ -7,8 +7,9 @@ Figures (tests/benchmarks/run.py prints them next to their goals):
   mlflow run, scores + heatmaps of every image written to the store; for the probe of one layer and for all layers
   (what the app retrains by default), warm feature cache; goal ≤ 1 s. retrain_cold adds loading the layer maps.
 - probes/gt/<concept>/k=<k> — pixel AUROC of probe heatmaps against the ground-truth masks of held-out test patches,
-  probes fitted from k simulated ground-truth drawings on validation patches (explain.probe_eval), at the layer
-  chosen *without* ground truth: the layer whose k=5 probe has the best cross-validated AUROC on its own drawings.
+  probes fitted from k simulated ground-truth drawings (explain.probe_eval; the drawings of explain.groundtruth's
+  reviewer, on test patches, which are then left out of the evaluation), at the layer chosen *without* ground
+  truth: the layer whose k=5 probe has the best cross-validated AUROC on its own drawings.
   goal ≥ 0.9 at k = 5; baseline: the pixels' own brightness used as the heatmap (a probe should beat it).
   probes/gt/<concept>/<layer>@k=5 gives every layer's value for comparison.
 The ground-truth curves are also logged to mlflow (experiment conceptlens-bench, run "probes ground truth").
@@ -123,31 +124,35 @@ def retrain_speed(settings, store, manifest, repeats: int = 7) -> list[dict]:
 
 
 def ground_truth(settings, store, manifest, ks=tuple(range(1, 11))) -> list[dict]:
+    from explain.groundtruth import GroundTruthConfig, choose_drawings
     from explain.probe_eval import eval_images, ground_truth_masks, probe_curve, split_images
     from explain.probes import FeatureCache, ProbeAnnotations, collect_examples, fit_probe
 
     cache = FeatureCache(store)
-    draw, test = split_images(store, manifest, "val"), split_images(store, manifest, "test")
-    background = np.concatenate([split_images(store, manifest, "train"), draw])  # never a test patch
+    gt_config = GroundTruthConfig(ks=tuple(ks), concepts=GT_CONCEPTS)
+    order, _ = choose_drawings(store, manifest, gt_config)  # the unit-labeling reviewer's drawings, in order
+    review = split_images(store, manifest, gt_config.review_split)
+    background = np.setdiff1d(np.arange(store.n_images), review)  # never a patch of the review split
     figures, logged = [], {}
     for concept in GT_CONCEPTS:
         masks = ground_truth_masks(store, manifest, concept)
-        if not any(i in masks for i in draw):
+        draw = order.get(concept, [])
+        if not draw:
             figures.append(_fig(f"probes/gt/{concept}/k=5", float("nan"), "AUROC", ">= 0.9", False, None,
-                                "no validation patch holds this concept"))
+                                f"no {gt_config.review_split} patch holds this concept"))
             continue
-        evaluate = eval_images(test, masks)
+        evaluate = eval_images(np.setdiff1d(review, draw), masks)  # held out: nobody drew on these
         curves, chooser = {}, {}
         for layer in store.layers:
             curves[layer] = probe_curve(store, concept, layer, masks, draw=draw, evaluate=evaluate, ks=ks,
                                         cache=cache, background_pool=background)
             # layer choice without ground truth: CV AUROC of the k=5 probe on its own drawings
-            imgs = [store.index_of(i) for i in next(p for p in curves[layer] if p["k"] == min(5, len(curves[layer])))
-                    ["images"]]
-            fit = fit_probe(collect_examples(store, layer, ProbeAnnotations(concept, regions=[(i, masks[i])
-                                                                                                for i in imgs]),
-                                             cache=cache, background_pool=background), concept=concept, layer=layer)
-            chooser[layer] = np.nan_to_num(fit.metrics["cv_auroc"], nan=fit.metrics["train_auroc"])
+            at = min(5, len(curves[layer]))
+            imgs = [store.index_of(i) for i in curves[layer][at - 1]["images"]]
+            ann = ProbeAnnotations(concept, regions=[(i, masks[i]) for i in imgs])
+            fit = fit_probe(collect_examples(store, layer, ann, cache=cache, background_pool=background),
+                            concept=concept, layer=layer)
+            chooser[layer] = float(np.nan_to_num(fit.metrics["cv_auroc"], nan=fit.metrics["train_auroc"]))
         best = max(store.layers, key=lambda l: chooser[l])
         bright = _intensity_auroc(store, evaluate, masks)
         for p in curves[best]:
