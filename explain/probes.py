@@ -628,7 +628,7 @@ def session_run(session: str, *, settings, experiment: str = PROBE_EXPERIMENT) -
 
 
 def log_probe(fit: ProbeFit, *, settings, session: str, store: str = "", tcav: dict | None = None,
-              experiment: str = PROBE_EXPERIMENT) -> str:
+              experiment: str = PROBE_EXPERIMENT, tags: dict | None = None) -> str:
     """Record one fit as an mlflow run nested under the session's run; returns the run id (also set on the probe).
 
         >>> run_id = log_probe(fit, settings=settings, session="alice", store="demo", tcav={"lesion": 0.83})
@@ -645,8 +645,8 @@ def log_probe(fit: ProbeFit, *, settings, session: str, store: str = "", tcav: d
     client, exp_id = _tracking(settings, experiment)
     parent = session_run(session, settings=settings, experiment=experiment)
     p = fit.probe
-    tags = {TAG_KIND: "probe", TAG_SESSION: session, TAG_CONCEPT: p.concept, TAG_LAYER: p.layer, TAG_STORE: store,
-            MLFLOW_PARENT_RUN_ID: parent}
+    tags = {**dict(tags or {}), TAG_KIND: "probe", TAG_SESSION: session, TAG_CONCEPT: p.concept, TAG_LAYER: p.layer,
+            TAG_STORE: store, MLFLOW_PARENT_RUN_ID: parent}
     run = client.create_run(exp_id, run_name=f"{p.concept}@{p.layer}", tags=tags)
     run_id = run.info.run_id
     try:
@@ -755,16 +755,20 @@ class ProbeAnnotations:
 class FeatureCache:
     """One store's layer maps kept in memory (float16, loaded on first use) so each retrain reads no chunk.
 
-        >>> cache = FeatureCache(store, model=loaded)   # model: optional, for TCAV scores
+        >>> cache = FeatureCache(store, settings=s)     # or model=loaded; either gives TCAV scores
         >>> retrain(store, ann, settings=s, session="alice", cache=cache)
 
-    Keep one per process (an app worker) and pass it to every call; it also remembers the last probe of each
-    (concept, layer) to warm-start the next fit.
+    Keep one per process (an app worker) and pass it to every call: the first retrain of a layer loads all its maps
+    (seconds on the demo store), later ones read none. It also remembers the last probe of each (concept, layer)
+    to warm-start the next fit. With `settings` and no `model`, the store's own model (attrs["model"]["model_uri"])
+    is loaded on first use to compute TCAV sensitivities; if it cannot be, runs carry the reason in a tag.
     """
 
-    def __init__(self, store, *, model=None, tcav_per_class: int = 64):
+    def __init__(self, store, *, model=None, settings=None, tcav_per_class: int = 64):
         self.store = store
         self.model = model
+        self.settings = settings  # with it (and no model), the store's own model is loaded for TCAV on first use
+        self.tcav_note = ""  # why TCAV scores are missing, when they are
         self.tcav_per_class = tcav_per_class
         self._maps: dict[str, np.ndarray] = {}
         self._sens: dict = {}
@@ -787,7 +791,17 @@ class FeatureCache:
 
     def sensitivities(self, layer: str):
         """TCAV class sensitivities of a layer (None without a model), computed once."""
+        if self.model is None and self.settings is not None and not self.tcav_note:
+            from training.errors import TrainingError
+            from training.registry import load_model
+
+            uri = (self.store.attrs.get("model") or {}).get("model_uri")
+            try:
+                self.model = load_model(uri, settings=self.settings)
+            except (TrainingError, TypeError) as e:
+                self.tcav_note = f"model {uri!r} of the store could not be loaded: {e}"
         if self.model is None:
+            self.tcav_note = self.tcav_note or "no model given"
             return None
         if layer not in self._sens:
             from .tcav import store_sensitivities
@@ -930,7 +944,8 @@ def retrain(store, annotations: ProbeAnnotations, *, settings, session: str, lay
     config = config or ProbeConfig()
     with _torch_threads(config.threads):
         return _retrain(store, annotations, settings=settings, session=session, layers=layers, config=config,
-                        cache=cache or FeatureCache(store), store_name=store_name, experiment=experiment)
+                        cache=cache or FeatureCache(store, settings=settings), store_name=store_name,
+                        experiment=experiment)
 
 
 def _retrain(store, annotations: ProbeAnnotations, *, settings, session: str, layers, config: ProbeConfig,
@@ -968,11 +983,12 @@ def _retrain(store, annotations: ProbeAnnotations, *, settings, session: str, la
         t["fit"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         sens = cache.sensitivities(layer)
-        tcav = sens.scores(fit.probe.cav) if sens is not None else None
+        tcav = sens.scores(fit.probe.cav) if sens is not None else None  # None: the run says why (tag)
         t["tcav"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         run_id = log_probe(fit, settings=settings, session=session, store=store_name or _store_name(store),
-                           tcav=tcav, experiment=experiment)
+                           tcav=tcav, experiment=experiment,
+                           tags=None if tcav is not None else {"conceptlens.tcav": f"not computed: {cache.tcav_note}"})
         t["log"] = time.perf_counter() - t0
         probe = replace(fit.probe, run_id=run_id)
         t0 = time.perf_counter()

@@ -291,6 +291,9 @@ def test_one_class_retrain_changes_nothing(lesion, workspace):
                 session="alice")
     with pytest.raises(ProbeDataError, match="only negatives"):
         retrain(store, ProbeAnnotations("calcification", marks=[(0, False)]), settings=workspace, session="alice")
+    with pytest.raises(ProbeDataError, match="only positives"):  # also with regions covering the whole patch
+        retrain(store, ProbeAnnotations("calcification", regions=[(1, np.ones((32, 32), bool))]),
+                settings=workspace, session="alice")
     assert store.probes() == before
     assert _n_probe_runs(workspace) == 0
 
@@ -324,6 +327,11 @@ def test_versions_and_rollback(lesion, workspace):
                      settings=workspace, session="bob", layers=[layer], cache=cache)[0]
     versions = probe_versions("spiculated_margin", layer, settings=workspace)
     assert [v["run_id"] for v in versions] == [second.run_id, first.run_id]
+    # no model in the cache: no TCAV, and the run says why
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(tracking_uri=workspace.tracking_uri).get_run(first.run_id).data.tags
+    assert tags["conceptlens.tcav"] == "not computed: no model given" and versions[0]["tcav"] == {}
     assert [v["n_annotations"] for v in versions] == [4, 2]
     assert store.probe("spiculated_margin", layer).run_id == second.run_id
 
@@ -414,3 +422,16 @@ def test_background_negatives(lesion):
     # background never rescues annotations of one class
     with pytest.raises(ProbeDataError, match="only positives"):
         collect_examples(store, layer, ProbeAnnotations("mass", marks=[(1, True)]), config=cfg)
+
+
+def test_store_model_that_cannot_be_loaded_is_named(lesion, workspace):
+    from mlflow.tracking import MlflowClient
+
+    from explain.probes import ProbeAnnotations, retrain
+
+    store, masks = lesion.store, lesion.masks
+    res = retrain(store, ProbeAnnotations("architectural_distortion", regions=[(1, masks[1])]), settings=workspace,
+                  session="alice", layers=[lesion.layers[-1]])  # a fresh cache with settings: tries the store's model
+    tags = MlflowClient(tracking_uri=workspace.tracking_uri).get_run(res[0].run_id).data.tags
+    assert tags["conceptlens.tcav"].startswith("not computed: model 'test' of the store could not be loaded")
+    store.delete_probe("architectural_distortion", lesion.layers[-1])
