@@ -38,7 +38,6 @@ scores (image,) and heatmaps at the layer's grid (image, y, x), attrs naming the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace

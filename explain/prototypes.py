@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dissection import DEFAULT_LEVEL, patch_size, resolve_image, unit_masks
+from .dissection import DEFAULT_LEVEL, patch_size, unit_masks
 from .errors import ExplainError, UnknownConceptError, UnknownLayerError, UnknownUnitError
 
 __all__ = ["Prototype", "unit_prototypes", "probe_prototypes", "class_prototypes", "mask_outline", "colorize",
