@@ -134,6 +134,9 @@ def screenshot(page, name: str, *, full_page: bool = True) -> Path:
     """Save a screenshot to test-output/screenshots/<name>.png and return its path."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
+    if full_page:  # from the top, or the sticky navbar is drawn where the viewport happened to be
+        page.evaluate("() => window.scrollTo(0, 0)")
+        page.wait_for_timeout(100)
     page.screenshot(path=str(path), full_page=full_page)
     return path
 

@@ -503,8 +503,12 @@ class Workbench:
             unit = unit[0] if unit else None
         return check_int(unit, "unit", lo=0, hi=65535)
 
-    def selected_points(self, selected, *, what: str, limit: int = 20000) -> list[int]:
-        """Indices (customdata) of a lasso / box selection; [] when cleared."""
+    def selected_points(self, selected, *, what: str, limit: int = 20000) -> list[int] | None:
+        """Indices (customdata) of a lasso / box selection; [] when cleared by the user (double click).
+
+        None for the empty event plotly sends when a redrawn figure drops its selection (no lasso, no box): the
+        selection the user made stands.
+        """
         if not selected:
             return []
         try:
@@ -512,6 +516,8 @@ class Workbench:
         except (TypeError, KeyError):
             raise InvalidInput("selectedData", "expected {'points': [...]}") from None
         points = check_list(points, "selectedData.points", max_len=limit)
+        if not points and "lassoPoints" not in selected and "range" not in selected:
+            return None
         out = set()
         for p in points:
             c = p.get("customdata") if isinstance(p, dict) else None
@@ -785,6 +791,20 @@ class Workbench:
         db = self.db()
         return {layer: current_labels(db, layer) for layer in self.store().layers}
 
+    def labels_version(self) -> int:
+        """The newest labeling action's id: any label change (here or in another worker) makes a new one."""
+        from sqlalchemy import func, select
+
+        from store.annotations import LabelAction
+
+        with self.db().read() as s:
+            return int(s.scalar(select(func.max(LabelAction.id))) or 0)
+
+    def probes_version(self) -> tuple:
+        """(concept, layer, run id) of every stored probe version: a retrain or rollback anywhere changes it."""
+        store = self.store()
+        return tuple((c, l, store.probe(c, l).run_id) for c, l in store.probes())
+
     def db(self, *, fresh: bool = False):
         """The annotation database (store.annotations); `fresh` opens a new engine (a forked job process must not
         reuse the parent's connections)."""
@@ -883,27 +903,35 @@ class Workbench:
     # -- report ----------------------------------------------------------------------------------------------------------
     def report_view(self, state, *, layer):
         """The concept report of the open patch: units per concept, activation, area, probe scores, contributions."""
-        from dash import dcc, html
-        from explain.report import image_report
-
-        from . import figures
+        from dash import html
 
         state = self.open_state(state)
         if not state.get("image"):
             return html.Div("Open a patch to see its report.", className="cl-muted")
         layer = self.layer(layer)
-        labels = self.labels()
-        rep = image_report(self.store(), state["image"], labels=labels, model=self.model(), settings=self.settings,
+        # A report changes only with the labels and the probe versions: cache it on those (any worker's change
+        # makes a new key), so revisiting a patch costs nothing and a new action recomputes it once.
+        key = ("report", state["image"], layer, self.labels_version(), self.probes_version())
+        return self._views.get(key, lambda: self._report(state["image"], layer))
+
+    def _report(self, image: str, layer: str):
+        from dash import dcc, html
+        from explain.report import image_report
+
+        from . import figures
+
+        rep = image_report(self.store(), image, labels=self.labels(), model=self.model(), settings=self.settings,
                            level=self.config.mask_level, gradcam_layer=layer, with_maps=False)
+        row = self.store().index_of(image)
         rows = []
         for concept, e in sorted(rep["concepts"].items()):
-            units = [u for u in e["units"]]
+            units = e["units"]
             rows.append({
                 "concept": concept,
                 "units": float(len(units)),
                 "activation": float(max((u["max"] / u["threshold"] if u["threshold"] > 0 else 0.0) for u in units))
                 if units else 0.0,
-                "area": float(sum(u["area"] for u in units if u["fires"])),
+                "area": self._union_area(row, [(u["layer"], u["unit"]) for u in units if u["fires"]]),
                 "probe": float(max((p["score"] for p in e["probes"]), default=0.0)),
                 "contribution": float(sum(c["logit_change"] for c in e["contributions"])),
             })
@@ -913,12 +941,24 @@ class Workbench:
         if not rows:
             return html.Div([head, html.P("No concept yet: draw a region and label units, or mark images on the "
                                           "Images page to train a probe.", className="cl-muted mt-2")])
-        measures = [("units", "labeled units"), ("activation", "activation / threshold"),
-                    ("area", "activated area (patch share)"), ("probe", "probe score"),
+        measures = [("units", "labeled units"), ("activation", "peak activation / threshold"),
+                    ("area", "activated area (share of patch)", (0, 1)), ("probe", "probe score", (0, 1)),
                     ("contribution", "contribution (logit change)")]
-        return html.Div([head, dcc.Graph(figure=figures.report_figure(rows, measures=measures),
-                                         config={"displayModeBar": False, "staticPlot": False})])
+        fig = figures.report_figure(rows, measures=measures)
+        return html.Div([head, dcc.Graph(figure=fig, config={"displayModeBar": False, "staticPlot": False})])
 
+    def _union_area(self, row: int, units: list[tuple[str, int]]) -> float:
+        """Share of the patch covered by the union of these units' masks on one image."""
+        from explain.dissection import unit_masks
+
+        if not units:
+            return 0.0
+        store, union = self.store(), np.zeros(self.patch_size(), bool)
+        for layer in sorted({layer for layer, _ in units}):
+            us = [int(u) for l, u in units if l == layer]
+            thr = np.asarray(store.thresholds(layer, self.config.mask_level), np.float32)[us]
+            union |= unit_masks(store.maps(layer, row)[us], thr, self.patch_size()).any(axis=0)
+        return float(union.mean())
 
     # -- units page ------------------------------------------------------------------------------------------------------
     def unit_color_options(self) -> list[dict]:
@@ -975,7 +1015,7 @@ class Workbench:
             values, _best = self.unit_gt_iou(layer)
         return figures.unit_map_figure(self.unit_coords(layer, projection), labels=labels, color_by=color_by,
                                        values=values, selected=selected, layer=layer, dragmode="lasso",
-                                       uirevision=f"{layer}-{projection}", height=620)
+                                       uirevision=f"{layer}-{projection}", height=600)
 
     def prototype_gallery(self, layer, state, *, max_units: int = 12, per_unit: int = 4):
         """Prototypes of the lasso-selected units: a row of top patches (mask outlined) per unit."""
@@ -1125,9 +1165,9 @@ class Workbench:
         prob = self.lesion_prob()
         tiles = [Tile(src=self._thumb(r, 72), caption=(f"score {scores[r]:.2f}" if scores is not None
                                                        else f"P {prob[r]:.2f}"), title=store.image_ids[r])
-                 for r in rows[:48]]
+                 for r in rows[:24]]
         summary = html.Div([html.Strong(f"{len(rows)} image(s) selected"),
-                            html.Span(" (first 48 shown)" if len(rows) > 48 else "", className="cl-muted")])
+                            html.Span(" (first 24 shown)" if len(rows) > 24 else "", className="cl-muted")])
         return summary, gallery(tiles, size=72)
 
     # -- probes page -----------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dash
 import dash_bootstrap_components as dbc
-from dash import Input, Output, State, callback, ctx, dcc, html
+from dash import Input, Output, State, callback, ctx, dcc, html, no_update
 
 from vis import figures, ids
 from vis.components import empty_state, labeled, panel, shows_errors
@@ -61,15 +61,16 @@ def layout(**_query):
 
 @callback(Output(ids.IMAGES_MAP, "figure"), Output(ids.IMAGES_MESSAGE, "children", allow_duplicate=True),
           Input(ids.IMAGES_LAYER, "value"), Input(ids.IMAGES_COLOR, "value"), Input(ids.IMAGES_CONCEPT, "value"),
-          Input(ids.IMAGES_STATE, "data"), Input(ids.IMAGES_VERSION, "data"), prevent_initial_call="initial_duplicate")
+          Input(ids.IMAGES_VERSION, "data"), State(ids.IMAGES_STATE, "data"), prevent_initial_call="initial_duplicate")
 @shows_errors(2, at=1)
-def show_map(layer, color, concept, state, _version):
+def show_map(layer, color, concept, _version, state):
     return current().image_map(layer, color_by=color, concept=concept, state=state), dash.no_update
 
 
 @callback(Output(ids.IMAGES_STATE, "data"), Input(ids.IMAGES_MAP, "selectedData"), prevent_initial_call=True)
 def select_images(selected):
-    return {"selected": current().selected_points(selected, what="images")}
+    rows = current().selected_points(selected, what="images")
+    return no_update if rows is None else {"selected": rows}
 
 
 @callback(Output(ids.IMAGES_SELECTION, "children"), Output(ids.IMAGES_GALLERY, "children"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dash
 import dash_bootstrap_components as dbc
-from dash import Input, Output, State, callback, ctx, dcc, html
+from dash import Input, Output, State, callback, ctx, dcc, html, no_update
 
 from vis import figures, ids
 from vis.components import empty_state, labeled, panel, shows_errors
@@ -33,17 +33,19 @@ def layout(**_query):
     ], className="cl-controls")
     return html.Div([
         dcc.Store(id=ids.UNITS_STATE, data={"unit": None, "selected": []}),
-        panel("Unit map", [controls,
-                           dcc.Graph(id=ids.UNITS_MAP, config=figures.MAP_CONFIG, style={"height": "620px"},
-                                     figure=figures.empty_figure("", height=620)),
-                           html.P("Lasso or box-select units to see their prototypes; click one for its detail.",
-                                  className="cl-hint")]),
+        controls,
         dbc.Row([
-            dbc.Col(panel("Prototypes of the selected units", html.Div(id=ids.UNITS_GALLERY)), width=6),
+            dbc.Col(panel("Unit map", [dcc.Graph(id=ids.UNITS_MAP, config=figures.MAP_CONFIG,
+                                                 style={"height": "600px"},
+                                                 figure=figures.empty_figure("", height=600)),
+                                       html.P("Lasso or box-select units to see their prototypes; click one for its "
+                                              "detail.", className="cl-hint")]), width=7),
             dbc.Col(panel("Unit detail", html.Div(id=ids.UNITS_DETAIL,
                                                   children=html.Div("Click a unit.", className="cl-muted"))),
-                    width=6),
+                    width=5),
         ], className="mt-3"),
+        dbc.Row(dbc.Col(panel("Prototypes of the selected units", html.Div(id=ids.UNITS_GALLERY)), width=12),
+                className="mt-3"),
     ])
 
 
@@ -63,7 +65,8 @@ def select_units(selected, clicked, _layer, state):
         return {"unit": None, "selected": []}
     if ctx.triggered_prop_ids and f"{ids.UNITS_MAP}.clickData" in ctx.triggered_prop_ids:
         return {**(state or {}), "unit": wb.clicked_unit(clicked)}
-    return {**(state or {}), "selected": wb.selected_points(selected, what="units")}
+    units = wb.selected_points(selected, what="units")
+    return no_update if units is None else {**(state or {}), "selected": units}
 
 
 @callback(Output(ids.UNITS_GALLERY, "children"), Input(ids.UNITS_STATE, "data"), State(ids.UNITS_LAYER, "value"))
