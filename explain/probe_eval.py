@@ -23,7 +23,7 @@ import numpy as np
 from .errors import ProbeDataError
 from .probes import FeatureCache, ProbeAnnotations, ProbeConfig, auroc, collect_examples, fit_probe
 
-__all__ = ["ground_truth_masks", "split_images", "eval_images", "probe_curve", "pixel_auroc"]
+__all__ = ["ground_truth_masks", "split_images", "eval_images", "probe_curve", "pixel_auroc", "drawing_cv_auroc"]
 
 
 def ground_truth_masks(store, manifest, concept: str) -> dict[int, np.ndarray]:
@@ -104,3 +104,32 @@ def probe_curve(store, concept: str, layer: str, masks: Mapping[int, np.ndarray]
                     "n_positive": fit.n_positive, "n_negative": fit.n_negative,
                     "images": [store.image_ids[i] for i in order[:k]]})
     return out
+
+
+def drawing_cv_auroc(store, concept: str, layer: str, drawings: Sequence[tuple[int, np.ndarray]], *,
+                     config: ProbeConfig | None = None, cache: FeatureCache | None = None,
+                     background_pool: Sequence[int] | None = None) -> float:
+    """Leave-one-drawing-out pixel AUROC: for each drawn image, a probe fitted from the other drawings scores that
+    image's pixels against the drawn region; the pixels of every left-out image are pooled. NaN below 2 drawings.
+
+        >>> drawing_cv_auroc(store, "mass", "features.13", [(i, mask_i) for i in drawn])
+
+    It uses only what the reviewer drew, and it is measured in patch pixels, so layers of different grids compare
+    fairly (a cell-level AUROC favours coarse grids, whose few cells are easier to classify).
+    """
+    from .dissection import patch_size
+
+    if len(drawings) < 2:
+        return float("nan")
+    cache = cache or FeatureCache(store)
+    size = patch_size(store)
+    heat, truth = [], []
+    for j, (image, mask) in enumerate(drawings):
+        rest = ProbeAnnotations(concept, regions=[d for n, d in enumerate(drawings) if n != j])
+        pool = np.arange(store.n_images) if background_pool is None else np.asarray(background_pool, np.int64)
+        pool = np.setdiff1d(pool, [image])  # the left-out image never gives background negatives
+        fit = fit_probe(collect_examples(store, layer, rest, config=config, cache=cache, background_pool=pool),
+                        concept=concept, layer=layer, config=config)
+        heat.append(fit.probe.heatmap(cache.image_maps(layer, [image])[0], size=size))
+        truth.append(np.asarray(mask, bool))
+    return auroc(np.stack(truth).reshape(-1), np.stack(heat).reshape(-1))

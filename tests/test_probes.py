@@ -435,3 +435,25 @@ def test_store_model_that_cannot_be_loaded_is_named(lesion, workspace):
     tags = MlflowClient(tracking_uri=workspace.tracking_uri).get_run(res[0].run_id).data.tags
     assert tags["conceptlens.tcav"].startswith("not computed: model 'test' of the store could not be loaded")
     store.delete_probe("architectural_distortion", lesion.layers[-1])
+
+
+def test_leave_one_drawing_out_pixel_auroc(lesion):
+    from explain.probe_eval import drawing_cv_auroc
+
+    store, masks = lesion.store, lesion.masks
+    drawings = [(i, masks[i]) for i in (1, 3, 5, 7)]
+    layer = lesion.layers[-1]
+    value = drawing_cv_auroc(store, "mass", layer, drawings)
+    assert value > 0.7  # well above chance: the masses are found on images the probe never saw
+    # by hand: each drawing left out in turn, pixels of the left-out images pooled
+    from explain.probes import ProbeAnnotations, collect_examples
+
+    heat = []
+    for j, (image, _) in enumerate(drawings):
+        rest = ProbeAnnotations("mass", regions=[d for n, d in enumerate(drawings) if n != j])
+        ex = collect_examples(store, layer, rest, background_pool=np.setdiff1d(np.arange(store.n_images), [image]))
+        fit = fit_probe(ex, concept="mass", layer=layer)
+        heat.append(fit.probe.heatmap(store.maps(layer, image), size=(32, 32)))
+    truth = np.stack([m for _, m in drawings])
+    assert value == pytest.approx(auroc(truth.reshape(-1), np.stack(heat).reshape(-1)))
+    assert np.isnan(drawing_cv_auroc(store, "mass", layer, drawings[:1]))

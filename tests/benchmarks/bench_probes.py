@@ -9,7 +9,7 @@ Figures (tests/benchmarks/run.py prints them next to their goals):
 - probes/gt/<concept>/k=<k> — pixel AUROC of probe heatmaps against the ground-truth masks of held-out test patches,
   probes fitted from k simulated ground-truth drawings (explain.probe_eval; the drawings of explain.groundtruth's
   reviewer, on test patches, which are then left out of the evaluation), at the layer chosen *without* ground
-  truth: the layer whose k=5 probe has the best cross-validated AUROC on its own drawings.
+  truth: the best leave-one-drawing-out pixel AUROC on the first 5 drawings (explain.probe_eval.drawing_cv_auroc).
   goal ≥ 0.9 at k = 5; baseline: the pixels' own brightness used as the heatmap (a probe should beat it).
   probes/gt/<concept>/<layer>@k=5 gives every layer's value for comparison.
 The ground-truth curves are also logged to mlflow (experiment conceptlens-bench, run "probes ground truth").
@@ -125,8 +125,8 @@ def retrain_speed(settings, store, manifest, repeats: int = 7) -> list[dict]:
 
 def ground_truth(settings, store, manifest, ks=tuple(range(1, 11))) -> list[dict]:
     from explain.groundtruth import GroundTruthConfig, choose_drawings
-    from explain.probe_eval import eval_images, ground_truth_masks, probe_curve, split_images
-    from explain.probes import FeatureCache, ProbeAnnotations, collect_examples, fit_probe
+    from explain.probe_eval import drawing_cv_auroc, eval_images, ground_truth_masks, probe_curve, split_images
+    from explain.probes import FeatureCache
 
     cache = FeatureCache(store)
     gt_config = GroundTruthConfig(ks=tuple(ks), concepts=GT_CONCEPTS)
@@ -146,27 +146,25 @@ def ground_truth(settings, store, manifest, ks=tuple(range(1, 11))) -> list[dict
         for layer in store.layers:
             curves[layer] = probe_curve(store, concept, layer, masks, draw=draw, evaluate=evaluate, ks=ks,
                                         cache=cache, background_pool=background)
-            # layer choice without ground truth: CV AUROC of the k=5 probe on its own drawings
+            # layer choice without ground truth: leave-one-drawing-out pixel AUROC on the first 5 drawings
             at = min(5, len(curves[layer]))
             imgs = [store.index_of(i) for i in curves[layer][at - 1]["images"]]
-            ann = ProbeAnnotations(concept, regions=[(i, masks[i]) for i in imgs])
-            fit = fit_probe(collect_examples(store, layer, ann, cache=cache, background_pool=background),
-                            concept=concept, layer=layer)
-            chooser[layer] = float(np.nan_to_num(fit.metrics["cv_auroc"], nan=fit.metrics["train_auroc"]))
-        best = max(store.layers, key=lambda l: chooser[l])
+            chooser[layer] = drawing_cv_auroc(store, concept, layer, [(i, masks[i]) for i in imgs], cache=cache,
+                                              background_pool=background)
+        best = max(store.layers, key=lambda l: np.nan_to_num(chooser[l], nan=-1.0))
         bright = _intensity_auroc(store, evaluate, masks)
         for p in curves[best]:
             k, v = p["k"], p["pixel_auroc"]
             goal = ">= 0.9" if k == 5 else None
             base = {"name": "pixel brightness as the heatmap", "value": bright, "unit": "AUROC"} if k == 5 else None
             figures.append(_fig(f"probes/gt/{concept}/k={k}", v, "AUROC", goal, (v >= 0.9) if goal else None, base,
-                                f"layer {best} (CV {chooser[best]:.3f}); {len(evaluate)} test patches, "
+                                f"layer {best} (drawing CV {chooser[best]:.3f}); {len(evaluate)} test patches, "
                                 f"{sum(int(i) in masks for i in evaluate)} with {concept}" if k == 5 else None))
         for layer in store.layers:
             at5 = [p["pixel_auroc"] for p in curves[layer] if p["k"] == 5]
             if at5:
                 figures.append(_fig(f"probes/gt/{concept}/{layer}@k=5", at5[0], "AUROC", None, None, None,
-                                    f"probe CV AUROC on its drawings {chooser[layer]:.3f}"))
+                                    f"leave-one-drawing-out pixel AUROC {chooser[layer]:.3f}"))
         logged[concept] = (best, curves)
     _log(settings, logged)
     return figures
