@@ -45,8 +45,9 @@ class AppServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.timeout = timeout
-        self.argv = argv or [sys.executable, "-m", "vis", "serve", "--workspace", str(self.workspace),
-                             "--port", str(self.port), *args]
+        # argv may hold "{port}": e.g. gunicorn's bind address
+        self.argv = [a.format(port=self.port) for a in argv] if argv else \
+            [sys.executable, "-m", "vis", "serve", "--workspace", str(self.workspace), "--port", str(self.port), *args]
         self.env = {**os.environ, "CONCEPTLENS_WORKSPACE": str(self.workspace), "OMP_NUM_THREADS": "1",
                     "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log_path = Path(tempfile.mkstemp(prefix="conceptlens-app-", suffix=".log")[1])

@@ -329,3 +329,69 @@ def test_a_store_from_another_model_is_refused_with_a_clear_message(app_workspac
         text = _text(data["response"])
         assert "extracted from another model" in text, text[:400]
         assert "conceptlens-demo" in text and str(other) in text  # both sides are named
+
+
+@pytest.mark.slow
+def test_two_gunicorn_workers_behave_as_one(app_workspace, tmp_path):
+    """Labels written through one worker are seen through the other; undo works from either (no worker state)."""
+    import shutil
+
+    import psutil
+
+    from browser import AppServer
+    from vis import ids
+    from vis.services import Workbench
+
+    ws = tmp_path / "workspace"
+    shutil.copytree(app_workspace, ws, ignore=shutil.ignore_patterns("secret_key"))
+    from store.settings import load_settings
+    from vis.app import AppConfig
+
+    wb = Workbench(load_settings(ws), AppConfig())
+    layer = wb.layer()
+    image = unit = mask = None
+    for src in wb.sources():
+        for flag in wb.flagged(src.id):
+            row, _ = wb.record(flag.image_id)
+            u = wb.most_active_unit(layer, row)
+            m = wb.unit_mask(layer, row, u)
+            if m.sum() >= 100:
+                image, unit, mask = flag.image_id, u, m
+                break
+        if image:
+            break
+    assert image, "no patch with a visible unit mask"
+    ys, xs = mask.nonzero()
+    region = [{"type": "rect", "x0": float(xs.min()), "y0": float(ys.min()), "x1": float(xs.max() + 1),
+               "y1": float(ys.max() + 1)}]
+    argv = [sys.executable, "-m", "gunicorn", "-w", "2", "-b", "127.0.0.1:{port}", "--timeout", "120",
+            "vis.app:create_server()"]
+    with AppServer(ws, argv=argv) as app:
+        assert len(psutil.Process(app.proc.pid).children()) == 2  # two workers
+        dc = DashClient(app.url)
+        state = {"source": None, "image": image, "unit": None}
+        view = {f"{ids.REVIEW_STATE}.data": state, f"{ids.REVIEW_REGIONS}.data": [],
+                f"{ids.REVIEW_LAYER}.value": layer, f"{ids.REVIEW_ACTIONS}.data": []}
+
+        def labeled_everywhere() -> set[bool]:
+            seen = set()
+            for _ in range(12):  # sequential requests are spread over both workers
+                code, data = dc.call(f"{ids.REVIEW_UNIT_MAP}.figure", view)
+                assert code == 200, data
+                names = [t.get("name") for t in data["response"][ids.REVIEW_UNIT_MAP]["figure"]["data"]]
+                seen.add("mass" in names)
+            return seen
+
+        assert labeled_everywhere() == {False}
+        label = {f"{ids.REVIEW_LABEL}.n_clicks": 1, f"{ids.REVIEW_STATE}.data": state,
+                 f"{ids.REVIEW_REGIONS}.data": region, f"{ids.REVIEW_CONCEPT}.value": "mass",
+                 f"{ids.REVIEW_LAYER}.value": layer, f"{ids.REVIEW_ACTIONS}.data": []}
+        code, data = dc.call(f"{ids.REVIEW_ACTIONS}.data", label, changed=[f"{ids.REVIEW_LABEL}.n_clicks"])
+        assert code == 200, data
+        actions = data["response"][ids.REVIEW_ACTIONS]["data"]
+        assert len(actions) == 1 and "Labeled" in _text(data["response"][ids.REVIEW_MESSAGE])
+        assert labeled_everywhere() == {True}
+        code, data = dc.call(f"{ids.REVIEW_ACTIONS}.data", {**label, f"{ids.REVIEW_ACTIONS}.data": actions},
+                             changed=[f"{ids.REVIEW_UNDO}.n_clicks"])
+        assert code == 200 and data["response"][ids.REVIEW_ACTIONS]["data"] == []
+        assert labeled_everywhere() == {False}

@@ -21,6 +21,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,16 +53,21 @@ class AppConfig:
 
 
 def _secret_key(settings) -> str:
-    """settings.secret_key, else <workspace>/secret_key, created once (O_EXCL: two workers never both create it)."""
+    """settings.secret_key, else <workspace>/secret_key, created once: the key is written to a private temporary
+    file that is then hard-linked into place, so two workers starting together both read the same, whole key."""
     if settings.secret_key:
         return settings.secret_key
     path = settings.workspace / "secret_key"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(prefix=".secret_key-", dir=settings.workspace)  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        finally:
+            os.unlink(tmp)
     return path.read_text().strip()
 
 

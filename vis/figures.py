@@ -216,9 +216,10 @@ def patch_figure(patch: np.ndarray, *, overlays: Sequence[Overlay] = (), shapes:
                                      zmax=1, zsmooth="best", showscale=False, colorscale=_heat_scale(ov.color),
                                      name=ov.name, hovertemplate=f"{ov.name} %{{z:.2f}}<extra></extra>"))
     _image_axes(fig, w, h)
+    drawn = [{"line": {"color": DRAW, "width": 2}, "fillcolor": "rgba(0,229,255,0.12)", **dict(s)} for s in shapes]
     fig.update_layout(
         margin=dict(l=0, r=0, t=30, b=0),  # the mode bar sits above the image, never over what one draws on
-        shapes=list(shapes), dragmode="drawclosedpath", uirevision=uirevision, height=height,
+        shapes=drawn, dragmode="drawclosedpath", uirevision=uirevision, height=height,
         newshape=dict(line=dict(color=DRAW, width=2), fillcolor="rgba(0,229,255,0.12)", opacity=1),
         activeshape=dict(fillcolor="rgba(0,229,255,0.3)", opacity=1),
     )
@@ -347,7 +348,7 @@ def report_figure(rows: Sequence[Mapping], *, measures: Sequence[tuple], height:
     concepts = [r["concept"] for r in rows]
     names = [concept_name(c) for c in concepts]
     colors = [concept_color(c) for c in concepts]
-    n, gap = len(measures), 0.03
+    n, gap = len(measures), 0.05
     width = (1 - gap * (n - 1)) / n
     data, layout = [], {
         "template": {"layout": {"paper_bgcolor": "white", "plot_bgcolor": "white"}},
