@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -301,3 +302,30 @@ def click_data(page, graph_id: str, x: float, y: float) -> None:
     """A real mouse click at data point (x, y) of a plotly graph (scrolled into view first)."""
     _center(page, graph_id)
     page.mouse.click(*data_to_page(page, graph_id, x, y))
+
+
+def call_background(dc: DashClient, base: str, output: str, inputs: dict, *, changed: list[str],
+                    timeout: float = 300.0):
+    """Start a background callback and poll it as the browser does (cacheKey and job in the query string) until
+    its result comes; returns (the response JSON, seconds)."""
+    import json
+
+    body = dc.body(output, inputs, changed=changed)
+    t0 = time.perf_counter()
+    status, data = dc.post(body)
+    if status != 200 or not isinstance(data, dict) or "cacheKey" not in data:
+        raise RuntimeError(f"background job did not start: HTTP {status} {str(data)[:300]}")
+    query = urllib.parse.urlencode({"cacheKey": data["cacheKey"], "job": data["job"]})
+    while time.perf_counter() - t0 < timeout:
+        req = urllib.request.Request(f"{base}/_dash-update-component?{query}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                text = r.read().decode()
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"polling the job: HTTP {e.code} {e.read()[:300]!r}") from None
+        result = json.loads(text) if text else None
+        if isinstance(result, dict) and "response" in result:
+            return result, time.perf_counter() - t0
+        time.sleep(0.1)
+    raise TimeoutError(f"background job {output} did not finish in {timeout} s")

@@ -395,3 +395,46 @@ def test_two_gunicorn_workers_behave_as_one(app_workspace, tmp_path):
                              changed=[f"{ids.REVIEW_UNDO}.n_clicks"])
         assert code == 200 and data["response"][ids.REVIEW_ACTIONS]["data"] == []
         assert labeled_everywhere() == {False}
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_background_retrain_runs_on_celery_with_redis(app_workspace, tmp_path, redis_url):
+    """The team setup: CONCEPTLENS_CACHE_URL=redis://… → jobs go through Redis to a `python -m vis worker`."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+
+    from browser import AppServer, call_background
+    from store.settings import load_settings
+    from vis import ids
+    from vis.app import AppConfig
+    from vis.services import Workbench
+
+    ws = tmp_path / "workspace"
+    shutil.copytree(app_workspace, ws, ignore=shutil.ignore_patterns("secret_key"))
+    wb = Workbench(load_settings(ws), AppConfig())
+    layer, labels = wb.layer(), np.asarray(wb.store().labels())
+    env = {"CONCEPTLENS_CACHE_URL": redis_url, "CONCEPTLENS_WORKSPACE": str(ws), "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen([sys.executable, "-m", "vis", "worker", "--pool", "solo", "--loglevel", "WARNING"],
+                              cwd=Path(__file__).resolve().parent.parent, env={**os.environ, **env},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        with AppServer(ws, env=env) as app:
+            dc = DashClient(app.url)
+            for present, button in ((1, ids.IMAGES_MARK_POS), (0, ids.IMAGES_MARK_NEG)):
+                rows = [int(i) for i in np.flatnonzero(labels == present)[:15]]
+                result, _seconds = call_background(
+                    dc, app.url, f"{ids.IMAGES_VERSION}.data",
+                    {f"{button}.n_clicks": 1, f"{ids.IMAGES_STATE}.data": {"selected": rows},
+                     f"{ids.IMAGES_CONCEPT}.value": "mass", f"{ids.IMAGES_LAYER}.value": layer},
+                    changed=[f"{button}.n_clicks"], timeout=240)
+            run_id = result["response"][ids.IMAGES_VERSION]["data"]
+            assert "Probe retrained" in _text(result["response"][ids.IMAGES_MESSAGE])
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    from store.activations import open_store
+
+    assert open_store(load_settings(ws).store_url("demo")).probe("mass", layer).run_id == run_id

@@ -53,6 +53,7 @@ def worker_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m vis worker", description=worker_main.__doc__)
     p.add_argument("--workspace", default=None, help="workspace directory (default: CONCEPTLENS_WORKSPACE or ./workspace)")
     p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--pool", default="prefork", help="celery pool: prefork (default) or solo")
     p.add_argument("--loglevel", default="INFO")
     args = p.parse_args(argv)
     settings = load_settings(args.workspace).ensure()
@@ -60,5 +61,6 @@ def worker_main(argv: list[str]) -> int:
         p.error(f"CONCEPTLENS_CACHE_URL={settings.cache_url!r}: a worker is only needed with redis:// (Celery)")
     app = create_app(settings)
     celery_app = app._background_manager.handle  # the CeleryManager's app, with every background task registered
-    celery_app.worker_main(["worker", f"--loglevel={args.loglevel}", f"--concurrency={args.concurrency}"])
+    celery_app.worker_main(["worker", f"--loglevel={args.loglevel}", f"--concurrency={args.concurrency}",
+                            f"--pool={args.pool}"])
     return 0

@@ -264,42 +264,13 @@ def run(settings) -> list[dict]:
 
 def _retrain_job(base: str, dc, ids, sc) -> list[dict]:
     """Mark 25 + 25 images and retrain the probe as the background callback does; time until the result is in."""
-    out = []
-    for present, rows, button in ((True, sc.positives, ids.IMAGES_MARK_POS), (False, sc.negatives, ids.IMAGES_MARK_NEG)):
+    from browser import call_background
+
+    seconds = 0.0
+    for rows, button in ((sc.positives, ids.IMAGES_MARK_POS), (sc.negatives, ids.IMAGES_MARK_NEG)):
         inputs = {f"{button}.n_clicks": 1, f"{ids.IMAGES_STATE}.data": {"selected": rows},
                   f"{ids.IMAGES_CONCEPT}.value": "mass", f"{ids.IMAGES_LAYER}.value": sc.layer}
-        body = dc.body(f"{ids.IMAGES_VERSION}.data", inputs, changed=[f"{button}.n_clicks"])
-        t0 = time.perf_counter()
-        status, data = dc.post(body)
-        if status != 200 or "cacheKey" not in (data or {}):
-            raise RuntimeError(f"retrain job did not start: HTTP {status} {str(data)[:300]}")
-        key, job = data["cacheKey"], data["job"]
-        while True:  # poll as the browser does (cacheKey + job in the query string)
-            status, data = _poll(base, body, key, job)
-            if status == 200 and data and "response" in data:
-                break
-            if time.perf_counter() - t0 > 300:
-                raise RuntimeError("retrain job did not finish in 300 s")
-            time.sleep(0.1)
-        if present is False:
-            out.append(_fig("app/mark_and_retrain_job", (time.perf_counter() - t0) * 1000, "ms",
-                            note="long job with a progress bar: marks 25 images, fits, logs to mlflow, "
-                                 "writes scores and heatmaps"))
-    return out
-
-
-def _poll(base: str, body: dict, key: str, job: str):
-    import json
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-    q = urllib.parse.urlencode({"cacheKey": key, "job": job})
-    req = urllib.request.Request(f"{base}/_dash-update-component?{q}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            text = r.read().decode()
-            return r.status, json.loads(text) if text else None
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+        _result, seconds = call_background(dc, base, f"{ids.IMAGES_VERSION}.data", inputs,
+                                           changed=[f"{button}.n_clicks"])
+    return [_fig("app/mark_and_retrain_job", seconds * 1000, "ms",
+                 note="long job with a progress bar: marks 25 images, fits, logs to mlflow, writes scores and heatmaps")]
