@@ -413,7 +413,7 @@ class Probe:
         """Image scores from heatmaps (..., y, x) → (...): their max (or mean, by `score_kind`)."""
         h = np.asarray(heatmaps)
         flat = h.reshape(*h.shape[:-2], -1)
-        return (flat.max(axis=-1) if self.score_kind == "max" else flat.mean(axis=-1)).astype(np.float32)
+        return (flat.max(axis=-1) if self.score_kind == "max" else flat.mean(axis=-1, dtype=np.float64)).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -902,7 +902,7 @@ def heatmaps_for_store(store, probe: Probe, *, cache: FeatureCache | None = None
     for i in range(0, n, batch):
         m = torch.from_numpy(maps[i:i + batch]).reshape(-1, u, h * w_).float()
         out[i:i + batch] = torch.sigmoid(torch.matmul(w, m) + float(probe.bias)).reshape(-1, h, w_).numpy()
-    return probe.score(out.astype(np.float32)), out
+    return probe.score(out), out
 
 
 def write_probe_version(store, probe: Probe, *, run_id: str, cache: FeatureCache | None = None,
