@@ -264,3 +264,32 @@ def test_images_lasso_mark_retrain_and_views_update(served):
     assert "v1" in _text(page, "#probes-table") and "current" in _text(page, "#probes-table")
     assert page.locator("#probes-maps img").count() >= 8
     screenshot(page, "probes-after-retrain")
+
+
+def test_units_lasso_gallery_and_detail(served):
+    app, page, _failures = served
+    page.goto(app.url + "/units")
+    page.wait_for_selector("#units-map .main-svg")
+    wait_idle(page)
+    points = page.evaluate("""() => { const gd = document.querySelector('#units-map .js-plotly-plot');
+        const t = gd._fullData[0]; return {x: Array.from(t.x), y: Array.from(t.y), u: Array.from(t.customdata)}; }""")
+    # click one unit: its histogram with the threshold, its prototypes and its (empty) label history
+    click_data(page, "units-map", points["x"][0], points["y"][0])
+    wait_idle(page)
+    detail = _text(page, "#units-detail")
+    assert f"Unit {points['u'][0]} of" in detail and "never labeled" in detail.lower()
+    assert page.locator("#units-detail .js-plotly-plot").count() == 1 and page.locator("#units-detail img").count() >= 4
+    # lasso a group of units: a gallery row per unit
+    xs, ys = sorted(points["x"]), sorted(points["y"])
+    lo_x, hi_x, lo_y, hi_y = xs[0], xs[len(xs) // 3], ys[0], ys[-1]
+    pad = (xs[-1] - xs[0]) * 0.01
+    drag(page, "units-map", [(lo_x - pad, lo_y - pad), (hi_x + pad, lo_y - pad), (hi_x + pad, hi_y + pad),
+                             (lo_x - pad, hi_y + pad), (lo_x - pad, lo_y - pad)], steps=6)
+    wait_idle(page)
+    gallery = _text(page, "#units-gallery")
+    assert "unit(s) selected" in gallery and page.locator("#units-gallery img").count() >= 4
+    # colour by the ground-truth IoU of the demo's concept masks
+    page.get_by_label("ground-truth IoU").check()
+    wait_idle(page)
+    assert page.locator("#units-map .colorbar").count() == 1
+    screenshot(page, "units-selected")

@@ -985,17 +985,29 @@ class Workbench:
             np.asarray(self.store().pooled(layer, "max")))))
 
     def unit_gt_iou(self, layer: str) -> tuple[np.ndarray, list[str]]:
-        """(best ground-truth IoU float32 (unit,), best concept per unit): Network Dissection on the demo's masks."""
+        """(best ground-truth IoU float32 (unit,), that concept per unit): Network Dissection of the layer against
+        the dataset's concept masks (train and val patches), computed once per process (about a second)."""
+        store = self.store()
+        run = str((store.attrs.get("model") or {}).get("run_id") or "model")
+        path = (self.settings.cache_dir / "gt-iou" /
+                f"{self.config.store}-{run}-{self.manifest().sha256[:12]}-{layer}-{self.config.mask_level}.npz")
+
         def compute():
-            from explain.groundtruth import dissect_ground_truth
+            if path.is_file():  # shared by every worker and later starts
+                with np.load(path, allow_pickle=False) as z:
+                    return z["iou"], [str(c) for c in z["concept"]]
+            from explain.groundtruth import dataset_concept_iou
 
-            res = dissect_ground_truth(self.settings, store=self.settings.store_url(self.config.store),
-                                       data=self.config.dataset, layer=layer)
-            table = res.iou if hasattr(res, "iou") else res.table
-            idx, best = table.best()
-            return np.asarray(best, np.float32), [table.concepts[i] for i in idx]
+            res = dataset_concept_iou(store, self.manifest(), [layer], level=self.config.mask_level)[layer]
+            idx, best = res.best()
+            iou, concepts = np.asarray(best, np.float32), [res.concepts[i] for i in idx]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".{threading.get_ident()}.tmp.npz")
+            np.savez(tmp, iou=iou, concept=np.asarray(concepts, dtype=str))
+            tmp.replace(path)
+            return iou, concepts
 
-        return self._handle(f"gt-iou:{layer}", compute)
+        return self._handle(f"gt-iou:{layer}:{self.config.mask_level}", compute)
 
     def unit_map(self, layer, *, projection, color_by, state):
         """The Units page's map: one point per unit, lasso-selectable."""
