@@ -1053,8 +1053,9 @@ class Workbench:
                                   gallery(self.prototype_tiles(layer, u, k=per_unit), size=72)]))
         more = len(units) - max_units
         if more > 0:
-            rows.append(html.Div(f"… and {more} more units (select fewer to see them).", className="cl-muted"))
-        return html.Div([html.Div(f"{len(units)} unit(s) selected", className="cl-muted"), *rows])
+            rows.append(html.Div(f"… and {more} more units (select fewer to see them).", className="cl-muted cl-more"))
+        return html.Div([html.Div(f"{len(units)} unit(s) selected", className="cl-muted"),
+                         html.Div(rows, className="cl-unit-grid")])
 
     def unit_detail(self, layer, state):
         """One unit: activation histogram with its threshold, top-k prototypes, label history."""
