@@ -633,7 +633,8 @@ def log_probe(fit: ProbeFit, *, settings, session: str, store: str = "", tcav: d
         >>> run_id = log_probe(fit, settings=settings, session="alice", store="demo", tcav={"lesion": 0.83})
 
     Params: C, balancing, folds, counts. Metrics: held-out auroc / ap, cv_auroc, train_auroc, n_positive,
-    n_negative, n_images, n_annotations, tcav/<class>. Artifacts (numpy .npy, never pickle) under `probe/`.
+    n_negative, n_images, n_annotations, tcav/<class> (CAV at every position, = captum's TCAV) and
+    tcav/local/<class> (CAV where the probe fires; explain.tcav). Artifacts (numpy .npy, never pickle) under `probe/`.
     """
     import tempfile
     from pathlib import Path
@@ -727,7 +728,9 @@ def probe_versions(concept: str, layer: str, *, settings, store: str | None = No
             "n_positive": int(m.get("n_positive", 0)), "n_negative": int(m.get("n_negative", 0)),
             "n_images": int(m.get("n_images", 0)), "n_annotations": int(m.get("n_annotations", 0)),
             "C": r.data.params.get("C"), "balanced": r.data.params.get("balanced"),
-            "tcav": {k.removeprefix("tcav/"): v for k, v in m.items() if k.startswith("tcav/")},
+            "tcav": {k.removeprefix("tcav/"): v for k, v in m.items()
+                     if k.startswith("tcav/") and not k.startswith("tcav/local/")},
+            "tcav_local": {k.removeprefix("tcav/local/"): v for k, v in m.items() if k.startswith("tcav/local/")},
         })
     return out
 
@@ -982,7 +985,11 @@ def _retrain(store, annotations: ProbeAnnotations, *, settings, session: str, la
         t["fit"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         sens = cache.sensitivities(layer)
-        tcav = sens.scores(fit.probe.cav) if sens is not None else None  # None: the run says why (tag)
+        tcav = None  # None: the run says why (tag)
+        if sens is not None:
+            cav = fit.probe.cav
+            heat = {c: fit.probe.heatmap(cache.image_maps(layer, idx)) for c, idx in sens.images.items()}
+            tcav = {**sens.scores(cav), **{f"local/{c}": v for c, v in sens.local_scores(cav, heat).items()}}
         t["tcav"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         run_id = log_probe(fit, settings=settings, session=session, store=store_name or _store_name(store),

@@ -70,6 +70,24 @@ def test_gradients_and_tcav_hand_computed(tiny):
     assert cs.scores(np.array([0.0, 1.0])) == {"normal": 0.0, "lesion": 1.0}
 
 
+def test_local_tcav_weights_positions_by_the_heatmap(tiny):
+    from explain.tcav import local_tcav_score
+
+    g = np.zeros((2, 2, 1, 2))  # (image, unit, y, x): the derivative along v = (1, 0) is g[:, 0]
+    g[0, 0, 0] = [1.0, -3.0]  # summed: −2 (the tiled score says no) …
+    g[1, 0, 0] = [-1.0, 0.5]
+    heat = np.array([[[1.0, 0.0]], [[0.2, 0.9]]])  # … but where the concept is, the first image says yes
+    v = np.array([1.0, 0.0])
+    assert tcav_score(g.sum(axis=(2, 3)), v) == 0.0  # image 0: −2, image 1: −0.5
+    assert local_tcav_score(g, v, heat) == 1.0  # image 0: 1·1 = 1, image 1: −0.2 + 0.45 = 0.25
+    assert local_tcav_score(g, -v, heat) == 0.0
+    net, x = tiny
+    cs = class_sensitivities(net, torch.cat([x, -x]), [1, 0], layer="act", classes=["normal", "lesion"],
+                             indices=[7, 9])
+    assert cs.images == {"lesion": [7], "normal": [9]} and cs.gradients["lesion"].shape == (1, 2, 2, 2)
+    np.testing.assert_allclose(cs.gradients["lesion"].sum(axis=(2, 3)), cs.per_class["lesion"])
+
+
 def test_contributions_hand_computed(tiny):
     net, x = tiny
     # zeroing unit 1: pooled (0.75, 0) → lesion logit −0.75; drop 0.75 − (−0.75) = 1.5

@@ -277,6 +277,11 @@ def test_retrain_from_drawn_regions_writes_scores_and_heatmaps(lesion, workspace
     # the mlflow run holds TCAV scores per class and timings were measured
     versions = probe_versions("mass", deep.layer, settings=workspace)
     assert versions[0]["run_id"] == deep.run_id and set(versions[0]["tcav"]) == {"normal", "lesion"}
+    sens = cache.sensitivities(deep.layer)  # computed once by the retrain, reused here
+    assert versions[0]["tcav"] == pytest.approx(sens.scores(deep.fit.probe.cav))
+    assert set(versions[0]["tcav_local"]) == {"normal", "lesion"}
+    # growing "mass" where the probe sees it raises the lesion logit of lesion patches
+    assert versions[0]["tcav_local"]["lesion"] > 0.7, versions[0]["tcav_local"]
     assert versions[0]["store"] == "lesion" and versions[0]["n_annotations"] == 3
     assert set(deep.timings) == {"collect", "fit", "tcav", "log", "write"}
 
