@@ -96,7 +96,7 @@ def retrain_speed(settings, store, manifest, repeats: int = 7) -> list[dict]:
     out = []
     try:
         for label, layers in [("retrain_p50_layer", [store.layers[-1]]), ("retrain_p50", list(store.layers))]:
-            cache = FeatureCache(store)
+            cache = FeatureCache(store, settings=settings)  # the store's model gives TCAV scores, as in the app
             t0 = time.perf_counter()
             retrain(store, ProbeAnnotations(concept, regions=[(pool[0], masks[pool[0]])]), settings=bench,
                     session="bench", layers=layers, cache=cache)
@@ -117,7 +117,8 @@ def retrain_speed(settings, store, manifest, repeats: int = 7) -> list[dict]:
             out.append(_fig(f"probes/{label}", p50, "s", "<= 1", p50 <= 1.0, None, note))
             if label == "retrain_p50":
                 out.append(_fig("probes/retrain_cold", cold, "s", None, None, None,
-                                "first call: loads every layer's maps into the feature cache"))
+                                "first call: loads every layer's maps into the feature cache, the model and its "
+                                "TCAV gradients"))
     finally:
         for layer in store.layers:
             if (concept, layer) in store.probes():
