@@ -12,6 +12,7 @@ Never downloads a browser: Playwright launches /usr/bin/chromium with a fresh te
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -185,6 +186,12 @@ def build_demo_workspace(root: Path, *, epochs: int = 3) -> Path:
             raise RuntimeError(f"{' '.join(step[:2])} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
                                f"{done.stderr[-3000:]}")
     return root
+
+
+@functools.lru_cache(maxsize=1)
+def shared_demo_workspace(basetemp: Path) -> Path:
+    """One built workspace per test session (under pytest's basetemp), shared by every test module that needs it."""
+    return build_demo_workspace(Path(basetemp) / "app-demo-workspace")
 
 
 def workspace_dir(ws) -> Path:

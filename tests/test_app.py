@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from browser import DashClient, build_demo_workspace, workspace_dir  # noqa: E402
+from browser import DashClient, shared_demo_workspace, workspace_dir  # noqa: E402
 
 PAGES = ["/", "/units", "/images", "/probes", "/experiments"]
 ROUTER = "_pages_content.children"
@@ -30,10 +30,7 @@ def app_workspace(request, tmp_path_factory):
     try:
         return workspace_dir(request.getfixturevalue("demo_workspace"))
     except pytest.FixtureLookupError:
-        import torch
-
-        torch.set_num_threads(1)
-        return build_demo_workspace(tmp_path_factory.mktemp("app-ws") / "workspace")
+        return shared_demo_workspace(tmp_path_factory.getbasetemp())
 
 
 def _client(settings, **config):

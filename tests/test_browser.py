@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from browser import (AppServer, build_demo_workspace, click_data, drag, open_browser, screenshot,  # noqa: E402
+from browser import (AppServer, click_data, drag, open_browser, screenshot, shared_demo_workspace,  # noqa: E402
                      wait_idle, workspace_dir)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -33,7 +33,7 @@ def app_workspace(request, tmp_path_factory):
     try:
         return workspace_dir(request.getfixturevalue("demo_workspace"))
     except pytest.FixtureLookupError:
-        return build_demo_workspace(tmp_path_factory.mktemp("browser-ws") / "workspace")
+        return shared_demo_workspace(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture
@@ -154,7 +154,7 @@ def test_review_loop_with_real_mouse_events(served):
     ring = [(bx0 - 1, by0 - 1), ((bx0 + bx1) / 2, by0 - 2), (bx1 + 1, by0 - 1), (bx1 + 2, (by0 + by1) / 2),
             (bx1 + 1, by1 + 1), ((bx0 + bx1) / 2, by1 + 2), (bx0 - 1, by1 + 1), (bx0 - 2, (by0 + by1) / 2),
             (bx0 - 1, by0 - 1)]
-    drag(page, "review-patch", [(max(0.5, x), max(0.5, y)) for x, y in ring], steps=5)
+    drag(page, "review-patch", [(min(63.5, max(0.5, x)), min(63.5, max(0.5, y))) for x, y in ring], steps=5)
     wait_idle(page)
     assert "best unit" in _text(page, "#review-iou-info").lower()
     after = _figure(page, "review-unit-map")
@@ -167,7 +167,9 @@ def test_review_loop_with_real_mouse_events(served):
 
     # a rectangle as a second region
     page.locator('#review-patch .modebar-btn[data-title="Draw rectangle"]').click()
-    drag(page, "review-patch", [(bx1 + 3, by1 + 3), (min(63, bx1 + 14), min(63, by1 + 14))], steps=8)
+    cx = 6 if (bx0 + bx1) / 2 > 32 else 46  # in the free corner, away from the first region
+    cy = 6 if (by0 + by1) / 2 > 32 else 46
+    drag(page, "review-patch", [(cx, cy), (cx + 12, cy + 12)], steps=8)
     wait_idle(page)
     shapes = _figure(page, "review-patch")["layout"]["shapes"]
     assert {s["type"] for s in shapes} == {"path", "rect"}
@@ -204,18 +206,27 @@ def test_review_loop_with_real_mouse_events(served):
     screenshot(page, "review-undone")
 
 
-def _lasso_trace(page, graph_id: str, name: str, share: float = 0.5) -> None:
-    """Lasso (a real mouse drag) around the lower-left `share` of the points of one trace."""
-    t = page.evaluate("""([id, name]) => { const gd = document.querySelector('#' + id + ' .js-plotly-plot');
-        const t = gd._fullData.find(t => t.name === name); return {x: Array.from(t.x), y: Array.from(t.y)}; }""",
-                      [graph_id, name])
-    xs, ys = sorted(t["x"]), sorted(t["y"])
-    lo_x, hi_x = xs[0], xs[int(len(xs) * share)]
-    lo_y, hi_y = ys[0], ys[int(len(ys) * share)]
-    px, py = (xs[-1] - xs[0]) * 0.01, (ys[-1] - ys[0]) * 0.01
-    corners = [(lo_x - px, lo_y - py), (hi_x + px, lo_y - py), (hi_x + px, hi_y + py), (lo_x - px, hi_y + py),
-               (lo_x - px, lo_y - py)]
-    drag(page, graph_id, corners, steps=6)
+def _quadrants(page, graph_id: str, name: str) -> list[tuple[float, float, float, float]]:
+    """The four boxes (x0, y0, x1, y1) splitting trace `name`'s points at their medians (data coordinates)."""
+    import numpy as np
+
+    xy = page.evaluate("""([id, name]) => { const gd = document.querySelector('#' + id + ' .js-plotly-plot');
+        const t = gd._fullData.find(t => t.name === name); return [Array.from(t.x), Array.from(t.y)]; }""",
+                       [graph_id, name])
+    x, y = np.asarray(xy[0]), np.asarray(xy[1])
+    (x0, xm, x1), (y0, ym, y1) = np.percentile(x, [0, 50, 100]), np.percentile(y, [0, 50, 100])
+    px, py = (x1 - x0) * 0.01, (y1 - y0) * 0.01
+    return [(a - px, c - py, b + px, d + py) for a, b in ((x0, xm), (xm, x1)) for c, d in ((y0, ym), (ym, y1))]
+
+
+def _lasso_box(page, graph_id: str, box) -> None:
+    """A lasso (real mouse drag) along the edges of a box in data coordinates."""
+    x0, y0, x1, y1 = box
+    drag(page, graph_id, [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)], steps=6)
+
+
+def _overlap(a, b) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
 def _finish_job(page, before: str) -> str:
@@ -233,7 +244,8 @@ def test_images_lasso_mark_retrain_and_views_update(served):
     page.wait_for_selector("#images-map .main-svg")
     wait_idle(page)
 
-    _lasso_trace(page, "images-map", "lesion")
+    positive = _quadrants(page, "images-map", "lesion")[0]
+    _lasso_box(page, "images-map", positive)
     wait_idle(page)
     selected = _text(page, "#images-selection")
     assert "image(s) selected" in selected and int(selected.split()[0]) > 0
@@ -244,7 +256,9 @@ def test_images_lasso_mark_retrain_and_views_update(served):
     # positives alone cannot make a probe: the job says so and nothing is retrained
     assert "only positives" in message, message
 
-    _lasso_trace(page, "images-map", "normal")
+    # the normal images in the quarter of their cloud that overlaps the positives least (a new mark replaces one)
+    negative = min(_quadrants(page, "images-map", "normal"), key=lambda box: _overlap(box, positive))
+    _lasso_box(page, "images-map", negative)
     wait_idle(page)
     page.locator("#images-mark-neg").click()
     page.wait_for_selector("#images-progress .progress-bar-animated", timeout=30_000)  # the job is running

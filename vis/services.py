@@ -548,12 +548,27 @@ class Workbench:
             shapes = apply_relayout(regions, relayout)
             if len(shapes) > 200:
                 raise RegionError(f"{len(shapes)} shapes (at most 200)")
-            if shapes:
-                parse_plotly_shapes(shapes)
+            for i, shape in enumerate(shapes):  # structure: types, NaN, vertex counts — what no drawing produces
+                if not isinstance(shape, dict):
+                    raise RegionError(f"shape {i} is not an object")
+                for key in ("path", "type", "name"):
+                    if key in shape and not isinstance(shape[key], str):
+                        raise RegionError(f"shape {i}: {key} must be text")
+            parse_plotly_shapes(shapes) if shapes else None
         except RegionError as e:
             raise InvalidInput("regions", str(e)) from None
         keep = ("type", "path", "x0", "y0", "x1", "y1", "name")
-        return [{k: s[k] for k in keep if k in s} for s in shapes]
+        return [{k: s[k] for k in keep if k in s} for s in shapes if self._has_area(s)]
+
+    def _has_area(self, shape: dict) -> bool:
+        """False for a stroke that encloses nothing (a click, a line): it is dropped instead of blocking labeling."""
+        from explain.errors import RegionError
+        from explain.regions import parse_plotly_shape, rasterize_regions
+
+        try:
+            return bool(rasterize_regions(parse_plotly_shape(shape), self.patch_size(), allow_empty=True).any())
+        except RegionError:
+            return False
 
     def region_iou(self, image_id, layer: str, regions) -> np.ndarray | None:
         """float32 (unit,): IoU of the drawn regions with every unit's mask on the image; None when none drawn."""
