@@ -420,9 +420,9 @@ def metric_curves_figure(curves: Mapping[str, Sequence[tuple[int, float]]], *, m
         steps = [p[0] for p in points]
         fig.add_trace(go.Scatter(x=steps, y=[p[1] for p in points], mode="lines+markers", name=label,
                                  line=dict(width=2, color=_EXTRA_COLORS[i % len(_EXTRA_COLORS)]), marker=dict(size=5)))
-    _chart_layout(fig, height=height, title=metric)
+    _chart_layout(fig, height=height)  # the panel and the metric menu name it; a title would sit under the legend
     fig.update_xaxes(title=dict(text="step", font=dict(size=11)), gridcolor=GRID)
-    fig.update_yaxes(gridcolor=GRID)
+    fig.update_yaxes(title=dict(text=metric, font=dict(size=11)), gridcolor=GRID)
     return fig
 
 
@@ -435,7 +435,7 @@ def roc_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float], floa
         name = f"{label} (AUROC {auc:.3f})" if auc is not None else label
         fig.add_trace(go.Scatter(x=list(fpr), y=list(tpr), mode="lines", name=name,
                                  line=dict(width=2.5, color=_EXTRA_COLORS[i % len(_EXTRA_COLORS)])))
-    _chart_layout(fig, height=height, title="ROC")
+    _chart_layout(fig, height=height)
     fig.update_xaxes(title=dict(text="false-positive rate", font=dict(size=11)), range=[0, 1], gridcolor=GRID)
     fig.update_yaxes(title=dict(text="true-positive rate", font=dict(size=11)), range=[0, 1.01], gridcolor=GRID,
                      scaleanchor="x", scaleratio=1)
