@@ -1,0 +1,48 @@
+"""Training on the real demo data: a small build from the CBIS-DDSM mammograms, a few batches, a loadable model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_config_trains_on_a_small_real_build(workspace):
+    from store.manifest import read_manifest
+    from training.demo import build_demo
+    from training.fit import fit, load_config
+    from training.registry import load_model
+    from training.transforms import preprocess
+
+    torch.set_num_threads(1)
+    report = build_demo(workspace, variants=1)
+    assert report.patches > 100
+    # the repository's demo config, only shortened: same data section, network and layers
+    cfg = load_config(ROOT / "training" / "configs" / "demo.yaml", overrides=[
+        "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.enable_progress_bar=false",
+        "trainer.accelerator=cpu"])
+    r = fit(cfg, settings=workspace)
+    assert r.model_uri == "models:/conceptlens-demo/1" and r.champion
+    m = load_model("models:/conceptlens-demo@champion", settings=workspace)
+    assert m.meta["input_size"] == [64, 64]
+    assert m.meta["layers"] == ["features.6", "features.13", "features.20"]
+    shapes = {}
+    hooks = [m.module.get_submodule(n).register_forward_hook(
+        lambda mod, i, o, n=n: shapes.__setitem__(n, tuple(o.shape))) for n in m.layers]
+    recs = read_manifest(report.manifest).split("test")[:4]
+    from PIL import Image
+
+    x = preprocess(np.stack([np.asarray(Image.open(r.image)) for r in recs]), m.transform)
+    with torch.no_grad():
+        probs = m.module(x).softmax(1)  # (image, class)
+    for h in hooks:
+        h.remove()
+    assert probs.shape == (4, 2) and torch.allclose(probs.sum(1), torch.ones(4))
+    assert shapes["features.20"][-2:] == (8, 8)  # the deepest layer keeps maps dissection can use
+    # unchanged data and config: reused
+    assert fit(cfg, settings=workspace).reused
