@@ -111,3 +111,13 @@ def test_data_config_validation():
         DataConfig(transform={"mean": 0.5})
     with pytest.raises(ConfigError, match="data.augment"):
         AugmentConfig(contrast=1.5)
+
+
+def test_digest_follows_the_patch_bytes_not_only_the_manifest(tmp_path):
+    a = make_manifest(tmp_path / "a", counts={"train": 4, "val": 2, "test": 2}, size=16, seed=0)
+    b = make_manifest(tmp_path / "b", counts={"train": 4, "val": 2, "test": 2}, size=16, seed=1)
+    sa = PatchDataModule(DataConfig(), manifest_path=a).check()
+    sb = PatchDataModule(DataConfig(), manifest_path=b).check()
+    assert sa.sha256 == sb.sha256  # same ids, labels and relative paths …
+    assert sa.digest != sb.digest  # … different pixels
+    assert PatchDataModule(DataConfig(), manifest_path=a).check().digest == sa.digest

@@ -30,7 +30,7 @@ def test_demo_config_trains_on_a_small_real_build(workspace):
     assert r.model_uri == "models:/conceptlens-demo/1" and r.champion
     m = load_model("models:/conceptlens-demo@champion", settings=workspace)
     assert m.meta["input_size"] == [64, 64]
-    assert m.meta["layers"] == ["features.6", "features.13", "features.20"]
+    assert m.meta["layers"] == ["features.9", "features.16", "features.23"]
     shapes = {}
     hooks = [m.module.get_submodule(n).register_forward_hook(
         lambda mod, i, o, n=n: shapes.__setitem__(n, tuple(o.shape))) for n in m.layers]
@@ -43,6 +43,6 @@ def test_demo_config_trains_on_a_small_real_build(workspace):
     for h in hooks:
         h.remove()
     assert probs.shape == (4, 2) and torch.allclose(probs.sum(1), torch.ones(4))
-    assert shapes["features.20"][-2:] == (8, 8)  # the deepest layer keeps maps dissection can use
+    assert shapes["features.23"][-2:] == (8, 8)  # the deepest layer keeps maps dissection can use
     # unchanged data and config: reused
     assert fit(cfg, settings=workspace).reused

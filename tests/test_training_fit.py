@@ -103,8 +103,25 @@ def test_fit_logs_registers_and_reuses(tiny_manifest, workspace):
     r3 = fit(tiny_config(tiny_manifest, optim__lr=0.02), settings=workspace)
     assert not r3.reused and r3.version == 2 and len(_runs(workspace)) == 2
     champ = client.get_model_version_by_alias("tiny", "champion")
-    best = max((r, r3), key=lambda x: x.metrics["best/val_auroc"])
-    assert champ.run_id == (r.run_id if r.metrics["best/val_auroc"] >= r3.metrics["best/val_auroc"] else best.run_id)
+    expect = r3 if r3.metrics["best/val_auroc"] > r.metrics["best/val_auroc"] else r
+    assert champ.run_id == expect.run_id and r3.champion == (expect is r3)
+    # rerunning either config reuses its own version, champion or not: nothing is trained twice
+    for cfg, first in ((tiny_config(tiny_manifest, optim__lr=0.02), r3), (tiny_config(tiny_manifest), r)):
+        again = fit(cfg, settings=workspace)
+        assert again.reused and again.version == first.version and again.champion == (first is expect)
+    assert len(_runs(workspace)) == 2
+
+
+def test_new_data_takes_the_alias(tiny_manifest, workspace, tmp_path):
+    first = fit(tiny_config(tiny_manifest, trainer__max_epochs=1), settings=workspace)
+    assert first.champion
+    # other data: its val/auroc is not comparable with the champion's, and the champion no longer fits the data
+    other = make_manifest(tmp_path / "other", counts={"train": 48, "val": 24, "test": 24}, size=32, seed=7,
+                          contrast=25)
+    second = fit(tiny_config(other, trainer__max_epochs=1, mlflow__registered_model="tiny"), settings=workspace)
+    assert second.version == 2 and second.champion
+    client = MlflowClient(workspace.tracking_uri)
+    assert client.get_model_version_by_alias("tiny", "champion").run_id == second.run_id
 
 
 def test_same_seed_same_weights(tiny_manifest, workspace):

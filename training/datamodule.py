@@ -12,6 +12,7 @@ the same numbers extraction and the app compute with `preprocess`.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class DatasetSummary:
     manifest: Path
-    sha256: str
+    sha256: str  # of the manifest file
+    digest: str  # of the manifest and every patch file's bytes: two datasets with equal digests are the same data
     input_size: tuple[int, int]  # (y, x)
     counts: dict[str, dict[str, int]]  # split → {"normal": n, "lesion": n}
 
@@ -178,8 +180,10 @@ class PatchDataModule(L.LightningDataModule):
                 raise DataError(f"{where}: split {split!r} has only {only[0]!r} patches ({n}); training and its "
                                 f"metrics need both normal (label 0) and lesion (label 1) patches in every split")
         sizes: dict[tuple[int, int], str] = {}
+        digest = hashlib.sha256(manifest.sha256.encode())
         for r in manifest.records:
             try:
+                digest.update(r.image.read_bytes())
                 with Image.open(r.image) as im:
                     if im.mode not in GRAY_MODES:
                         raise DataError(f"{r.image}: image mode {im.mode} is not grayscale (patch {r.id!r})")
@@ -191,8 +195,8 @@ class PatchDataModule(L.LightningDataModule):
                 shown = "; ".join(f"{h}×{w} (e.g. {pid!r})" for (h, w), pid in sizes.items())
                 raise DataError(f"{where}: patches have mixed sizes: {shown}; a classifier batch needs one size")
         self.manifest = manifest
-        self.summary = DatasetSummary(manifest=manifest.path, sha256=manifest.sha256, input_size=next(iter(sizes)),
-                                      counts=counts)
+        self.summary = DatasetSummary(manifest=manifest.path, sha256=manifest.sha256, digest=digest.hexdigest(),
+                                      input_size=next(iter(sizes)), counts=counts)
         return self.summary
 
     # -- Lightning hooks ---------------------------------------------------------------------------------------------

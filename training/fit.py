@@ -9,7 +9,8 @@
 Order matters for bad input: the config, the manifest and every patch header, the network and the Trainer
 arguments are checked and the tracking server is reached before an mlflow run exists, so a bad input leaves no
 run behind; a failure after that marks the run FAILED. Under DDP only rank 0 talks to mlflow.
-A rerun with the same data, config and training code finds the champion's reuse key and returns it unchanged.
+A rerun with the same data, config and training code finds the registered version with that reuse key (the
+champion, or an earlier version that did not beat it) and returns it unchanged instead of training again.
 """
 
 from __future__ import annotations
@@ -73,8 +74,11 @@ class TrainerConfig:
     deterministic: bool = False
     enable_progress_bar: bool = True
     num_threads: int | None = None  # torch intra-op threads of this process; None leaves torch's default
+    keep: str = "best"  # weights fit keeps: "best" epoch by val/auroc (ties: lower val/loss), or the "last" epoch
 
     def __post_init__(self):
+        if self.keep not in ("best", "last"):
+            raise ConfigError(f"trainer.keep: {self.keep!r} is not 'best' or 'last'")
         if self.max_epochs < 1:
             raise ConfigError(f"trainer.max_epochs: {self.max_epochs} must be ≥ 1")
         if self.num_threads is not None and self.num_threads < 1:
@@ -275,15 +279,16 @@ def _dataset_name(manifest: str, manifest_path: Path) -> str:
     return manifest if not manifest.endswith(".csv") else manifest_path.parent.name
 
 
-def _reuse_key(config: FitConfig, manifest_sha: str, code: str) -> str:
-    """Hash of what determines the trained weights: data, config (less run-time knobs) and the training code."""
+def _reuse_key(config: FitConfig, data_digest: str, code: str) -> str:
+    """Hash of what determines the trained weights: the data (manifest and patch bytes), the config (less run-time
+    knobs) and the training code."""
     d = config.to_dict()
     d.pop("mlflow")
     for k in ("manifest", "num_workers", "in_memory", "memory_limit_mb", "eval_batch_size"):
         d["data"].pop(k)
     for k in ("enable_progress_bar", "num_threads"):
         d["trainer"].pop(k)
-    blob = json.dumps({"manifest_sha256": manifest_sha, "config": d, "code": code}, sort_keys=True)
+    blob = json.dumps({"data": data_digest, "config": d, "code": code}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -298,7 +303,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _callbacks():
+def _callbacks(keep: str = "best"):
     """Best-weights keeper and throughput meter (defined here so importing fit stays light)."""
     import lightning as L
 
@@ -318,7 +323,7 @@ def _callbacks():
             m = trainer.callback_metrics
             auroc = float(m["val/auroc"]) if "val/auroc" in m else float("nan")
             loss = float(m["val/loss"]) if "val/loss" in m else float("inf")
-            better = auroc > self.best or (auroc == self.best and loss < self.best_loss)
+            better = keep == "last" or auroc > self.best or (auroc == self.best and loss < self.best_loss)
             if self.state is None or better:
                 self.best, self.best_loss, self.epoch = auroc, loss, trainer.current_epoch
                 self.state = {k: t.detach().cpu().clone() for k, t in pl_module.net.state_dict().items()}
@@ -344,6 +349,13 @@ def _callbacks():
                 self._t = None
 
     return BestWeights(), Throughput()
+
+
+def _holds(client, name: str, alias: str, version) -> bool:
+    from .registry import champion_version
+
+    champ = champion_version(client, name, alias)
+    return champ is not None and str(champ.version) == str(version)
 
 
 def _epoch_logger(client, run_id: str):
@@ -444,7 +456,7 @@ def fit(config: FitConfig | str | Path | dict, *, settings=None) -> FitResult:
 
     from .datamodule import PatchDataModule
     from .module import ClassifierModule
-    from .registry import CLASSES, champion_version, open_tracking, register_version, save_model
+    from .registry import CLASSES, find_version, open_tracking, register_version, save_model
     from .zoo import build_model, code_version, default_layers
 
     if config.trainer.num_threads:
@@ -474,11 +486,11 @@ def fit(config: FitConfig | str | Path | dict, *, settings=None) -> FitResult:
     name = config.mlflow.registered_model or f"conceptlens-{dataset}"
     experiment = config.mlflow.experiment or name
     code = code_version(spec)
-    key = _reuse_key(config, summary.sha256, code)
+    key = _reuse_key(config, summary.digest, code)
     is_zero = rank_zero_only.rank == 0
     track = is_zero and not config.trainer.fast_dev_run
 
-    best, meter = _callbacks()
+    best, meter = _callbacks(config.trainer.keep)
     tc = config.trainer
     trainer_kwargs = dict(
         max_epochs=tc.max_epochs, accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
@@ -493,14 +505,15 @@ def fit(config: FitConfig | str | Path | dict, *, settings=None) -> FitResult:
     client = run_id = None
     if track:
         client, experiment_id = open_tracking(settings, experiment)
-        champ = champion_version(client, name, config.mlflow.alias)
-        if config.mlflow.reuse and champ is not None and champ.tags.get("conceptlens.key") == key:
-            run = client.get_run(champ.run_id)
+        found = find_version(client, name, key, alias=config.mlflow.alias) if config.mlflow.reuse else None
+        if found is not None:
+            run = client.get_run(found.run_id)
             return FitResult(
-                run_id=champ.run_id, model_uri=f"models:/{name}/{champ.version}", version=int(champ.version),
+                run_id=found.run_id, model_uri=f"models:/{name}/{found.version}", version=int(found.version),
                 name=name, metrics=dict(run.data.metrics), checkpoint=None, seconds=time.perf_counter() - t0,
                 images_per_s=float(run.data.metrics.get("fit/images_per_s", float("nan"))), reused=True,
-                champion=True, key=key,
+                champion=_holds(client, name, config.mlflow.alias, found.version),
+                key=key,
             )
 
     from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -512,6 +525,7 @@ def fit(config: FitConfig | str | Path | dict, *, settings=None) -> FitResult:
     if track:
         commit, dirty = _git_state()
         tags = {"conceptlens.key": key, "conceptlens.dataset": dataset, "conceptlens.manifest_sha256": summary.sha256,
+                "conceptlens.data_digest": summary.digest,
                 "conceptlens.code_version": code, "mlflow.source.type": "LOCAL",
                 "mlflow.source.name": "training.fit"}
         if commit:
@@ -565,6 +579,7 @@ def fit(config: FitConfig | str | Path | dict, *, settings=None) -> FitResult:
                 source = f"{client.get_run(run_id).info.artifact_uri}/model"
                 version, champion = register_version(
                     client, name=name, run_id=run_id, source=source, key=key, alias=config.mlflow.alias,
+                    data_digest=summary.digest,
                     val_auroc=best.best if best.best == best.best else float("-inf"),
                     tags={"conceptlens.test_auroc": f"{metrics.get('test/auroc', float('nan')):.6f}"},
                 )
@@ -590,6 +605,7 @@ def _log_inputs(client, run_id, config, summary, dataset, layers, code, net) -> 
     params = _flatten(cfg)
     params.update({
         "data.manifest_path": str(summary.manifest), "data.manifest_sha256": summary.sha256,
+        "data.digest": summary.digest,
         "data.input_size": json.dumps(list(summary.input_size)), "model.layers_resolved": json.dumps(layers),
         "model.code_version": code, "model.parameters": str(sum(p.numel() for p in net.parameters())),
         "data.counts": json.dumps(summary.counts),
@@ -598,7 +614,7 @@ def _log_inputs(client, run_id, config, summary, dataset, layers, code, net) -> 
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100])
     client.log_text(run_id, yaml.safe_dump(cfg, sort_keys=False), "config.yaml")
-    ds = Dataset(name=dataset, digest=summary.sha256[:16], source_type="local", source=str(summary.manifest))
+    ds = Dataset(name=dataset, digest=summary.digest[:16], source_type="local", source=str(summary.manifest))
     client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "train")])])
 
 

@@ -35,7 +35,7 @@ from .zoo import ModelSpec, build_model
 
 __all__ = [
     "LoadedModel", "load_model", "save_model", "read_model_dir", "open_tracking", "register_version",
-    "champion_version", "MODEL_FORMAT", "CLASSES", "TRUSTED_FACTORIES_ENV",
+    "champion_version", "find_version", "MODEL_FORMAT", "CLASSES", "TRUSTED_FACTORIES_ENV",
 ]
 
 MODEL_FORMAT = "conceptlens-model/1"
@@ -43,6 +43,7 @@ CLASSES = ["normal", "lesion"]
 TRUSTED_FACTORIES_ENV = "CONCEPTLENS_TRUSTED_FACTORIES"
 KEY_TAG = "conceptlens.key"
 METRIC_TAG = "conceptlens.val_auroc"
+DATA_TAG = "conceptlens.data_digest"
 
 
 @dataclass
@@ -289,9 +290,26 @@ def champion_version(client, name: str, alias: str):
         return None
 
 
+def find_version(client, name: str, key: str, *, alias: str = "champion"):
+    """The version of `name` trained with reuse key `key`: the alias holder when it matches, else the newest one."""
+    from mlflow.exceptions import MlflowException
+
+    champ = champion_version(client, name, alias)
+    if champ is not None and champ.tags.get(KEY_TAG) == key:
+        return champ
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    matching = [v for v in versions if v.tags.get(KEY_TAG) == key]
+    return max(matching, key=lambda v: int(v.version)) if matching else None
+
+
 def register_version(client, *, name: str, run_id: str, source: str, key: str, val_auroc: float,
-                     alias: str = "champion", tags: dict | None = None) -> tuple[int, bool]:
-    """Register `source` as a new version of `name`; move `alias` to it when its val/auroc beats the current one.
+                     alias: str = "champion", data_digest: str | None = None,
+                     tags: dict | None = None) -> tuple[int, bool]:
+    """Register `source` as a new version of `name`; move `alias` to it when its val/auroc beats the alias holder's,
+    or when the alias holder was trained on other data (its val/auroc was measured on another validation split).
 
     Returns (version, became_champion).
     """
@@ -302,8 +320,10 @@ def register_version(client, *, name: str, run_id: str, source: str, key: str, v
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    mv = client.create_model_version(name, source=source, run_id=run_id,
-                                     tags={KEY_TAG: key, METRIC_TAG: f"{val_auroc:.6f}", **(tags or {})})
+    version_tags = {KEY_TAG: key, METRIC_TAG: f"{val_auroc:.6f}", **(tags or {})}
+    if data_digest:
+        version_tags[DATA_TAG] = data_digest
+    mv = client.create_model_version(name, source=source, run_id=run_id, tags=version_tags)
     current = champion_version(client, name, alias)
     best = float("-inf")
     if current is not None:
@@ -311,7 +331,8 @@ def register_version(client, *, name: str, run_id: str, source: str, key: str, v
             best = float(current.tags.get(METRIC_TAG, "-inf"))
         except ValueError:
             best = float("-inf")
-    promote = current is None or val_auroc > best
+    other_data = current is not None and data_digest is not None and current.tags.get(DATA_TAG) != data_digest
+    promote = current is None or other_data or val_auroc > best
     if promote:
         client.set_registered_model_alias(name, alias, mv.version)
     return int(mv.version), promote
