@@ -55,8 +55,8 @@ def test_lazy_and_in_memory_give_the_same_batches(manifest):
 
 
 def test_workers_load_the_same_data(manifest):
-    dm0 = PatchDataModule(DataConfig(manifest=str(manifest), batch_size=8, num_workers=0), manifest_path=manifest, seed=1)
-    dm1 = PatchDataModule(DataConfig(manifest=str(manifest), batch_size=8, num_workers=1), manifest_path=manifest, seed=1)
+    dm0 = PatchDataModule(DataConfig(batch_size=8, num_workers=0), manifest_path=manifest, seed=1)
+    dm1 = PatchDataModule(DataConfig(batch_size=8, num_workers=1), manifest_path=manifest, seed=1)
     b0 = [b for b in dm0.train_dataloader()]
     b1 = [b for b in dm1.train_dataloader()]
     assert all(torch.equal(p[0], q[0]) for p, q in zip(b0, b1)) and len(b0) == len(b1) == 3

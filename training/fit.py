@@ -623,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m training fit --config <yaml> [--workspace W] [--set key=value …]`"""
     p = argparse.ArgumentParser(prog="python -m training fit", description="train, track and register a classifier")
     p.add_argument("--config", required=True, help="YAML config (sections data, model, optim, trainer, mlflow)")
-    p.add_argument("--workspace", default=None, help="workspace directory (default CONCEPTLENS_WORKSPACE or ./workspace)")
+    p.add_argument("--workspace", default=None,
+                   help="workspace directory (default CONCEPTLENS_WORKSPACE or ./workspace)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set trainer.max_epochs=3 (repeatable)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")

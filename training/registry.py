@@ -3,7 +3,7 @@
     >>> from training import load_model
     >>> m = load_model("models:/conceptlens-demo@champion", settings=settings)
     >>> probs = m.module(preprocess(patches, m.transform)).softmax(1)   # (batch, class)
-    >>> m.meta["layers"], m.meta["model_uri"]                            # ['features.9', …], 'models:/conceptlens-demo/3'
+    >>> m.meta["layers"], m.meta["model_uri"]                    # ['features.9', …], 'models:/conceptlens-demo/3'
 
 A saved model is a directory with two files: `model.json` (the zoo spec or user factory, input size, transform,
 default layers, classes) and `weights.pt` (a state dict of tensors written by `torch.save`, read back with
@@ -277,7 +277,8 @@ def open_tracking(settings, experiment: str, *, timeout: float = 5.0):
                     raise
                 return client, client.get_experiment_by_name(experiment).experiment_id
     except MlflowException as e:
-        raise TrackingError(f"mlflow at {_safe_uri(uri)}: cannot open experiment {experiment!r} ({e.message})") from None
+        raise TrackingError(
+            f"mlflow at {_safe_uri(uri)}: cannot open experiment {experiment!r} ({e.message})") from None
 
 
 def champion_version(client, name: str, alias: str):
