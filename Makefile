@@ -40,7 +40,8 @@ train: data  ## train the demo model (reuses the registered model when data and 
 	$(BIN)/python -m training fit --config $(DEMO_CONFIG)
 
 extract: train  ## extract activations of the registered model into the demo zarr store
-	$(BIN)/python -m store extract --model models:/conceptlens-demo@champion --data demo --out demo
+	$(BIN)/python -m store extract --model models:/conceptlens-demo@champion --data demo --out demo --replace
+	$(BIN)/python -m explain maps --store demo
 
 serve: extract  ## serve the workbench on http://$(HOST):$(PORT)
 	@echo "ConceptLens: open http://$(HOST):$(PORT)/"
