@@ -16,6 +16,7 @@ __all__ = [
     "fit", "load_config", "FitConfig", "FitResult", "load_model", "LoadedModel", "save_model", "preprocess",
     "build_model", "ModelSpec", "VGGConfig", "ResNetConfig", "vgg_bn", "resnet", "default_layers",
     "TrainingError", "ConfigError", "DataError", "TrackingError", "ModelLoadError", "UntrustedModelError",
+    "build_demo", "DemoConfig", "DemoReport",
 ]
 
 _WHERE = {
@@ -26,6 +27,7 @@ _WHERE = {
     "resnet": "zoo", "default_layers": "zoo",
     "TrainingError": "errors", "ConfigError": "errors", "DataError": "errors", "TrackingError": "errors",
     "ModelLoadError": "errors", "UntrustedModelError": "errors",
+    "build_demo": "demo", "DemoConfig": "demo", "DemoReport": "demo",
 }
 
 
