@@ -161,8 +161,9 @@ def data_to_page(page, graph_id: str, x: float, y: float) -> tuple[float, float]
 
 
 # -- a real small workspace for the app tests (until / unless conftest provides `demo_workspace`) -----------------------
-def build_demo_workspace(root: Path, *, epochs: int = 3) -> Path:
+def build_demo_workspace(root: Path, *, epochs: int = 6) -> Path:
     """demo data (1 variant of the 8 real films) → a small trained model → extracted store → cached maps.
+    Six epochs: with the demo config, three leave the small model flagging no patch at P(lesion) ≥ 0.5.
 
     Runs the project's own commands in subprocesses with one thread each; returns the workspace directory.
     """
