@@ -35,6 +35,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -90,33 +91,31 @@ class Polygon:
 
 
 @dataclass(frozen=True)
-class Rect:
+class _Box:
+    """Corners (x0, y0) and (x1, y1) of an axis-aligned box, in any order; `kind` names the shape in JSON."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    erase: bool = False
+    kind: ClassVar[str] = ""
+
+    def to_json(self) -> dict:
+        return {"type": self.kind, "x0": float(self.x0), "y0": float(self.y0), "x1": float(self.x1),
+                "y1": float(self.y1), "erase": self.erase}
+
+
+class Rect(_Box):
     """An axis-aligned rectangle between corners (x0, y0) and (x1, y1), in any order."""
 
-    x0: float
-    y0: float
-    x1: float
-    y1: float
-    erase: bool = False
-
-    def to_json(self) -> dict:
-        return {"type": "rect", "x0": float(self.x0), "y0": float(self.y0), "x1": float(self.x1),
-                "y1": float(self.y1), "erase": self.erase}
+    kind: ClassVar[str] = "rect"
 
 
-@dataclass(frozen=True)
-class Ellipse:
+class Ellipse(_Box):
     """The axis-aligned ellipse inscribed in the box (x0, y0)–(x1, y1) — plotly's "circle" shape."""
 
-    x0: float
-    y0: float
-    x1: float
-    y1: float
-    erase: bool = False
-
-    def to_json(self) -> dict:
-        return {"type": "ellipse", "x0": float(self.x0), "y0": float(self.y0), "x1": float(self.x1),
-                "y1": float(self.y1), "erase": self.erase}
+    kind: ClassVar[str] = "ellipse"
 
 
 @dataclass(frozen=True)
