@@ -62,3 +62,14 @@ def postgres_url():
 def redis_url():
     need_service("Redis", "127.0.0.1", 6379)
     return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def app_workspace(tmp_path_factory) -> Path:
+    """One small real workspace per session — demo data (1 variant), a trained model, an extracted store, cached
+    maps — shared by the app and browser tests. CONCEPTLENS_APP_TEST_WORKSPACE points at a prebuilt one."""
+    if os.environ.get("CONCEPTLENS_APP_TEST_WORKSPACE"):
+        return Path(os.environ["CONCEPTLENS_APP_TEST_WORKSPACE"])
+    from browser import shared_demo_workspace
+
+    return shared_demo_workspace(tmp_path_factory.getbasetemp())

@@ -7,7 +7,6 @@ Fast tests use an empty workspace (the `workspace` fixture); tests marked slow u
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -16,21 +15,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from browser import DashClient, shared_demo_workspace, workspace_dir  # noqa: E402
+from browser import DashClient  # noqa: E402
 
 PAGES = ["/", "/units", "/images", "/probes", "/experiments"]
 ROUTER = "_pages_content.children"
 
-
-@pytest.fixture(scope="session")
-def app_workspace(request, tmp_path_factory):
-    """A workspace with demo data, a trained model, an extracted store and cached maps (Path)."""
-    if os.environ.get("CONCEPTLENS_APP_TEST_WORKSPACE"):  # a prebuilt one, to iterate quickly (copied per test)
-        return Path(os.environ["CONCEPTLENS_APP_TEST_WORKSPACE"])
-    try:
-        return workspace_dir(request.getfixturevalue("demo_workspace"))
-    except pytest.FixtureLookupError:
-        return shared_demo_workspace(tmp_path_factory.getbasetemp())
 
 
 def _client(settings, **config):

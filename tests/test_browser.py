@@ -7,8 +7,6 @@ retrain with the progress bar, views updated). Look at the screenshots: a crampe
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -16,8 +14,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from browser import (AppServer, click_data, drag, open_browser, screenshot, shared_demo_workspace,  # noqa: E402
-                     wait_idle, workspace_dir)
+from browser import (AppServer, click_data, drag, open_browser, screenshot,  # noqa: E402
+                     wait_idle)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -25,15 +23,6 @@ PAGES = [("/", "review", "#review-mammogram .main-svg"), ("/units", "units", "#u
          ("/images", "images", "#images-map .main-svg"), ("/probes", "probes", "#probes-versions .main-svg"),
          ("/experiments", "experiments", "#exp-curves .main-svg")]
 
-
-@pytest.fixture(scope="session")
-def app_workspace(request, tmp_path_factory):
-    if os.environ.get("CONCEPTLENS_APP_TEST_WORKSPACE"):  # a prebuilt one, to iterate quickly (copied per test)
-        return Path(os.environ["CONCEPTLENS_APP_TEST_WORKSPACE"])
-    try:
-        return workspace_dir(request.getfixturevalue("demo_workspace"))
-    except pytest.FixtureLookupError:
-        return shared_demo_workspace(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture
