@@ -79,6 +79,7 @@ def create_app(settings=None, *, config: AppConfig | None = None):
     from store.settings import load_settings
 
     from . import components
+    from .api import install_api
     from .guard import install_guard
     from .jobs import create_manager
     from .services import EXTENSION, Workbench
@@ -104,6 +105,7 @@ def create_app(settings=None, *, config: AppConfig | None = None):
     # app built in the same process (tests) gets its own copies instead of racing for them at first request.
     with app.server.test_request_context("/"):
         app._setup_server()
+    install_api(app)
     install_guard(app, max_body_bytes=config.max_body_bytes)
     if config.debug:
         app.enable_dev_tools(debug=True)
