@@ -44,6 +44,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -56,7 +57,15 @@ __all__ = [
     "DEFAULT_CONCEPTS",
     "metadata",
     "Base",
+    "WORKSPACE_SESSION",
+    "ROLES",
     "SchemaVersion",
+    "User",
+    "ReviewSession",
+    "SessionMember",
+    "Comment",
+    "ProbeVersion",
+    "AuditLog",
     "Concept",
     "Region",
     "LabelAction",
@@ -70,7 +79,10 @@ __all__ = [
     "utcnow",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+WORKSPACE_SESSION = 1  # the built-in session "Workspace": every database has it
+WORKSPACE_SESSION_NAME = "Workspace"
+ROLES = ("radiologist", "researcher", "admin")
 BUSY_TIMEOUT_S = 30.0
 _PG_INIT_LOCK = 0x436C4C6E  # advisory lock key ("ClLn") held while one process creates the schema
 
@@ -115,8 +127,18 @@ metadata = Base.metadata
 _TS = DateTime(timezone=True)
 
 
+def _session_fk() -> Any:
+    """The `session_id` column of every annotation row: session 1 ("Workspace") unless told otherwise, so v1
+    callers that never name a session keep working."""
+    return mapped_column(ForeignKey("review_session.id"), index=True, default=WORKSPACE_SESSION,
+                         server_default=text(str(WORKSPACE_SESSION)))
+
+
 class SchemaVersion(Base):
-    """One row per schema version applied (the highest is the database's version)."""
+    """One row per schema version applied (the highest is the database's version).
+
+    Kept next to Alembic's `alembic_version` so that a ConceptLens of schema v1 refuses a v2 database clearly.
+    """
 
     __tablename__ = "schema_version"
     version: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -124,8 +146,46 @@ class SchemaVersion(Base):
     note: Mapped[str] = mapped_column(String(200), default="")
 
 
+class User(Base):
+    """A person (or a script) who logs in and authors annotations; `name` never changes and is the `author` of
+    every row they write. `password_hash` NULL: cannot log in (users created by a migration, an import, or a
+    labeling script). Table `user_account` ("user" is reserved in PostgreSQL)."""
+
+    __tablename__ = "user_account"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    display_name: Mapped[str] = mapped_column(String(200), default="")
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str | None] = mapped_column(String(400), nullable=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[_dt.datetime] = mapped_column(_TS, default=utcnow)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class ReviewSession(Base):
+    """A review session: people (SessionMember) reviewing one model version's store together. Session 1
+    ("Workspace") always exists; it holds everything written without naming a session."""
+
+    __tablename__ = "review_session"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    model_uri: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    store: Mapped[str | None] = mapped_column(String(1000), nullable=True)
+    created_by: Mapped[str | None] = mapped_column(String(200), nullable=True)  # a user name; NULL for session 1
+    created_at: Mapped[_dt.datetime] = mapped_column(_TS, default=utcnow)
+    archived_at: Mapped[_dt.datetime | None] = mapped_column(_TS, nullable=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class SessionMember(Base):
+    __tablename__ = "session_member"
+    session_id: Mapped[int] = mapped_column(ForeignKey("review_session.id"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("user_account.id"), primary_key=True, index=True)
+    added_at: Mapped[_dt.datetime] = mapped_column(_TS, default=utcnow)
+
+
 class Concept(Base):
-    """The concept vocabulary: ids are snake case (docs/CONTRACTS.md); the UI shows `name`."""
+    """The concept vocabulary (shared by all sessions): ids are snake case (docs/CONTRACTS.md); the UI shows `name`."""
 
     __tablename__ = "concept"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -145,6 +205,7 @@ class Region(Base):
 
     __tablename__ = "region"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_id: Mapped[int] = _session_fk()
     image_id: Mapped[str] = mapped_column(String(128), index=True)
     concept: Mapped[str] = mapped_column(ForeignKey("concept.id"), index=True)
     spec: Mapped[list] = mapped_column(JSON)
@@ -154,13 +215,20 @@ class Region(Base):
     author: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[_dt.datetime] = mapped_column(_TS, default=utcnow)
     deleted_at: Mapped[_dt.datetime | None] = mapped_column(_TS, nullable=True)
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
 
 
 class LabelAction(Base):
-    """One labeling act: a drawn region with the rule applied ("region"), a manual name ("manual"), or an undo."""
+    """One labeling act: a drawn region with the rule applied ("region"), a manual name ("manual"), or an undo.
+
+    `request_id`: the client's idempotency key; a (session, author, request_id) is stored once, so a retried
+    request finds its first result instead of labeling twice.
+    """
 
     __tablename__ = "label_action"
+    __table_args__ = (UniqueConstraint("session_id", "author", "request_id"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_id: Mapped[int] = _session_fk()
     kind: Mapped[str] = mapped_column(String(16))  # region | manual | undo
     layer: Mapped[str] = mapped_column(String(200), index=True)
     concept: Mapped[str | None] = mapped_column(ForeignKey("concept.id"), nullable=True)
@@ -172,21 +240,26 @@ class LabelAction(Base):
     n_changed: Mapped[int] = mapped_column(Integer, default=0)
     undoes: Mapped[int | None] = mapped_column(ForeignKey("label_action.id"), nullable=True)  # for kind undo
     undone_by: Mapped[int | None] = mapped_column(ForeignKey("label_action.id"), nullable=True)
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class UnitLabel(Base):
-    """The current label of a unit (layer, unit), with the provenance of the act that gave it.
+    """An annotator's current label of a unit (session, author, layer, unit), with the provenance of the act that
+    gave it. Labels are kept per annotator; explain.labels merges them for the shared view.
 
     `iou` is the IoU of the drawn region with the unit's mask that earned the label (NULL for a manual name, which
     the labeling rule never overrides); `version` counts the label's changes (for conflict detection).
     """
 
     __tablename__ = "unit_label"
+    __table_args__ = (Index("ix_unit_label_session_id_layer", "session_id", "layer"),)
+    session_id: Mapped[int] = mapped_column(ForeignKey("review_session.id"), primary_key=True,
+                                            default=WORKSPACE_SESSION)
+    author: Mapped[str] = mapped_column(String(200), primary_key=True)
     layer: Mapped[str] = mapped_column(String(200), primary_key=True)
     unit: Mapped[int] = mapped_column(Integer, primary_key=True)
     concept: Mapped[str] = mapped_column(ForeignKey("concept.id"), index=True)
     iou: Mapped[float | None] = mapped_column(Float, nullable=True)
-    author: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[_dt.datetime] = mapped_column(_TS, default=utcnow)
     image_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     region_id: Mapped[int | None] = mapped_column(ForeignKey("region.id"), nullable=True)
@@ -208,6 +281,7 @@ class LabelChange(Base):
     __tablename__ = "label_change"
     __table_args__ = (Index("ix_label_change_layer_unit", "layer", "unit"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_id: Mapped[int] = _session_fk()
     action_id: Mapped[int] = mapped_column(ForeignKey("label_action.id"), index=True)
     layer: Mapped[str] = mapped_column(String(200))
     unit: Mapped[int] = mapped_column(Integer)
@@ -216,16 +290,70 @@ class LabelChange(Base):
 
 
 class ImageMark(Base):
-    """A reviewer's statement that an image shows (present) or does not show a concept — for concept probes."""
+    """A reviewer's statement that an image shows (present) or does not show a concept — for concept probes.
+    One mark per (session, image, concept): a newer mark replaces it (`version` counts the replacements)."""
 
     __tablename__ = "image_mark"
-    __table_args__ = (UniqueConstraint("image_id", "concept"),)
+    __table_args__ = (UniqueConstraint("session_id", "image_id", "concept"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_id: Mapped[int] = _session_fk()
     image_id: Mapped[str] = mapped_column(String(128), index=True)
     concept: Mapped[str] = mapped_column(ForeignKey("concept.id"), index=True)
     present: Mapped[bool] = mapped_column(Boolean)
     author: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[_dt.datetime] = mapped_column(_TS, default=utcnow)
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
+
+
+class Comment(Base):
+    """A comment on an image in a session; a deleted comment keeps its row with `deleted_at` set."""
+
+    __tablename__ = "comment"
+    __table_args__ = (Index("ix_comment_session_id_image_id", "session_id", "image_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("review_session.id"))
+    image_id: Mapped[str] = mapped_column(String(128))
+    author: Mapped[str] = mapped_column(String(200))
+    text: Mapped[str] = mapped_column(String(10000))
+    created_at: Mapped[_dt.datetime] = mapped_column(_TS, default=utcnow)
+    updated_at: Mapped[_dt.datetime | None] = mapped_column(_TS, nullable=True)
+    deleted_at: Mapped[_dt.datetime | None] = mapped_column(_TS, nullable=True)
+    updated_by: Mapped[str | None] = mapped_column(String(200), nullable=True)  # who made the last change
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class ProbeVersion(Base):
+    """A fitted probe (concept, layer) of a session: its mlflow run id and held-out metrics; one `active` per
+    (session, concept, layer) — the version whose scores the store holds."""
+
+    __tablename__ = "probe_version"
+    __table_args__ = (Index("ix_probe_version_session_id_concept_layer", "session_id", "concept", "layer"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("review_session.id"))
+    concept: Mapped[str] = mapped_column(ForeignKey("concept.id"))
+    layer: Mapped[str] = mapped_column(String(200))
+    run_id: Mapped[str] = mapped_column(String(64))
+    author: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[_dt.datetime] = mapped_column(_TS, default=utcnow)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class AuditLog(Base):
+    """Who did what, when: append-only (a database trigger refuses UPDATE and DELETE on this table).
+
+    `session_id` is a plain number (no foreign key) so the log never blocks or follows changes elsewhere.
+    """
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[_dt.datetime] = mapped_column(_TS, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(64))
+    session_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    target: Mapped[str] = mapped_column(String(500), default="")
+    detail: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
 
 def _iso(value) -> str | None:
@@ -305,18 +433,46 @@ def _sqlite_events(engine: Engine, *, memory: bool) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+AUDIT_TRIGGERS = {
+    "sqlite": [
+        "CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log "
+        "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: UPDATE refused'); END",
+        "CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log "
+        "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: DELETE refused'); END",
+    ],
+    "postgresql": [
+        "CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN RAISE EXCEPTION 'audit_log is append-only: % refused', TG_OP; END $$",
+        "CREATE TRIGGER audit_log_no_change BEFORE UPDATE OR DELETE ON audit_log "
+        "FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()",
+        "CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log "
+        "FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only()",
+    ],
+}
+
+
 def _initialize(db: Database) -> None:
     """Create the schema and the default concepts once; refuse a database of another schema version."""
     with db.write() as s:
         conn = s.connection()
         if db.engine.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_INIT_LOCK})
-        metadata.create_all(conn, checkfirst=True)
+        fresh = "schema_version" not in sa_inspect(conn).get_table_names()
+        if fresh:
+            metadata.create_all(conn)
+            for stmt in AUDIT_TRIGGERS.get(db.engine.dialect.name, []):
+                conn.execute(text(stmt))
         version = s.scalar(select(SchemaVersion.version).order_by(SchemaVersion.version.desc()))
         if version is None:
+            s.add(SchemaVersion(version=1, note="created"))
             s.add(SchemaVersion(version=SCHEMA_VERSION, note="created"))
             for position, (cid, name, description) in enumerate(DEFAULT_CONCEPTS):
                 s.add(Concept(id=cid, name=name, description=description, builtin=True, position=position))
+            s.add(ReviewSession(id=WORKSPACE_SESSION, name=WORKSPACE_SESSION_NAME))
+            s.flush()
+            if db.engine.dialect.name == "postgresql":  # an explicit id does not move the sequence
+                conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence('review_session', 'id'), "
+                                     "(SELECT max(id) FROM review_session))")
         elif version != SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"{db!r}: schema version {version}, this ConceptLens expects {SCHEMA_VERSION}; "

@@ -12,6 +12,9 @@ __all__ = [
     "StoreMismatchError",
     "ChunkCorruptionError",
     "MisalignedWriteError",
+    "AccessDenied",
+    "ConflictError",
+    "AccountError",
 ]
 
 
@@ -57,3 +60,30 @@ class ChunkCorruptionError(ActivationStoreError, IOError):
 
 class MisalignedWriteError(ActivationStoreError, ValueError):
     """A writer tried to write a region that is not whole, aligned chunks."""
+
+
+class AccessDenied(StoreError, PermissionError):
+    """The user may not see or change this (not a member of the session, not an admin, another's work) → HTTP 403.
+
+    The message names the user and what was refused, never the data behind it.
+    """
+
+
+class ConflictError(StoreError):
+    """A stale `version`: someone changed the item since the writer read it → HTTP 409; nothing was written.
+
+        >>> raise ConflictError("comment 12", who="bob", when=stamp)
+        ConflictError: comment 12 was changed by bob at 2025-03-01T10:02:11+00:00; reload and try again
+
+    `what`, `who`, `when` (datetime or None) and `current_version` are kept as attributes for the caller.
+    """
+
+    def __init__(self, what: str, *, who: str | None = None, when=None, current_version: int | None = None):
+        self.what, self.who, self.when, self.current_version = what, who, when, current_version
+        by = f" by {who}" if who else ""
+        at = f" at {when.isoformat() if hasattr(when, 'isoformat') else when}" if when is not None else ""
+        super().__init__(f"{what} was changed{by}{at}; reload and try again")
+
+
+class AccountError(StoreError, ValueError):
+    """A bad user name, role, password or an unknown user → HTTP 400; nothing was written."""

@@ -101,18 +101,18 @@ def test_undo_restores_exactly_the_previous_state(db, store):
     r = _apply(db, store, [0.45, 0.35, 0.6, 0.1, 0.19, 0.0], "calcification", image=3)
     mark_unchanged = dump(db)["unit_label"]
     assert mark_unchanged != before["unit_label"]
-    u = undo(db, r.action_id, author="ben")
+    u = undo(db, r.action_id, author="ana")
     assert u.restored == {1: "mass", 2: None}
     after = dump(db)
     assert after["unit_label"] == before["unit_label"]  # every field: concept, iou, author, time, region, version
     assert regions_for(db, "calcification") == []  # the undone drawing no longer feeds probes
     assert len(regions_for(db, "calcification", include_deleted=True)) == 1
     with pytest.raises(LabelError, match="already undone"):
-        undo(db, r.action_id, author="ben")
+        undo(db, r.action_id, author="ana")
     with pytest.raises(LabelError, match="itself an undo"):
-        undo(db, u.action_id, author="ben")
+        undo(db, u.action_id, author="ana")
     with pytest.raises(UnknownActionError, match="unknown action 999"):
-        undo(db, 999, author="ben")
+        undo(db, 999, author="ana")
     hist = label_history(db, layer=L4)
     assert [h["action"]["kind"] for h in hist] == ["undo", "region", "region"]
     assert hist[0]["action"]["undoes"] == r.action_id and hist[1]["action"]["undone_by"] == u.action_id
@@ -279,7 +279,7 @@ def test_labels_and_undo_on_postgresql(postgres_url, store):
         before = dump(db)
         r2 = _apply(db, store, [0.45, 0.35, 0.6, 0.1, 0.19, 0.0], "calcification", image=3)
         assert r2.changed == {1: ("mass", "calcification"), 2: (None, "calcification")}
-        undo(db, r2.action_id, author="ben")
+        undo(db, r2.action_id, author="ana")
         assert dump(db)["unit_label"] == before["unit_label"]
         state = dump(db)
         with pytest.raises(UnknownConceptError):
