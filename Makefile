@@ -7,10 +7,12 @@ WORKSPACE ?= $(CURDIR)/workspace
 export CONCEPTLENS_WORKSPACE := $(WORKSPACE)
 HOST ?= 127.0.0.1
 PORT ?= 8050
+WORKERS ?= 2
+MLFLOW_PORT ?= 5000
 DEMO_CONFIG := training/configs/demo.yaml
 
 
-.PHONY: help install browser services data train extract serve demo test test-fast bench clean
+.PHONY: help install browser services data train extract accounts serve demo team test test-fast bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -43,11 +45,17 @@ extract: train  ## extract activations of the registered model into the demo zar
 	$(BIN)/python -m store extract --model models:/conceptlens-demo@champion --data demo --out demo --replace
 	$(BIN)/python -m explain maps --store demo
 
-serve: extract  ## serve the workbench on http://$(HOST):$(PORT)
-	@echo "ConceptLens: open http://$(HOST):$(PORT)/"
+accounts: $(VENV)/.installed  ## demo accounts (radiologist, researcher, admin) in $(WORKSPACE)/demo-accounts.txt
+	$(BIN)/python -m store users demo
+
+serve: extract accounts  ## serve the workbench on http://$(HOST):$(PORT)
+	@echo "ConceptLens: open http://$(HOST):$(PORT)/ and log in with an account from $(WORKSPACE)/demo-accounts.txt"
 	$(BIN)/python -m vis serve --host $(HOST) --port $(PORT)
 
-demo: install serve  ## everything: install, build data, train, extract, serve
+demo: install serve  ## everything: install, build data, train, extract, accounts, serve
+
+team: install services  ## the team stack: mlflow + annotations on PostgreSQL, Celery on Redis, gunicorn (docs/TEAM.md)
+	$(BIN)/python -m vis team --prepare --store team --workers $(WORKERS) --host $(HOST) --port $(PORT) --mlflow-port $(MLFLOW_PORT)
 
 test: install  ## the whole test suite (real data, real browser, real services)
 	$(BIN)/python -m pytest -q
