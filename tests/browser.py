@@ -201,43 +201,127 @@ def workspace_dir(ws) -> Path:
 
 
 # -- driving callbacks over HTTP (tests and the benchmark) ----------------------------------------------------------------
+# -- accounts and signing in (tests and the benchmark) ---------------------------------------------------------------
+TEST_PASSWORD = "correct-horse-battery"  # a test account's password (≥ the accounts module's minimum length)
+
+
+def ensure_user(workspace, name: str, role: str = "radiologist", *, password: str = TEST_PASSWORD,
+                sessions: tuple[int, ...] = (1,)) -> str:
+    """Create (or reset) account `name` in the workspace's review database, a member of `sessions`; returns the
+    password. Uses store.accounts exactly as `python -m store users add` does."""
+    from store.accounts import add_member, create_user, get_user, set_password
+    from store.annotations import open_database
+    from store.settings import load_settings
+
+    settings = workspace if hasattr(workspace, "database_url") else load_settings(workspace_dir(workspace))
+    db = open_database(settings.database_url)
+    try:
+        if get_user(db, name) is None:
+            create_user(db, name=name, role=role, password=password, actor="tests")
+        else:
+            set_password(db, name, password, actor="tests")
+        for sid in sessions:
+            add_member(db, sid, name, actor="tests")
+    finally:
+        db.dispose()
+    return password
+
+
+def csrf_from(html_text: str) -> str:
+    """The CSRF token of the login form in a served page."""
+    import re
+
+    m = re.search(r'name="csrf_token" value="([^"]+)"', html_text)
+    if not m:
+        raise AssertionError(f"no CSRF token in the page: {html_text[:300]}")
+    return m.group(1)
+
+
+def login_client(client, name: str, password: str = TEST_PASSWORD, *, next_path: str = "/"):
+    """Sign a Flask test client in through the real form; returns the POST's response (302 on success)."""
+    token = csrf_from(client.get("/login").get_data(as_text=True))
+    return client.post("/login", data={"username": name, "password": password, "csrf_token": token,
+                                       "next": next_path})
+
+
+class HttpSession:
+    """A cookie-keeping HTTP client for a served app (urllib only): `request(method, path, …)` and `login`."""
+
+    def __init__(self, base: str):
+        import http.cookiejar
+
+        self.base = base
+        self.jar = http.cookiejar.CookieJar()
+
+        class _NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args, **kwargs):  # 302s come back to the caller as they are
+                return None
+
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar), _NoRedirect)
+
+    def request(self, method: str, path: str, *, data: bytes | None = None, headers: dict | None = None,
+                timeout: float = 120):
+        """(status, headers, body bytes) of one request; HTTP errors are returned, not raised."""
+        req = urllib.request.Request(self.base + path, data=data, headers=headers or {}, method=method)
+        try:
+            with self.opener.open(req, timeout=timeout) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+    def login(self, name: str, password: str = TEST_PASSWORD) -> None:
+        _status, _h, body = self.request("GET", "/login")
+        form = urllib.parse.urlencode({"username": name, "password": password, "csrf_token": csrf_from(body.decode()),
+                                       "next": "/"}).encode()
+        status, headers, body = self.request("POST", "/login", data=form,
+                                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+        if status != 302:
+            raise AssertionError(f"login of {name!r} failed: HTTP {status} {body[:300]!r}")
+
+
 class DashClient:
     """Calls a Dash app's callbacks the way the browser does: POST /_dash-update-component with the exact payload.
 
-        >>> c = DashClient(flask_app.test_client())              # or DashClient("http://127.0.0.1:8050")
+        >>> c = DashClient(flask_app.test_client())              # a test client that signed in (login_client)
+        >>> c = DashClient("http://127.0.0.1:8050", login=("ana", password))     # or a served app
         >>> status, data = c.call("review-mammogram.figure", {"review-source.value": "img-…", …})
 
     `inputs` maps "id.property" (pattern-matching ids: the JSON of the dict, sorted keys) to values; declared
     inputs not given are sent without a value, as the browser does for undefined props.
     """
 
-    def __init__(self, target):
+    def __init__(self, target, *, login: tuple[str, str] | None = None):
         import json as _json
 
         self._json = _json
         self.target = target
+        self.http = None
+        if isinstance(target, str):
+            self.http = HttpSession(target)
+            if login:
+                self.http.login(*login)
+        elif login:
+            login_client(target, *login)
         self.deps = self._get("/_dash-dependencies")
 
     def _get(self, path):
         if isinstance(self.target, str):
-            with urllib.request.urlopen(self.target + path, timeout=30) as r:
-                return self._json.loads(r.read())
+            status, _h, body = self.http.request("GET", path, timeout=30)
+            if status != 200:
+                raise AssertionError(f"GET {path}: HTTP {status} {body[:200]!r}")
+            return self._json.loads(body)
         r = self.target.get(path)
         return r.get_json()
 
-    def post(self, body, *, raw: bytes | None = None, content_type: str = "application/json"):
-        """(status, parsed JSON or text) of one POST to the callback endpoint."""
+    def post(self, body, *, raw: bytes | None = None, content_type: str = "application/json", query: str = ""):
+        """(status, parsed JSON or text) of one POST to the callback endpoint (`query`: "?cacheKey=…" for jobs)."""
         data = raw if raw is not None else self._json.dumps(body).encode()
+        path = "/_dash-update-component" + query
         if isinstance(self.target, str):
-            req = urllib.request.Request(self.target + "/_dash-update-component", data=data,
-                                         headers={"Content-Type": content_type}, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=120) as r:
-                    status, text = r.status, r.read().decode()
-            except urllib.error.HTTPError as e:
-                status, text = e.code, e.read().decode()
+            status, _h, payload = self.http.request("POST", path, data=data, headers={"Content-Type": content_type})
+            text = payload.decode()
         else:
-            r = self.target.post("/_dash-update-component", data=data, content_type=content_type)
+            r = self.target.post(path, data=data, content_type=content_type)
             status, text = r.status_code, r.get_data(as_text=True)
         try:
             return status, self._json.loads(text) if text else None
@@ -316,23 +400,16 @@ def call_background(dc: DashClient, base: str, output: str, inputs: dict, *, cha
                     timeout: float = 300.0):
     """Start a background callback and poll it as the browser does (cacheKey and job in the query string) until
     its result comes; returns (the response JSON, seconds)."""
-    import json
-
     body = dc.body(output, inputs, changed=changed)
     t0 = time.perf_counter()
     status, data = dc.post(body)
     if status != 200 or not isinstance(data, dict) or "cacheKey" not in data:
         raise RuntimeError(f"background job did not start: HTTP {status} {str(data)[:300]}")
-    query = urllib.parse.urlencode({"cacheKey": data["cacheKey"], "job": data["job"]})
+    query = "?" + urllib.parse.urlencode({"cacheKey": data["cacheKey"], "job": data["job"]})
     while time.perf_counter() - t0 < timeout:
-        req = urllib.request.Request(f"{base}/_dash-update-component?{query}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                text = r.read().decode()
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"polling the job: HTTP {e.code} {e.read()[:300]!r}") from None
-        result = json.loads(text) if text else None
+        status, result = dc.post(body, query=query)
+        if status != 200:
+            raise RuntimeError(f"polling the job: HTTP {status} {str(result)[:300]}")
         if isinstance(result, dict) and "response" in result:
             return result, time.perf_counter() - t0
         time.sleep(0.1)

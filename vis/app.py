@@ -10,8 +10,9 @@ Production (several workers; jobs on diskcache in the workspace, or Celery with 
     gunicorn -w 2 -b 127.0.0.1:8050 'vis.app:create_server()'
 
 Nothing is loaded at import time: `create_app` builds the Dash app, attaches a `Workbench` (vis.services) to the
-Flask server, and every callback reads by id from the store, the database and mlflow through it. A login layer
-can wrap `app.server` (a plain Flask app) later: every route, callback and job endpoint goes through it.
+Flask server, and every callback reads by id from the store, the database and mlflow through it. The login layer
+(vis.auth) wraps `app.server`: every route, callback and job endpoint goes through it, and every callback that reads
+or writes annotations checks the user's membership of the review session it names.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ class AppConfig:
     store: str = "demo"
     model: str | None = "models:/conceptlens-demo@champion"
     layer: str | None = None  # default: the deepest layer of the store
-    user: str = "local"  # provenance of labels and marks until accounts exist
     debug: bool = False  # Dash dev tools and tracebacks: only with --debug
     mlflow_ui_url: str = "http://127.0.0.1:5000"
     max_body_bytes: int = 1 << 20  # largest callback body (a drawn region of ~20 000 vertices fits)
@@ -80,6 +80,7 @@ def create_app(settings=None, *, config: AppConfig | None = None):
 
     from . import components
     from .api import install_api
+    from .auth import install_auth
     from .guard import install_guard
     from .jobs import create_manager
     from .services import EXTENSION, Workbench
@@ -91,6 +92,7 @@ def create_app(settings=None, *, config: AppConfig | None = None):
         use_pages=True,
         pages_folder=str(HERE / "pages"),
         assets_folder=str(HERE / "assets"),
+        assets_ignore=r"login\.css",  # the sign-in page's own stylesheet, served at /login.css by vis.auth
         serve_locally=True,  # no CDN: the app works on a closed network
         title="ConceptLens",
         update_title=None,
@@ -101,10 +103,13 @@ def create_app(settings=None, *, config: AppConfig | None = None):
     app.server.secret_key = _secret_key(settings)
     app.server.extensions[EXTENSION] = Workbench(settings, config)
     app.layout = components.shell
+    components.install_shell(app)
     # Move the callbacks that the page modules registered with dash.callback into this app now, so that a second
     # app built in the same process (tests) gets its own copies instead of racing for them at first request.
     with app.server.test_request_context("/"):
         app._setup_server()
+    # The login layer first: its before_request hook runs before anything else for every route, API included.
+    install_auth(app, db_url=settings.database_url, demo_accounts=settings.workspace / "demo-accounts.txt")
     install_api(app)
     install_guard(app, max_body_bytes=config.max_body_bytes)
     if config.debug:

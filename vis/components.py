@@ -6,8 +6,8 @@
     >>> gallery([Tile(src=uri, caption="p-12 · 0.93", tile_id=ids.prototype("p-12"))])
 
 `shows_errors(n, at=i)` turns the errors a user can meet (workspace not ready, store of another model, a region
-that cannot be used) into a message in output `i` of a callback; forged input (vis.errors.InvalidInput) is left
-to the app's 400 handler.
+that cannot be used, a conflicting edit) into a message in output `i` of a callback; forged input
+(vis.errors.InvalidInput) and refused rights (store.errors.AccessDenied) are left to the app's 400 / 403 handlers.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import dash
 import dash_bootstrap_components as dbc
-from dash import html
+from dash import dcc, html
 
 from . import ids
 
-__all__ = ["shell", "panel", "message", "empty_state", "gallery", "Tile", "shows_errors", "user_errors",
+__all__ = ["shell", "install_shell", "panel", "message", "empty_state", "gallery", "Tile", "shows_errors", "user_errors",
            "labeled", "stat"]
 
 
@@ -51,6 +51,8 @@ def shows_errors(n_outputs: int, *, at: int):
             try:
                 return fn(*args, **kwargs)
             except user_errors() as e:
+                if isinstance(e, PermissionError):  # AccessDenied: a 403 for the request, not a message
+                    raise
                 out = [dash.no_update] * n_outputs
                 out[at] = message(_title_of(e), str(e), color="warning")
                 return out[0] if n_outputs == 1 else tuple(out)
@@ -65,7 +67,8 @@ def _title_of(err: BaseException) -> str:
 
     if isinstance(err, NotReady):
         return "Not ready"
-    return {"StoreMismatchError": "Store from another model", "RegionError": "Region not usable"}.get(
+    return {"StoreMismatchError": "Store from another model", "RegionError": "Region not usable",
+            "ConflictError": "Changed by someone else"}.get(
         type(err).__name__, "Cannot do that")
 
 
@@ -129,29 +132,85 @@ def gallery(tiles: Sequence[Tile], *, size: int = 96, empty: str = "Nothing to s
     return html.Div(items, className="cl-gallery")
 
 
-# -- the shell: navbar, workspace status, page ----------------------------------------------------------------------------
-def _nav_links() -> list:
+# -- the shell: navbar, review session, user, workspace status, page ---------------------------------------------------------
+LIVE_INTERVAL_MS = 2000  # how often a tab asks whether anyone wrote in its session (one small query)
+
+
+def _nav_links(user) -> list:
     pages = sorted(dash.page_registry.values(), key=lambda p: p.get("order", 99))
     return [dbc.NavItem(dbc.NavLink(p["name"], href=p["relative_path"], active="exact", className="cl-navlink"))
-            for p in pages]
+            for p in pages if not p.get("admin_only") or user.role == "admin"]
+
+
+def _logout_form():
+    from .auth import LOGOUT_PATH, csrf_token
+
+    return html.Form([dcc.Input(type="hidden", name="csrf_token", value=csrf_token()),
+                      html.Button("Sign out", type="submit", id=ids.LOGOUT, className="cl-logout")],
+                     action=LOGOUT_PATH, method="POST", className="cl-logout-form")
 
 
 def shell():
-    """The app's layout (a function: evaluated at each page load, so the status banner is current)."""
+    """The app's layout (a function: evaluated at each page load, so the status banner and the user are current)."""
     from .services import current
 
+    from flask import g
+
     wb = current()
+    user = g.get("user")
+    if user is None:  # only when Dash validates the layout at start-up: every request has a user
+        return html.Div([dcc.Store(id=ids.SESSION), dcc.Store(id=ids.SESSION_VERSION),
+                         dcc.Store(id=ids.CURRENT_IMAGE), dcc.Interval(id=ids.LIVE_INTERVAL),
+                         dcc.Dropdown(id=ids.SESSION_PICKER), dash.page_container])
     status = wb.status()
     banner = None if status.ok else message(status.title, status.text, color="warning")
     brand = html.A([html.Span("Concept", className="cl-brand-a"), html.Span("Lens", className="cl-brand-b")],
-                   href="/", className="cl-brand")
-    context = html.Div([html.Span(wb.settings.workspace.name, className="cl-context-item", title=str(wb.settings.workspace)),
-                        html.Span(f"store {wb.config.store}", className="cl-context-item"),
-                        html.Span(f"user {wb.user()}", className="cl-context-item")], className="cl-context")
-    navbar = html.Nav([brand, dbc.Nav(_nav_links(), className="cl-nav"), context], id=ids.NAVBAR,
-                      className="cl-navbar")
+                   href="/", className="cl-brand", title=f"workspace {wb.settings.workspace} · store {wb.config.store}")
+    options = wb.session_options()
+    default = options[0]["value"] if options else None
+    picker = html.Div([
+        html.Label("Session", htmlFor=ids.SESSION_PICKER, className="cl-session-label"),
+        dcc.Dropdown(id=ids.SESSION_PICKER, options=options, value=default, clearable=False, searchable=False,
+                     placeholder="no review session", className="cl-session-picker",
+                     # the choice survives reloads in this tab, but not a change of user (persistence key)
+                     persistence=f"{user.name}:{user.stamp}", persistence_type="session"),
+    ], className="cl-session")
+    who = html.Div([html.Span(user.display_name or user.name, className="cl-user-name", title=user.name),
+                    html.Span(user.role, className=f"cl-role cl-role-{user.role}")], id=ids.USER_BADGE,
+                   className="cl-user")
+    navbar = html.Nav([brand, dbc.Nav(_nav_links(user), className="cl-nav"),
+                       html.Div([picker, who, _logout_form()], className="cl-context")],
+                      id=ids.NAVBAR, className="cl-navbar")
     return html.Div([
+        dcc.Store(id=ids.SESSION, data=default),
+        dcc.Store(id=ids.SESSION_VERSION, data=None),
+        dcc.Store(id=ids.CURRENT_IMAGE, data=None, storage_type="session"),
+        dcc.Interval(id=ids.LIVE_INTERVAL, interval=LIVE_INTERVAL_MS, n_intervals=0),
         navbar,
         html.Div(banner, id=ids.STATUS, className="cl-status"),
         html.Main(dash.page_container, className="cl-main"),
     ], className="cl-app")
+
+
+def install_shell(app) -> None:
+    """The shell's callbacks, on this app: the chosen session (checked) and the live stamp of its annotations."""
+    from dash import Input, Output, State
+    from dash.exceptions import PreventUpdate
+
+    from .services import current
+
+    @app.callback(Output(ids.SESSION, "data"), Input(ids.SESSION_PICKER, "value"))
+    def choose_session(session):
+        if session is None:
+            raise PreventUpdate
+        return current().session_id(session)  # AccessDenied (403) for a session the user may not open
+
+    @app.callback(Output(ids.SESSION_VERSION, "data"), Input(ids.LIVE_INTERVAL, "n_intervals"),
+                  Input(ids.SESSION, "data"), State(ids.SESSION_VERSION, "data"))
+    def watch_session(_n, session, seen):
+        if session is None:
+            raise PreventUpdate
+        stamp = current().session_version(session)
+        if stamp == seen:
+            raise PreventUpdate  # nothing new: no view redraws
+        return stamp

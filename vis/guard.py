@@ -8,8 +8,12 @@ guard wraps the `_dash-update-component` view and checks, against the callback t
 - the body is a JSON object no larger than `max_body_bytes` (larger → 413), without NaN or ±Infinity;
 - `output` names a registered callback, and `outputs`, `inputs` and `state` list exactly the components and
   properties that callback declares (pattern-matching ids must fit the declared wildcards);
-- `changedPropIds` are among the request's inputs.
+- `changedPropIds` are among the request's inputs;
+- background-job handles (`cacheKey`, `job`, `oldJob` in the query string) were minted for this user and this page
+  load (vis.auth binds Dash's handle signatures to the signed-in user): another user's or a forged one → 403.
 Values themselves are checked by the callbacks (`vis.errors.InvalidInput` → 400), since only they know the types.
+Rights are checked by the callbacks too (`store.accounts.require_member`): `store.errors.AccessDenied` raised anywhere
+becomes 403 and `store.errors.ConflictError` (a stale version) 409, each with its message.
 """
 
 from __future__ import annotations
@@ -137,8 +141,43 @@ def _json_error(status: int, message: str) -> Response:
     return Response(json.dumps({"error": message}), status=status, mimetype="application/json")
 
 
+def check_job_handles(app, args) -> None:
+    """Refuse background-job handles that this user's page load did not receive (InvalidHandle → 403).
+
+    Dash verifies its handles itself and then silently reads nothing; refusing outright tells a forger (and a test)
+    that nothing was touched, and keeps such a request from starting a fresh job under the old handle's name.
+    """
+    from dash import _callback_signing as signing
+
+    names = [n for n in ("cacheKey", "job", "oldJob") if n in args]
+    if not names:
+        return
+    secret = app._get_signing_secret()  # bound to the signed-in user by vis.auth
+    end_id = None  # a client that sends no page-load token gets (and must return) handles bound to no page load
+    if "endId" in args:
+        end_id = signing.unsign(secret, signing.END_SCOPE, args.get("endId"))
+        if end_id is None:
+            raise InvalidHandle("endId")
+    scopes = {"cacheKey": signing.cache_scope(end_id), "job": signing.job_scope(end_id),
+              "oldJob": signing.job_scope(end_id)}
+    for name in names:
+        for value in args.getlist(name):
+            if signing.unsign(secret, scopes[name], value) is None:
+                raise InvalidHandle(name)
+
+
+class InvalidHandle(PermissionError):
+    """A background-job handle that belongs to another user or page load, or was never issued."""
+
+    def __init__(self, what: str):
+        super().__init__(f"background job handle {what!r} was not issued to you for this page; reload the page")
+
+
 def install_guard(app, *, max_body_bytes: int) -> None:
-    """Wrap the app's callback endpoint with `validate_body`; map InvalidInput raised anywhere to a 400."""
+    """Wrap the app's callback endpoint with `validate_body`; map InvalidInput raised anywhere to a 400,
+    AccessDenied to 403 and ConflictError to 409."""
+    from store.errors import AccessDenied, ConflictError
+
     server = app.server
     server.config["MAX_CONTENT_LENGTH"] = max_body_bytes  # werkzeug answers 413 past this, before reading the body
     endpoint = app.config.routes_pathname_prefix + "_dash-update-component"
@@ -147,6 +186,7 @@ def install_guard(app, *, max_body_bytes: int) -> None:
     def guarded_dispatch(*args, **kwargs):
         if not request.is_json:
             return _json_error(415, "callback requests must be application/json")
+        check_job_handles(app, request.args)
         validate_body(app.callback_map, request.get_data(cache=True))
         return dispatch(*args, **kwargs)
 
@@ -156,6 +196,18 @@ def install_guard(app, *, max_body_bytes: int) -> None:
     @server.errorhandler(InvalidInput)
     def _invalid(err: InvalidInput):
         return _json_error(400, str(err))
+
+    @server.errorhandler(InvalidHandle)
+    def _bad_handle(err: InvalidHandle):
+        return _json_error(403, str(err))
+
+    @server.errorhandler(AccessDenied)
+    def _denied(err):
+        return _json_error(403, str(err))
+
+    @server.errorhandler(ConflictError)
+    def _conflict(err):
+        return _json_error(409, str(err))
 
     @server.errorhandler(413)
     def _too_large(_err):

@@ -14,6 +14,13 @@ from __future__ import annotations
 NAVBAR = "shell-navbar"
 STATUS = "shell-status"  # workspace banner: no dataset / no store / store of another model
 STATUS_INTERVAL = "shell-status-interval"
+SESSION = "shell-session"  # dcc.Store: the review session id every annotation callback sends (checked on the server)
+SESSION_PICKER = "shell-session-picker"  # header dropdown of the user's sessions (admins: all)
+SESSION_VERSION = "shell-session-version"  # dcc.Store: the session's annotation stamp; changes when anyone writes
+LIVE_INTERVAL = "shell-live-interval"  # polls the stamp so reviewers see each other's work within seconds
+CURRENT_IMAGE = "shell-current-image"  # dcc.Store: the patch last opened on Review (comments on the Session page)
+USER_BADGE = "shell-user"
+LOGOUT = "shell-logout"
 
 # -- review ----------------------------------------------------------------------------------------------------------
 REVIEW_STATE = "review-state"  # dcc.Store {"source", "image", "layer", "unit"}: ids only
@@ -95,9 +102,44 @@ EXP_ROC = "exp-roc"
 EXP_MLFLOW_LINK = "exp-mlflow-link"
 EXP_MESSAGE = "exp-message"
 
+# -- session (members, agreement, comments, export / import) ---------------------------------------------------------------
+SESS_TITLE = "sess-title"
+SESS_MEMBERS = "sess-members"
+SESS_COUNTS = "sess-counts"
+SESS_AGREEMENT = "sess-agreement"
+SESS_EXPORT = "sess-export"  # links to the report (HTML) and the annotations (JSON)
+SESS_IMPORT = "sess-import"  # dcc.Upload of an annotations JSON file
+SESS_IMPORT_MESSAGE = "sess-import-message"
+SESS_IMAGE = "sess-image"  # which image's comments
+SESS_COMMENTS = "sess-comments"
+SESS_COMMENT_TEXT = "sess-comment-text"
+SESS_COMMENT_SAVE = "sess-comment-save"
+SESS_COMMENT_CANCEL = "sess-comment-cancel"
+SESS_EDITING = "sess-editing"  # dcc.Store {"id", "version"} of the comment being edited, or None for a new one
+SESS_MESSAGE = "sess-message"
+
+# -- users (admins) ----------------------------------------------------------------------------------------------------
+USERS_TABLE = "users-table"
+USERS_VERSION = "users-version"  # dcc.Store: bumped after each change, to redraw the table
+USERS_NAME = "users-name"
+USERS_DISPLAY = "users-display"
+USERS_ROLE = "users-role"
+USERS_PASSWORD = "users-password"
+USERS_CREATE = "users-create"
+USERS_TARGET = "users-target"
+USERS_NEW_ROLE = "users-new-role"
+USERS_SET_ROLE = "users-set-role"
+USERS_NEW_PASSWORD = "users-new-password"
+USERS_RESET = "users-reset"
+USERS_DEACTIVATE = "users-deactivate"
+USERS_ACTIVATE = "users-activate"
+USERS_MESSAGE = "users-message"
+
 # -- pattern-matching ids ----------------------------------------------------------------------------------------------
 FLAGGED_PATCH = "flagged-patch"  # a button in the review strip; index = image id
 PROTOTYPE = "prototype"  # a prototype tile; index = "<image id>"
+COMMENT_EDIT = "comment-edit"  # the edit button of one comment; index = comment id
+COMMENT_DELETE = "comment-delete"  # its delete button
 
 
 def flagged_patch(image_id: str) -> dict:
@@ -106,3 +148,11 @@ def flagged_patch(image_id: str) -> dict:
 
 def prototype(image_id: str) -> dict:
     return {"type": PROTOTYPE, "index": image_id}
+
+
+def comment_edit(comment_id: int) -> dict:
+    return {"type": COMMENT_EDIT, "index": int(comment_id)}
+
+
+def comment_delete(comment_id: int) -> dict:
+    return {"type": COMMENT_DELETE, "index": int(comment_id)}

@@ -158,15 +158,67 @@ class Workbench:
         self._mammograms = _Lru(4)  # display arrays of the last few mammograms
         self._views = _Lru(64)  # small derived arrays (overlays, masks) by key
 
-    # -- identity -----------------------------------------------------------------------------------------------------
-    def user(self) -> str:
-        """Who acts: the login layer (a later issue) sets flask.g.user; until then the configured local user."""
-        try:
-            import flask
+    # -- identity and review sessions -----------------------------------------------------------------------------------
+    def account(self):
+        """The signed-in `store.accounts.UserInfo` (vis.auth: flask.g.user, or the job's signed cookie)."""
+        from .auth import current_user
 
-            return str(flask.g.get("user") or self.config.user)
-        except RuntimeError:  # no request (background job): the job passes the user explicitly
-            return self.config.user
+        return current_user()
+
+    def user(self) -> str:
+        """Who acts: the signed-in user's login name (labels, regions, marks and comments carry it)."""
+        return self.account().name
+
+    def sessions(self) -> list:
+        """The review sessions the signed-in user may open (admins: all), as `store.accounts.SessionInfo`."""
+        from store.accounts import sessions_for
+
+        return sessions_for(self.db(), self.account())
+
+    def review_session(self, session_id, *, db=None):
+        """The review session a request names, after checking on the server that the user is a member.
+
+        A malformed id is InvalidInput (400); a session the user may not open raises `store.errors.AccessDenied`
+        (403), which no page turns into a message: a forged request learns nothing and changes nothing.
+        """
+        from store.accounts import require_member
+
+        if session_id is None:
+            raise NotReady("you are not a member of any review session yet: ask an administrator to add you to one")
+        sid = check_int(session_id, "session", lo=1, hi=2**31 - 1)
+        return require_member(db or self.db(), sid, self.account())
+
+    def session_id(self, session_id, *, db=None) -> int:
+        """`review_session(...).id`: the checked id that every annotation read or write passes to explain.labels."""
+        return int(self.review_session(session_id, db=db).id)
+
+    def session_options(self) -> list[dict]:
+        return [{"label": s.name, "value": int(s.id)} for s in self.sessions()]
+
+    def default_session(self) -> int | None:
+        """The session a fresh page opens: the first the user may open (the workspace session when a member)."""
+        sessions = self.sessions()
+        return int(sessions[0].id) if sessions else None
+
+    def session_version(self, session_id) -> list:
+        """A cheap stamp of everything reviewers wrote in the session (labels, undos, regions, marks, comments):
+        [session, newest action id, newest region id, region count, newest comment change, comment count]. Any
+        reviewer's write, through any worker, changes it; views that show annotations redraw only then."""
+        from sqlalchemy import func, select
+
+        from store.annotations import Comment, ImageMark, LabelAction, Region
+
+        sid = self.session_id(session_id)
+        with self.db().read() as s:
+            row = s.execute(select(
+                select(func.max(LabelAction.id)).where(LabelAction.session_id == sid).scalar_subquery(),
+                select(func.max(Region.id)).where(Region.session_id == sid).scalar_subquery(),
+                select(func.count(Region.id)).where(Region.session_id == sid).scalar_subquery(),
+                select(func.count()).select_from(ImageMark).where(ImageMark.session_id == sid).scalar_subquery(),
+                select(func.max(Comment.updated_at)).where(Comment.session_id == sid).scalar_subquery(),
+                select(func.count(Comment.id)).where(Comment.session_id == sid).scalar_subquery(),
+            )).one()
+        return [sid, *(v.isoformat() if hasattr(v, "isoformat") else int(v or 0) for v in row)]
 
     # -- handles ------------------------------------------------------------------------------------------------------
     def _handle(self, key: str, make: Callable):
@@ -642,8 +694,16 @@ class Workbench:
 
         return [{"label": f"{concept_name(c)} @ {l}", "value": f"{c}@{l}"} for c, l in self.store().probes()]
 
-    def patch_view(self, state, *, overlays, probe, regions, layer):
-        """(patch figure, info) of the open patch with the chosen overlays and the drawn regions."""
+    def saved_regions(self, image_id, session) -> list:
+        """The regions reviewers of a session saved on one image (explain.labels.RegionRecord), oldest first."""
+        from explain.labels import regions_for
+
+        sid = self.session_id(session)
+        return regions_for(self.db(), image=check_id(image_id, "image"), session=sid)
+
+    def patch_view(self, state, *, overlays, probe, regions, layer, session):
+        """(patch figure, info) of the open patch with the chosen overlays, the regions every reviewer of the
+        session saved on it (outlined, named by author) and this user's drawn, not yet saved regions."""
         from dash import html
 
         from . import figures
@@ -673,6 +733,16 @@ class Workbench:
             mask = self.unit_mask(layer, row, unit)
             layers.append(figures.Overlay(f"unit {unit}", mask, kind="mask", color="#ffd43b"))
             unit_text = f"unit {unit} ({why})"
+        saved = self.saved_regions(image, session)
+        for author in sorted({r.author for r in saved}):
+            mask = np.zeros(self.patch_size(), bool)
+            concepts = []
+            for r in saved:
+                if r.author == author:
+                    mask |= r.mask()
+                    concepts.append(figures.concept_name(r.concept))
+            layers.append(figures.Overlay(f"saved by {author}: {', '.join(sorted(set(concepts)))}", mask,
+                                          kind="mask", color=SAVED_REGION_COLOR))
         fig = figures.patch_figure(self.store().image(row), overlays=layers, shapes=regions,
                                    uirevision=image, height=440)
         p = float(self.lesion_prob()[row])
@@ -684,6 +754,9 @@ class Workbench:
                 stat("ground truth", classes[truth] if 0 <= truth < len(classes) else str(truth))]
         if unit_text:
             info.append(stat("mask shown", unit_text))
+        if saved:
+            info.append(stat("saved regions", ", ".join(f"{a} {sum(r.author == a for r in saved)}"
+                                                       for a in sorted({r.author for r in saved}))))
         shown = [c for c in (rec.concepts if rec is not None else ()) if c != "background"]
         if shown:  # the demo data's ground truth: which concepts the patch really holds
             info.append(html.Div([html.Span("ground-truth concepts ", className="cl-stat-label")] + [
@@ -742,14 +815,16 @@ class Workbench:
         return concepts, concept
 
     # -- labeling --------------------------------------------------------------------------------------------------------
-    def label_units(self, state, *, regions, concept, layer, actions):
-        """Apply the labeling rule to the drawn region; returns (this session's action ids, message)."""
+    def label_units(self, state, *, regions, concept, layer, actions, session):
+        """Apply the labeling rule to the drawn region in a review session; returns (this tab's action ids,
+        message). The session is checked (member or AccessDenied) before anything is read or written."""
         from explain.labels import LabelRule, label_region
         from explain.regions import parse_plotly_shapes
 
         from . import figures
         from .components import message
 
+        sid = self.session_id(session)
         state = self.open_state(state)
         layer = self.layer(layer)
         actions = [check_int(a, "action", lo=1, hi=2**62) for a in check_list(actions, "actions", max_len=10000)]
@@ -761,7 +836,7 @@ class Workbench:
             return actions, message("No region", "draw the concept on the patch first.", color="info")
         result = label_region(self.db(), self.store(), layer=layer, image=state["image"],
                               region=parse_plotly_shapes(regions), concept=concept, author=self.user(),
-                              rule=LabelRule(threshold=self.config.iou_threshold), level=self.config.mask_level,
+                              session=sid, rule=LabelRule(threshold=self.config.iou_threshold), level=self.config.mask_level,
                               dissect=self._unit_iou(layer))
         name = figures.concept_name(concept)
         if not result.changed:
@@ -775,45 +850,55 @@ class Workbench:
                                                      f"on {layer}: {shown}. Undo reverts exactly this.",
                                                      color="success")
 
-    def undo_last(self, actions):
-        """Undo this session's last labeling action; returns (remaining action ids, message)."""
+    def undo_last(self, actions, *, session):
+        """Undo this tab's last labeling action in a review session; returns (remaining action ids, message).
+
+        The action ids come from the browser, so explain.labels.undo checks them: an action of another session, or
+        another reviewer's that this user may not remove (a researcher and a radiologist's), raises AccessDenied.
+        """
         from explain.labels import undo
 
         from .components import message
 
+        sid = self.session_id(session)
         actions = [check_int(a, "action", lo=1, hi=2**62) for a in check_list(actions, "actions", max_len=10000)]
         if not actions:
-            return actions, message("Nothing to undo", "this session has no labeling action left.", color="info")
-        result = undo(self.db(), actions[-1], author=self.user())
+            return actions, message("Nothing to undo", "you have no labeling action left to undo here.",
+                                    color="info")
+        user = self.account()
+        result = undo(self.db(), actions[-1], author=user.name, session=sid, actor_role=user.role)
         back = ", ".join(f"{u}→{c or 'unlabeled'}" for u, c in sorted(result.restored.items())[:12])
         return actions[:-1], message("Undone", f"action {result.undone}: {back or 'no unit had changed'}.",
                                      color="success")
 
     # -- units -----------------------------------------------------------------------------------------------------------
-    def unit_labels(self, layer: str) -> list[str]:
-        """(unit,) concept id of each unit of the layer ('' when unlabeled), from the annotation database."""
+    def unit_labels(self, layer: str, session) -> list[str]:
+        """(unit,) concept id of each unit of the layer ('' when unlabeled) in a review session, the annotators
+        merged (per unit, the concept most of them gave)."""
         n = self.store().layer_shape(layer)[0]
         labels = [""] * n
-        for unit, concept in self.labels().get(layer, {}).items():
+        for unit, concept in self.labels(session).get(layer, {}).items():
             if 0 <= int(unit) < n:
                 labels[int(unit)] = concept
         return labels
 
-    def labels(self) -> dict[str, dict[int, str]]:
-        """{layer: {unit: concept}}: the current label of every labeled unit of this store."""
+    def labels(self, session, *, author: str | None = None) -> dict[str, dict[int, str]]:
+        """{layer: {unit: concept}}: every labeled unit of this store in a review session (checked), the annotators
+        merged, or one annotator's own labels."""
         from explain.labels import current_labels
 
-        db = self.db()
-        return {layer: current_labels(db, layer) for layer in self.store().layers}
+        sid, db = self.session_id(session), self.db()
+        return {layer: current_labels(db, layer, session=sid, author=author) for layer in self.store().layers}
 
-    def labels_version(self) -> int:
-        """The newest labeling action's id: any label change (here or in another worker) makes a new one."""
+    def labels_version(self, session) -> int:
+        """The session's newest labeling action id: any label change (here or in another worker) makes a new one."""
         from sqlalchemy import func, select
 
         from store.annotations import LabelAction
 
+        sid = self.session_id(session)
         with self.db().read() as s:
-            return int(s.scalar(select(func.max(LabelAction.id))) or 0)
+            return int(s.scalar(select(func.max(LabelAction.id)).where(LabelAction.session_id == sid)) or 0)
 
     def probes_version(self) -> tuple:
         """(concept, layer, run id) of every stored probe version: a retrain or rollback anywhere changes it."""
@@ -842,7 +927,7 @@ class Workbench:
         return self._views.get(("unit-pca", layer), lambda: pca_coords(unit_profiles(
             np.asarray(self.store().pooled(layer, "max"))))[0][:, :2])
 
-    def review_unit_map(self, state, *, regions, layer):
+    def review_unit_map(self, state, *, regions, layer, session):
         """(unit map figure, IoU summary) for the Review page: units above the IoU threshold enlarged."""
         from dash import html
 
@@ -852,7 +937,7 @@ class Workbench:
         state = self.open_state(state)
         layer = self.layer(layer)
         iou = self.region_iou(state.get("image"), layer, regions) if state.get("image") else None
-        fig = figures.unit_map_figure(self.unit_coords(layer), labels=self.unit_labels(layer), iou=iou,
+        fig = figures.unit_map_figure(self.unit_coords(layer), labels=self.unit_labels(layer, session), iou=iou,
                                       threshold=self.config.iou_threshold, selected=state.get("unit"), layer=layer,
                                       uirevision=layer, height=330)
         if iou is None:
@@ -882,7 +967,7 @@ class Workbench:
 
         return self._views.get(("protos", layer, unit, k), build)
 
-    def review_unit_detail(self, state, *, layer):
+    def review_unit_detail(self, state, *, layer, session):
         """The clicked (or best) unit: its label, top-k prototypes with masks, and its mask on the open patch."""
         from dash import html
         from explain.prototypes import render_overlay
@@ -899,7 +984,7 @@ class Workbench:
         n = self.store().layer_shape(layer)[0]
         if unit >= n:
             raise InvalidInput("unit", f"{unit} is outside 0 … {n - 1} of layer {layer!r}")
-        label = self.unit_labels(layer)[unit]
+        label = self.unit_labels(layer, session)[unit]
         head = html.Div([html.Strong(f"Unit {unit} of {layer}"),
                          html.Span(f" · {figures.concept_name(label)}" if label else " · unlabeled",
                                    className="cl-muted")])
@@ -916,7 +1001,7 @@ class Workbench:
         return html.Div(children)
 
     # -- report ----------------------------------------------------------------------------------------------------------
-    def report_view(self, state, *, layer):
+    def report_view(self, state, *, layer, session):
         """The concept report of the open patch: units per concept, activation, area, probe scores, contributions."""
         from dash import html
 
@@ -926,16 +1011,17 @@ class Workbench:
         layer = self.layer(layer)
         # A report changes only with the labels and the probe versions: cache it on those (any worker's change
         # makes a new key), so revisiting a patch costs nothing and a new action recomputes it once.
-        key = ("report", state["image"], layer, self.labels_version(), self.probes_version())
-        return self._views.get(key, lambda: self._report(state["image"], layer))
+        sid = self.session_id(session)
+        key = ("report", sid, state["image"], layer, self.labels_version(sid), self.probes_version())
+        return self._views.get(key, lambda: self._report(state["image"], layer, sid))
 
-    def _report(self, image: str, layer: str):
+    def _report(self, image: str, layer: str, session: int):
         from dash import dcc, html
         from explain.report import image_report
 
         from . import figures
 
-        rep = image_report(self.store(), image, labels=self.labels(), model=self.model(), settings=self.settings,
+        rep = image_report(self.store(), image, labels=self.labels(session), model=self.model(), settings=self.settings,
                            level=self.config.mask_level, gradcam_layer=layer, with_maps=False)
         row = self.store().index_of(image)
         rows = []
@@ -1024,7 +1110,7 @@ class Workbench:
 
         return self._handle(f"gt-iou:{layer}:{self.config.mask_level}", compute)
 
-    def unit_map(self, layer, *, projection, color_by, state):
+    def unit_map(self, layer, *, projection, color_by, state, session):
         """The Units page's map: one point per unit, lasso-selectable."""
         from . import figures
 
@@ -1035,7 +1121,7 @@ class Workbench:
         if selected is not None:
             selected = check_int(selected, "unit", lo=0, hi=65535)
         values = None
-        labels = self.unit_labels(layer)
+        labels = self.unit_labels(layer, session)
         if color_by == "cluster":
             values = self.unit_clusters(layer)
         elif color_by == "gt_iou":
@@ -1044,7 +1130,7 @@ class Workbench:
                                        values=values, selected=selected, layer=layer, dragmode="lasso",
                                        uirevision=f"{layer}-{projection}", height=600)
 
-    def prototype_gallery(self, layer, state, *, max_units: int = 12, per_unit: int = 4):
+    def prototype_gallery(self, layer, state, *, session, max_units: int = 12, per_unit: int = 4):
         """Prototypes of the lasso-selected units: a row of top patches (mask outlined) per unit."""
         from dash import html
 
@@ -1058,7 +1144,7 @@ class Workbench:
         if not units:
             return html.Div("Lasso units on the map to see what they respond to.", className="cl-muted")
         n = self.store().layer_shape(layer)[0]
-        labels = self.unit_labels(layer)
+        labels = self.unit_labels(layer, session)
         rows = []
         for u in units[:max_units]:
             if u >= n:
@@ -1072,7 +1158,7 @@ class Workbench:
         return html.Div([html.Div(f"{len(units)} unit(s) selected", className="cl-muted"),
                          html.Div(rows, className="cl-unit-grid")])
 
-    def unit_detail(self, layer, state):
+    def unit_detail(self, layer, state, *, session):
         """One unit: activation histogram with its threshold, top-k prototypes, label history."""
         from dash import dcc, html
 
@@ -1091,7 +1177,7 @@ class Workbench:
             raise InvalidInput("unit", f"{unit} is outside 0 … {n - 1} of layer {layer!r}")
         values = np.asarray(store.pooled(layer, "max"))[:, unit]
         threshold = float(store.thresholds(layer, self.config.mask_level)[unit])
-        label = self.unit_labels(layer)[unit]
+        label = self.unit_labels(layer, session)[unit]
         hist = figures.histogram_figure(values, threshold=threshold, height=220,
                                         title=f"max activation per image · threshold (q{self.config.mask_level:g})")
         return html.Div([
@@ -1101,13 +1187,13 @@ class Workbench:
             html.Div("Top-k prototypes (mask outlined)", className="cl-section-title"),
             gallery(self.prototype_tiles(layer, unit, k=12), size=80),
             html.Div("Label history", className="cl-section-title"),
-            self.label_history_table(layer, unit),
+            self.label_history_table(layer, unit, session=session),
         ])
 
-    def label_history_table(self, layer: str, unit: int):
+    def label_history_table(self, layer: str, unit: int, *, session):
         from dash import html
 
-        rows = self.label_history(layer, unit)
+        rows = self.label_history(layer, unit, session=session)
         if not rows:
             return html.Div("Never labeled.", className="cl-muted")
         head = html.Thead(html.Tr([html.Th(h) for h in ("when", "who", "concept", "IoU", "image", "state")]))
@@ -1116,12 +1202,14 @@ class Workbench:
                                     html.Td(r.get("image", "")), html.Td(r.get("state", ""))]) for r in rows])
         return html.Table([head, body], className="table table-sm")
 
-    def label_history(self, layer: str, unit: int) -> list[dict]:
-        """The unit's label changes, newest first: when, who, concept after, IoU, image, and whether undone."""
+    def label_history(self, layer: str, unit: int, *, session) -> list[dict]:
+        """The unit's label changes in a review session, newest first: when, who, concept after, IoU, image, and
+        whether undone."""
         from explain.labels import label_history
 
         rows = []
-        for item in label_history(self.db(), layer=layer, unit=unit)[:50]:
+        sid = self.session_id(session)
+        for item in label_history(self.db(), layer=layer, unit=unit, session=sid)[:50]:
             a = item["action"]
             for ch in item["changes"]:
                 after = ch["after"] or {}
@@ -1242,16 +1330,19 @@ class Workbench:
                          gallery(tiles, size=88)])
         return fig, table, options, maps
 
-    def annotations(self, concept: str, *, db=None):
-        """Everything reviewers said about a concept, for its probes (explain.probes.ProbeAnnotations)."""
+    def annotations(self, concept: str, *, session: int, db=None):
+        """Everything the reviewers of a session said about a concept, for its probes
+        (explain.probes.ProbeAnnotations). `session` must already be checked (`session_id`)."""
         from explain.labels import image_marks, regions_for, units_for
         from explain.probes import ProbeAnnotations
 
         db = db or self.db()
-        return ProbeAnnotations(concept, regions=[(r.image_id, r.mask()) for r in regions_for(db, concept)],
-                                marks=list(image_marks(db, concept).items()), units=units_for(db, concept))
+        return ProbeAnnotations(concept, regions=[(r.image_id, r.mask())
+                                                  for r in regions_for(db, concept, session=session)],
+                                marks=list(image_marks(db, concept, session=session).items()),
+                                units=units_for(db, concept, session=session))
 
-    def mark_and_retrain(self, state, *, concept, layer, present, progress):
+    def mark_and_retrain(self, state, *, concept, layer, present, progress, session):
         """Background job: record the selected images as showing (or not) the concept, then retrain its probe.
 
         Returns (the new probe version's run id, message, the map's colouring); progress((value, label)) drives the
@@ -1270,44 +1361,49 @@ class Workbench:
             return dash.no_update, message("No selection", "lasso images on the map first.", color="info"), \
                 dash.no_update
         progress = progress or (lambda _v: None)
+        db = self.db(fresh=True)  # this runs in a job process: its own connections
         try:
-            db = self.db(fresh=True)  # this runs in a job process: its own connections
+            sid = self.session_id(session, db=db)  # AccessDenied: the job ends with that message, nothing written
             if present is not None:
                 progress((5, f"recording {len(rows)} mark(s)"))
                 store = self.store()
                 for r in rows:
-                    mark_image(db, store, image=int(r), concept=concept, present=bool(present), author=self.user())
-            run_id, text = self._retrain(concept, layer, db=db, progress=progress)
+                    mark_image(db, store, image=int(r), concept=concept, present=bool(present), author=self.user(),
+                               session=sid)
+            run_id, text = self._retrain(concept, layer, db=db, progress=progress, session=sid)
         except user_errors() as e:
             progress((100, "stopped"))
             return dash.no_update, message("Probe not retrained", str(e), color="warning"), dash.no_update
         return run_id, message("Probe retrained", text, color="success"), "probe"
 
-    def retrain_probe(self, probe, *, progress):
+    def retrain_probe(self, probe, *, progress, session):
         """Background job for the Probes page: refit a probe from every annotation of its concept."""
         import dash
 
         from .components import message, user_errors
 
         concept, layer = self.parse_probe(probe)
+        db = self.db(fresh=True)
         try:
-            run_id, text = self._retrain(concept, layer, db=self.db(fresh=True), progress=progress)
+            sid = self.session_id(session, db=db)
+            run_id, text = self._retrain(concept, layer, db=db, progress=progress, session=sid)
         except user_errors() as e:
             progress((100, "stopped"))
             return dash.no_update, message("Probe not retrained", str(e), color="warning")
         return run_id, message("Probe retrained", text, color="success")
 
-    def _retrain(self, concept: str, layer: str, *, db, progress) -> tuple[str, str]:
+    def _retrain(self, concept: str, layer: str, *, db, progress, session: int) -> tuple[str, str]:
         import datetime
 
         from explain.probes import FeatureCache, retrain
 
         progress((20, "collecting examples"))
-        ann = self.annotations(concept, db=db)
+        ann = self.annotations(concept, db=db, session=session)
         store = self.writable_store()
         progress((40, "fitting the probe"))
-        session = f"{self.user()}-{datetime.date.today().isoformat()}"
-        results = retrain(store, ann, settings=self.settings, session=session, layers=[layer],
+        # the mlflow parent run that groups this reviewer's probe fits of the day in this review session
+        run_group = f"{self.user()}-s{session}-{datetime.date.today().isoformat()}"
+        results = retrain(store, ann, settings=self.settings, session=run_group, layers=[layer],
                           cache=FeatureCache(store), store_name=self.config.store)
         self._views.clear()
         progress((100, "done"))
@@ -1449,6 +1545,8 @@ class Workbench:
         return html.Div(children or html.Div("No ROC logged for these runs (probe runs log AUROC and AP only).",
                                              className="cl-muted"), className="cl-gallery")
 
+
+SAVED_REGION_COLOR = "#f783ac"  # regions reviewers saved (labeled) in the session: outlined, never editable here
 
 # The default vocabulary (docs/CONTRACTS.md), in the BI-RADS spirit; users add their own.
 DEFAULT_VOCABULARY = ("mass", "calcification", "spiculated_margin", "circumscribed_margin",

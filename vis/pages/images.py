@@ -85,7 +85,7 @@ def show_selection(state, _version, concept, layer):
           Output(ids.IMAGES_COLOR, "value"), Input(ids.IMAGES_MARK_POS, "n_clicks"), Input(ids.IMAGES_MARK_NEG, "n_clicks"),
           Input(ids.IMAGES_RETRAIN, "n_clicks"),
           State(ids.IMAGES_STATE, "data"), State(ids.IMAGES_CONCEPT, "value"), State(ids.IMAGES_LAYER, "value"),
-          background=True, prevent_initial_call=True,
+          State(ids.SESSION, "data"), background=True, prevent_initial_call=True,
           progress=[Output(ids.IMAGES_PROGRESS, "value"), Output(ids.IMAGES_PROGRESS, "label")],
           running=[(Output(ids.IMAGES_RETRAIN, "disabled"), True, False),
                    (Output(ids.IMAGES_MARK_POS, "disabled"), True, False),
@@ -93,6 +93,8 @@ def show_selection(state, _version, concept, layer):
                    (Output(ids.IMAGES_CANCEL, "disabled"), False, True),
                    (Output(ids.IMAGES_PROGRESS, "animated"), True, False)],
           cancel=[Input(ids.IMAGES_CANCEL, "n_clicks")])
-def mark_and_retrain(set_progress, pos, neg, retrain, state, concept, layer):
+def mark_and_retrain(set_progress, pos, neg, retrain, state, concept, layer, session):
+    # runs in a job process: the Workbench finds the user from the signed cookie the job carries (vis.auth)
     mark = {ids.IMAGES_MARK_POS: True, ids.IMAGES_MARK_NEG: False}.get(ctx.triggered_id)
-    return current().mark_and_retrain(state, concept=concept, layer=layer, present=mark, progress=set_progress)
+    return current().mark_and_retrain(state, concept=concept, layer=layer, present=mark, progress=set_progress,
+                                      session=session)

@@ -65,10 +65,10 @@ def rollback(_clicks, probe, run_id):
 
 
 @callback(Output(ids.PROBES_VERSION, "data"), Output(ids.PROBES_MESSAGE, "children", allow_duplicate=True),
-          Input(ids.PROBES_RETRAIN, "n_clicks"), State(ids.PROBES_SELECT, "value"),
+          Input(ids.PROBES_RETRAIN, "n_clicks"), State(ids.PROBES_SELECT, "value"), State(ids.SESSION, "data"),
           background=True, prevent_initial_call=True,
           progress=[Output(ids.PROBES_PROGRESS, "value"), Output(ids.PROBES_PROGRESS, "label")],
           running=[(Output(ids.PROBES_RETRAIN, "disabled"), True, False),
                    (Output(ids.PROBES_PROGRESS, "animated"), True, False)])
-def retrain(set_progress, _clicks, probe):
-    return current().retrain_probe(probe, progress=set_progress)
+def retrain(set_progress, _clicks, probe, session):
+    return current().retrain_probe(probe, progress=set_progress, session=session)

@@ -3,7 +3,10 @@ match the region, labeling with undo, and the concept report of the patch.
 
 Callbacks are a few lines each over `vis.services.Workbench` (`current()`); per-user state lives in dcc.Store as
 ids and indices: REVIEW_STATE {"source", "image", "unit"}, REVIEW_REGIONS (the drawn plotly shapes), REVIEW_ACTIONS
-(this session's labeling action ids, for undo), REVIEW_CONCEPTS (concepts this user typed).
+(this tab's labeling action ids, for undo), REVIEW_CONCEPTS (concepts this user typed). Every callback that reads or
+writes annotations also gets the shell's review session (ids.SESSION), which the Workbench checks on the server;
+the views that show annotations also listen to ids.SESSION_VERSION, so another reviewer's regions and labels appear
+within a poll interval.
 """
 
 from __future__ import annotations
@@ -157,10 +160,20 @@ def show_flagged(source, state):
 
 @callback(Output(ids.REVIEW_PATCH, "figure"), Output(ids.REVIEW_PATCH_INFO, "children"),
           Input(ids.REVIEW_STATE, "data"), Input(ids.REVIEW_PATCH_OVERLAYS, "value"), Input(ids.REVIEW_PROBE, "value"),
-          Input(ids.REVIEW_REGIONS, "data"), Input(ids.REVIEW_LAYER, "value"))
+          Input(ids.REVIEW_REGIONS, "data"), Input(ids.REVIEW_LAYER, "value"), Input(ids.SESSION, "data"),
+          Input(ids.SESSION_VERSION, "data"))
 @shows_errors(2, at=1)
-def show_patch(state, overlays, probe, regions, layer):
-    return current().patch_view(state, overlays=overlays, probe=probe, regions=regions, layer=layer)
+def show_patch(state, overlays, probe, regions, layer, session, _version):
+    return current().patch_view(state, overlays=overlays, probe=probe, regions=regions, layer=layer, session=session)
+
+
+@callback(Output(ids.CURRENT_IMAGE, "data"), Input(ids.REVIEW_STATE, "data"), prevent_initial_call=True)
+def remember_image(state):
+    image = state.get("image") if isinstance(state, dict) else None
+    if not image:
+        return no_update
+    current().record(image)  # an image of the store, or 400
+    return image
 
 
 @callback(Output(ids.REVIEW_REGIONS, "data"), Input(ids.REVIEW_PATCH, "relayoutData"),
@@ -173,24 +186,24 @@ def track_regions(relayout, _clear, regions):
 
 @callback(Output(ids.REVIEW_UNIT_MAP, "figure"), Output(ids.REVIEW_IOU_INFO, "children"),
           Input(ids.REVIEW_STATE, "data"), Input(ids.REVIEW_REGIONS, "data"), Input(ids.REVIEW_LAYER, "value"),
-          Input(ids.REVIEW_ACTIONS, "data"))
+          Input(ids.REVIEW_ACTIONS, "data"), Input(ids.SESSION, "data"), Input(ids.SESSION_VERSION, "data"))
 @shows_errors(2, at=1)
-def show_units(state, regions, layer, _actions):
-    return current().review_unit_map(state, regions=regions, layer=layer)
+def show_units(state, regions, layer, _actions, session, _version):
+    return current().review_unit_map(state, regions=regions, layer=layer, session=session)
 
 
 @callback(Output(ids.REVIEW_UNIT_DETAIL, "children"), Input(ids.REVIEW_STATE, "data"),
-          Input(ids.REVIEW_LAYER, "value"))
+          Input(ids.REVIEW_LAYER, "value"), Input(ids.SESSION, "data"))
 @shows_errors(1, at=0)
-def show_unit_detail(state, layer):
-    return current().review_unit_detail(state, layer=layer)
+def show_unit_detail(state, layer, session):
+    return current().review_unit_detail(state, layer=layer, session=session)
 
 
 @callback(Output(ids.REVIEW_REPORT, "children"), Input(ids.REVIEW_STATE, "data"), Input(ids.REVIEW_ACTIONS, "data"),
-          Input(ids.REVIEW_LAYER, "value"))
+          Input(ids.REVIEW_LAYER, "value"), Input(ids.SESSION, "data"), Input(ids.SESSION_VERSION, "data"))
 @shows_errors(1, at=0)
-def show_report(state, _actions, layer):
-    return current().report_view(state, layer=layer)
+def show_report(state, _actions, layer, session, _version):
+    return current().report_view(state, layer=layer, session=session)
 
 
 # -- concepts and labeling -----------------------------------------------------------------------------------------------
@@ -210,10 +223,17 @@ def add_concept(_clicks, _submit, concepts, typed, chosen):
 @callback(Output(ids.REVIEW_ACTIONS, "data"), Output(ids.REVIEW_MESSAGE, "children"),
           Input(ids.REVIEW_LABEL, "n_clicks"), Input(ids.REVIEW_UNDO, "n_clicks"),
           State(ids.REVIEW_STATE, "data"), State(ids.REVIEW_REGIONS, "data"), State(ids.REVIEW_CONCEPT, "value"),
-          State(ids.REVIEW_LAYER, "value"), State(ids.REVIEW_ACTIONS, "data"), prevent_initial_call=True)
+          State(ids.REVIEW_LAYER, "value"), State(ids.REVIEW_ACTIONS, "data"), State(ids.SESSION, "data"),
+          prevent_initial_call=True)
 @shows_errors(2, at=1)
-def label_or_undo(_label, _undo, state, regions, concept, layer, actions):
+def label_or_undo(_label, _undo, state, regions, concept, layer, actions, session):
     wb = current()
     if ctx.triggered_id == ids.REVIEW_UNDO:
-        return wb.undo_last(actions)
-    return wb.label_units(state, regions=regions, concept=concept, layer=layer, actions=actions)
+        return wb.undo_last(actions, session=session)
+    return wb.label_units(state, regions=regions, concept=concept, layer=layer, actions=actions, session=session)
+
+
+@callback(Output(ids.REVIEW_ACTIONS, "data", allow_duplicate=True), Input(ids.SESSION, "data"),
+          prevent_initial_call=True)
+def forget_actions_of_another_session(_session):
+    return []  # undo works on this tab's actions in the session they were made in

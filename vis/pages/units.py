@@ -51,10 +51,10 @@ def layout(**_query):
 
 @callback(Output(ids.UNITS_MAP, "figure"), Output(ids.UNITS_MESSAGE, "children"),
           Input(ids.UNITS_LAYER, "value"), Input(ids.UNITS_PROJECTION, "value"), Input(ids.UNITS_COLOR, "value"),
-          Input(ids.UNITS_STATE, "data"))
+          Input(ids.UNITS_STATE, "data"), Input(ids.SESSION, "data"), Input(ids.SESSION_VERSION, "data"))
 @shows_errors(2, at=1)
-def show_map(layer, projection, color, state):
-    return current().unit_map(layer, projection=projection, color_by=color, state=state), None
+def show_map(layer, projection, color, state, session, _version):
+    return current().unit_map(layer, projection=projection, color_by=color, state=state, session=session), None
 
 
 @callback(Output(ids.UNITS_STATE, "data"), Input(ids.UNITS_MAP, "selectedData"), Input(ids.UNITS_MAP, "clickData"),
@@ -69,13 +69,15 @@ def select_units(selected, clicked, _layer, state):
     return no_update if units is None else {**(state or {}), "selected": units}
 
 
-@callback(Output(ids.UNITS_GALLERY, "children"), Input(ids.UNITS_STATE, "data"), State(ids.UNITS_LAYER, "value"))
+@callback(Output(ids.UNITS_GALLERY, "children"), Input(ids.UNITS_STATE, "data"), Input(ids.SESSION, "data"),
+          State(ids.UNITS_LAYER, "value"))
 @shows_errors(1, at=0)
-def show_gallery(state, layer):
-    return current().prototype_gallery(layer, state)
+def show_gallery(state, session, layer):
+    return current().prototype_gallery(layer, state, session=session)
 
 
-@callback(Output(ids.UNITS_DETAIL, "children"), Input(ids.UNITS_STATE, "data"), State(ids.UNITS_LAYER, "value"))
+@callback(Output(ids.UNITS_DETAIL, "children"), Input(ids.UNITS_STATE, "data"), Input(ids.SESSION, "data"),
+          Input(ids.SESSION_VERSION, "data"), State(ids.UNITS_LAYER, "value"))
 @shows_errors(1, at=0)
-def show_detail(state, layer):
-    return current().unit_detail(layer, state)
+def show_detail(state, session, _version, layer):
+    return current().unit_detail(layer, state, session=session)
