@@ -98,15 +98,49 @@ def load_patch(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     return arr
 
 
-class _Patches(torch.utils.data.Dataset):
-    def __init__(self, paths: list[Path], size: tuple[int, int]):
+class _PatchBatches(torch.utils.data.Dataset):
+    """dataset[batch] → (image indices int64 (batch,), patches uint8 (batch, y, x)) for a list of image indices.
+
+    With `order` (the batches in the order they will be asked for), one background thread reads up to `ahead` batches
+    before they are asked for: PNG decoding (which releases the GIL) leaves the thread that runs the forward passes.
+    """
+
+    def __init__(self, paths: list[Path], size: tuple[int, int], *, order: list[list[int]] | None = None,
+                 ahead: int = 2):
         self.paths, self.size = paths, size
+        self.order = [tuple(b) for b in order] if order is not None else None
+        self.ahead, self.next = max(1, ahead), 0
+        self.pending: dict[tuple[int, ...], Future] = {}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patch-reader") if order else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
-        return i, torch.from_numpy(load_patch(self.paths[i], self.size).copy())
+    def _read(self, batch: tuple[int, ...]):
+        images = np.stack([load_patch(self.paths[i], self.size) for i in batch])  # (batch, y, x)
+        return torch.as_tensor(batch, dtype=torch.int64), torch.from_numpy(images)
+
+    def _fill(self) -> None:
+        while self.next < len(self.order) and len(self.pending) < self.ahead:
+            batch = self.order[self.next]
+            self.pending[batch] = self.pool.submit(self._read, batch)
+            self.next += 1
+
+    def __getitem__(self, batch):
+        key = tuple(int(i) for i in batch)
+        if self.pool is None:
+            return self._read(key)
+        self._fill()
+        future = self.pending.pop(key, None)
+        self._fill()
+        return future.result() if future is not None else self._read(key)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for f in self.pending.values():
+                f.cancel()
+            self.pending.clear()
+            self.pool.shutdown(wait=True)
 
 
 class _BlockBatches(torch.utils.data.Sampler):
@@ -217,6 +251,7 @@ class _Job:
         self.batch_size = int(attrs["batch_size"])
         self.store: ActivationStore | None = None
         self.writer: _BlockWriter | None = None
+        self.patches: _PatchBatches | None = None
         self.mine: list[int] = []
         self.todo: list[int] = []
         self.buffers: dict[int, dict] = {}
@@ -248,9 +283,13 @@ class _Job:
     def dataloader(self) -> torch.utils.data.DataLoader:
         sampler = _BlockBatches(self.mine, block=self.layout.block, n_images=self.layout.n_images,
                                 batch_size=self.batch_size)
-        return torch.utils.data.DataLoader(_Patches(self.paths, self.layout.image_size), batch_sampler=sampler,
-                                           num_workers=self.config.num_workers,
-                                           persistent_workers=False)
+        threaded = self.config.num_workers == 0  # worker processes read ahead by themselves
+        per_block = -(-self.layout.block // self.batch_size)
+        self.patches = _PatchBatches(self.paths, self.layout.image_size, order=sampler.batches if threaded else None,
+                                     ahead=2 * per_block)
+        # batch_size=None: each sampler item is a whole batch of indices, read by one dataset call (no collation)
+        return torch.utils.data.DataLoader(self.patches, sampler=sampler, batch_size=None,
+                                           num_workers=self.config.num_workers, persistent_workers=False)
 
     def _buffer(self, block: int) -> dict:
         if block not in self.buffers:
@@ -298,6 +337,8 @@ class _Job:
 
     def abort(self, error: BaseException) -> None:
         """After a failure: let the blocks already handed to the writer land (they are whole and correct)."""
+        if self.patches is not None:
+            self.patches.close()
         if self.writer is None:
             return
         try:
@@ -308,6 +349,8 @@ class _Job:
     def finish(self, barrier) -> None:
         if self.buffers:
             raise ActivationStoreError(f"{self.url}: blocks {sorted(self.buffers)} were only partly computed")
+        if self.patches is not None:
+            self.patches.close()
         self.writer.close()
         barrier("conceptlens-blocks-written")
         histograms, covered = self.writer.histograms, self.writer.covered
