@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Any
 
@@ -46,7 +47,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -254,7 +255,7 @@ class UnitLabel(Base):
     __tablename__ = "unit_label"
     __table_args__ = (Index("ix_unit_label_session_id_layer", "session_id", "layer"),)
     session_id: Mapped[int] = mapped_column(ForeignKey("review_session.id"), primary_key=True,
-                                            default=WORKSPACE_SESSION)
+                                            default=WORKSPACE_SESSION, server_default=text(str(WORKSPACE_SESSION)))
     author: Mapped[str] = mapped_column(String(200), primary_key=True)
     layer: Mapped[str] = mapped_column(String(200), primary_key=True)
     unit: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -433,50 +434,115 @@ def _sqlite_events(engine: Engine, *, memory: bool) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-AUDIT_TRIGGERS = {
-    "sqlite": [
-        "CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log "
-        "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: UPDATE refused'); END",
-        "CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log "
-        "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: DELETE refused'); END",
-    ],
-    "postgresql": [
-        "CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ "
-        "BEGIN RAISE EXCEPTION 'audit_log is append-only: % refused', TG_OP; END $$",
-        "CREATE TRIGGER audit_log_no_change BEFORE UPDATE OR DELETE ON audit_log "
-        "FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()",
-        "CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log "
-        "FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only()",
-    ],
-}
+# -- migrations --------------------------------------------------------------------------------------------------------
+MIGRATIONS = Path(__file__).resolve().with_name("migrations")
+_SCRIPT: list = []
 
 
-def _initialize(db: Database) -> None:
-    """Create the schema and the default concepts once; refuse a database of another schema version."""
-    with db.write() as s:
-        conn = s.connection()
-        if db.engine.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_INIT_LOCK})
-        fresh = "schema_version" not in sa_inspect(conn).get_table_names()
-        if fresh:
-            metadata.create_all(conn)
-            for stmt in AUDIT_TRIGGERS.get(db.engine.dialect.name, []):
-                conn.execute(text(stmt))
-        version = s.scalar(select(SchemaVersion.version).order_by(SchemaVersion.version.desc()))
-        if version is None:
-            s.add(SchemaVersion(version=1, note="created"))
-            s.add(SchemaVersion(version=SCHEMA_VERSION, note="created"))
-            for position, (cid, name, description) in enumerate(DEFAULT_CONCEPTS):
-                s.add(Concept(id=cid, name=name, description=description, builtin=True, position=position))
-            s.add(ReviewSession(id=WORKSPACE_SESSION, name=WORKSPACE_SESSION_NAME))
-            s.flush()
-            if db.engine.dialect.name == "postgresql":  # an explicit id does not move the sequence
-                conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence('review_session', 'id'), "
-                                     "(SELECT max(id) FROM review_session))")
-        elif version != SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"{db!r}: schema version {version}, this ConceptLens expects {SCHEMA_VERSION}; "
-                f"{'upgrade ConceptLens' if version > SCHEMA_VERSION else 'run the database migrations'} first")
+def _alembic_config(connection=None):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _script():
+    """Alembic's view of store/migrations (parsed once per process)."""
+    if not _SCRIPT:
+        from alembic.script import ScriptDirectory
+
+        _SCRIPT.append(ScriptDirectory.from_config(_alembic_config()))
+    return _SCRIPT[0]
+
+
+def head_revision() -> str:
+    """The newest migration this code knows ("0002")."""
+    return _script().get_current_head()
+
+
+def _state(conn) -> tuple[str | None, int | None, bool]:
+    """(Alembic revision or None, highest schema_version or None, has the v2 user table) of a database."""
+    insp = sa_inspect(conn)
+    tables = set(insp.get_table_names())
+    rev = conn.execute(text("SELECT version_num FROM alembic_version")).scalar() \
+        if "alembic_version" in tables else None
+    sv = conn.execute(text("SELECT max(version) FROM schema_version")).scalar() \
+        if "schema_version" in tables else None
+    return rev, sv, "user_account" in tables
+
+
+def _refuse_newer(db: Database, rev: str | None, sv: int | None) -> None:
+    known = {s.revision for s in _script().walk_revisions()}
+    if rev is not None and rev not in known:
+        raise SchemaVersionError(f"{db!r}: database revision {rev!r} is newer than this ConceptLens (it knows up to "
+                                 f"{head_revision()!r}); upgrade ConceptLens first")
+    if sv is not None and sv > SCHEMA_VERSION:
+        raise SchemaVersionError(f"{db!r}: schema version {sv}, this ConceptLens expects {SCHEMA_VERSION}; upgrade "
+                                 f"ConceptLens first")
+
+
+def _run_migrations(db: Database, conn, rev: str | None, sv: int | None, v2_tables: bool) -> None:
+    from alembic import command
+
+    _refuse_newer(db, rev, sv)
+    cfg = _alembic_config(conn)
+    if rev is None and sv is not None:
+        if sv == 1:  # made by the v1 code (create_all, no Alembic): it is revision 0001
+            command.stamp(cfg, "0001")
+        elif v2_tables:  # made by the v2 pre-release that used create_all
+            command.stamp(cfg, "head")
+            return
+    command.upgrade(cfg, "head")
+
+
+def upgrade_database(db: Database) -> tuple[str | None, str]:
+    """Bring the database to the newest revision under a lock, so that of two processes starting together one
+    migrates and the other finds it done; returns (revision before, revision after).
+
+    The lock: PostgreSQL, a transaction-scoped advisory lock; SQLite, the write lock (BEGIN IMMEDIATE), with foreign
+    keys off for Alembic's batch copies and PRAGMA foreign_key_check before commit. All migrations run in one
+    transaction: a failure leaves the database as it was.
+    """
+    head = head_revision()
+    with db.engine.connect() as conn:
+        rev, sv, _ = _state(conn)
+        conn.rollback()
+    if rev == head:
+        _refuse_newer(db, rev, sv)
+        return rev, rev
+    with db.engine.connect() as conn:
+        if db.is_sqlite:
+            raw = conn.connection.dbapi_connection  # PRAGMA foreign_keys is ignored inside a transaction
+            raw.execute("PRAGMA foreign_keys = OFF")
+            try:
+                with conn.execution_options(conceptlens_write=True).begin():
+                    rev, sv, v2 = _state(conn)
+                    if rev != head:
+                        _run_migrations(db, conn, rev, sv, v2)
+                        bad = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                        if bad:
+                            raise AnnotationDatabaseError(f"{db!r}: the migration left broken references {bad[:5]}; "
+                                                          f"nothing was changed")
+            finally:
+                raw.execute("PRAGMA foreign_keys = ON")
+        else:
+            with conn.begin():
+                if db.engine.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_INIT_LOCK})
+                rev, sv, v2 = _state(conn)
+                if rev != head:
+                    _run_migrations(db, conn, rev, sv, v2)
+    return rev, head
+
+
+def current_revision(db: Database) -> str | None:
+    """The database's Alembic revision (None: empty, or a v1 database not yet stamped)."""
+    with db.engine.connect() as conn:
+        rev, _, _ = _state(conn)
+        conn.rollback()
+    return rev
 
 
 def open_database(url: str | None = None, *, settings=None, create: bool = True, echo: bool = False) -> Database:
@@ -522,12 +588,19 @@ def open_database(url: str | None = None, *, settings=None, create: bool = True,
     db = Database(engine, url)
     try:
         if create:
-            _initialize(db)
+            upgrade_database(db)
         else:
-            version = db.schema_version()
-            if version != SCHEMA_VERSION:
-                raise SchemaVersionError(f"{shown}: schema version {version}, expected {SCHEMA_VERSION}")
-    except OperationalError as e:
+            rev = current_revision(db)
+            version = db.schema_version() if rev is not None else 0
+            _refuse_newer(db, rev, version)
+            if rev != head_revision() or version != SCHEMA_VERSION:
+                raise SchemaVersionError(f"{shown}: revision {rev}, schema version {version}; expected revision "
+                                         f"{head_revision()} (schema version {SCHEMA_VERSION}): run `python -m store "
+                                         f"db upgrade` first")
+    except AnnotationDatabaseError:
+        engine.dispose()
+        raise
+    except DBAPIError as e:
         engine.dispose()
         raise AnnotationDatabaseError(f"{shown}: cannot open the annotation database ({e.orig})") from None
     return db

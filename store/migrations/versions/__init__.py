@@ -1,0 +1,1 @@
+"""Alembic revision scripts (one module per revision; frozen once released: never edit a released revision)."""
