@@ -27,7 +27,6 @@ Rules (docs/CONTRACTS.md, "Review database, schema v2"; where the contract is si
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import secrets
@@ -482,17 +481,19 @@ def audit_entries(db: Database, *, session_id: int | None = None, limit: int = 1
 # -- demo accounts -----------------------------------------------------------------------------------------------------
 def create_demo_accounts(db: Database, path) -> dict[str, str]:
     """Users `radiologist`, `researcher` and `admin` with random passwords, members of session 1; the passwords are
-    written to `path` (JSON {name: password}, mode 0600). Idempotent: an existing file is reused (its passwords are
-    (re)applied when a user lacks them), so running it twice prints the same passwords."""
+    written to `path` (text, one `name: password` line each, mode 0600). Idempotent: an existing file is reused
+    (its passwords are (re)applied when a user lacks them), so running it twice prints the same passwords."""
     path = Path(path)
     passwords: dict[str, str] = {}
     if path.exists():
-        try:
-            passwords = json.loads(path.read_text())
-            assert isinstance(passwords, dict) and all(isinstance(v, str) for v in passwords.values())
-        except (ValueError, AssertionError):
-            raise AccountError(f"{path}: not a demo password file (JSON name → password); remove it to make new "
-                               f"passwords") from None
+        for line in path.read_text().splitlines():
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            name, sep, pw = line.partition(":")
+            if not sep or not pw.strip():
+                raise AccountError(f"{path}: not a demo password file (lines `name: password`); remove it to make "
+                                   f"new passwords")
+            passwords[name.strip()] = pw.strip()
     changed = False
     for name, _, _ in DEMO_USERS:
         if len(passwords.get(name, "")) < MIN_PASSWORD:
@@ -513,7 +514,8 @@ def create_demo_accounts(db: Database, path) -> dict[str, str]:
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({n: passwords[n] for n, _, _ in DEMO_USERS}, f, indent=1)
+            f.write("# ConceptLens demo accounts (python -m store users demo): name: password\n")
+            f.writelines(f"{n}: {passwords[n]}\n" for n, _, _ in DEMO_USERS)
         os.replace(tmp, path)
     os.chmod(path, 0o600)
     return {n: passwords[n] for n, _, _ in DEMO_USERS}
