@@ -64,12 +64,21 @@ def redis_url():
     return REDIS_URL
 
 
+# Accounts every app workspace has (password: browser.TEST_PASSWORD), all members of the workspace session (1).
+APP_USERS = (("ana", "radiologist"), ("ben", "radiologist"), ("rita", "researcher"), ("root", "admin"))
+
+
 @pytest.fixture(scope="session")
 def app_workspace(tmp_path_factory) -> Path:
     """One small real workspace per session — demo data (1 variant), a trained model, an extracted store, cached
-    maps — shared by the app and browser tests. CONCEPTLENS_APP_TEST_WORKSPACE points at a prebuilt one."""
-    if os.environ.get("CONCEPTLENS_APP_TEST_WORKSPACE"):
-        return Path(os.environ["CONCEPTLENS_APP_TEST_WORKSPACE"])
-    from browser import shared_demo_workspace
+    maps, and the accounts of APP_USERS — shared by the app and browser tests (which copy it before writing).
+    CONCEPTLENS_APP_TEST_WORKSPACE points at a prebuilt one."""
+    from browser import ensure_user, shared_demo_workspace
 
-    return shared_demo_workspace(tmp_path_factory.getbasetemp())
+    if os.environ.get("CONCEPTLENS_APP_TEST_WORKSPACE"):
+        ws = Path(os.environ["CONCEPTLENS_APP_TEST_WORKSPACE"])
+    else:
+        ws = shared_demo_workspace(tmp_path_factory.getbasetemp())
+    for name, role in APP_USERS:
+        ensure_user(ws, name, role)
+    return ws

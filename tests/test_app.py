@@ -15,18 +15,21 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from browser import DashClient  # noqa: E402
+from browser import TEST_PASSWORD, DashClient, ensure_user, login_client  # noqa: E402
 
 PAGES = ["/", "/units", "/images", "/probes", "/experiments"]
 ROUTER = "_pages_content.children"
 
 
 
-def _client(settings, **config):
+def _client(settings, *, user: str = "ana", role: str = "radiologist", **config):
+    """The app on `settings`, and a DashClient signed in as `user` (created when missing)."""
     from vis.app import AppConfig, create_app
 
     app = create_app(settings, config=AppConfig(**config))
+    ensure_user(settings, user, role)
     client = app.server.test_client()
+    assert login_client(client, user).status_code == 302
     assert client.get("/").status_code == 200  # first request: Dash registers the page router
     return app, DashClient(client)
 
@@ -62,11 +65,15 @@ def test_every_page_explains_what_is_missing_in_an_empty_workspace(workspace):
 
 def test_the_shell_shows_a_banner_and_links_every_page(workspace):
     app, dc = _client(workspace)
-    layout = app.server.test_client().get("/_dash-layout").get_json()
+    layout = dc.target.get("/_dash-layout").get_json()
     text = json.dumps(layout)
-    for name in ["Review", "Units", "Images", "Probes", "Experiments"]:
+    for name in ["Review", "Units", "Images", "Probes", "Experiments", "Session"]:
         assert f'"{name}"' in text
+    assert '"Users"' not in text  # the users page is linked for admins only
     assert "Workspace not ready" in _text(layout)
+    assert "ana" in _text(layout) and "radiologist" in _text(layout)  # who is signed in, and as what
+    _admin, admin = _client(workspace, user="root", role="admin")
+    assert '"Users"' in json.dumps(admin.target.get("/_dash-layout").get_json())
 
 
 # -- the guard: forged or malformed callback requests --------------------------------------------------------------------
@@ -124,10 +131,14 @@ def test_debug_and_dev_tools_are_off_unless_asked(workspace):
 
     app = create_app(workspace)
     assert not app._dev_tools.ui and not app._dev_tools.props_check and not app._dev_tools.serve_dev_bundles
-    index = app.server.test_client().get("/").get_data(as_text=True)
+    ensure_user(workspace, "ana")
+    client = app.server.test_client()
+    login_client(client, "ana")
+    index = client.get("/").get_data(as_text=True)
     assert '"ui": false' in index.replace("'", '"').lower() or '"ui":false' in index.replace(" ", "").lower()
     debug = create_app(workspace, config=AppConfig(debug=True))
     assert debug._dev_tools.ui
+    assert app.server.test_client().get("/").status_code == 302  # not even the page shell without a login
 
 
 def test_secret_key_is_created_once_and_shared(workspace):
@@ -357,10 +368,10 @@ def test_two_gunicorn_workers_behave_as_one(app_workspace, tmp_path):
             "vis.app:create_server()"]
     with AppServer(ws, argv=argv) as app:
         assert len(psutil.Process(app.proc.pid).children()) == 2  # two workers
-        dc = DashClient(app.url)
+        dc = DashClient(app.url, login=("ana", TEST_PASSWORD))  # one sign-in holds on both workers (one secret)
         state = {"source": None, "image": image, "unit": None}
         view = {f"{ids.REVIEW_STATE}.data": state, f"{ids.REVIEW_REGIONS}.data": [],
-                f"{ids.REVIEW_LAYER}.value": layer, f"{ids.REVIEW_ACTIONS}.data": []}
+                f"{ids.REVIEW_LAYER}.value": layer, f"{ids.REVIEW_ACTIONS}.data": [], f"{ids.SESSION}.data": 1}
 
         def labeled_everywhere() -> set[bool]:
             seen = set()
@@ -374,7 +385,7 @@ def test_two_gunicorn_workers_behave_as_one(app_workspace, tmp_path):
         assert labeled_everywhere() == {False}
         label = {f"{ids.REVIEW_LABEL}.n_clicks": 1, f"{ids.REVIEW_STATE}.data": state,
                  f"{ids.REVIEW_REGIONS}.data": region, f"{ids.REVIEW_CONCEPT}.value": "mass",
-                 f"{ids.REVIEW_LAYER}.value": layer, f"{ids.REVIEW_ACTIONS}.data": []}
+                 f"{ids.REVIEW_LAYER}.value": layer, f"{ids.REVIEW_ACTIONS}.data": [], f"{ids.SESSION}.data": 1}
         code, data = dc.call(f"{ids.REVIEW_ACTIONS}.data", label, changed=[f"{ids.REVIEW_LABEL}.n_clicks"])
         assert code == 200, data
         actions = data["response"][ids.REVIEW_ACTIONS]["data"]
@@ -411,13 +422,14 @@ def test_background_retrain_runs_on_celery_with_redis(app_workspace, tmp_path, r
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         with AppServer(ws, env=env) as app:
-            dc = DashClient(app.url)
+            dc = DashClient(app.url, login=("ana", TEST_PASSWORD))
             for present, button in ((1, ids.IMAGES_MARK_POS), (0, ids.IMAGES_MARK_NEG)):
                 rows = [int(i) for i in np.flatnonzero(labels == present)[:15]]
                 result, _seconds = call_background(
                     dc, app.url, f"{ids.IMAGES_VERSION}.data",
                     {f"{button}.n_clicks": 1, f"{ids.IMAGES_STATE}.data": {"selected": rows},
-                     f"{ids.IMAGES_CONCEPT}.value": "mass", f"{ids.IMAGES_LAYER}.value": layer},
+                     f"{ids.IMAGES_CONCEPT}.value": "mass", f"{ids.IMAGES_LAYER}.value": layer,
+                     f"{ids.SESSION}.data": 1},
                     changed=[f"{button}.n_clicks"], timeout=240)
             run_id = result["response"][ids.IMAGES_VERSION]["data"]
             assert "Probe retrained" in _text(result["response"][ids.IMAGES_MESSAGE])

@@ -1406,9 +1406,15 @@ class Workbench:
         results = retrain(store, ann, settings=self.settings, session=run_group, layers=[layer],
                           cache=FeatureCache(store), store_name=self.config.store)
         self._views.clear()
-        progress((100, "done"))
         r = results[0]
         metrics = r.fit.metrics
+        from explain.labels import record_probe_version
+
+        # the session keeps which probe versions its reviewers fitted (the report lists them with their metrics)
+        record_probe_version(db, session=session, concept=concept, layer=layer, run_id=r.run_id, author=self.user(),
+                             metrics={k: metrics.get(k) for k in ("auroc", "ap", "cv_auroc", "n_positive",
+                                                                  "n_negative") if k in metrics})
+        progress((100, "done"))
         return r.run_id, (f"{concept.replace('_', ' ')} @ {layer}: version {r.run_id[:8]} from "
                           f"{ann.n_annotations} annotation(s), held-out AUROC {_fmt(metrics.get('auroc'))}, "
                           f"AP {_fmt(metrics.get('ap'))}.")

@@ -1,0 +1,117 @@
+"""Session: who reviews this session, how many units each annotator labeled, how much the readers agree (Cohen's
+kappa per layer, Dice of regions), comments on the image open on Review (optimistic concurrency: a stale edit shows
+who changed it), and the session's exports (report as HTML, annotations as JSON) and an import (admins).
+
+The session is the one chosen in the header (ids.SESSION); every callback checks membership on the server. The
+views redraw when the session's stamp (ids.SESSION_VERSION) changes, i.e. when anyone writes in it.
+"""
+
+from __future__ import annotations
+
+import dash
+import dash_bootstrap_components as dbc
+from dash import ALL, Input, Output, State, callback, ctx, dcc, html, no_update
+
+from vis import collab, ids
+from vis.components import labeled, panel, shows_errors
+from vis.services import current
+
+dash.register_page(__name__, path="/session", name="Session", title="ConceptLens · Session", order=5)
+
+
+def layout(**_query):
+    upload = dcc.Upload(id=ids.SESS_IMPORT, children=html.Div(["Drop an annotations JSON export here, or ",
+                                                               html.A("choose a file")]),
+                        accept=".json,application/json", max_size=collab.MAX_IMPORT_BYTES, multiple=False,
+                        className="cl-upload")
+    comments = panel("Comments on an image", [
+        labeled("Image", dcc.Dropdown(id=ids.SESS_IMAGE, options=[], value=None, clearable=False,
+                                      placeholder="open a patch on Review first")),
+        html.Div(id=ids.SESS_COMMENTS, className="cl-comments mt-2"),
+        dcc.Textarea(id=ids.SESS_COMMENT_TEXT, value="", maxLength=4000, className="form-control cl-comment-input mt-2",
+                     placeholder="Write a comment on this image…"),
+        html.Div([dbc.Button("Save comment", id=ids.SESS_COMMENT_SAVE, color="primary", n_clicks=0),
+                  dbc.Button("Cancel edit", id=ids.SESS_COMMENT_CANCEL, color="light", n_clicks=0)],
+                 className="cl-actions"),
+        html.Div(id=ids.SESS_MESSAGE, className="mt-2"),
+    ])
+    exports = panel("Export and import", [
+        html.Div(id=ids.SESS_EXPORT),
+        html.P("The report is one self-contained HTML file: model, members, images with every reader's regions, "
+               "labeled units, concept report, probe metrics and agreement.", className="cl-hint"),
+        html.Div("Import (administrators): a new session from an annotations export", className="cl-section-title"),
+        upload,
+        html.Div(id=ids.SESS_IMPORT_MESSAGE, className="mt-2"),
+    ])
+    return html.Div([
+        dcc.Store(id=ids.SESS_EDITING, data=None),
+        html.Div(id=ids.SESS_TITLE, className="mb-2"),
+        dbc.Row([
+            dbc.Col([panel("Members", html.Div(id=ids.SESS_MEMBERS)),
+                     panel("Labels per annotator", html.Div(id=ids.SESS_COUNTS)),
+                     panel("Agreement between readers", html.Div(id=ids.SESS_AGREEMENT))], width=7),
+            dbc.Col([comments, exports], width=5),
+        ], className="mt-1"),
+    ])
+
+
+@callback(Output(ids.SESS_TITLE, "children"), Output(ids.SESS_MEMBERS, "children"),
+          Output(ids.SESS_COUNTS, "children"), Output(ids.SESS_AGREEMENT, "children"),
+          Output(ids.SESS_EXPORT, "children"),
+          Input(ids.SESSION, "data"), Input(ids.SESSION_VERSION, "data"))
+@shows_errors(5, at=0)
+def show_session(session, _version):
+    wb = current()
+    members, counts, agreement = collab.session_overview(wb, session)
+    return collab.session_title(wb, session), members, counts, agreement, collab.export_links(wb, session)
+
+
+@callback(Output(ids.SESS_IMAGE, "options"), Output(ids.SESS_IMAGE, "value"),
+          Input(ids.SESSION, "data"), Input(ids.SESSION_VERSION, "data"), State(ids.CURRENT_IMAGE, "data"),
+          State(ids.SESS_IMAGE, "value"))
+@shows_errors(2, at=0)
+def list_images(session, _version, current_image, chosen):
+    options = collab.image_options(current(), session, current_image)
+    values = [o["value"] for o in options]
+    return options, chosen if chosen in values else (values[0] if values else None)
+
+
+@callback(Output(ids.SESS_COMMENTS, "children"), Input(ids.SESS_IMAGE, "value"), Input(ids.SESSION, "data"),
+          Input(ids.SESSION_VERSION, "data"))
+@shows_errors(1, at=0)
+def show_comments(image, session, _version):
+    return collab.comments_view(current(), session, image)
+
+
+@callback(Output(ids.SESS_COMMENT_TEXT, "value"), Output(ids.SESS_EDITING, "data"),
+          Output(ids.SESS_MESSAGE, "children"),
+          Input(ids.SESS_COMMENT_SAVE, "n_clicks"), Input(ids.SESS_COMMENT_CANCEL, "n_clicks"),
+          Input({"type": ids.COMMENT_EDIT, "index": ALL}, "n_clicks"),
+          Input({"type": ids.COMMENT_DELETE, "index": ALL}, "n_clicks"),
+          State(ids.SESS_COMMENT_TEXT, "value"), State(ids.SESS_EDITING, "data"), State(ids.SESS_IMAGE, "value"),
+          State(ids.SESSION, "data"), prevent_initial_call=True)
+@shows_errors(3, at=2)
+def write_comment(_save, _cancel, edit_clicks, delete_clicks, text, editing, image, session):
+    wb, trigger = current(), ctx.triggered_id
+    if isinstance(trigger, dict):
+        if not ctx.triggered or not ctx.triggered[0].get("value"):
+            return no_update, no_update, no_update  # a list redraw, not a click
+        if trigger.get("type") == ids.COMMENT_EDIT:
+            text, editing = collab.start_edit(wb, session, trigger.get("index"))
+            return text, editing, None
+        return no_update, no_update, collab.delete_comment(wb, session, trigger.get("index"))
+    if trigger == ids.SESS_COMMENT_CANCEL:
+        return "", None, None
+    msg = collab.save_comment(wb, session, image=image, text=text, editing=editing)
+    if msg.color == "success":
+        return "", None, msg
+    return no_update, no_update, msg
+
+
+@callback(Output(ids.SESS_IMPORT_MESSAGE, "children"), Output(ids.SESSION_PICKER, "options"),
+          Input(ids.SESS_IMPORT, "contents"), State(ids.SESS_IMPORT, "filename"), prevent_initial_call=True)
+@shows_errors(2, at=0)
+def import_file(contents, filename):
+    wb = current()
+    msg, _sid = collab.import_annotations(wb, contents, filename)
+    return msg, wb.session_options()
