@@ -183,9 +183,22 @@ def _label(db, wb, *, session: int, author: str, args: dict):
         except ExplainError as e:
             field = _field_of(e)
             if field is None:
+                if _request_id_taken(db, session, author, args["request_id"]):
+                    # one id reused for another label (a client bug): a conflict with what is stored, not bad input
+                    raise _Refused(409, str(e)) from None
                 raise
             raise InvalidInput(field, str(e)) from None
     raise AssertionError("unreachable")
+
+
+def _request_id_taken(db, session: int, author: str, request_id: str) -> bool:
+    from sqlalchemy import select
+
+    from store.annotations import LabelAction
+
+    with db.read() as s:
+        return s.scalar(select(LabelAction.id).where(LabelAction.session_id == session, LabelAction.author == author,
+                                                     LabelAction.request_id == request_id)) is not None
 
 
 def _result_json(result) -> dict:
@@ -230,33 +243,27 @@ def install_api(app) -> Blueprint:
         _member(db, sid, user)  # 403 before anything about the store is revealed
         args = _label_request(body, wb)
         result = _label(db, wb, session=sid, author=user.name, args=args)
-        if getattr(result, "replayed", False) and (result.layer, result.concept, result.image_id) != (
-                args["layer"], args["concept"], args["image"]):
-            # a client bug (one id reused for two labels): answering with the first label would hide it
-            raise _Refused(409, f"request_id {args['request_id']!r} was already used for another label (action "
-                                f"{result.action_id}: {result.concept} on {result.image_id}, {result.layer}); "
-                                f"use a new request_id for a new label")
         out = _result_json(result)
         return jsonify(out), (200 if out["replayed"] else 201)
 
     @bp.get("/sessions/<int:sid>/annotations.json")
     def annotations(sid: int):
-        from store.exchange import export_session
-
         user = _user()
         db = current().db()
         _member(db, sid, user)
+        from store.exchange import export_session
+
         data = export_session(db, sid)
         return _download(json.dumps(data, ensure_ascii=False, indent=1), mimetype="application/json",
                          filename=f"conceptlens-session-{sid}-annotations.json")
 
     @bp.get("/sessions/<int:sid>/report.html")
     def report(sid: int):
-        from .export import session_report_html
-
         user = _user()
         wb = current()
         _member(wb.db(), sid, user)
+        from .export import session_report_html
+
         return _download(session_report_html(wb, sid), mimetype="text/html",
                          filename=f"conceptlens-session-{sid}-report.html")
 
