@@ -1,0 +1,231 @@
+"""The JSON API (vis.api) on the real demo workspace: labeling with exactly-once request ids, field-by-field
+validation that leaves the database untouched, membership (403), login (401), exports and import."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+pytestmark = [pytest.mark.slow]
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(scope="module")
+def api(app_workspace, tmp_path_factory):
+    """(app, settings, db) on a private copy of the demo workspace with users ana (radiologist), rex (researcher),
+    olga (radiologist, no member of session 1) and adam (admin)."""
+    from store.accounts import add_member, create_user
+    from store.annotations import open_database
+    from store.settings import load_settings
+    from vis.app import create_app
+
+    ws = tmp_path_factory.mktemp("api") / "workspace"
+    shutil.copytree(app_workspace, ws, ignore=shutil.ignore_patterns("secret_key", "annotations.db*", "cache"))
+    settings = load_settings(ws, env={"CONCEPTLENS_SECRET_KEY": uuid.uuid4().hex})
+    db = open_database(settings.database_url)
+    for name, role in (("ana", "radiologist"), ("rex", "researcher"), ("olga", "radiologist"), ("adam", "admin")):
+        create_user(db, name=name, role=role, password=PASSWORD, actor="test")
+    for name in ("ana", "rex"):
+        add_member(db, 1, name, actor="test")
+    app = create_app(settings)
+    yield app, settings, db
+    db.dispose()
+
+
+def client_for(app, name: str | None):
+    """A Flask test client logged in through the form as `name` (None: anonymous)."""
+    c = app.server.test_client()
+    if name is not None:
+        page = c.get("/login").get_data(as_text=True)
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+        r = c.post("/login", data={"username": name, "password": PASSWORD, "csrf_token": token, "next": "/"})
+        assert r.status_code in (302, 303) and "/login" not in r.headers["Location"], r.get_data(as_text=True)[:300]
+    return c
+
+
+@pytest.fixture(scope="module")
+def target(api):
+    """A store image, the layer and a region over most of the patch (units with a visible mask overlap it)."""
+    app, settings, _db = api
+    from vis.services import Workbench
+
+    wb = app.server.extensions["conceptlens"]
+    assert isinstance(wb, Workbench)
+    h, w = wb.patch_size()
+    image = wb.store().image_ids[0]
+    return {"image": image, "layer": wb.layer(), "concept": "mass",
+            "region": [{"type": "rect", "x0": 2, "y0": 2, "x1": w - 2, "y1": h - 2}]}
+
+
+def label(c, body, sid: int = 1, **kw):
+    return c.post(f"/api/sessions/{sid}/labels", data=json.dumps(body), content_type="application/json", **kw)
+
+
+def counts(db) -> dict:
+    from store.annotations import LabelAction, LabelChange, Region, UnitLabel
+
+    with db.read() as s:
+        return {t.__name__: s.scalar(select(func.count()).select_from(t))
+                for t in (LabelAction, LabelChange, Region, UnitLabel)}
+
+
+def test_label_is_written_once_and_replayed_by_request_id(api, target):
+    app, _settings, db = api
+    ana = client_for(app, "ana")
+    before = counts(db)
+    rid = uuid.uuid4().hex
+    r = label(ana, {**target, "request_id": rid})
+    assert r.status_code == 201, r.get_json()
+    first = r.get_json()
+    assert first["replayed"] is False and first["image"] == target["image"] and first["concept"] == "mass"
+    assert all(set(c) == {"unit", "from", "to"} and c["to"] == "mass" for c in first["changed"])
+    after = counts(db)
+    assert after["LabelAction"] == before["LabelAction"] + 1 and after["Region"] == before["Region"] + 1
+
+    again = label(ana, {**target, "request_id": rid})  # a retry: same answer, nothing written
+    assert again.status_code == 200
+    assert again.get_json() == {**first, "replayed": True}
+    assert counts(db) == after
+
+    from store.annotations import LabelAction
+
+    with db.read() as s:
+        rows = s.execute(select(LabelAction.id, LabelAction.author, LabelAction.session_id)
+                         .where(LabelAction.request_id == rid)).all()
+    assert [tuple(r) for r in rows] == [(first["action_id"], "ana", 1)]
+
+    # the same request id for another label is a client bug: refused, nothing written
+    other = label(ana, {**target, "concept": "calcification", "request_id": rid})
+    assert other.status_code == 409 and "already used" in other.get_json()["error"]
+    assert counts(db) == after
+    # request ids are per author: rex may use the same one for his own label
+    rex = client_for(app, "rex")
+    assert label(rex, {**target, "request_id": rid}).status_code == 201
+
+
+BAD_FIELDS = [
+    ("image", "p-does-not-exist"),
+    ("image", 17),
+    ("image", None),
+    ("layer", "features.999"),
+    ("layer", None),
+    ("concept", "no_such_concept"),
+    ("concept", ["mass"]),
+    ("region", []),
+    ("region", "M0,0L10,0L10,10Z".replace("10,10", "nan,10")),
+    ("region", "M0,0C1,1,2,2,3,3Z"),
+    ("region", [{"type": "path", "path": "M0,0L5,5"}]),  # two points, no area
+    ("region", [{"type": "rect", "x0": -50, "y0": -50, "x1": -10, "y1": -10}]),  # outside the patch
+    ("region", [{"type": "polygon", "points": [[0, 0], [1, 0]] * 6000}]),  # too many vertices
+    ("region", [{"type": "rect", "x0": 0, "y0": 0, "x1": 1e300, "y1": "x"}]),
+    ("region", [{"type": "polygon", "points": [[0, 0], [9, 0], [0, 9]]}, {"type": "circle", "x0": 0}]),
+    ("region", {"type": "rect"}),
+    ("request_id", ""),
+    ("request_id", "has space"),
+    ("request_id", "x" * 65),
+    ("request_id", 12),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD_FIELDS, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD_FIELDS)])
+def test_bad_field_is_named_and_nothing_changes(api, target, field, value):
+    app, _settings, db = api
+    ana = client_for(app, "ana")
+    before = counts(db)
+    r = label(ana, {**target, "request_id": uuid.uuid4().hex, field: value})
+    assert r.status_code == 400, r.get_json()
+    body = r.get_json()
+    assert body["field"] == field and body["error"].startswith(f"{field}:"), body
+    assert counts(db) == before
+
+
+def test_malformed_bodies_are_refused(api, target):
+    app, _settings, db = api
+    ana = client_for(app, "ana")
+    before = counts(db)
+    good = {**target, "request_id": uuid.uuid4().hex}
+    cases = [
+        (lambda: ana.post("/api/sessions/1/labels", data=json.dumps(good), content_type="text/plain"), 415, None),
+        (lambda: ana.post("/api/sessions/1/labels", data=good), 415, None),  # an HTML form's encoding
+        (lambda: ana.post("/api/sessions/1/labels", data="{not json", content_type="application/json"), 400,
+         "request body"),
+        (lambda: ana.post("/api/sessions/1/labels", data='{"image": NaN}', content_type="application/json"), 400,
+         "request body"),
+        (lambda: label(ana, [good]), 400, "request body"),
+        (lambda: label(ana, {k: v for k, v in good.items() if k != "concept"}), 400, "concept"),
+        (lambda: label(ana, {**good, "author": "rex"}), 400, "author"),  # no field lets a client act as another
+        (lambda: label(ana, {**good, "region": [{"type": "polygon", "points": [[1, 1]] * 200_000}]}), 413, None),
+    ]
+    for send, status, field in cases:
+        r = send()
+        assert r.status_code == status, (status, r.get_data(as_text=True)[:300])
+        assert r.is_json and r.get_json().get("field") == field, (status, r.get_json())
+    assert counts(db) == before
+
+
+def test_members_only_and_login_required(api, target):
+    app, _settings, db = api
+    before = counts(db)
+    olga = client_for(app, "olga")  # a radiologist, but not in session 1
+    for sid in (1, 999):
+        r = label(olga, {**target, "request_id": uuid.uuid4().hex}, sid=sid)
+        assert r.status_code == 403, r.get_json()
+        assert olga.get(f"/api/sessions/{sid}/annotations.json").status_code == 403
+        assert olga.get(f"/api/sessions/{sid}/report.html").status_code == 403
+    anonymous = client_for(app, None)
+    assert label(anonymous, {**target, "request_id": uuid.uuid4().hex}).status_code == 401
+    for path in ("/api/whoami", "/api/sessions/1/annotations.json", "/api/sessions/1/report.html"):
+        assert anonymous.get(path).status_code == 401
+    assert anonymous.post("/api/sessions/import", data="{}", content_type="application/json").status_code == 401
+    assert counts(db) == before
+    me = client_for(app, "ana").get("/api/whoami").get_json()
+    assert me == {"name": "ana", "role": "radiologist", "display_name": me["display_name"]}
+
+
+def test_export_import_round_trip(api, target):
+    app, _settings, db = api
+    ana = client_for(app, "ana")
+    assert label(ana, {**target, "request_id": uuid.uuid4().hex}).status_code in (200, 201)
+    r = ana.get("/api/sessions/1/annotations.json")
+    assert r.status_code == 200 and r.mimetype == "application/json"
+    assert r.headers["Content-Disposition"].startswith("attachment;")
+    data = r.get_json()
+    assert data["format"] == "conceptlens-annotations/1"
+    text = json.dumps(data)
+    assert "password" not in text and "$argon2" not in text
+    assert target["image"] in text
+
+    assert ana.post("/api/sessions/import", data=json.dumps(data), content_type="application/json").status_code == 403
+    adam = client_for(app, "adam")
+    name = f"imported {uuid.uuid4().hex[:6]}"
+    r = adam.post(f"/api/sessions/import?name={name}", data=json.dumps(data), content_type="application/json")
+    assert r.status_code == 201, r.get_json()
+    info = r.get_json()
+    assert info["name"] == name and info["id"] != 1
+    again = adam.get(f"/api/sessions/{info['id']}/annotations.json").get_json()
+
+    def strip(d):
+        return {k: v for k, v in d.items() if k not in ("session", "exported_at")}
+
+    assert strip(again) == strip(data)
+    assert again["session"]["name"] == name
+    bad = adam.post("/api/sessions/import", data=json.dumps({"format": "something-else"}),
+                    content_type="application/json")
+    assert bad.status_code == 400 and bad.get_json()["error"]
+
+
+def test_report_is_a_self_contained_download(api, target):
+    app, _settings, _db = api
+    r = client_for(app, "rex").get("/api/sessions/1/report.html")
+    assert r.status_code == 200, r.get_data(as_text=True)[:500]
+    assert r.mimetype == "text/html" and r.headers["Content-Disposition"].startswith("attachment;")
+    html = r.get_data(as_text=True)
+    assert html.lstrip().lower().startswith("<!doctype html")
+    assert not re.search(r'<(script|link|img)[^>]+(src|href)="https?://', html)  # nothing fetched from elsewhere
