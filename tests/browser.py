@@ -414,3 +414,34 @@ def call_background(dc: DashClient, base: str, output: str, inputs: dict, *, cha
             return result, time.perf_counter() - t0
         time.sleep(0.1)
     raise TimeoutError(f"background job {output} did not finish in {timeout} s")
+
+
+def labelable_patch(workspace, *, min_pixels: int = 150) -> tuple[str, str, str, int, tuple[int, int, int, int]]:
+    """(layer, source, flagged patch, unit, mask bbox x0, y0, x1, y1): a flagged patch whose most active unit of the
+    default layer has a clear mask (at least `min_pixels`), so a rectangle around it labels that unit."""
+    from store.settings import load_settings
+    from vis.app import AppConfig
+    from vis.services import Workbench
+
+    wb = Workbench(load_settings(workspace_dir(workspace)), AppConfig())
+    layer = wb.layer()
+    candidates = [(src.id, f.image_id) for src in wb.sources() for f in wb.flagged(src.id)]
+    candidates += [(r.source_id, r.id) for r in wb.manifest().records]  # a tiny model may flag too few
+    for source, image in candidates:
+        try:
+            row, _ = wb.record(image)
+        except Exception:  # noqa: BLE001 — a manifest patch that is not in the store
+            continue
+        unit = wb.most_active_unit(layer, row)
+        mask = wb.unit_mask(layer, row, unit)
+        if mask.sum() >= min_pixels:
+            ys, xs = mask.nonzero()
+            return layer, source, image, unit, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    raise AssertionError("no patch of the workspace has a unit with a visible mask")
+
+
+def rect_around(box, *, pad: float = 0.0) -> list[dict]:
+    """The drawn-region list (plotly shapes) of one rectangle around a bbox."""
+    x0, y0, x1, y1 = box
+    return [{"type": "rect", "x0": float(x0 - pad), "y0": float(y0 - pad), "x1": float(x1 + pad),
+             "y1": float(y1 + pad)}]
