@@ -21,6 +21,7 @@ from store.annotations import (
     AnnotationDatabaseError,
     Concept,
     ImageMark,
+    ReviewSession,
     SchemaVersion,
     SchemaVersionError,
     dump,
@@ -35,11 +36,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_a_fresh_database_has_the_schema_the_version_and_the_default_concepts(workspace):
     db = open_database(settings=workspace)
     assert db.url == workspace.database_url and Path(workspace.workspace / "annotations.db").is_file()
-    assert db.schema_version() == SCHEMA_VERSION == 1
+    assert db.schema_version() == SCHEMA_VERSION == 2
     with db.read() as s:
         assert s.scalars(select(Concept.id).order_by(Concept.position)).all() == [c[0] for c in DEFAULT_CONCEPTS]
         assert {"unit_label", "label_change", "label_action", "region", "image_mark", "concept",
-                "schema_version"} <= set(metadata.tables)
+                "schema_version", "user_account", "review_session", "session_member", "comment", "probe_version",
+                "audit_log"} <= set(metadata.tables)
+        assert s.get(ReviewSession, 1).name == "Workspace"  # the built-in session
         conn = s.connection()
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
@@ -142,8 +145,9 @@ def test_two_processes_opening_a_fresh_database_initialize_it_once(tmp_path):
         assert p.returncode == 0, err
     db = open_database(url, create=False)
     with db.read() as s:
-        assert s.scalar(select(func.count()).select_from(SchemaVersion)) == 1
+        assert s.scalars(select(SchemaVersion.version).order_by(SchemaVersion.version)).all() == [1, 2]
         assert s.scalar(select(func.count()).select_from(Concept)) == len(DEFAULT_CONCEPTS)
+        assert s.scalar(select(func.count()).select_from(ReviewSession)) == 1
 
 
 def test_a_database_of_another_schema_version_is_refused_unchanged(tmp_path):
@@ -153,7 +157,7 @@ def test_a_database_of_another_schema_version_is_refused_unchanged(tmp_path):
         s.add(SchemaVersion(version=SCHEMA_VERSION + 1, note="from the future"))
     before = dump(db)
     db.dispose()
-    with pytest.raises(SchemaVersionError, match="schema version 2, this ConceptLens expects 1; upgrade"):
+    with pytest.raises(SchemaVersionError, match="schema version 3, this ConceptLens expects 2; upgrade"):
         open_database(url)
     with pytest.raises(SchemaVersionError):
         open_database(url, create=False)
