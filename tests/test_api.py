@@ -205,7 +205,11 @@ def test_export_import_round_trip(api, target):
     assert ana.post("/api/sessions/import", data=json.dumps(data), content_type="application/json").status_code == 403
     adam = client_for(app, "adam")
     name = f"imported {uuid.uuid4().hex[:6]}"
-    r = adam.post(f"/api/sessions/import?name={name}", data=json.dumps(data), content_type="application/json")
+    # an export may be far larger than a label body (1 MiB): imports take up to MAX_IMPORT_BODY
+    from vis.api import MAX_IMPORT_BODY
+
+    big = json.dumps(data) + " " * (3 << 20)
+    r = adam.post(f"/api/sessions/import?name={name}", data=big, content_type="application/json")
     assert r.status_code == 201, r.get_json()
     info = r.get_json()
     assert info["name"] == name and info["id"] != 1
@@ -216,6 +220,8 @@ def test_export_import_round_trip(api, target):
 
     assert strip(again) == strip(data)
     assert again["session"]["name"] == name
+    huge = adam.post("/api/sessions/import", data=" " * (MAX_IMPORT_BODY + 1), content_type="application/json")
+    assert huge.status_code == 413
     bad = adam.post("/api/sessions/import", data=json.dumps({"format": "something-else"}),
                     content_type="application/json")
     assert bad.status_code == 400 and bad.get_json()["error"]
