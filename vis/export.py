@@ -59,18 +59,30 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 def regions_png(patch: np.ndarray, masks: list[tuple[np.ndarray, tuple[int, int, int]]], *,
                 scale: int = _SCALE) -> bytes:
     """PNG bytes of a uint8 (y, x) patch, `scale`× larger, with each bool (y, x) mask outlined (2 px) in its colour
-    and lightly filled, so overlapping regions of two readers stay visible."""
+    and lightly filled. Where outlines of several readers coincide they alternate in dashes, so two readers who drew
+    the same region both stay visible."""
     from PIL import Image
 
     big = np.kron(np.asarray(patch, np.uint8), np.ones((scale, scale), np.uint8))
     rgb = np.repeat(big[..., None], 3, axis=2).astype(np.float32)  # (Y, X, 3)
-    for mask, color in masks:
-        m = np.kron(np.asarray(mask, bool), np.ones((scale, scale), bool))
-        col = np.asarray(color, np.float32)
-        rgb[m] = rgb[m] * 0.82 + col * 0.18
-        edge = _outline(m)
-        edge |= _outline(m & ~edge)  # two pixels wide at this scale
-        rgb[edge] = col
+    if not masks:
+        edges = np.zeros((0, *big.shape), bool)
+    else:
+        edges = []
+        for mask, color in masks:
+            m = np.kron(np.asarray(mask, bool), np.ones((scale, scale), bool))
+            rgb[m] = rgb[m] * 0.82 + np.asarray(color, np.float32) * 0.18
+            edge = _outline(m)
+            edges.append(edge | _outline(m & ~edge))  # two pixels wide at this scale
+        edges = np.stack(edges)  # (reader, Y, X)
+    count = edges.sum(axis=0)
+    if count.any():
+        yy, xx = np.indices(big.shape)
+        pick = (yy + xx) // 6 % np.maximum(count, 1) + 1  # the k-th reader whose outline covers the pixel
+        chosen = np.argmax(np.cumsum(edges, axis=0) >= pick[None], axis=0)  # (Y, X)
+        colors = np.asarray([c for _m, c in masks], np.float32)
+        on = count > 0
+        rgb[on] = colors[chosen[on]]
     buf = io.BytesIO()
     Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB").save(buf, format="PNG", optimize=True)
     return buf.getvalue()
