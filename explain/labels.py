@@ -810,9 +810,21 @@ def _check_image_id(image) -> str:
     return image
 
 
+def _utc(value):
+    """Times as aware UTC datetimes on every database (SQLite hands back naive ones, written in UTC)."""
+    import datetime as _dt
+
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=_dt.timezone.utc)
+    return value.astimezone(_dt.timezone.utc)
+
+
 def _comment_info(c: Comment) -> CommentInfo:
     return CommentInfo(id=c.id, session=c.session_id, image_id=c.image_id, author=c.author, text=c.text,
-                       created_at=c.created_at, updated_at=c.updated_at, deleted_at=c.deleted_at, version=c.version)
+                       created_at=_utc(c.created_at), updated_at=_utc(c.updated_at), deleted_at=_utc(c.deleted_at),
+                       version=c.version)
 
 
 def add_comment(db: Database, *, image: str, text: str, author: str,
@@ -924,7 +936,8 @@ def _json_metrics(metrics) -> dict:
 
 def _probe_info(p: ProbeVersion) -> ProbeVersionInfo:
     return ProbeVersionInfo(id=p.id, session=p.session_id, concept=p.concept, layer=p.layer, run_id=p.run_id,
-                            author=p.author, created_at=p.created_at, metrics=p.metrics or {}, active=bool(p.active))
+                            author=p.author, created_at=_utc(p.created_at), metrics=p.metrics or {},
+                            active=bool(p.active))
 
 
 def record_probe_version(db: Database, *, session: int = WORKSPACE_SESSION, concept: str, layer: str, run_id: str,

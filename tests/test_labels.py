@@ -287,3 +287,183 @@ def test_labels_and_undo_on_postgresql(postgres_url, store):
         assert dump(db) == state
         assert units_for(db, "mass") == {L4: sorted(r1.changed)}
         db.dispose()
+
+
+# -- review sessions (schema v2) ---------------------------------------------------------------------------------------
+from store.accounts import create_session, create_user  # noqa: E402
+from store.errors import AccessDenied, ConflictError  # noqa: E402
+
+
+def test_labels_are_kept_per_annotator_and_merged_by_majority(db, store):
+    _apply(db, store, [0.5, 0.3, 0.0, 0.0, 0.0, 0.0], "mass", author="ana")
+    _apply(db, store, [0.5, 0.3, 0.0, 0.0, 0.0, 0.0], "calcification", author="ben")  # ben's own labels: no IoU bar
+    _apply(db, store, [0.5, 0.0, 0.0, 0.0, 0.0, 0.0], "mass", author="carl")
+    assert current_labels(db, L4, author="ana") == {0: "mass", 1: "mass"}
+    assert current_labels(db, L4, author="ben") == {0: "calcification", 1: "calcification"}
+    # unit 0: mass 2 : 1; unit 1: a tie (ana mass, ben calcification) → the latest, ben's
+    assert current_labels(db, L4) == {0: "mass", 1: "calcification"}
+    merged = {i.unit: i for i in unit_labels(db, L4)}
+    assert (merged[0].n_annotators, merged[0].n_labeled) == (2, 3) and merged[1].author == "ben"
+    assert units_for(db, "mass") == {L4: [0]} and units_for(db, "mass", author="ana") == {L4: [0, 1]}
+
+
+def test_sessions_are_isolated_and_unknown_or_archived_sessions_refuse_writes(db, store):
+    create_user(db, name="ana", role="radiologist", actor="admin")
+    s2 = create_session(db, name="second", members=["ana"], actor="admin").id
+    _apply(db, store, [0.5, 0, 0, 0, 0, 0], "mass")
+    r = apply_ious(db, store, layer=L4, image=0, concept="calcification", author="ana", specs=SQUARE,
+                   ious=np.array([0.6, 0, 0, 0, 0, 0], np.float32), session=s2)
+    assert current_labels(db, L4) == {0: "mass"} and current_labels(db, L4, session=s2) == {0: "calcification"}
+    assert [x.concept for x in regions_for(db, session=s2)] == ["calcification"]
+    with pytest.raises(UnknownActionError):
+        undo(db, r.action_id, author="ana")  # an action of session 2 is not one of session 1
+    before = dump(db)
+    with pytest.raises(LabelError, match="no review session 99"):
+        _apply_s(db, store, 99)
+    with pytest.raises(LabelError, match="session must be"):
+        _apply_s(db, store, "2")
+    from store.annotations import ReviewSession, utcnow
+
+    with db.write() as s:
+        s.get(ReviewSession, s2).archived_at = utcnow()
+    archived = dump(db)
+    with pytest.raises(LabelError, match="archived"):
+        _apply_s(db, store, s2)
+    assert dump(db) == archived and dump(db)["unit_label"] == before["unit_label"]
+
+
+def _apply_s(db, store, session):
+    return apply_ious(db, store, layer=L4, image=0, concept="mass", author="ana", specs=SQUARE,
+                      ious=np.array([0.9] * 6, np.float32), session=session)
+
+
+def test_a_repeated_request_id_returns_the_first_result_and_writes_nothing(db, store):
+    first = label_region(db, store, layer=L4, image=1, region=SQUARE, concept="mass", author="ana",
+                         request_id="req-1")
+    assert not first.replayed
+    before = dump(db)
+    again = label_region(db, store, layer=L4, image=1, region=SQUARE, concept="mass", author="ana",
+                         request_id="req-1")
+    assert again.replayed and again.action_id == first.action_id and again.changed == first.changed
+    assert dump(db) == before
+    with pytest.raises(LabelError, match="already used for another request"):
+        label_region(db, store, layer=L4, image=2, region=SQUARE, concept="mass", author="ana", request_id="req-1")
+    # the key is per author: ben's req-1 is his own request
+    assert not label_region(db, store, layer=L4, image=1, region=SQUARE, concept="mass", author="ben",
+                            request_id="req-1").replayed
+    for bad in ("", "x" * 129, "with space", 7):
+        with pytest.raises(LabelError, match="request_id"):
+            label_region(db, store, layer=L4, image=1, region=SQUARE, concept="mass", author="ana", request_id=bad)
+
+
+def _concurrent_retries(url, store, n=6):
+    """n threads, each with its own engine, send the same request at once: exactly one action is stored."""
+    import threading
+
+    results, errors = [], []
+    barrier = threading.Barrier(n)
+
+    def worker():
+        try:
+            mine = open_database(url)
+            barrier.wait(30)
+            results.append(apply_ious(mine, store, layer=L4, image=2, concept="mass", author="ana", specs=SQUARE,
+                                      ious=np.array([0.5, 0.4, 0, 0, 0, 0.3], np.float32), request_id="same-req"))
+            mine.dispose()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert len({r.action_id for r in results}) == 1 and sum(not r.replayed for r in results) == 1
+    d = dump(open_database(url))
+    assert [a["request_id"] for a in d["label_action"]] == ["same-req"]
+    assert len(d["region"]) == 1 and len(d["unit_label"]) == 3
+
+
+def test_concurrent_retries_of_one_request_are_stored_exactly_once_on_sqlite(workspace, store):
+    open_database(workspace.database_url).dispose()
+    _concurrent_retries(workspace.database_url, store)
+
+
+@pytest.mark.services
+def test_concurrent_retries_of_one_request_are_stored_exactly_once_on_postgresql(postgres_url, store):
+    with fresh_postgres_database(postgres_url) as url:
+        open_database(url).dispose()
+        _concurrent_retries(url, store)
+
+
+def test_undo_rights_a_researcher_cannot_undo_a_radiologists_action(db, store):
+    create_user(db, name="ana", role="radiologist", actor="admin")
+    create_user(db, name="rob", role="researcher", actor="admin")
+    create_user(db, name="boss", role="admin", actor="admin")
+    r_ana = _apply(db, store, [0.5, 0, 0, 0, 0, 0], "mass", author="ana")
+    r_rob = _apply(db, store, [0, 0.5, 0, 0, 0, 0], "mass", author="rob")
+    before = dump(db)
+    with pytest.raises(AccessDenied, match="rob \\(researcher\\) may not undo action"):
+        undo(db, r_ana.action_id, author="rob")
+    with pytest.raises(AccessDenied):  # a role claimed by the caller counts, but never beyond the rule
+        undo(db, r_ana.action_id, author="rob", actor_role="researcher")
+    assert dump(db) == before
+    assert undo(db, r_rob.action_id, author="rob").restored == {1: None}  # own work
+    assert undo(db, r_ana.action_id, author="boss").restored == {0: None}  # admins remove all
+    assert current_labels(db, L4) == {}
+
+
+def test_concurrent_manual_edits_conflict_and_nothing_is_overwritten(db, store):
+    name_unit(db, store, layer=L4, unit=2, concept="mass", author="ana", expected_version=0)
+    seen = unit_labels(db, L4, author="ana")[0].version
+    name_unit(db, store, layer=L4, unit=2, concept="calcification", author="ana", expected_version=seen)  # tab 1
+    before = dump(db)
+    with pytest.raises(ConflictError, match=r"ana's label of unit 2 of layer 'features.4' was changed by ana at "):
+        name_unit(db, store, layer=L4, unit=2, concept="skin", author="ana", expected_version=seen)  # tab 2
+    assert dump(db) == before and current_labels(db, L4) == {2: "calcification"}
+
+
+def test_comments_edit_conflicts_and_delete_rights(db):
+    create_user(db, name="ana", role="radiologist", actor="admin")
+    create_user(db, name="rob", role="researcher", actor="admin")
+    from explain.labels import add_comment, comments, delete_comment, edit_comment
+
+    c = add_comment(db, image="p0001", text="spiculated?", author="ana")
+    e1 = edit_comment(db, c.id, text="spiculated margin", author="ana", expected_version=c.version)
+    before = dump(db)
+    with pytest.raises(ConflictError, match=f"comment {c.id} was changed by ana at"):
+        edit_comment(db, c.id, text="stale edit", author="ana", expected_version=c.version)
+    with pytest.raises(AccessDenied, match="may not edit comment"):
+        edit_comment(db, c.id, text="rob's words", author="rob", expected_version=e1.version)
+    with pytest.raises(AccessDenied, match="may not delete comment"):
+        delete_comment(db, c.id, author="rob", expected_version=e1.version)
+    other = create_session(db, name="other", members=["ana"], actor="admin").id
+    with pytest.raises(LabelError, match=f"no comment {c.id} in review session {other}"):
+        edit_comment(db, c.id, text="x", author="ana", expected_version=e1.version, session=other)
+    before = dump(db)
+    for bad in ("", "x" * 10001, None):
+        with pytest.raises(LabelError, match="comment must be"):
+            add_comment(db, image="p0001", text=bad, author="ana")
+    assert dump(db) == before
+    assert [x.text for x in comments(db, 1, "p0001")] == ["spiculated margin"]
+    gone = delete_comment(db, c.id, author="ana", expected_version=e1.version)
+    assert comments(db, 1) == [] and comments(db, 1, include_deleted=True)[0].deleted_at == gone.deleted_at
+    with pytest.raises(ConflictError):
+        edit_comment(db, c.id, text="after delete", author="ana", expected_version=gone.version)
+
+
+def test_probe_versions_are_recorded_with_one_active_per_probe(db):
+    from explain.labels import record_probe_version, recorded_probe_versions
+
+    a = record_probe_version(db, concept="mass", layer=L4, run_id="run-a", author="ana",
+                             metrics={"auroc": np.float32(0.9), "ap": float("nan")})
+    b = record_probe_version(db, concept="mass", layer=L4, run_id="run-b", author="ana", metrics={"auroc": 0.95})
+    assert a.metrics == {"auroc": pytest.approx(0.9), "ap": None}
+    assert [(p.run_id, p.active) for p in recorded_probe_versions(db, concept="mass")] == \
+        [("run-a", False), ("run-b", True)]
+    record_probe_version(db, concept="mass", layer=L4, run_id="run-a", author="ana")  # a rollback
+    assert [(p.run_id, p.active) for p in recorded_probe_versions(db)] == [("run-a", True), ("run-b", False)]
+    assert b.id != a.id
+    with pytest.raises(LabelError, match="run_id"):
+        record_probe_version(db, concept="mass", layer=L4, run_id="../x", author="ana")
