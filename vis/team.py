@@ -296,7 +296,8 @@ class TeamStack:
         return p
 
     def _wait(self, proc: _Proc, healthy, what: str) -> None:
-        deadline = time.monotonic() + self.config.timeout
+        t0 = time.monotonic()
+        deadline = t0 + self.config.timeout
         while not healthy():
             if not proc.alive():
                 raise TeamError(f"{what} exited with {proc.proc.returncode}; {proc.log_path}:\n{proc.tail()}")
@@ -304,10 +305,12 @@ class TeamStack:
                 raise TeamError(f"{what} did not become healthy within {self.config.timeout:.0f} s; "
                                 f"{proc.log_path}:\n{proc.tail()}")
             time.sleep(0.3)
+        self._say(f"  {what}: ready ({time.monotonic() - t0:.1f} s)")
 
     def _run(self, argv: list[str], env: dict, what: str) -> str:
-        self._say(f"  {what}: {' '.join(argv[1:])}")
+        t0 = time.monotonic()
         done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+        self._say(f"  {what}: python {' '.join(argv[1:])} ({time.monotonic() - t0:.1f} s)")
         with open(self.log_dir / "setup.log", "a") as log:
             log.write(f"\n== {' '.join(argv)}\n{done.stdout}{done.stderr}")
         if done.returncode != 0:
@@ -321,6 +324,8 @@ class TeamStack:
         from store.settings import load_settings
         from training import load_model
 
+        # this process downloads the model once to check the store: no progress bar in the launcher's output
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         config = app_config_from_env(env)
         settings = load_settings(self.workspace, env=env)
         py = sys.executable
