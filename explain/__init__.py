@@ -19,6 +19,9 @@ _WHERE = {
     "UnitIoU": "dissection", "DatasetIoU": "dissection", "unit_masks": "dissection",
     "reference_unit_iou": "dissection",
     "LabelRule": "labels", "label_region": "labels", "undo": "labels", "current_labels": "labels",
+    "add_comment": "labels", "edit_comment": "labels", "delete_comment": "labels", "comments": "labels",
+    "record_probe_version": "labels", "recorded_probe_versions": "labels",
+    "label_kappa": "agreement", "region_dice": "agreement",  # (the function agreement: explain.agreement.agreement)
     "fit_probe": "probes", "retrain": "probes", "rollback": "probes", "probe_versions": "probes",
     "probe_heatmap": "probes",
     "compute_maps": "embeddings", "read_maps": "embeddings",
