@@ -7,10 +7,14 @@
     >>> with db.read() as s:
     ...     s.scalars(select(UnitLabel).where(UnitLabel.layer == "features.9")).all()
 
-Everything about the schema is in this module: the SQLAlchemy 2 ORM models, their `metadata`, the schema version
-(table `schema_version`) and the default concept vocabulary. A later issue adds users, sessions and Alembic
-migrations on top of this `metadata`; until then a database whose schema version differs from `SCHEMA_VERSION`
-is refused with a clear error instead of being changed.
+Everything about the schema is in this module: the SQLAlchemy 2 ORM models and their `metadata` (schema v2:
+users, review sessions and their members, per-annotator unit labels, comments, probe versions, the append-only audit
+log; docs/CONTRACTS.md "Review database, schema v2"). The schema itself is made by the Alembic migrations in
+store/migrations/ (`0001` = the v1 schema, `0002` = v2): `open_database` upgrades to the newest revision under a lock
+(PostgreSQL advisory lock; SQLite BEGIN IMMEDIATE), so two processes starting together migrate once. A v1 database
+(table `schema_version`, no `alembic_version`) is stamped `0001` and upgraded with its rows kept in session 1; a
+database newer than this code is refused (SchemaVersionError) and never changed. `schema_version` keeps one row per
+schema version so that an older ConceptLens refuses a newer database clearly too.
 
 SQLite (the embedded default, `<workspace>/annotations.db`) runs in WAL mode with a busy timeout, and every write
 transaction begins with `BEGIN IMMEDIATE`, so two writers queue instead of failing with "database is locked" on

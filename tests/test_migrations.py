@@ -96,7 +96,7 @@ def test_revision_0001_is_exactly_the_v1_schema(tmp_path):
     assert _sqlite_schema(path) == _sqlite_schema(fixture)  # every table, column, constraint and index, as text
 
 
-# -- from empty ----------------------------------------------------------------------------------------------------------
+# -- from empty --------------------------------------------------------------------------------------------------------
 def _check_fresh(db: Database) -> None:
     assert current_revision(db) == head_revision() == "0002" and db.schema_version() == SCHEMA_VERSION
     with db.engine.connect() as c:
@@ -301,7 +301,7 @@ def test_a_failing_migration_leaves_the_v1_database_as_it_was(tmp_path):
     assert current_revision(_raw(url)) is None
 
 
-# -- the audit log is append-only ----------------------------------------------------------------------------------------
+# -- the audit log is append-only --------------------------------------------------------------------------------------
 def _audit_refuses_changes(db: Database) -> None:
     from store.accounts import audit
 

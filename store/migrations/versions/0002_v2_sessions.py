@@ -94,7 +94,8 @@ def upgrade() -> None:
         sa.Column("user_id", sa.Integer(), nullable=False),
         sa.Column("added_at", TS, nullable=False),
         sa.PrimaryKeyConstraint("session_id", "user_id", name="pk_session_member"),
-        sa.ForeignKeyConstraint(["session_id"], ["review_session.id"], name="fk_session_member_session_id_review_session"),
+        sa.ForeignKeyConstraint(["session_id"], ["review_session.id"],
+                                name="fk_session_member_session_id_review_session"),
         sa.ForeignKeyConstraint(["user_id"], ["user_account.id"], name="fk_session_member_user_id_user_account"),
     )
     op.create_index("ix_session_member_user_id", "session_member", ["user_id"])
