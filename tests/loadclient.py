@@ -115,13 +115,19 @@ def login(base: str, username: str, password: str, *, timeout: float = 30.0) -> 
     return s
 
 
+@dataclass
+class _Window:
+    give_up_at: float
+    stop_at: float = 0.0
+    barrier: threading.Barrier | None = None
+
+
 class _Client(threading.Thread):
-    def __init__(self, base, user, password, tasks, offset, *, session_id, start_at, stop_at, give_up_at,
-                 result, lock, timeout):
+    def __init__(self, base, user, password, tasks, offset, *, session_id, window, result, lock, timeout):
         super().__init__(daemon=True, name=f"load-{user}")
         self.base, self.user, self.password, self.tasks, self.i = base, user, password, tasks, offset
         self.url = f"{base}/api/sessions/{session_id}/labels"
-        self.start_at, self.stop_at, self.give_up_at = start_at, stop_at, give_up_at
+        self.window = window  # shared: login_until, then stop_at and give_up_at once everyone is logged in
         self.result, self.lock, self.timeout = result, lock, timeout
         self.http: requests.Session | None = None
 
@@ -130,7 +136,7 @@ class _Client(threading.Thread):
             self.result.statuses[status] += 1
 
     def _login(self) -> bool:
-        while time.monotonic() < self.give_up_at:
+        while time.monotonic() < self.window.give_up_at:
             try:
                 self.http = login(self.base, self.user, self.password, timeout=self.timeout)
                 return True
@@ -143,11 +149,16 @@ class _Client(threading.Thread):
         return False
 
     def run(self) -> None:
-        if not self._login():
+        try:
+            ok = self._login()
+        finally:
+            try:  # every client waits for the others, so the window starts with all of them labeling
+                self.window.barrier.wait()
+            except threading.BrokenBarrierError:
+                ok = False
+        if not ok:
             return
-        while time.monotonic() < self.start_at:
-            time.sleep(0.005)
-        while time.monotonic() < self.stop_at:
+        while time.monotonic() < self.window.stop_at:
             task = self.tasks[self.i % len(self.tasks)]
             self.i += 1
             if not self._label(task, uuid.uuid4().hex):
@@ -162,7 +173,7 @@ class _Client(threading.Thread):
             if attempt:
                 with self.lock:
                     self.result.retries += 1
-                if time.monotonic() > self.give_up_at:
+                if time.monotonic() > self.window.give_up_at:
                     with self.lock:
                         self.result.unacked.append(rid)
                     return False
@@ -199,7 +210,8 @@ class _Client(threading.Thread):
 
 def run_load(base: str, users: list[tuple[str, str]], tasks: list[LabelTask], *, session_id: int = 1,
              duration: float = 30.0, retry_for: float = 120.0, timeout: float = 60.0) -> LoadResult:
-    """One thread per (user, password); all log in first, then label together for `duration` seconds.
+    """One thread per (user, password); all log in first, then label together for `duration` seconds (the window
+    opens when the last one is in, so the rate counts only time where every client labels).
 
     A label unacknowledged when the window ends is still retried (same request id) for up to `retry_for` seconds,
     so every request id a client sent ends acknowledged or listed in `unacked`.
@@ -207,16 +219,19 @@ def run_load(base: str, users: list[tuple[str, str]], tasks: list[LabelTask], *,
     if not users or not tasks:
         raise ValueError("run_load needs at least one user and one task")
     result, lock = LoadResult(), threading.Lock()
-    # logins take a moment per user (argon2): the labeling window starts once everyone could be in
-    start_at = time.monotonic() + 3.0 + 0.5 * len(users)
-    stop_at = start_at + duration
-    clients = [_Client(base, u, p, tasks, k * 7, session_id=session_id, start_at=start_at, stop_at=stop_at,
-                       give_up_at=stop_at + retry_for, result=result, lock=lock, timeout=timeout)
-               for k, (u, p) in enumerate(users)]
+    window = _Window(give_up_at=time.monotonic() + retry_for)  # for the logins; then reset below
+
+    def open_window():  # run by the last client to log in, before any of them is released
+        window.stop_at = time.monotonic() + duration
+        window.give_up_at = window.stop_at + retry_for
+
+    window.barrier = threading.Barrier(len(users), action=open_window)
+    clients = [_Client(base, u, p, tasks, k * 7, session_id=session_id, window=window, result=result, lock=lock,
+                       timeout=timeout) for k, (u, p) in enumerate(users)]
     for c in clients:
         c.start()
     for c in clients:
-        c.join(timeout=duration + retry_for + 3 * timeout + 60)
+        c.join(timeout=duration + 2 * retry_for + 3 * timeout + 60)
     result.duration = duration
     return result
 
