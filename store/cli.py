@@ -7,8 +7,7 @@
     $ python -m store users demo [--file PATH]                      # what `make demo` runs
 
 The database is `--url`, else the workspace's (`--workspace`, CONCEPTLENS_WORKSPACE, CONCEPTLENS_DATABASE_URL).
-The `users` and `db` commands are registered here for `prog == "store"` (see `_BUILTIN`), next to the commands
-store/__main__.py lists.
+store/__main__.py lists the commands.
 """
 
 from __future__ import annotations
@@ -19,17 +18,8 @@ import sys
 
 __all__ = ["dispatch", "users_main", "db_main"]
 
-_BUILTIN = {
-    "store": {
-        "users": ("store.cli:users_main", "user accounts: add NAME --role R [--password-stdin] | list | demo"),
-        "db": ("store.cli:db_main", "the annotation database: upgrade | current"),
-    },
-}
-
-
 def dispatch(prog: str, commands: dict[str, tuple[str, str]], argv: list[str] | None = None) -> int:
     """Run `commands[argv[0]]`, a (module:function, help) pair; the module is imported only when used."""
-    commands = {**commands, **{k: v for k, v in _BUILTIN.get(prog, {}).items() if k not in commands}}
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         width = max(map(len, commands))
