@@ -30,6 +30,7 @@ SCREENSHOTS = ROOT / "test-output" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync"]
+TEST_PASSWORD = "correct-horse-battery"  # a test account's password (≥ the accounts module's minimum length)
 
 
 def free_port() -> int:
@@ -104,6 +105,36 @@ def open_browser(*, width: int = 1440, height: int = 900):
             yield page
         finally:
             context.close()
+
+
+@contextlib.contextmanager
+def open_contexts(n: int, *, width: int = 1440, height: int = 900):
+    """`n` pages in `n` separate browser contexts of one chromium (separate cookies: separate users)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            pages = []
+            for _ in range(n):
+                context = browser.new_context(viewport={"width": width, "height": height}, device_scale_factor=1,
+                                              accept_downloads=True)
+                page = context.new_page()
+                page.set_default_timeout(60_000)
+                pages.append(page)
+            yield pages
+        finally:
+            browser.close()
+
+
+def browser_login(page, base: str, name: str, password: str = TEST_PASSWORD, *, next_path: str = "/") -> None:
+    """Sign in through the real login form (the page ends on `next_path`, the app loaded)."""
+    page.goto(f"{base}/login?next={urllib.parse.quote(next_path)}")
+    page.fill("#username", name)
+    page.fill("#password", password)
+    with page.expect_navigation():
+        page.click("button[type=submit]")
+    page.wait_for_selector(".cl-navbar")
 
 
 # Callbacks Dash's renderer still has in its queues, plus components marked as loading.
@@ -202,7 +233,6 @@ def workspace_dir(ws) -> Path:
 
 # -- driving callbacks over HTTP (tests and the benchmark) ----------------------------------------------------------------
 # -- accounts and signing in (tests and the benchmark) ---------------------------------------------------------------
-TEST_PASSWORD = "correct-horse-battery"  # a test account's password (≥ the accounts module's minimum length)
 
 
 def ensure_user(workspace, name: str, role: str = "radiologist", *, password: str = TEST_PASSWORD,

@@ -1,8 +1,10 @@
 """The workbench in a real browser (Debian chromium, headless), against a real small workspace.
 
-Every page is opened and screenshotted to test-output/screenshots/; the review loop is driven with real mouse events
-on the plotly graphs (click a flagged patch, draw a region, label units, undo) and the images loop (lasso, mark,
-retrain with the progress bar, views updated). Look at the screenshots: a cramped or broken view is a failure.
+Every page is opened (after signing in through the login form) and screenshotted to test-output/screenshots/; the
+review loop is driven with real mouse events on the plotly graphs (click a flagged patch, draw a region, label units,
+undo) and the images loop (lasso, mark, retrain with the progress bar, views updated). Two readers in two browser
+contexts work in one session: one labels, the other sees the region and labels appear, then exports the report.
+Look at the screenshots: a cramped or broken view is a failure.
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from browser import (AppServer, click_data, drag, open_browser, screenshot,  # noqa: E402
-                     wait_idle)
+from browser import (SCREENSHOTS, AppServer, browser_login, click_data, drag, labelable_patch,  # noqa: E402
+                     open_browser, open_contexts, screenshot, wait_idle)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 PAGES = [("/", "review", "#review-mammogram .main-svg"), ("/units", "units", "#units-map .main-svg"),
          ("/images", "images", "#images-map .main-svg"), ("/probes", "probes", "#probes-versions .main-svg"),
-         ("/experiments", "experiments", "#exp-curves .main-svg")]
+         ("/experiments", "experiments", "#exp-curves .main-svg"), ("/session", "session", "#sess-members table")]
 
 
 
@@ -36,6 +38,7 @@ def served(app_workspace, tmp_path):
         failures: list[str] = []
         page.on("response", lambda r: failures.append(f"{r.status} {r.url}") if r.status >= 400 else None)
         page.on("pageerror", lambda e: failures.append(f"page error: {e}"))
+        browser_login(page, app.url, "ana")
         yield app, page, failures
         assert not failures, f"{failures}\n{app.log()}"
 
@@ -67,25 +70,18 @@ def test_every_page_opens_and_is_screenshotted(served):
         assert shot.stat().st_size > 20_000
         assert "not ready" not in page.inner_text("body").lower()
         assert page.locator(".cl-navbar .nav-link.active").inner_text() == {"/": "Review"}.get(path, name.title())
+    # the header: the session picker, who is signed in and as what, and the sign-out button
+    header = page.locator(".cl-navbar")
+    assert "ana" in header.inner_text() and "radiologist" in header.inner_text()
+    assert page.locator(f"#{'shell-session-picker'}").inner_text().strip() == "Workspace"
+    page.evaluate("() => window.scrollTo(0, 0)")
+    header.screenshot(path=str(SCREENSHOTS / "header.png"))
 
 
 def _labelable_patch(workspace) -> tuple[str, str, int, tuple[int, int, int, int]]:
     """(source, flagged patch, unit, mask bbox x0, y0, x1, y1) where the patch's most active unit has a clear mask."""
-    from store.settings import load_settings
-    from vis.app import AppConfig
-    from vis.services import Workbench
-
-    wb = Workbench(load_settings(workspace), AppConfig())
-    layer = wb.layer()
-    for src in wb.sources():
-        for flag in wb.flagged(src.id):
-            row, _ = wb.record(flag.image_id)
-            unit = wb.most_active_unit(layer, row)
-            mask = wb.unit_mask(layer, row, unit)
-            if mask.sum() >= 150:
-                ys, xs = mask.nonzero()
-                return src.id, flag.image_id, unit, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-    pytest.fail("no flagged patch of the workspace has a unit with a visible mask")
+    _layer, source, image, unit, box = labelable_patch(workspace)
+    return source, image, unit, box
 
 
 def test_review_loop_with_real_mouse_events(served):
@@ -296,3 +292,98 @@ def test_units_lasso_gallery_and_detail(served):
     wait_idle(page)
     assert page.locator("#units-map .colorbar").count() == 1
     screenshot(page, "units-selected")
+
+
+def _open_patch(page, image: str) -> None:
+    """Step through the mammograms on Review until the flagged patch `image` is in the strip, then open it."""
+    page.wait_for_selector("#review-mammogram .main-svg")
+    wait_idle(page)
+    for _ in range(30):
+        if page.locator(f'#review-flagged button[id*="{image}"]').count():
+            break
+        page.locator("#review-next").click()
+        wait_idle(page)
+    page.locator(f'#review-flagged button[id*="{image}"]').click()
+    wait_idle(page)
+
+
+def test_two_readers_work_together_and_export_the_report(app_workspace, tmp_path):
+    """ana labels a region; ben, signed in elsewhere on the same session, sees her region and labels appear within
+    a few seconds without reloading, reads the session page and downloads the session report."""
+    import shutil
+
+    ws = tmp_path / "workspace"
+    shutil.copytree(app_workspace, ws, ignore=shutil.ignore_patterns("secret_key"))
+    source, image, unit, (bx0, by0, bx1, by1) = _labelable_patch(ws)
+    failures: list[str] = []
+    with AppServer(ws) as app, open_contexts(2) as (ana, ben):
+        for who, page in (("ana", ana), ("ben", ben)):
+            page.on("response", lambda r, who=who: failures.append(f"{who}: {r.status} {r.url} {(r.request.post_data or '')[:300]} {r.text()[:200]}")
+                    if r.status >= 400 else None)
+            page.on("pageerror", lambda e, who=who: failures.append(f"{who}: page error: {e}"))
+        # the login page, a refused sign-in (one message, whoever the user), then both readers sign in
+        ana.goto(app.url + "/")
+        ana.wait_for_selector("form.cl-login-card")
+        assert ana.url.endswith("/login?next=%2F")
+        screenshot(ana, "login")
+        ana.fill("#username", "ana")
+        ana.fill("#password", "not-her-password")
+        ana.click("button[type=submit]")
+        ana.wait_for_selector(".cl-login-error")
+        assert ana.inner_text(".cl-login-error") == "Unknown user name or wrong password."
+        screenshot(ana, "login-refused")
+        failures.clear()  # the refused sign-in answered 401 on purpose
+        browser_login(ana, app.url, "ana")
+        browser_login(ben, app.url, "ben")
+        for page in (ana, ben):
+            _open_patch(page, image)
+        before = [t["name"] for t in _figure(ben, "review-unit-map")["data"]]
+        assert "mass" not in before
+
+        # ana draws a rectangle around the unit's mask and labels the units it matches
+        ana.locator('#review-patch .modebar-btn[data-title="Draw rectangle"]').click()
+        drag(ana, "review-patch", [(max(0.5, bx0 - 1), max(0.5, by0 - 1)), (min(63.5, bx1 + 1), min(63.5, by1 + 1))],
+             steps=8)
+        wait_idle(ana)
+        ana.locator("#review-label").click()
+        wait_idle(ana)
+        assert "labeled" in _text(ana, "#review-message").lower(), _text(ana, "#review-message")
+
+        # ben's views follow within a few poll intervals: ana's units on the map, her region on the patch
+        ben.wait_for_function("""() => {
+            const names = (id) => (document.querySelector('#' + id + ' .js-plotly-plot')._fullData || [])
+                .map(t => t.name || '');
+            return names('review-unit-map').includes('mass')
+                && names('review-patch').some(n => n.startsWith('saved by ana: mass'));
+        }""", timeout=15_000)
+        wait_idle(ben)
+        assert "ana 1" in _text(ben, "#review-patch-info")
+        assert "mass" in _text(ben, "#review-report")
+        screenshot(ben, "review-live-update")
+
+        # the session page: members, ana's labels, the export links; a comment on the patch ben had open
+        ben.locator(".cl-navbar a", has_text="Session").click()
+        ben.wait_for_selector("#sess-members table")
+        wait_idle(ben)
+        counts = _text(ben, "#sess-counts")
+        assert "ana" in counts and "mass" in counts.lower()
+        assert ben.locator("#sess-image").inner_text().strip() == image
+        ben.fill("#sess-comment-text", "agree: mass, spiculated margin?")
+        ben.locator("#sess-comment-save").click()
+        wait_idle(ben)
+        assert "spiculated margin?" in _text(ben, "#sess-comments")
+        screenshot(ben, "session")
+        with ben.expect_download() as download:
+            ben.locator("#sess-export-report").click()
+        report = Path(download.value.path()).read_text(encoding="utf-8")
+        assert image in report and "ana" in report and "mass" in report and "spiculated margin?" in report
+        assert "<script" not in report.lower()
+        # ana sees ben's comment appear on her session page without reloading
+        ana.locator(".cl-navbar a", has_text="Session").click()
+        ana.wait_for_selector("#sess-members table")
+        ana.wait_for_function("() => document.querySelector('#sess-comments').innerText.includes('spiculated')",
+                              timeout=15_000)
+        # signing out ends the session: the app sends ana back to the login page
+        ana.locator("#shell-logout").click()
+        ana.wait_for_selector("form.cl-login-card")
+    assert not failures, f"{failures}\n{app.log()}"

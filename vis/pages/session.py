@@ -11,6 +11,7 @@ from __future__ import annotations
 import dash
 import dash_bootstrap_components as dbc
 from dash import ALL, Input, Output, State, callback, ctx, dcc, html, no_update
+from dash.exceptions import PreventUpdate
 
 from vis import collab, ids
 from vis.components import labeled, panel, shows_errors
@@ -20,6 +21,7 @@ dash.register_page(__name__, path="/session", name="Session", title="ConceptLens
 
 
 def layout(**_query):
+    is_admin = current().account().role == "admin"
     upload = dcc.Upload(id=ids.SESS_IMPORT, children=html.Div(["Drop an annotations JSON export here, or ",
                                                                html.A("choose a file")]),
                         accept=".json,application/json", max_size=collab.MAX_IMPORT_BYTES, multiple=False,
@@ -39,8 +41,9 @@ def layout(**_query):
         html.Div(id=ids.SESS_EXPORT),
         html.P("The report is one self-contained HTML file: model, members, images with every reader's regions, "
                "labeled units, concept report, probe metrics and agreement.", className="cl-hint"),
-        html.Div("Import (administrators): a new session from an annotations export", className="cl-section-title"),
-        upload,
+        *([html.Div("Import: a new session from an annotations export", className="cl-section-title"), upload]
+          if is_admin else [html.Div("An administrator can import an annotations export as a new session.",
+                                     className="cl-hint")]),
         html.Div(id=ids.SESS_IMPORT_MESSAGE, className="mt-2"),
     ])
     return html.Div([
@@ -77,9 +80,9 @@ def list_images(session, _version, current_image, chosen):
 
 
 @callback(Output(ids.SESS_COMMENTS, "children"), Input(ids.SESS_IMAGE, "value"), Input(ids.SESSION, "data"),
-          Input(ids.SESSION_VERSION, "data"))
+          Input(ids.SESSION_VERSION, "data"), Input(ids.SESS_MESSAGE, "children"))
 @shows_errors(1, at=0)
-def show_comments(image, session, _version):
+def show_comments(image, session, _version, _saved):  # _saved: redraw right after this user's own change
     return collab.comments_view(current(), session, image)
 
 
@@ -112,6 +115,8 @@ def write_comment(_save, _cancel, edit_clicks, delete_clicks, text, editing, ima
           Input(ids.SESS_IMPORT, "contents"), State(ids.SESS_IMPORT, "filename"), prevent_initial_call=True)
 @shows_errors(2, at=0)
 def import_file(contents, filename):
+    if contents is None:  # the upload mounting with the page, not a file
+        raise PreventUpdate
     wb = current()
     msg, _sid = collab.import_annotations(wb, contents, filename)
     return msg, wb.session_options()
