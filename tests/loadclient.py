@@ -25,6 +25,7 @@ import time
 import uuid
 from pathlib import Path
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import requests
@@ -209,27 +210,41 @@ class _Client(threading.Thread):
 
 
 def run_load(base: str, users: list[tuple[str, str]], tasks: list[LabelTask], *, session_id: int = 1,
-             duration: float = 30.0, retry_for: float = 120.0, timeout: float = 60.0) -> LoadResult:
+             duration: float = 30.0, retry_for: float = 120.0, timeout: float = 60.0,
+             during: list[tuple[float, Callable[[], object]]] = ()) -> LoadResult:
     """One thread per (user, password); all log in first, then label together for `duration` seconds (the window
     opens when the last one is in, so the rate counts only time where every client labels).
 
     A label unacknowledged when the window ends is still retried (same request id) for up to `retry_for` seconds,
-    so every request id a client sent ends acknowledged or listed in `unacked`.
+    so every request id a client sent ends acknowledged or listed in `unacked`. `during`: (seconds into the
+    window, function) pairs run while the clients label — e.g. killing a server worker; an exception is a failure.
     """
     if not users or not tasks:
         raise ValueError("run_load needs at least one user and one task")
     result, lock = LoadResult(), threading.Lock()
     window = _Window(give_up_at=time.monotonic() + retry_for)  # for the logins; then reset below
 
+    opened = threading.Event()
+
     def open_window():  # run by the last client to log in, before any of them is released
         window.stop_at = time.monotonic() + duration
         window.give_up_at = window.stop_at + retry_for
+        opened.set()
 
     window.barrier = threading.Barrier(len(users), action=open_window)
     clients = [_Client(base, u, p, tasks, k * 7, session_id=session_id, window=window, result=result, lock=lock,
                        timeout=timeout) for k, (u, p) in enumerate(users)]
     for c in clients:
         c.start()
+    if during and opened.wait(timeout=retry_for + 5):
+        t0 = window.stop_at - duration
+        for at, fn in sorted(during, key=lambda e: e[0]):
+            time.sleep(max(0.0, t0 + at - time.monotonic()))
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 — reported with the run's other failures
+                with lock:
+                    result.failures.append(f"during the run, {getattr(fn, '__name__', fn)}: {e!r}")
     for c in clients:
         c.join(timeout=duration + 2 * retry_for + 3 * timeout + 60)
     result.duration = duration

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -44,23 +43,25 @@ def run_and_check(workspace: Path, db_url: str, *, kill_worker_after: float | No
     with gunicorn_app(workspace, db_url) as app:
         master = psutil.Process(app.proc.pid)
         assert len(master.children()) == 2
+        port = int(app.url.rsplit(":", 1)[1])
 
-        def kill_one():
-            time.sleep(kill_worker_after)
-            victim = master.children()[0]
-            os.kill(victim.pid, signal.SIGKILL)  # one worker, not the master: gunicorn starts a new one
+        def kill_a_busy_worker():
+            """SIGKILL one worker (never the master), preferably one holding client connections right now."""
+            workers = master.children()
+            busy = [w for w in workers if any(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+                                              for c in w.net_connections(kind="tcp"))]
+            victim = (busy or workers)[0]
+            os.kill(victim.pid, signal.SIGKILL)
             killed.append(victim.pid)
 
-        killer = threading.Thread(target=kill_one, daemon=True) if kill_worker_after is not None else None
-        if killer:
-            killer.start()
-        result = run_load(app.url, users, tasks, duration=DURATION_S, retry_for=120.0)
-        if killer:
-            killer.join()
+        during = [(kill_worker_after, kill_a_busy_worker)] if kill_worker_after is not None else []
+        result = run_load(app.url, users, tasks, duration=DURATION_S, retry_for=120.0, during=during)
+        if during:
+            assert killed, result.failures
             deadline = time.monotonic() + 60
             while len(master.children()) < 2 and time.monotonic() < deadline:
                 time.sleep(0.5)
-            assert killed and killed[0] not in [p.pid for p in master.children()]
+            assert killed[0] not in [p.pid for p in master.children()]
             assert len(master.children()) == 2, "gunicorn did not replace the killed worker"
         log = app.log()
     print(result.summary())
@@ -94,12 +95,12 @@ def test_load_on_postgres(load_workspace, postgres_db):
 
 def test_killed_worker_loses_nothing_acknowledged_sqlite(load_workspace, tmp_path):
     db_url = f"sqlite:///{tmp_path / 'annotations.db'}"
-    run_and_check(load_workspace, db_url, kill_worker_after=20.0)  # ~13 s into the 30 s window (logins first)
+    run_and_check(load_workspace, db_url, kill_worker_after=DURATION_S / 2)
 
 
 @pytest.mark.services
 def test_killed_worker_loses_nothing_acknowledged_postgres(load_workspace, postgres_db):
-    run_and_check(load_workspace, postgres_db, kill_worker_after=20.0)  # ~13 s into the 30 s window (logins first)
+    run_and_check(load_workspace, postgres_db, kill_worker_after=DURATION_S / 2)
 
 
 @pytest.fixture
