@@ -225,10 +225,11 @@ def _login_page(*, error: str = "", name: str = "", next_path: str = "/", status
     <h1>Sign in</h1>
     {notice}
     <label for="username">User name</label>
-    <input id="username" name="username" type="text" value="{e(name)}" required autofocus
+    <input id="username" name="username" type="text" value="{e(name)}" required{"" if name else " autofocus"}
            autocapitalize="none" autocomplete="username" maxlength="{_NAME_MAX}" spellcheck="false">
     <label for="password">Password</label>
-    <input id="password" name="password" type="password" required autocomplete="current-password" maxlength="1024">
+    <input id="password" name="password" type="password" required{" autofocus" if name else ""}
+           autocomplete="current-password" maxlength="1024">
     <input type="hidden" name="csrf_token" value="{e(_csrf_token())}">
     <input type="hidden" name="next" value="{e(next_path)}">
     <button type="submit">Sign in</button>

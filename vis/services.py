@@ -46,6 +46,22 @@ def current() -> "Workbench":
         return dash.get_app().server.extensions[EXTENSION]
 
 
+def _request_cache(name: str) -> dict | None:
+    """A dict that lives as long as the current request (flask.g), or None outside a request (a job process)."""
+    import flask
+
+    try:
+        if not flask.has_request_context():
+            return None
+        cache = flask.g.get(name)
+        if cache is None:
+            cache = {}
+            setattr(flask.g, name, cache)
+        return cache
+    except RuntimeError:
+        return None
+
+
 # -- argument checks (browser input) ---------------------------------------------------------------------------------
 def check_id(value, what: str) -> str:
     if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
@@ -186,7 +202,13 @@ class Workbench:
         if session_id is None:
             raise NotReady("you are not a member of any review session yet: ask an administrator to add you to one")
         sid = check_int(session_id, "session", lo=1, hi=2**31 - 1)
-        return require_member(db or self.db(), sid, self.account())
+        seen = _request_cache("conceptlens_sessions")  # one check per session and request, however many views ask
+        if seen is not None and sid in seen:
+            return seen[sid]
+        info = require_member(db or self.db(), sid, self.account())
+        if seen is not None:
+            seen[sid] = info
+        return info
 
     def session_id(self, session_id, *, db=None) -> int:
         """`review_session(...).id`: the checked id that every annotation read or write passes to explain.labels."""
