@@ -179,7 +179,9 @@ class UpsampleGrid:
 # -- the plain definitions (also the reference) ------------------------------------------------------------------------
 def upsample_maps(maps: np.ndarray | torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """float32 (unit, y, x) maps → float32 (unit, H, W), bilinear, align_corners=False (the unit-mask definition)."""
-    t = torch.as_tensor(np.asarray(maps, dtype=_F32) if not isinstance(maps, torch.Tensor) else maps.float())
+    # a read-only array (a zarr read, a memory map) is copied: torch cannot wrap it without a warning
+    t = torch.as_tensor(np.require(maps, dtype=_F32, requirements=["W"]) if not isinstance(maps, torch.Tensor)
+                        else maps.float())
     return F.interpolate(t[None], size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)[0]
 
 
@@ -240,6 +242,8 @@ def mask_counts(maps: np.ndarray, thresholds: np.ndarray, regions: np.ndarray | 
     region are examined (a second drawing on the same image costs a fraction of the first).
     """
     maps, thresholds = _check_inputs(maps, thresholds)
+    if regions is not None and np.size(regions) == 0 and (size is not None or grid is not None):
+        regions = None  # no regions at all (an empty list or stack): only the unit mask areas
     if regions is None:
         if size is None and grid is None:
             raise ValueError("mask_counts: give regions, size or grid")

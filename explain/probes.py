@@ -13,8 +13,12 @@ Examples (DESIGN.md §4) — every example is the vector of one layer's unit val
   covered ≤ `outside` (0: not touched at all) is a negative, the cells on the border in between are ignored.
   A region too small to fill any cell (calcifications on a coarse layer) is measured against its best-covered
   cell instead: positives are the cells covered ≥ `inside` × that cell's coverage.
-- images marked as showing / not showing the concept: the image's max-pooled vector is one positive / negative
-  (max pooling is what "somewhere in the image" means, and it is the store's `pooled(layer, "max")`).
+- images marked as showing / not showing the concept (`mark_position_examples`): examples are map positions, as
+  the probe is scored (an image's score is its heatmap's max over positions). An image marked as not showing the
+  concept gives every position as a negative (the concept is nowhere on it); one marked as showing it gives one
+  positive, the position whose vector is nearest the image's max-pooled vector (where the units peak together —
+  "somewhere in the image"). (`mark_examples` keeps the older form: the max-pooled vector itself, which no single
+  position reaches, so a probe trained on it scores real positions lower than it was trained to.)
 - background: `background` random positions from `background_images` unannotated images are added as negatives,
   as TCAV contrasts a concept with random images: most of any patch is not the concept, and without them a probe
   drawn from a few lesion patches learns "this lesion vs the tissue around it" and fires on normal patches.
@@ -49,7 +53,7 @@ from .errors import ProbeDataError
 
 __all__ = [
     "ProbeConfig", "Examples", "Probe", "ProbeFit",
-    "cell_coverage", "upsample", "region_examples", "mark_examples", "unit_examples",
+    "cell_coverage", "upsample", "region_examples", "mark_examples", "mark_position_examples", "unit_examples",
     "fit_logistic", "grouped_folds", "held_out_split", "fit_probe", "auroc", "average_precision",
     "session_run", "log_probe", "load_probe", "probe_versions", "PROBE_EXPERIMENT",
     "ProbeAnnotations", "FeatureCache", "collect_examples", "background_examples", "heatmaps_for_store", "write_probe_version",
@@ -214,6 +218,32 @@ def mark_examples(pooled: np.ndarray, present: Sequence[bool], *, images: Sequen
     if pooled.ndim != 2 or not (len(pooled) == len(present) == len(images)):
         raise ProbeDataError(f"marks: pooled {pooled.shape}, {len(present)} flags and {len(images)} images differ")
     return Examples(pooled, present, images, {"marks": len(images)})
+
+
+def mark_position_examples(maps: np.ndarray, present: Sequence[bool], *, images: Sequence[int]) -> Examples:
+    """Marked images as position examples, calibrated to per-position scoring (module docstring).
+
+        >>> ex = mark_position_examples(store.maps_many("features.13", idx), [True, False], images=idx)
+
+    `maps` (image, unit, y, x). Not showing: every position is a negative. Showing: one positive, the position
+    nearest (Euclidean) to the image's max-pooled vector.
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    present = np.asarray(present, dtype=bool).reshape(-1)
+    images = np.asarray(images, dtype=np.int64).reshape(-1)
+    if maps.ndim != 4 or not (len(maps) == len(present) == len(images)):
+        raise ProbeDataError(f"marks: maps {maps.shape}, {len(present)} flags and {len(images)} images differ")
+    vectors, labels, groups = [], [], []
+    for m, shows, image in zip(maps, present, images):
+        flat = m.reshape(m.shape[0], -1).T  # (position, unit)
+        if shows:
+            peak = flat.max(axis=0)
+            j = int(np.argmin(((flat - peak) ** 2).sum(axis=1)))
+            flat = flat[j:j + 1]
+        vectors.append(flat)
+        labels.append(np.full(len(flat), int(shows), np.int8))
+        groups.append(np.full(len(flat), image, np.int64))
+    return Examples(np.concatenate(vectors), np.concatenate(labels), np.concatenate(groups), {"marks": len(images)})
 
 
 def unit_examples(maps: np.ndarray, units: Sequence[int], thresholds: np.ndarray, *,
@@ -544,6 +574,12 @@ def _fit_probe(examples: Examples, *, concept: str, layer: str, config: ProbeCon
     std = v.std(axis=0, dtype=np.float64)
     scale = np.where(std > 1e-8, std, 1.0)
     x = torch.from_numpy(((v - mean) / scale).astype(np.float32))  # (example, unit) standardized
+    previous = None
+    if init is not None and len(init.weights) == v.shape[1]:
+        # the previous version in this fit's standardized space: w_z = w·scale, b_z = b + w·mean
+        wz = init.weights * scale
+        bz = init.bias + float(init.weights @ mean)
+        previous = torch.from_numpy(np.concatenate([wz, [bz]]).astype(np.float32))
     C, balanced, cv_auroc, start = _select(x, examples.labels, groups, config)
 
     held = held_out_split(examples.labels, groups, config.held_out, seed=config.seed)
@@ -553,11 +589,8 @@ def _fit_probe(examples: Examples, *, concept: str, layer: str, config: ProbeCon
         w[~held] = _class_weights(examples.labels[~held], balanced)
         rows.append(w)
     theta0 = None if start is None else start.repeat(len(rows), 1)
-    if init is not None and len(init.weights) == v.shape[1]:
-        # the previous version in this fit's standardized space: w_z = w·scale, b_z = b + w·mean
-        wz = init.weights * scale
-        bz = init.bias + float(init.weights @ mean)
-        theta0 = torch.from_numpy(np.concatenate([wz, [bz]]).astype(np.float32)).repeat(len(rows), 1)
+    if previous is not None:
+        theta0 = previous.repeat(len(rows), 1)
     # one L-BFGS run per model: jointly, the shared line search lets the slower model hold back the other
     yt, Ct = torch.from_numpy(y), torch.tensor([C])
     thetas = []
@@ -877,8 +910,8 @@ def _annotation_examples(store, layer: str, annotations: ProbeAnnotations, *, co
             ex = ex + region_examples(m, mask, image=i, inside=config.inside, outside=config.outside)
     if annotations.marks:
         idx = [_image_index(store, im) for im, _ in annotations.marks]
-        pooled = store.pooled(layer, "max")[idx]  # (mark, unit)
-        ex = ex + mark_examples(pooled, [bool(p) for _, p in annotations.marks], images=idx)
+        ex = ex + mark_position_examples(cache.image_maps(layer, idx), [bool(p) for _, p in annotations.marks],
+                                         images=idx)
     units = list(annotations.units.get(layer, ()))
     if units:
         if min(units) < 0 or max(units) >= units_n:

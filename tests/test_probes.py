@@ -9,8 +9,8 @@ import torch
 from explain.errors import ExplainError, ProbeDataError
 from explain.probes import (
     Examples, ProbeConfig, auroc, average_precision, cell_coverage, fit_logistic, fit_probe, grouped_folds,
-    held_out_split, load_probe, log_probe, mark_examples, probe_versions, region_examples, session_run,
-    unit_examples,
+    held_out_split, load_probe, log_probe, mark_examples, mark_position_examples, probe_versions, region_examples,
+    session_run, unit_examples,
 )
 
 torch.set_num_threads(1)
@@ -66,6 +66,20 @@ def test_mark_and_unit_examples():
         unit_examples(maps, [2], np.ones(2), images=[7])
     joined = ex + mark_examples(pooled, [True, False], images=[10, 11])
     assert len(joined) == 15 and joined.counts == {"units": 1, "marks": 2} and joined.n_annotations == 3
+
+
+def test_mark_position_examples_match_per_position_scoring():
+    maps = np.zeros((2, 2, 2, 2), np.float32)  # (image, unit, y, x)
+    maps[0, 0, 0, 1], maps[0, 1, 0, 1] = 4.0, 3.0  # image 0: both units peak together at (0, 1) …
+    maps[0, 0, 1, 0] = 4.5  # … unit 0 alone a little higher at (1, 0)
+    maps[1] = 1.0
+    ex = mark_position_examples(maps, [True, False], images=[20, 21])
+    # showing: one positive, a real position (never the pooled vector [4.5, 3], which no position reaches)
+    np.testing.assert_array_equal(ex.vectors[ex.labels == 1], [[4.0, 3.0]])
+    # not showing: every position of the image is a negative
+    assert ex.n_negative == 4 and (ex.groups[ex.labels == 0] == 21).all() and ex.counts == {"marks": 2}
+    with pytest.raises(ProbeDataError, match="marks"):
+        mark_position_examples(maps[0], [True], images=[20])
 
 
 # -- fitting -----------------------------------------------------------------------------------------------------------

@@ -46,3 +46,24 @@ def test_demo_config_trains_on_a_small_real_build(workspace):
     assert shapes["features.23"][-2:] == (8, 8)  # the deepest layer keeps maps dissection can use
     # unchanged data and config: reused
     assert fit(cfg, settings=workspace).reused
+
+
+@pytest.mark.parametrize("head", ["avg", "max", "avgmax"])
+def test_every_pooling_head_maps_patches_to_two_logits(head):
+    from training.zoo import ModelSpec, build_model
+
+    net = build_model(ModelSpec(zoo="vgg_bn", config={"widths": [4, 8], "convs": [1, 1], "head": head}))
+    x = torch.rand(3, 1, 16, 16)
+    assert net(x).shape == (3, 2)
+    if head == "avgmax":  # the head sees each unit twice: its mean and its max over the map
+        feats = net.features(x)
+        pooled = net.pool(feats).flatten(1)
+        torch.testing.assert_close(pooled, torch.cat([feats.mean(dim=(2, 3)), feats.amax(dim=(2, 3))], dim=1))
+
+
+def test_unknown_head_is_refused():
+    from training.errors import ConfigError
+    from training.zoo import ModelSpec, build_model
+
+    with pytest.raises(ConfigError, match="head 'sum'"):
+        build_model(ModelSpec(zoo="vgg_bn", config={"head": "sum"}))

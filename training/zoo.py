@@ -46,7 +46,7 @@ class VGGConfig:
     num_classes: int = 2
     dropout: float = 0.0
     pool_last: bool = False
-    head: str = "avg"  # global pooling before the linear head: avg | max
+    head: str = "avg"  # global pooling before the linear head: avg | max | avgmax (both, concatenated)
 
     def __post_init__(self):
         _check_head(self.head, "VGGConfig")
@@ -74,7 +74,8 @@ class VGG(nn.Module):
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
         self.pool = _global_pool(config.head)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(config.dropout), nn.Linear(c_in, config.num_classes))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(config.dropout),
+                                        nn.Linear(c_in * _pool_factor(config.head), config.num_classes))
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, 1, y, x) → (batch, class)
@@ -108,7 +109,7 @@ class ResNetConfig:
     in_channels: int = 1
     num_classes: int = 2
     stem_pool: bool = False
-    head: str = "avg"  # global pooling before the linear head: avg | max
+    head: str = "avg"  # global pooling before the linear head: avg | max | avgmax
 
     def __post_init__(self):
         _check_head(self.head, "ResNetConfig")
@@ -153,7 +154,7 @@ class ResNet(nn.Module):
             self.add_module(f"layer{s}", nn.Sequential(*blocks))
             c_in = width
         self.avgpool = _global_pool(config.head)  # torchvision's name, whichever pooling
-        self.fc = nn.Linear(c_in, config.num_classes)
+        self.fc = nn.Linear(c_in * _pool_factor(config.head), config.num_classes)
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, 1, y, x) → (batch, class)
@@ -172,14 +173,31 @@ def resnet(config: ResNetConfig | None = None, **kwargs) -> ResNet:
     return ResNet(config or ResNetConfig(**kwargs))
 
 
+HEADS = ("avg", "max", "avgmax")
+
+
 def _check_head(head: str, where: str) -> None:
-    if head not in ("avg", "max"):
-        raise ConfigError(f"{where}: head {head!r} is not 'avg' or 'max'")
+    if head not in HEADS:
+        raise ConfigError(f"{where}: head {head!r} is not one of {', '.join(HEADS)}")
+
+
+class AvgMaxPool(nn.Module):
+    """Global average and global max pooling side by side: (batch, c, y, x) → (batch, 2c, 1, 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)], dim=1)
+
+
+def _pool_factor(head: str) -> int:
+    return 2 if head == "avgmax" else 1
 
 
 def _global_pool(head: str) -> nn.Module:
     # max pooling makes a unit answer "is my pattern anywhere in the patch": a small lesion is not averaged away,
-    # and the units' maps stay local, which is what dissection thresholds
+    # and the units' maps stay local, which is what dissection thresholds; average pooling rewards a unit for
+    # covering the whole lesion (a mass's body); avgmax gives the head both, so each unit can serve either role
+    if head == "avgmax":
+        return AvgMaxPool()
     return nn.AdaptiveMaxPool2d(1) if head == "max" else nn.AdaptiveAvgPool2d(1)
 
 
