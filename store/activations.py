@@ -762,11 +762,12 @@ class ActivationStore:
         return data.astype(arr.dtype, copy=False)
 
     def write_block(self, block: int, *, images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                    layers: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+                    layers: Mapping[str, Mapping[str, np.ndarray]], executor=None) -> None:
         """Write every per-image array of one block, then record the block in `progress`.
 
         images uint8 (n, y, x), labels (n,), probs (n, class), layers[name] = {"maps": (n, unit, y, x),
         "max": (n, unit), "mean": (n, unit)} with n the block's length; every layer of the store must be given.
+        executor: a concurrent.futures executor that compresses the chunks in parallel (see write_many).
         """
         start, stop = self.block_range(block)
         missing = set(self.layers) - set(layers)
@@ -775,22 +776,33 @@ class ActivationStore:
         writes = [("images", images), ("labels", labels), ("probs", probs)]
         writes += [(f"layers/{name}/{stat}", layers[name][stat]) for name in self.layers
                    for stat in ("maps", "max", "mean")]
-        self.write_many([(path, start, data) for path, data in writes])
+        self.write_many([(path, start, data) for path, data in writes], executor=executor)
         self._array("progress")[block] = 1  # after the data: a recorded block is a written block
 
-    def write_many(self, writes: Sequence[tuple[str, int, np.ndarray]], *, concurrency: int = 32) -> None:
+    def write_many(self, writes: Sequence[tuple[str, int, np.ndarray]], *, executor=None,
+                   concurrency: int = 32) -> None:
         """Several `write_aligned(path, start, rows)` at once: every write is checked before any is made, chunks are
-        encoded here (blosc and crc32c release the GIL) and stored with up to `concurrency` puts in flight."""
+        encoded here (blosc and crc32c release the GIL; with `executor`, by its threads in parallel) and stored with
+        up to `concurrency` puts in flight on an object store."""
         self._writable("write")
         checked = [(path, start, self._aligned(path, start, data)) for path, start, data in writes]
-        puts, slow = [], []
+        todo, slow = [], []  # (encoder, chunk index, rows)
         for path, start, data in checked:
             enc = self._encoder(path)
             if enc is None:
                 slow.append((path, start, data))
                 continue
-            for first in range(0, data.shape[0], enc.rows):
-                puts.append((enc.key((start + first) // enc.rows), enc.encode(data[first:first + enc.rows])))
+            todo += [(enc, (start + first) // enc.rows, data[first:first + enc.rows])
+                     for first in range(0, data.shape[0], enc.rows)]
+
+        def encode(part):
+            return [(enc.key(c), enc.encode(rows)) for enc, c, rows in part]
+
+        if executor is None or len(todo) < 2:
+            puts = encode(todo)
+        else:
+            parts = [todo[i::4] for i in range(4)]  # interleaved: large and small chunks spread evenly
+            puts = [item for done in executor.map(encode, parts) for item in done]
         if puts:
             self._zstore.put_many(puts, concurrency=concurrency)
         for path, start, data in slow:  # arrays with other codecs (none that create_store makes): zarr writes them

@@ -65,8 +65,11 @@ class ExtractConfig:
     num_workers: int = 0  # DataLoader workers reading patches
     progress_bar: bool = True
     replace: bool = False  # delete an existing store made from another model or dataset instead of refusing
-    threads: int | None = None  # torch intra-op threads per process; None: the process's share of the cores minus one,
-    #                             left to the writer thread (2× faster on 2 cores than letting torch take them all)
+    threads: int | None = None  # torch intra-op threads per process; None: the process's share of the cores (minus
+    #                             one for the writer thread when overlap)
+    overlap: bool | None = None  # True: a writer thread stores block b while block b+1 is computed (suits a spare
+    #                              core); False: each block is stored between forward passes, its compression and
+    #                              counting spread over the process's cores; None: False (see docs/STORE.md, Figures)
     ddp_timeout_s: float = 600.0  # a rank waits at most this long for the others (their shares differ by <= 1 block)
     histogram_mb: int = 512  # memory for counting quantiles while writing (units × 256 KiB per layer); the rest of
     #                          the layers are read back from the store after extraction
@@ -199,13 +202,23 @@ def _probs(logits: torch.Tensor) -> torch.Tensor:
 
 # -- the job each process runs --------------------------------------------------------------------------------------
 class _BlockWriter:
-    """Writes finished blocks in one background thread; at most `depth` blocks wait, so memory stays bounded."""
+    """Writes finished blocks: compresses, checksums and stores their chunks and counts their maps in the histograms.
 
-    def __init__(self, store: ActivationStore, histograms: dict[str, Float16Histogram], depth: int = 2):
+    overlap=True: one background thread writes while the next blocks are computed (at most `depth` blocks wait, so
+    memory stays bounded); it suits a spare core. overlap=False: `submit` writes the block before it returns, spreading
+    the compression and counting over `workers` threads (all GIL-free C code), while the forward passes use every core
+    in between. Either way a block's chunks land before its completion flag, and histograms count each block once.
+    """
+
+    def __init__(self, store: ActivationStore, histograms: dict[str, Float16Histogram], *, overlap: bool,
+                 workers: int = 1, depth: int = 2):
         self.store = store
-        self.histograms = histograms  # only this thread adds to them
+        self.histograms = histograms  # only the writing thread adds to them (each unit row by one helper at a time)
         self.covered: set[int] = set()  # blocks counted in the histograms
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self.overlap = overlap
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") if overlap else None
+        self.helpers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store-encode") \
+            if workers > 1 else None
         self.slots = threading.Semaphore(depth)
         self.futures: list[Future] = []
         self.written = 0
@@ -215,17 +228,28 @@ class _BlockWriter:
             self.futures.remove(f)
             f.result()  # re-raises a write error in the computing thread
 
+    def _write(self, block: int, data: dict) -> None:
+        counting = [self.helpers.submit(hist.add, data["layers"][name]["maps"]) if self.helpers else None
+                    for name, hist in self.histograms.items()]
+        self.store.write_block(block, **data, executor=self.helpers)
+        for (name, hist), job in zip(self.histograms.items(), counting):
+            if job is None:
+                hist.add(data["layers"][name]["maps"])  # (image, unit, y, x) float16, as stored
+            else:
+                job.result()
+        self.covered.add(block)
+        self.written += 1
+
     def submit(self, block: int, data: dict) -> None:
+        if not self.overlap:
+            self._write(block, data)
+            return
         self._check()
         self.slots.acquire()
 
         def run():
             try:
-                self.store.write_block(block, **data)
-                for name, hist in self.histograms.items():
-                    hist.add(data["layers"][name]["maps"])  # (image, unit, y, x) float16, as stored
-                self.covered.add(block)
-                self.written += 1
+                self._write(block, data)
             finally:
                 self.slots.release()
 
@@ -237,7 +261,9 @@ class _BlockWriter:
                 f.result()
         finally:
             self.futures.clear()
-            self.pool.shutdown(wait=True)
+            for pool in (self.pool, self.helpers):
+                if pool is not None:
+                    pool.shutdown(wait=True)
 
 
 class _Job:
@@ -261,7 +287,9 @@ class _Job:
     def prepare(self, rank: int, world: int, barrier) -> None:
         self.rank, self.world = rank, world
         # here, not earlier: Lightning's DDP launcher sets its own thread count when it starts the processes
-        torch.set_num_threads(self.config.threads or _default_threads(world))
+        cores = _cores_per_process(world)
+        overlap = bool(self.config.overlap) and cores > 1
+        torch.set_num_threads(self.config.threads or (cores - 1 if overlap else cores))
         opts = self.config.storage_options
         if rank == 0:
             self.store = create_store(self.url, attrs=self.attrs, layout=self.layout, exist_ok=True,
@@ -278,7 +306,7 @@ class _Job:
             if Float16Histogram.nbytes_for(units) <= budget:  # the same choice on every rank
                 histograms[name] = Float16Histogram(units)
                 budget -= Float16Histogram.nbytes_for(units)
-        self.writer = _BlockWriter(self.store, histograms)
+        self.writer = _BlockWriter(self.store, histograms, overlap=overlap, workers=1 if overlap else cores)
 
     def dataloader(self) -> torch.utils.data.DataLoader:
         sampler = _BlockBatches(self.mine, block=self.layout.block, n_images=self.layout.n_images,
@@ -411,9 +439,9 @@ def _lightning_module(net: nn.Module, job: _Job):
 
 
 # -- the entry point --------------------------------------------------------------------------------------------------
-def _default_threads(devices: int) -> int:
+def _cores_per_process(devices: int) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, devices) - 1)
+    return max(1, cores // max(1, devices))
 
 
 def _meta_model(meta: dict) -> dict:
