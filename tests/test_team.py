@@ -67,6 +67,43 @@ class Launcher:
         return "\n".join(self.lines)
 
 
+def test_app_config_from_env_is_what_every_process_reads():
+    """One function maps CONCEPTLENS_STORE / _DATASET / _MODEL onto the app's configuration; the gunicorn app, the
+    development server, the Celery worker and the team launcher all call it."""
+    import inspect
+
+    from vis import app as vis_app, jobs, team
+    from vis.app import AppConfig, app_config_from_env
+
+    assert app_config_from_env({}) == AppConfig()
+    env = {"CONCEPTLENS_STORE": "team", "CONCEPTLENS_DATASET": "screening", "CONCEPTLENS_MODEL": "models:/m/3",
+           "CONCEPTLENS_OTHER": "x"}
+    config = app_config_from_env(env)
+    assert (config.store, config.dataset, config.model) == ("team", "screening", "models:/m/3")
+    assert app_config_from_env({"CONCEPTLENS_MODEL": "store"}).model is None  # the store's own model
+    assert app_config_from_env({"CONCEPTLENS_STORE": ""}).store == AppConfig.store  # empty: unset
+    # command-line options override the environment; None leaves it
+    assert app_config_from_env(env, store="other", model=None).store == "other"
+    assert app_config_from_env(env, store="other", model=None).model == "models:/m/3"
+    for fn in (vis_app.create_server, vis_app.serve_main, jobs.worker_main, team.TeamStack.prepare):
+        assert "app_config_from_env(" in inspect.getsource(fn), fn.__qualname__
+    assert team.worker_command(concurrency=2, hostname="n@h")[1:] == ["-m", "vis", "worker", "--concurrency", "2",
+                                                                       "--hostname", "n@h"]
+
+
+def test_vis_worker_refuses_without_redis(tmp_path):
+    """`python -m vis worker` is only for the team setup: with the embedded job cache it says so and exits."""
+    import os
+
+    env = {**os.environ, "CONCEPTLENS_WORKSPACE": str(tmp_path / "ws"), "CONCEPTLENS_CACHE_URL": "diskcache"}
+    done = subprocess.run([sys.executable, "-m", "vis", "worker"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "only needed with redis://" in done.stderr, done.stderr
+    done = subprocess.run([sys.executable, "-m", "vis", "team-worker"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0  # one worker entry only
+
+
 @pytest.mark.slow
 @pytest.mark.services
 def test_team_stack_labels_into_postgres_and_tracks_probes_on_the_mlflow_server(app_workspace, tmp_path,
@@ -87,6 +124,9 @@ def test_team_stack_labels_into_postgres_and_tracks_probes_on_the_mlflow_server(
     # The store was extracted from the workspace's own registry; the team's fresh mlflow server has no models, so
     # the app serves the same model from its local directory (same run id: the store accepts it).
     model_dir = next(ws.glob("mlartifacts/*/*/artifacts/model"))
+    # The stack serves a store that is not the app's default ("demo"): background jobs must run on it too, so the
+    # Celery worker has to read CONCEPTLENS_STORE like the gunicorn app does.
+    shutil.copytree(ws / "stores" / "demo.zarr", ws / "stores" / "teamstore.zarr")
     tag = uuid.uuid4().hex[:8]
     database, mlflow_database = f"conceptlens_team_{tag}", f"conceptlens_team_mlflow_{tag}"
     redis = redis_url.rsplit("/", 1)[0] + "/13"  # not the db other tests' workers listen on
@@ -95,7 +135,7 @@ def test_team_stack_labels_into_postgres_and_tracks_probes_on_the_mlflow_server(
     launcher = Launcher([sys.executable, "-m", "vis", "team", "--workspace", str(ws), "--port", str(port),
                          "--mlflow-port", str(mlflow_port), "--workers", "2", "--postgres", postgres_url,
                          "--database", database, "--mlflow-database", mlflow_database, "--redis", redis,
-                         "--model", str(model_dir)])
+                         "--model", str(model_dir), "--store", "teamstore"])
     pids: list[int] = []
     try:
         launcher.wait_for("Ctrl-C stops every service", timeout=400)
@@ -104,7 +144,8 @@ def test_team_stack_labels_into_postgres_and_tracks_probes_on_the_mlflow_server(
         pids = [p.pid for p in psutil.Process(launcher.proc.pid).children(recursive=True)]
         cmdlines = [" ".join(psutil.Process(p).cmdline()) for p in pids]
         assert sum("vis.app:create_server()" in c for c in cmdlines) == 3  # gunicorn master + 2 workers
-        assert any("team-worker" in c for c in cmdlines) and any("mlflow" in c and "server" in c for c in cmdlines)
+        assert any("-m vis worker" in c and "--hostname" in c for c in cmdlines)  # the one Celery worker entry
+        assert any("mlflow" in c and "server" in c for c in cmdlines)
 
         passwords = demo_passwords(ws / "demo-accounts.txt")
         http = login(app_url, "radiologist", passwords["radiologist"])
@@ -126,7 +167,9 @@ def test_team_stack_labels_into_postgres_and_tracks_probes_on_the_mlflow_server(
         assert [tuple(x) for x in rows] == [(r.json()["action_id"], "radiologist")]
 
         # a background retrain goes through Redis to the team's Celery worker and logs to the mlflow server
-        store = open_store(load_settings(ws, env={}).store_url("demo"))
+        settings = load_settings(ws, env={})
+        store = open_store(settings.store_url("teamstore"))
+        default_probes = sorted(open_store(settings.store_url("demo")).probes())
         labels = np.asarray(store.labels())
         dc = DashClient(app_url, login=("radiologist", passwords["radiologist"]))
         run_id = None
@@ -143,6 +186,10 @@ def test_team_stack_labels_into_postgres_and_tracks_probes_on_the_mlflow_server(
         run = MlflowClient(tracking_uri=mlflow_url).get_run(run_id)
         assert run.info.status == "FINISHED" and run.data.tags.get("conceptlens.kind") == "probe"
         assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # served by the team's server
+        # the worker wrote the new probe version into the store the pages show, not into the default store
+        team_store = open_store(settings.store_url("teamstore"))
+        assert team_store.probe("mass", team_store.layers[-1]).run_id == run_id
+        assert sorted(open_store(settings.store_url("demo")).probes()) == default_probes
         assert any(p.is_file() for p in (ws / "team-mlartifacts").rglob("*"))
         worker_log = (ws / "team-logs" / "worker.log").read_text()
         assert "succeeded" in worker_log  # the job ran in the Celery worker, not in the app

@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-__all__ = ["AppConfig", "create_app", "create_server", "serve_main", "mlflow_ui_main"]
+__all__ = ["AppConfig", "app_config_from_env", "create_app", "create_server", "serve_main", "mlflow_ui_main"]
 
 HERE = Path(__file__).resolve().parent
 
@@ -135,19 +135,39 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
             pass
 
 
+ENV_FIELDS = ("store", "dataset", "model")  # AppConfig fields that CONCEPTLENS_<FIELD> sets
+
+
+def app_config_from_env(env=None, **overrides) -> AppConfig:
+    """AppConfig with CONCEPTLENS_STORE / CONCEPTLENS_DATASET / CONCEPTLENS_MODEL applied (unset or empty: the
+    default), then `overrides` (None values ignored). The one place every process of the app reads them: the
+    gunicorn app (`create_server`), `python -m vis serve`, the Celery worker (`python -m vis worker`) and the team
+    launcher, so background jobs run on the store and model the pages show.
+
+        >>> app_config_from_env({"CONCEPTLENS_STORE": "team", "CONCEPTLENS_MODEL": "store"})
+        AppConfig(dataset='demo', store='team', model=None, ...)
+
+    A model of "store" means the model named in the store's own attributes (`model=None`).
+    """
+    env = os.environ if env is None else env
+    values = {k: env.get(f"CONCEPTLENS_{k.upper()}") for k in ENV_FIELDS}
+    values = {k: v for k, v in values.items() if v}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("model") == "store":
+        values["model"] = None
+    return replace(AppConfig(), **values)
+
+
 def create_server(workspace: str | None = None):
     """The Flask server for gunicorn: `gunicorn -w 2 -b 127.0.0.1:8050 'vis.app:create_server()'`.
 
-    The workspace comes from the argument or CONCEPTLENS_WORKSPACE; the store and dataset from CONCEPTLENS_STORE /
-    CONCEPTLENS_DATASET when set.
+    The workspace comes from the argument or CONCEPTLENS_WORKSPACE; the store, dataset and model from
+    CONCEPTLENS_STORE / _DATASET / _MODEL when set (`app_config_from_env`).
     """
     from store.settings import load_settings
 
-    config = AppConfig()
-    env = {k: os.environ.get(f"CONCEPTLENS_{k.upper()}") for k in ("store", "dataset", "model")}
-    config = replace(config, **{k: v for k, v in env.items() if v})
     limit_malloc_arenas()
-    return create_app(load_settings(workspace), config=config).server
+    return create_app(load_settings(workspace), config=app_config_from_env()).server
 
 
 def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -163,13 +183,13 @@ def serve_main(argv: list[str]) -> int:
 
     p = _parser("python -m vis serve", "serve the workbench with the development server (see README for gunicorn)")
     p.add_argument("--port", type=int, default=8050)
-    p.add_argument("--store", default=AppConfig.store)
-    p.add_argument("--dataset", default=AppConfig.dataset)
-    p.add_argument("--model", default=AppConfig.model, help="model reference; 'store' serves the store's own model")
+    p.add_argument("--store", default=None, help="activation store (default: CONCEPTLENS_STORE or 'demo')")
+    p.add_argument("--dataset", default=None, help="dataset (default: CONCEPTLENS_DATASET or 'demo')")
+    p.add_argument("--model", default=None, help="model reference (default: CONCEPTLENS_MODEL or "
+                                                  f"{AppConfig.model}); 'store' serves the store's own model")
     p.add_argument("--debug", action="store_true", help="Dash dev tools and tracebacks (never on a shared host)")
     args = p.parse_args(argv)
-    config = AppConfig(store=args.store, dataset=args.dataset, debug=args.debug,
-                       model=None if args.model == "store" else args.model)
+    config = app_config_from_env(store=args.store, dataset=args.dataset, model=args.model, debug=args.debug)
     limit_malloc_arenas()
     app = create_app(load_settings(args.workspace), config=config)
     print(f"ConceptLens: open http://{args.host}:{args.port}/", flush=True)

@@ -45,22 +45,33 @@ def create_manager(settings):
 
 
 def worker_main(argv: list[str]) -> int:
-    """`python -m vis worker [--workspace DIR] [--concurrency N]`: a Celery worker for the app's background jobs."""
+    """`python -m vis worker [--workspace DIR] [--concurrency N] [--pool P] [--hostname NAME]`: the Celery worker
+    for the app's background jobs (team setup: CONCEPTLENS_CACHE_URL=redis://…).
+
+    It builds the same app as the pages (`vis.app.app_config_from_env`: CONCEPTLENS_STORE / _DATASET / _MODEL), so
+    every background callback is registered under the same task name and runs on the store and model the pages
+    show. `--hostname` names the worker's node (`python -m vis team` pings it by that name).
+    """
     from store.settings import load_settings
 
-    from .app import create_app
+    from .app import app_config_from_env, create_app
 
-    p = argparse.ArgumentParser(prog="python -m vis worker", description=worker_main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m vis worker", description=worker_main.__doc__.split("\n\n")[0])
     p.add_argument("--workspace", default=None, help="workspace directory (default: CONCEPTLENS_WORKSPACE or ./workspace)")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--pool", default="prefork", help="celery pool: prefork (default) or solo")
+    p.add_argument("--hostname", default=None, help="the worker's node name (default: Celery's, celery@<host>)")
     p.add_argument("--loglevel", default="INFO")
     args = p.parse_args(argv)
+    if args.concurrency < 1:
+        p.error("--concurrency must be at least 1")
     settings = load_settings(args.workspace).ensure()
     if not is_celery(settings):
         p.error(f"CONCEPTLENS_CACHE_URL={settings.cache_url!r}: a worker is only needed with redis:// (Celery)")
-    app = create_app(settings)
+    app = create_app(settings, config=app_config_from_env())
     celery_app = app._background_manager.handle  # the CeleryManager's app, with every background task registered
-    celery_app.worker_main(["worker", f"--loglevel={args.loglevel}", f"--concurrency={args.concurrency}",
-                            f"--pool={args.pool}"])
+    celery_args = ["worker", f"--loglevel={args.loglevel}", f"--concurrency={args.concurrency}", f"--pool={args.pool}"]
+    if args.hostname:
+        celery_args.append(f"--hostname={args.hostname}")
+    celery_app.worker_main(celery_args)
     return 0

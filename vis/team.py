@@ -20,8 +20,9 @@ does any of the processes dying (its log tail is printed). Logs: <workspace>/tea
 
 Every process gets the same configuration through the environment (README, "The workspace"): MLFLOW_TRACKING_URI,
 CONCEPTLENS_DATABASE_URL, CONCEPTLENS_CACHE_URL; `--store`, `--dataset`, `--model` become CONCEPTLENS_STORE,
-CONCEPTLENS_DATASET, CONCEPTLENS_MODEL, which both the gunicorn app (`vis.app:create_server()`) and this module's
-Celery worker (`python -m vis team-worker`) read, so jobs run against the same store and model as the pages.
+CONCEPTLENS_DATASET, CONCEPTLENS_MODEL, which the gunicorn app (`vis.app:create_server()`) and the Celery worker
+(`python -m vis worker`) both read through `vis.app.app_config_from_env`, so jobs run against the same store and
+model as the pages.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["TeamConfig", "TeamStack", "TeamError", "team_main", "worker_main", "gunicorn_command",
-           "ensure_database", "app_config_from_env"]
+__all__ = ["TeamConfig", "TeamStack", "TeamError", "team_main", "gunicorn_command", "ensure_database",
+           "worker_command"]
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -137,16 +138,9 @@ def gunicorn_command(*, bind: str, workers: int = 2, threads: int = 4, timeout: 
     return cmd + ["vis.app:create_server()"]
 
 
-def app_config_from_env(env=None):
-    """AppConfig with CONCEPTLENS_STORE / _DATASET / _MODEL applied, as `vis.app.create_server` reads them."""
-    from .app import AppConfig
-
-    env = os.environ if env is None else env
-    values = {k: env.get(f"CONCEPTLENS_{k.upper()}") for k in ("store", "dataset", "model")}
-    values = {k: v for k, v in values.items() if v}
-    if values.get("model") == "store":
-        values["model"] = None
-    return replace(AppConfig(), **values)
+def worker_command(*, concurrency: int = 1, hostname: str) -> list[str]:
+    """The command line of the stack's Celery worker: the app's one worker entry, with a node name to ping."""
+    return [sys.executable, "-m", "vis", "worker", "--concurrency", str(concurrency), "--hostname", hostname]
 
 
 class _Proc:
@@ -269,8 +263,8 @@ class TeamStack:
         if c.prepare:
             self.prepare(env)
         self._migrate(env)
-        worker = self._spawn("worker", [sys.executable, "-m", "vis", "team-worker", "--concurrency",
-                                        str(c.worker_concurrency), "--hostname", self._worker_name()], env)
+        worker = self._spawn("worker", worker_command(concurrency=c.worker_concurrency,
+                                                      hostname=self._worker_name()), env)
         self._wait(worker, self._worker_ready, "the Celery worker")
         app = self._spawn("app", gunicorn_command(bind=f"{c.host}:{self.port}", workers=c.workers,
                                                   threads=c.threads), env)
@@ -323,6 +317,8 @@ class TeamStack:
         from store.errors import StoreMismatchError
         from store.settings import load_settings
         from training import load_model
+
+        from .app import app_config_from_env
 
         # this process downloads the model once to check the store: no progress bar in the launcher's output
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -438,29 +434,3 @@ def team_main(argv: list[str]) -> int:
         print(f"ConceptLens team: {e}", file=sys.stderr, flush=True)
         return 1
 
-
-def worker_main(argv: list[str]) -> int:
-    """`python -m vis team-worker [--concurrency N] [--hostname NAME]`: the Celery worker `vis team` starts.
-
-    Like `python -m vis worker`, with the store, dataset and model taken from CONCEPTLENS_STORE / _DATASET / _MODEL
-    (as the gunicorn app reads them), so jobs run on what the pages show, and a node name the launcher can ping.
-    """
-    from store.settings import load_settings
-
-    from .app import create_app
-    from .jobs import is_celery
-
-    p = argparse.ArgumentParser(prog="python -m vis team-worker", description=worker_main.__doc__)
-    p.add_argument("--workspace", default=None)
-    p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--hostname", default=f"{WORKER_NAME}@%h")
-    p.add_argument("--loglevel", default="INFO")
-    args = p.parse_args(argv)
-    settings = load_settings(args.workspace).ensure()
-    if not is_celery(settings):
-        p.error(f"CONCEPTLENS_CACHE_URL={settings.cache_url!r}: the team worker needs redis:// (Celery)")
-    app = create_app(settings, config=app_config_from_env())
-    celery_app = app._background_manager.handle  # the CeleryManager's app, with every background task registered
-    celery_app.worker_main(["worker", f"--loglevel={args.loglevel}", f"--concurrency={args.concurrency}",
-                            f"--hostname={args.hostname}"])
-    return 0
