@@ -61,7 +61,7 @@ import google_crc32c
 import numpy as np
 import zarr
 from zarr.abc.store import ByteRequest
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.errors import ContainsArrayError, ContainsGroupError, GroupNotFoundError
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
@@ -80,7 +80,8 @@ __all__ = [
     "ImageIndexError",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: maps in shards of one block (version 1: one file per image and layer), still read
+READABLE_VERSIONS = (1, 2)
 QUANTILE_LEVELS = (0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 KIND = "conceptlens-activation-store"
 _PROBE_MAP_CHUNK_BYTES = 4 << 20  # raw bytes per chunk of a probe's maps (e.g. 512 images of 64×64 float16)
@@ -154,6 +155,7 @@ class _Spec:
     fill: Any
     dims: tuple[str, ...]
     attrs: dict = field(default_factory=dict)
+    shards: tuple[int, ...] | None = None  # shard shape: the unit a writer writes (chunks inside it are read alone)
 
 
 def _specs(layout: StoreLayout) -> list[_Spec]:
@@ -169,7 +171,10 @@ def _specs(layout: StoreLayout) -> list[_Spec]:
     for name, (u, y, x) in layout.layers.items():
         p = f"layers/{name}"
         specs += [
-            _Spec(f"{p}/maps", (n, u, y, x), (1, u, y, x), "float16", float("nan"), ("image", "unit", "y", "x")),
+            # one chunk per image (a map read is one chunk), one shard per block (one file per write: creating a
+            # file costs ~0.1 ms of system time here, and one per image and layer was a third of extraction's cost)
+            _Spec(f"{p}/maps", (n, u, y, x), (1, u, y, x), "float16", float("nan"), ("image", "unit", "y", "x"),
+                  shards=(b, u, y, x)),
             _Spec(f"{p}/max", (n, u), (b, u), "float32", float("nan"), ("image", "unit")),
             _Spec(f"{p}/mean", (n, u), (b, u), "float32", float("nan"), ("image", "unit")),
             _Spec(f"{p}/quantiles", (u, L), (u, L), "float32", float("nan"), ("unit", "level"),
@@ -189,30 +194,33 @@ def _codecs(dtype: str) -> dict:
 
 
 class _ChunkEncoder:
-    """Encodes whole chunks of one array into the bytes zarr would store for them, without zarr's per-chunk work.
+    """Encodes whole chunks (or whole shards) of one array into the bytes zarr would store, without zarr's per-chunk work.
 
-        >>> enc = _ChunkEncoder.of(array)            # None unless the codecs are bytes → blosc → crc32c
-        >>> enc.key(7), enc.encode(rows)             # 'layers/f.9/maps/c/7/0/0/0', b'...<crc32c>'
+        >>> enc = _ChunkEncoder.of(array)            # None unless the codecs are bytes → blosc → crc32c (maybe sharded)
+        >>> enc.key(3), enc.encode(rows)             # 'layers/f.9/maps/c/3/0/0/0', b'...<crc32c>'
 
-    Extraction writes about a hundred chunks per block; through `array[a:b] = data` each one costs zarr a trip through
+    Extraction writes a few hundred chunks per block; through `array[a:b] = data` each one costs zarr a trip through
     its async codec pipeline with the GIL held, which starved the forward passes (0.2× of their throughput). Here a
-    chunk is one blosc call and one crc32c call (both C code that releases the GIL) and a store `set`. The bytes are
-    the same as zarr's own encoding of the same chunk (tests compare them file by file), so readers cannot tell.
-    Only chunking along the first axis is handled (every array the writer fills: (block, …) or (1, …) chunks).
+    chunk is one blosc call and one crc32c call (both C code that releases the GIL), and a whole shard (the inner
+    chunks one after another, then the index of (offset, length) pairs and its crc32c, as the zarr v3 sharding codec
+    lays it out with its index at the end) is one store `set`. The bytes are the same as zarr's own encoding of the
+    same data (tests compare them file by file), so readers cannot tell. Only chunking and sharding along the first
+    axis is handled (every array the writer fills: (block, …) chunks, or (1, …) chunks in (block, …) shards).
     """
 
     _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+    _EMPTY = np.uint64(2 ** 64 - 1)  # index entry of an inner chunk that is not stored
 
     def __init__(self, array: zarr.Array, blosc: BloscCodec, endian: str):
         import numcodecs
 
         self.path = array.path
         self.metadata = array.metadata
-        self.rows = int(array.chunks[0])
-        self.n = int(array.shape[0])
+        self.inner = tuple(int(c) for c in array.chunks)  # (rows, …) of one encoded chunk
+        self.sharded = array.shards is not None
+        self.rows = int((array.shards or array.chunks)[0])  # rows of one stored object (a shard or a chunk)
         self.dtype = array.dtype.newbyteorder("<" if endian == "little" else ">") if array.dtype.itemsize > 1 \
             else array.dtype
-        self.chunk_shape = tuple(int(c) for c in array.chunks)
         self.fill = array.metadata.fill_value
         self.blosc = numcodecs.Blosc(cname=blosc.cname.value, clevel=blosc.clevel,
                                      shuffle=self._SHUFFLE[blosc.shuffle.value], blocksize=blosc.blocksize,
@@ -221,27 +229,53 @@ class _ChunkEncoder:
     @classmethod
     def of(cls, array: zarr.Array) -> "_ChunkEncoder | None":
         codecs = tuple(array.metadata.codecs) if array.metadata.zarr_format == 3 else ()
+        if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+            shard = codecs[0]
+            index = tuple(shard.index_codecs)
+            if getattr(shard.index_location, "value", shard.index_location) != "end" or len(index) != 2 \
+                    or not isinstance(index[0], BytesCodec) or not isinstance(index[1], Crc32cCodec) \
+                    or getattr(index[0].endian, "value", index[0].endian) not in ("little", None):
+                return None
+            codecs = tuple(shard.codecs)
         if len(codecs) != 3 or not isinstance(codecs[0], BytesCodec) or not isinstance(codecs[1], BloscCodec) \
                 or not isinstance(codecs[2], Crc32cCodec):
             return None
-        if tuple(array.chunks[1:]) != tuple(array.shape[1:]):
+        outer = array.shards or array.chunks
+        if tuple(array.chunks[1:]) != tuple(array.shape[1:]) or tuple(outer[1:]) != tuple(array.shape[1:]):
             return None
         endian = getattr(codecs[0].endian, "value", codecs[0].endian) or "little"
         return cls(array, codecs[1], endian)
 
-    def key(self, chunk: int) -> str:
-        return f"{self.path}/{self.metadata.encode_chunk_key((chunk,) + (0,) * (len(self.chunk_shape) - 1))}"
+    def key(self, index: int) -> str:
+        """Store key of stored object `index` along the first axis (a shard of a sharded array, else a chunk)."""
+        return f"{self.path}/{self.metadata.encode_chunk_key((index,) + (0,) * (len(self.inner) - 1))}"
 
-    def encode(self, rows: np.ndarray) -> bytes:
-        """Stored bytes of one chunk: rows (≤ chunk rows, (m, …)); a short last chunk is padded with the fill value,
-        as zarr pads it."""
-        if rows.shape[0] != self.chunk_shape[0]:
-            full = np.full(self.chunk_shape, self.fill, self.dtype)
+    def _chunk(self, rows: np.ndarray) -> bytes:
+        if rows.shape[0] != self.inner[0]:  # a short last chunk is padded with the fill value, as zarr pads it
+            full = np.full(self.inner, self.fill, self.dtype)
             full[:rows.shape[0]] = rows
             rows = full
         raw = np.ascontiguousarray(rows, dtype=self.dtype)
         packed = self.blosc.encode(raw.reshape(-1).view(np.uint8))
         return bytes(packed) + np.uint32(google_crc32c.value(packed)).astype("<u4").tobytes()
+
+    def encode(self, rows: np.ndarray) -> bytes:
+        """Stored bytes of one chunk, or of one shard: rows (m, …), m ≤ self.rows; fewer only at the array's end."""
+        if not self.sharded:
+            return self._chunk(rows)
+        step = self.inner[0]
+        parts, index, offset = [], np.full((self.rows // step, 2), self._EMPTY, "<u8"), 0
+        for k, first in enumerate(range(0, rows.shape[0], step)):  # inner chunks past the array's end stay empty
+            part = self._chunk(rows[first:first + step])
+            index[k] = (offset, len(part))
+            parts.append(part)
+            offset += len(part)
+        table = index.tobytes()
+        return b"".join(parts) + table + np.uint32(google_crc32c.value(table)).astype("<u4").tobytes()
+
+    def index_nbytes(self) -> int:
+        """Bytes of a shard's index with its checksum (at the end of every shard)."""
+        return (self.rows // self.inner[0]) * 16 + 4
 
 
 def _now() -> str:
@@ -286,9 +320,14 @@ class GuardedStore(WrapperStore):
     def __init__(self, store, *, url: str, retries: int = 3, backoff: float = 0.2, strict: bool = False):
         super().__init__(store)
         self.url, self.retries, self.backoff, self.strict = url, retries, backoff, strict
+        # sharded arrays (path → (index bytes, shard rows, chunk rows)), registered as they are opened: a whole shard
+        # ends with its index's crc32c, not one over all its bytes; its chunks carry their own (checked by zarr)
+        self.shards: dict[str, tuple[int, int, int]] = {}
 
     def _with_store(self, store):
-        return type(self)(store, url=self.url, retries=self.retries, backoff=self.backoff, strict=self.strict)
+        other = type(self)(store, url=self.url, retries=self.retries, backoff=self.backoff, strict=self.strict)
+        other.shards = self.shards
+        return other
 
     def __repr__(self) -> str:
         return f"GuardedStore({self.url!r}, strict={self.strict})"
@@ -319,20 +358,32 @@ class GuardedStore(WrapperStore):
                 if self.strict:
                     array, chunk = _chunk_name(key)
                     raise ChunkCorruptionError(
-                        f"{self.url}: array {array!r} chunk {chunk} is missing although the store is complete "
-                        f"(key {key!r})")
+                        f"{self.url}: array {array!r} {self._describe(array, chunk)} is missing although the store is "
+                        f"complete (key {key!r})")
             elif byte_range is None:
                 self._verify(key, value)
         return value
 
+    def _describe(self, array: str, chunk: str) -> str:
+        """'chunk (5, 0)', or for a sharded array 'shard (1, 0, 0, 0) (chunks (4, 0, 0, 0) … (7, 0, 0, 0))'."""
+        if array not in self.shards:
+            return f"chunk {chunk}"
+        _, shard_rows, chunk_rows = self.shards[array]
+        coords = [int(c) for c in chunk.strip("()").split(",")]
+        first, rest = coords[0] * shard_rows // chunk_rows, ", ".join(str(c) for c in coords[1:])
+        last = first + shard_rows // chunk_rows - 1
+        return f"shard {chunk} (chunks ({first}, {rest}) … ({last}, {rest}))"
+
     def _verify(self, key: str, value: Buffer) -> None:
         data = value.as_numpy_array()
-        stored = bytes(data[-4:])
-        computed = np.uint32(google_crc32c.value(data[:-4].tobytes())).tobytes() if data.size >= 4 else b""
-        if data.size < 4 or stored != computed:
-            array, chunk = _chunk_name(key)
+        array, chunk = _chunk_name(key)
+        covered = self.shards[array][0] if array in self.shards else data.size  # a shard: its index's checksum
+        tail = data[-covered:] if 4 <= covered <= data.size else data
+        stored = bytes(tail[-4:])
+        computed = np.uint32(google_crc32c.value(tail[:-4].tobytes())).tobytes() if tail.size >= 4 else b""
+        if tail.size < 4 or stored != computed:
             raise ChunkCorruptionError(
-                f"{self.url}: array {array!r} chunk {chunk} fails its crc32c checksum (key {key!r}, "
+                f"{self.url}: array {array!r} {self._describe(array, chunk)} fails its crc32c checksum (key {key!r}, "
                 f"{data.size} bytes): the stored data is corrupted")
 
     async def _get_many(self, requests) -> AsyncGenerator:
@@ -517,6 +568,9 @@ class ActivationStore:
                 raise MissingArrayError(f"{self.url}: {path!r} is a group, not an array")
             if not self.read_only:
                 arr = arr.with_config({"write_empty_chunks": True})
+            if arr.shards is not None:
+                inner = int(np.prod([s // c for s, c in zip(arr.shards, arr.chunks)]))
+                self._zstore.shards[path] = (inner * 16 + 4, int(arr.shards[0]), int(arr.chunks[0]))
             self._arrays[path] = arr
         return arr
 
@@ -552,8 +606,28 @@ class ActivationStore:
 
     def maps(self, layer: str, image: int) -> np.ndarray:
         """float32 (unit, y, x): one image's maps for every unit of a layer — a single chunk read."""
-        arr = self._array(f"layers/{self._layer(layer)}/maps")
-        return arr[self._image(image)].astype(np.float32)
+        path = f"layers/{self._layer(layer)}/maps"
+        arr, i = self._array(path), self._image(image)
+        return self._checked(path, lambda: arr[i], [i]).astype(np.float32)
+
+    def _checked(self, path: str, read, images: Iterable[int]):
+        """read(), with a checksum failure that zarr's codecs find inside a shard (they raise ValueError) reported as
+        ChunkCorruptionError naming the array and the first failing chunk among `images`."""
+        try:
+            return read()
+        except ValueError as e:
+            if "checksum" not in str(e):
+                raise
+            arr, bad = self._array(path), None
+            for i in images:
+                try:
+                    arr[int(i)]
+                except ValueError:
+                    bad = int(i)
+                    break
+            where = "a chunk" if bad is None else f"chunk ({bad}{', 0' * (arr.ndim - 1)})"
+            raise ChunkCorruptionError(f"{self.url}: array {path!r} {where} fails its crc32c checksum (or the index "
+                                       f"of its shard does): the stored data is corrupted") from None
 
     def maps_many(self, layer: str, images: Sequence[int] | np.ndarray) -> np.ndarray:
         """float32 (image, unit, y, x) for the given image indices, in the order given (chunks read concurrently)."""
@@ -562,7 +636,8 @@ class ActivationStore:
         if idx.size == 0:
             return np.zeros((0, *arr.shape[1:]), np.float32)
         uniq, inverse = np.unique(idx, return_inverse=True)
-        data = arr.get_orthogonal_selection((uniq,) + (slice(None),) * (arr.ndim - 1))
+        data = self._checked(arr.path, lambda: arr.get_orthogonal_selection((uniq,) + (slice(None),) * (arr.ndim - 1)),
+                             uniq.tolist())
         return data[inverse].astype(np.float32)
 
     def pooled(self, layer: str, stat: str = "max") -> np.ndarray:
@@ -749,14 +824,15 @@ class ActivationStore:
         if data.ndim == 0:
             raise MisalignedWriteError(f"{self.url}: write to {path!r} refused: a scalar is not rows")
         stop = start + data.shape[0]
-        chunk = arr.chunks[0]
+        chunk = (arr.shards or arr.chunks)[0]  # a writer writes whole shards of a sharded array
         problems = []
         if data.shape[1:] != arr.shape[1:]:
             problems.append(f"trailing shape {data.shape[1:]} != {arr.shape[1:]}")
         if start < 0 or stop > arr.shape[0] or stop <= start:
             problems.append(f"rows {start}:{stop} outside 0:{arr.shape[0]}")
         if start % chunk or (stop % chunk and stop != arr.shape[0]):
-            problems.append(f"rows {start}:{stop} do not start and end on chunk boundaries (chunk {chunk})")
+            unit = "shard" if arr.shards else "chunk"
+            problems.append(f"rows {start}:{stop} do not start and end on {unit} boundaries ({unit} {chunk})")
         if problems:
             raise MisalignedWriteError(f"{self.url}: write to {path!r} refused: {'; '.join(problems)}")
         return data.astype(arr.dtype, copy=False)
@@ -847,7 +923,7 @@ class ActivationStore:
             for _ in range(passes):
                 for b in blocks:
                     start, stop = self.block_range(b)
-                    sketch.add(maps[start:stop])  # (image, unit, y, x) float16
+                    sketch.add(self._checked(maps.path, lambda: maps[start:stop], range(start, stop)))
                     step += 1
                     if progress:
                         progress(step, total)
@@ -939,9 +1015,10 @@ def _open_group(url: str, *, read_only: bool, storage_options, retries: int) -> 
         raise ActivationStoreError(f"{url}: no activation store there ({type(e).__name__})") from None
     if group.attrs.get("kind") != KIND:
         raise ActivationStoreError(f"{url}: a zarr group, but not a ConceptLens activation store (no kind={KIND!r})")
-    if int(group.attrs.get("format_version", -1)) != FORMAT_VERSION:
-        raise ActivationStoreError(f"{url}: format version {group.attrs.get('format_version')} is not "
-                                   f"{FORMAT_VERSION}; re-extract the store")
+    version = group.attrs.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise ActivationStoreError(f"{url}: format version {version} is not one this ConceptLens reads "
+                                   f"({', '.join(map(str, READABLE_VERSIONS))}); re-extract the store")
     return group, zstore
 
 
@@ -1037,15 +1114,15 @@ def create_store(url: str, *, attrs: Mapping, layout: StoreLayout, exist_ok: boo
 def _ensure_array(group: zarr.Group, spec: _Spec, url: str) -> None:
     """Create the array unless it exists; an existing one must match the spec (it is never recreated)."""
     try:
-        group.create_array(spec.path, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, fill_value=spec.fill,
-                           dimension_names=spec.dims, attributes=spec.attrs or None, overwrite=False,
-                           **_codecs(spec.dtype))
+        group.create_array(spec.path, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=spec.dtype,
+                           fill_value=spec.fill, dimension_names=spec.dims, attributes=spec.attrs or None,
+                           overwrite=False, **_codecs(spec.dtype))
         return
     except (ContainsArrayError, ContainsGroupError, FileExistsError):
         pass
     arr = group[spec.path]
     if not isinstance(arr, zarr.Array) or arr.shape != spec.shape or arr.chunks != spec.chunks \
-            or arr.dtype != np.dtype(spec.dtype):
+            or arr.shards != spec.shards or arr.dtype != np.dtype(spec.dtype):
         raise StoreMismatchError(f"{url}: existing array {spec.path!r} does not match the layout "
                                  f"(shape {getattr(arr, 'shape', None)} vs {spec.shape})")
 

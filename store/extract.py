@@ -37,6 +37,7 @@ from torch import nn
 from explain.hooks import resolve_layers
 
 from .activations import (
+    FORMAT_VERSION,
     QUANTILE_LEVELS,
     ActivationStore,
     StoreLayout,
@@ -494,6 +495,10 @@ def _extract(module: nn.Module, *, meta: dict, manifest, url: str, config: Extra
                                   storage_options=opts)
             if existing.layers != layers:
                 raise StoreMismatchError(f"{url}: store has layers {existing.layers}, not {layers}")
+            version = existing.attrs.get("format_version")
+            if not existing.complete and version != FORMAT_VERSION:  # complete ones are still read as they are
+                raise StoreMismatchError(f"{url}: an unfinished store of format version {version} cannot be resumed "
+                                         f"by this version ({FORMAT_VERSION}); add --replace to extract it anew")
         except StoreMismatchError:
             if not config.replace:
                 raise

@@ -93,7 +93,7 @@ def test_round_trip_every_reader(where):
     want = expected()
     assert s.complete and s.layers == list(LAYERS) and s.n_images == 10 and s.block == 4
     assert s.image_ids[3] == "img-003" and s.index_of("img-003") == 3
-    assert s.attrs["model"] == MODEL and s.attrs["dataset"] == DATASET and s.attrs["format_version"] == 1
+    assert s.attrs["model"] == MODEL and s.attrs["dataset"] == DATASET and s.attrs["format_version"] == 2
     np.testing.assert_array_equal(s.images(), want["images"])
     np.testing.assert_array_equal(s.image(7), want["images"][7])
     np.testing.assert_array_equal(s.labels(), want["labels"])
@@ -153,15 +153,27 @@ def test_maps_of_one_image_is_one_chunk_read(where):
     original = inner.get
 
     async def counting_get(key, prototype, byte_range=None):
-        seen.append(key)
-        return await original(key, prototype, byte_range)
+        value = await original(key, prototype, byte_range)
+        seen.append((key, type(byte_range).__name__, len(value.to_bytes())))
+        return value
 
     inner.get = counting_get
     try:
         s.maps("conv.1", 6)
     finally:
         inner.get = original
-    assert seen == ["layers/conv.1/maps/c/6/0/0/0"]
+    # images 4 … 7 share a shard: its index (4 × 16 bytes + crc32c), then only image 6's chunk
+    chunk_bytes = _chunk_nbytes(url, opts, "conv.1", 6)
+    assert seen == [("layers/conv.1/maps/c/1/0/0/0", "SuffixByteRequest", 68),
+                    ("layers/conv.1/maps/c/1/0/0/0", "RangeByteRequest", chunk_bytes)]
+
+
+def _chunk_nbytes(url: str, opts: dict, layer: str, image: int, block: int = 4) -> int:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url, **opts)
+    shard = fs.cat_file(f"{root}/layers/{layer}/maps/c/{image // block}/0/0/0")
+    return int(np.frombuffer(shard[-(block * 16 + 4):-4], "<u8").reshape(block, 2)[image % block, 1])
 
 
 def test_store_refused_for_another_model_or_dataset(where, tmp_path):
@@ -202,7 +214,16 @@ def test_zero_block_is_stored_and_counts_as_complete(where):
     r = open_store(url, storage_options=opts)
     assert np.all(r.maps("conv.2", 5) == 0)  # read from a stored chunk: a missing one would be an error
     keys = [k for k in _list_keys(url, opts) if k.startswith("layers/conv.2/maps/c/")]
-    assert len(keys) == 10  # one chunk per image, zeros included
+    assert len(keys) == 3  # one shard per block, the all-zero block included
+    index = np.frombuffer(_read_key(url, opts, "layers/conv.2/maps/c/1/0/0/0")[-(4 * 16 + 4):-4], "<u8")
+    assert (index.reshape(4, 2)[:, 1] > 4).all()  # and in it, every image's chunk is stored (none left to fill)
+
+
+def _read_key(url: str, opts: dict, key: str) -> bytes:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url, **opts)
+    return fs.cat_file(f"{root}/{key}")
 
 
 # -- writing guards -----------------------------------------------------------------------------------------------
@@ -263,11 +284,21 @@ def _flip_byte(url: str, opts: dict, key: str, offset: int = 10) -> None:
     fs.pipe_file(path, bytes(data))
 
 
+def _inner_chunk_offset(url: str, opts: dict, layer: str, image: int, block: int = 4) -> int:
+    """Byte offset of image's chunk inside its block's shard of layers/<layer>/maps (from the shard's index)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url, **opts)
+    shard = fs.cat_file(f"{root}/layers/{layer}/maps/c/{image // block}/0/0/0")
+    index = np.frombuffer(shard[-(block * 16 + 4):-4], "<u8").reshape(block, 2)  # (offset, nbytes) per chunk
+    return int(index[image % block, 0])
+
+
 def test_flipped_byte_in_a_chunk_is_reported_naming_array_and_chunk(where):
     make, opts = where
     url = make("corrupt")
     build(url, opts)
-    _flip_byte(url, opts, "layers/conv.1/maps/c/7/0/0/0")
+    _flip_byte(url, opts, "layers/conv.1/maps/c/1/0/0/0", offset=_inner_chunk_offset(url, opts, "conv.1", 7) + 10)
     _flip_byte(url, opts, "layers/conv.2/max/c/1/0", offset=3)
     s = open_store(url, storage_options=opts)
     np.testing.assert_array_equal(s.maps("conv.1", 6), expected()["layers"]["conv.1"]["maps"][6].astype(np.float32))
@@ -279,6 +310,14 @@ def test_flipped_byte_in_a_chunk_is_reported_naming_array_and_chunk(where):
         s.pooled("conv.2", "max")  # a read over many chunks still names the bad one
     with pytest.raises(ChunkCorruptionError, match=r"\(7, 0, 0, 0\)"):
         s.maps_many("conv.1", [1, 7])
+    np.testing.assert_array_equal(s.maps("conv.1", 4), expected()["layers"]["conv.1"]["maps"][4].astype(np.float32))
+    # the index at the end of a shard has its own checksum: a flipped byte there names the shard's chunks
+    _flip_byte(url, opts, "layers/conv.1/maps/c/0/0/0/0", offset=-7)
+    with pytest.raises(ChunkCorruptionError, match=r"'layers/conv.1/maps' chunk \(0, 0, 0, 0\)"):
+        s.maps("conv.1", 0)
+    with pytest.raises(ChunkCorruptionError, match=r"'layers/conv.1/maps' shard \(0, 0, 0, 0\) \(chunks "
+                                                   r"\(0, 0, 0, 0\) … \(3, 0, 0, 0\)\) fails its crc32c"):
+        s.maps_many("conv.1", [0, 1, 2, 3])  # the whole shard: read at once, its index's checksum checked
 
 
 def test_missing_chunk_of_a_complete_store_is_an_error_not_fill_values(where):
@@ -288,11 +327,12 @@ def test_missing_chunk_of_a_complete_store_is_an_error_not_fill_values(where):
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(url, **opts)
-    fs.rm(f"{root}/layers/conv.1/maps/c/4/0/0/0")
+    fs.rm(f"{root}/layers/conv.1/maps/c/1/0/0/0")  # the shard of images 4 … 7
     fs.rm(f"{root}/probs/c/0/0")
     s = open_store(url, storage_options=opts)
-    with pytest.raises(ChunkCorruptionError, match=r"'layers/conv.1/maps' chunk \(4, 0, 0, 0\) is missing"):
-        s.maps("conv.1", 4)
+    with pytest.raises(ChunkCorruptionError, match=r"'layers/conv.1/maps' shard \(1, 0, 0, 0\) \(chunks "
+                                                   r"\(4, 0, 0, 0\) … \(7, 0, 0, 0\)\) is missing"):
+        s.maps("conv.1", 5)
     with pytest.raises(ChunkCorruptionError, match="'probs'"):
         s.probs()
 

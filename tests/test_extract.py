@@ -63,7 +63,7 @@ def test_extraction_equals_direct_forward_passes(patches, tmp_path):
     a = s.attrs
     assert a["model"] == {k: meta[k] for k in ("model_uri", "run_id", "name", "version")}
     assert a["dataset"]["sha256"] == manifest.sha256 and a["input_size"] == [32, 32]
-    assert a["transform"] == meta["transform"] and a["format_version"] == 1 and a["created"] and a["complete"]
+    assert a["transform"] == meta["transform"] and a["format_version"] == 2 and a["created"] and a["complete"]
 
 
 def test_rerun_is_a_no_op_and_a_crash_resumes_to_the_same_store(patches, tmp_path):

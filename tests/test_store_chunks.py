@@ -5,7 +5,7 @@
 Extraction and probe writes encode whole chunks themselves (blosc + crc32c, see `_ChunkEncoder`) instead of going
 through `zarr.Array.__setitem__`. These tests write the same real data both ways and compare every stored file, so a
 reader (zarr, xarray, or our own) cannot tell which path wrote a store; they also cover the short last chunk (padded
-with the fill value, as zarr pads it), chunks equal to the fill value, and the write guard.
+with the fill value, as zarr pads it), the short last shard of the maps, all-zero chunks, and the write guard.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import zarr
 
 from store.activations import StoreLayout, _ChunkEncoder, _codecs, create_store, open_store
-from store.errors import MisalignedWriteError
+from store.errors import ActivationStoreError, MisalignedWriteError
 from store.images import read_image
 
 ATTRS = {"model": {"model_uri": "models:/tiny/1", "run_id": "r1", "name": "tiny", "version": "1"},
@@ -44,7 +44,7 @@ def real_block(film: np.ndarray, start: int, stop: int) -> dict:
             base = patch[::step, ::step][:yy, :xx]
             maps = np.stack([np.maximum(base - k / u, 0) * (k + 1) for k in range(u)]).astype(np.float16)
             if i == 5:
-                maps[:] = 0  # a chunk equal to zero (not the fill value, NaN) …
+                maps[:] = 0  # a chunk equal to zero (not the fill value, NaN): stored like any other
             layers[name]["maps"].append(maps)
             layers[name]["max"].append(maps.max(axis=(1, 2)).astype(np.float32))
             layers[name]["mean"].append(maps.astype(np.float32).mean(axis=(1, 2)))
@@ -78,18 +78,21 @@ def test_extraction_chunks_are_byte_identical_to_zarrs_encoding(film, tmp_path):
             data[f"layers/{name}/{stat}"] = whole["layers"][name][stat]
     for path, values in data.items():
         src = direct[path]
-        arr = ref.create_array(path, shape=src.shape, chunks=src.chunks, dtype=src.dtype,
+        arr = ref.create_array(path, shape=src.shape, chunks=src.chunks, shards=src.shards, dtype=src.dtype,
                                fill_value=src.metadata.fill_value, **_codecs(src.dtype.str),
                                config={"write_empty_chunks": True})
         arr[...] = values
         np.testing.assert_array_equal(src[...], values.astype(src.dtype))
     ours, theirs = _files(tmp_path / "direct.zarr"), _files(tmp_path / "zarr.zarr")
     compared = [k for k in theirs if not k.startswith(("progress", "layers/conv.1/quantiles"))]
-    assert len(compared) == 3 * 3 + 2 * (n + 2 * 3)  # 3 chunks each of images/labels/probs; n maps + 3 max + 3 mean
+    assert len(compared) == 3 * 3 + 2 * 3 * 3  # 3 blocks of images/labels/probs, and of maps (shards), max, mean
     for key in compared:
         assert ours[key] == theirs[key], key
-    # the all-zero image 5 has its own stored chunk (zero is not the fill value; every chunk is written anyway)
-    assert "layers/conv.1/maps/c/5/0/0/0" in ours
+    # maps: one shard per block, one chunk per image inside; the short last shard indexes 3 chunks and one empty slot
+    assert direct["layers/conv.1/maps"].chunks == (1, 4, 8, 8) and direct["layers/conv.1/maps"].shards == (4, 4, 8, 8)
+    last = ours["layers/conv.1/maps/c/2/0/0/0"]
+    index = np.frombuffer(last[-(4 * 16 + 4):-4], "<u8").reshape(4, 2)
+    assert index[3].tolist() == [2 ** 64 - 1] * 2 and index[:3, 1].min() > 4
     reopened = open_store(str(tmp_path / "direct.zarr"))
     np.testing.assert_array_equal(reopened.maps("conv.2", 5), np.zeros((3, 4, 4), np.float32))
     np.testing.assert_array_equal(reopened.maps("conv.2", 10), whole["layers"]["conv.2"]["maps"][10])
@@ -129,3 +132,34 @@ def test_encoder_refuses_arrays_it_cannot_write_and_the_guard_holds(tmp_path):
     with pytest.raises(MisalignedWriteError, match="'images'"):
         s.write_many([("labels", 0, np.zeros(4, np.int64)), ("images", 2, rows)])
     assert not any((tmp_path / "g.zarr" / "labels").rglob("c/*"))  # nothing written when any write is refused
+
+
+def test_version_1_stores_are_still_read_and_unknown_versions_refused(film, tmp_path, monkeypatch):
+    """Version 1 kept one file per image and layer (no shards): a complete one is read as it is."""
+    import store.activations as activations
+
+    plain = activations._specs
+
+    def unsharded(layout):
+        return [activations._Spec(**{**sp.__dict__, "shards": None}) for sp in plain(layout)]
+
+    monkeypatch.setattr(activations, "_specs", unsharded)
+    monkeypatch.setattr(activations, "FORMAT_VERSION", 1)
+    n = 6
+    lay = StoreLayout(image_ids=tuple(f"i{j}" for j in range(n)), image_size=(16, 16), classes=("a", "b"),
+                      layers=LAYERS, block=4, k=2)
+    s = create_store(str(tmp_path / "v1.zarr"), attrs=ATTRS, layout=lay)
+    for b in range(s.n_blocks):
+        s.write_block(b, **real_block(film, *s.block_range(b)))
+    s.finalize()
+    monkeypatch.undo()
+    assert (tmp_path / "v1.zarr" / "layers" / "conv.1" / "maps" / "c" / "5" / "0" / "0" / "0").is_file()
+    old = open_store(str(tmp_path / "v1.zarr"))
+    assert old.attrs["format_version"] == 1 and old._array("layers/conv.1/maps").shards is None
+    want = real_block(film, 0, n)["layers"]["conv.1"]["maps"]
+    np.testing.assert_array_equal(old.maps("conv.1", 4), want[4].astype(np.float32))
+    np.testing.assert_array_equal(old.maps_many("conv.1", [5, 0]), want[[5, 0]].astype(np.float32))
+    g = zarr.open_group(str(tmp_path / "v1.zarr"), mode="r+", zarr_format=3)
+    g.attrs["format_version"] = 3
+    with pytest.raises(ActivationStoreError, match=r"format version 3 is not one this ConceptLens reads \(1, 2\)"):
+        open_store(str(tmp_path / "v1.zarr"))
