@@ -90,7 +90,8 @@ class Faults:
 
 def test_transient_5xx_faults_are_retried(s3, stores, monkeypatch):
     s = open_store(stores["s3"], storage_options=s3.options)
-    faults = Faults(monkeypatch, match="features.4/maps/c/2/", error=OSError(503, "SlowDown: please reduce rate"),
+    # image 2's chunk is in the shard of block 0 (images 0 … 3)
+    faults = Faults(monkeypatch, match="features.4/maps/c/0/", error=OSError(503, "SlowDown: please reduce rate"),
                     times=2)
     np.testing.assert_array_equal(s.maps("features.4", 2), open_store(stores["local"]).maps("features.4", 2))
     assert faults.calls == 2
@@ -113,10 +114,11 @@ def test_access_denied_is_a_hard_error_not_a_missing_chunk(s3, stores, monkeypat
 
 def test_a_chunk_that_reads_as_missing_is_an_error_not_fill_values(s3, stores, monkeypatch):
     s = open_store(stores["s3"], storage_options=s3.options)
-    Faults(monkeypatch, match="features.4/maps/c/5/", error=FileNotFoundError("NoSuchKey"), times=None)
-    with pytest.raises(ChunkCorruptionError, match=r"\(5, 0, 0, 0\) is missing"):
+    Faults(monkeypatch, match="features.4/maps/c/1/", error=FileNotFoundError("NoSuchKey"), times=None)
+    with pytest.raises(ChunkCorruptionError, match=r"shard \(1, 0, 0, 0\) \(chunks \(4, 0, 0, 0\) … \(7, 0, 0, 0\)\) "
+                                                   r"is missing"):
         s.maps("features.4", 5)
-    np.testing.assert_array_equal(s.maps("features.4", 4), open_store(stores["local"]).maps("features.4", 4))
+    np.testing.assert_array_equal(s.maps("features.4", 8), open_store(stores["local"]).maps("features.4", 8))
 
 
 def test_transient_write_faults_are_retried(s3, stores, monkeypatch):
