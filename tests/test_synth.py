@@ -4,6 +4,7 @@ where they are allowed, and each kind has the look it claims (shape, margin, spe
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -218,3 +219,14 @@ def test_nothing_placed_where_nothing_is_allowed(mammogram):
     assert lesions == []
     assert np.array_equal(insert_lesions(display, []), display)
     assert set(LESION_CONCEPTS) >= {"mass", "calcification", "spiculated_margin"}
+
+
+@pytest.mark.parametrize("width", [2, 3])
+def test_margin_masks_follow_the_rim_width(width):
+    cfg = replace(CONFIG, margin_rim_px=width)
+    m = draw_mass(np.random.default_rng(8), cfg, shape="round", margin="circumscribed", diameter_mm=12, attenuation=0.3)
+    body = m.masks["mass"]
+    np.testing.assert_array_equal(m.masks["circumscribed_margin"], body & ~ndi.binary_erosion(body, iterations=width))
+    s = draw_mass(np.random.default_rng(8), cfg, shape="round", margin="spiculated", diameter_mm=12, attenuation=0.3)
+    rim = s.masks["mass"] & ~ndi.binary_erosion(s.masks["mass"], iterations=width)
+    assert (s.masks["spiculated_margin"] & s.masks["mass"] == rim).all()  # inside the body: exactly the rim

@@ -71,16 +71,18 @@ class LesionConfig:
     kind_weights: tuple[float, float, float] = (0.5, 0.32, 0.18)  # mass, calcification, architectural distortion
     # masses
     mass_diameter_mm: tuple[float, float] = (5.0, 18.0)  # drawn log-uniformly
-    mass_attenuation: tuple[float, float] = (0.2, 0.42)  # at the centre of the body, display units
+    mass_attenuation: tuple[float, float] = (0.3, 0.5)  # at the centre of the body, display units
     shape_weights: tuple[float, float, float] = (0.3, 0.3, 0.4)  # round, oval, irregular
     spiculated_given_shape: tuple[float, float, float] = (0.25, 0.3, 0.7)  # P(spiculated | round, oval, irregular)
     soft_edge_px: float = 2.5  # width of the fading border of non-circumscribed masses
     spicule_count: tuple[int, int] = (6, 14)
-    spicule_length: tuple[float, float] = (0.3, 1.6)  # beyond the border, × the mass radius
-    spicule_strength: tuple[float, float] = (0.45, 0.8)  # × the mass's central attenuation, at the spicule's root
+    spicule_length: tuple[float, float] = (0.5, 1.8)  # beyond the border, × the mass radius
+    spicule_strength: tuple[float, float] = (0.6, 0.9)  # × the mass's central attenuation, at the spicule's root
+    spicule_sigma_px: tuple[float, float] = (0.9, 0.5)  # gaussian cross-section of a spicule, root → tip
+    margin_rim_px: int = 3  # width of the body's inner rim in both margin masks
     # calcifications
     calc_count: tuple[int, int] = (5, 20)
-    calc_attenuation: tuple[float, float] = (0.25, 0.55)  # median peak of a speck after the point-spread kernel
+    calc_attenuation: tuple[float, float] = (0.2, 0.45)  # median peak of a speck after the point-spread kernel
     fine_radius_px: tuple[float, float] = (0.45, 0.7)
     coarse_radius_px: tuple[float, float] = (0.9, 1.5)
     cluster_radius_mm: tuple[float, float] = (2.5, 5.0)  # for 10 specks; grows with √count
@@ -320,7 +322,7 @@ def draw_mass(
     att = a0 * profile * texture
 
     masks = {"mass": body}
-    rim = _rim(body, 2)
+    rim = _rim(body, config.margin_rim_px)
     if spiculated:
         dy1, dx1 = _grid(size, center, 1)
         spic_att = np.zeros_like(att)
@@ -332,7 +334,7 @@ def draw_mass(
             tip = rb0 + length
             p1 = (tip * math.sin(th + tilt * rb0 / tip), tip * math.cos(th + tilt * rb0 / tip))
             a_i, m_i = _line(dy1, dx1, _bent(p0, p1, bend), amplitude=(weight * strength, 0.15 * weight * strength),
-                             sigma=(0.7, 0.4))
+                             sigma=config.spicule_sigma_px, cut=max(1.5, 2.0 * max(config.spicule_sigma_px)))
             np.maximum(spic_att, a_i, out=spic_att)
             spic_mask |= m_i
         att = np.maximum(att, spic_att)
