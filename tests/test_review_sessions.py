@@ -303,3 +303,133 @@ def test_import_of_an_export_makes_a_new_session_for_admins_only(app, ws):
     status, data = root.call(f"{ids.SESS_IMPORT_MESSAGE}.children", bad)
     assert status == 200 and "not a JSON file" in _text(data["response"])
     assert _dump(app) == mid
+
+
+# -- review sessions managed in the app (admins) ---------------------------------------------------------------------------
+def _refresh(dc: DashClient, shown=None, chosen=None):
+    """The header picker's periodic refresh, as a tab sends it: (status, options, value or None when unchanged)."""
+    from vis import ids
+
+    status, data = dc.call(f"{ids.SESSION_PICKER}.options", {f"{ids.SESSIONS_INTERVAL}.n_intervals": 1,
+                                                              f"{ids.SESSION_PICKER}.options": shown,
+                                                              f"{ids.SESSION_PICKER}.value": chosen})
+    if status != 200:
+        return status, None, None
+    out = data["response"][ids.SESSION_PICKER]
+    return status, out.get("options"), out.get("value")
+
+
+def _create(dc: DashClient, name, *, members=(), model=None, store="demo"):
+    from vis import ids
+
+    return dc.call(f"{ids.SESS_NEW_MESSAGE}.children", {
+        f"{ids.SESS_NEW_CREATE}.n_clicks": 1, f"{ids.SESS_NEW_NAME}.value": name,
+        f"{ids.SESS_NEW_MODEL}.value": model, f"{ids.SESS_NEW_STORE}.value": store,
+        f"{ids.SESS_NEW_MEMBERS}.value": list(members)})
+
+
+def _member_change(dc: DashClient, session, *, add=None, remove=None):
+    """Click "Add" (with `add` chosen) or the "Remove" button of member `remove`, as the browser sends it."""
+    from vis import ids
+
+    pattern = json.dumps({"index": ["ALL"], "type": ids.MEMBER_REMOVE}, separators=(",", ":"))
+    buttons = [{"id": ids.member_remove(n), "property": "n_clicks", "value": 1 if n == remove else 0}
+               for n in ("ana", "ben", "rita", "root")]
+    inputs = {f"{ids.SESS_ADD_MEMBER}.n_clicks": 1 if add else 0, f"{pattern}.n_clicks": buttons,
+              f"{ids.SESS_ADD_USER}.value": add, f"{ids.SESSION}.data": session}
+    key = (f"{ids.SESS_ADD_MEMBER}.n_clicks" if add else
+           json.dumps(ids.member_remove(remove), sort_keys=True, separators=(",", ":")) + ".n_clicks")
+    return dc.call(f"{ids.SESS_MEMBERS_MESSAGE}.children", inputs, changed=[key])
+
+
+def test_admins_create_sessions_and_manage_members_in_the_app(app, ws):
+    """Only admins create sessions and change members (every callback checks on the server: 403 and the database
+    unchanged for anyone else, whatever the request); the new session is in the creator's picker at once and in
+    its members' pickers at their next refresh, without a restart; a removed member loses it."""
+    from store.accounts import audit_entries, get_session
+    from vis import ids
+
+    settings, private = ws
+    ana, ben, rita, root = (_as(app, n) for n in ("ana", "ben", "rita", "root"))
+    wb = app.server.extensions["conceptlens"]
+    db = wb.db()
+    before = _dump(app)
+
+    # a radiologist and a researcher cannot create sessions, list candidates, add or remove members
+    for who in (ana, rita):
+        assert _create(who, "mine", members=["ana"])[0] == 403
+        assert who.call(f"{ids.SESS_ADD_USER}.options", {f"{ids.SESSION}.data": 1})[0] == 403
+        assert _member_change(who, 1, add="rita")[0] == 403
+        assert _member_change(who, private, remove="ana")[0] == 403
+        assert _member_change(who, 1, remove="ben")[0] == 403
+    assert _dump(app) == before
+
+    # the admin creates one: model and store default to the app's; the creator's picker lists it and opens it
+    status, data = _create(root, "Double reading", members=["ana", "rita"], model="")
+    assert status == 200 and "Session created" in _text(data["response"]), data
+    picker = data["response"][ids.SESSION_PICKER]
+    sid = picker["value"]
+    assert {"label": "Double reading", "value": sid} in picker["options"]
+    info = get_session(db, sid)
+    assert (info.name, info.store, info.model_uri) == ("Double reading", "demo", wb.config.model)
+    assert set(info.members) == {"ana", "rita", "root"}
+    assert root.call(f"{ids.SESSION}.data", {f"{ids.SESSION_PICKER}.value": sid})[0] == 200
+
+    # its members' pickers list it at their next refresh; ben's does not, and he cannot open it
+    status, options, _value = _refresh(ana, shown=[{"label": "Workspace", "value": 1}], chosen=1)
+    assert status == 200 and sid in [o["value"] for o in options]
+    status, options, _value = _refresh(ben, shown=[{"label": "Workspace", "value": 1}], chosen=1)
+    assert sid not in [o["value"] for o in (options or [])]
+    assert ben.call(f"{ids.SESSION}.data", {f"{ids.SESSION_PICKER}.value": sid})[0] == 403
+
+    # mistakes an admin can make are messages, and nothing is written
+    mid = _dump(app)
+    for name, kwargs, words in (("Double reading", {}, "exists already"), ("", {}, "Name needed"),
+                                ("Other", {"store": "nope"}, "No such store"),
+                                ("Other", {"store": "../stores/demo"}, "Not a store name")):
+        status, data = _create(root, name, members=["ana"], **kwargs)
+        assert status == 200 and words in _text(data["response"]), (name, kwargs, data)
+        assert ids.SESSION_PICKER not in data["response"]
+    assert _dump(app) == mid
+    # forged members (unknown, deactivated, not a list) are 400
+    from store.accounts import create_user, get_user, update_user
+
+    create_user(db, name="gone", role="researcher", actor="tests")
+    update_user(db, "gone", expected_version=get_user(db, "gone").version, active=False, actor="tests")
+    mid = _dump(app)
+    for members in (["ghost"], ["gone"], "ana", [{"name": "ana"}]):
+        status, data = _create(root, "Forged", members=members)
+        assert status == 400, (members, data)
+    assert _dump(app) == mid
+
+    # adding ben: the members table and ben's picker show it; the candidates no longer offer him
+    status, data = root.call(f"{ids.SESS_ADD_USER}.options", {f"{ids.SESSION}.data": sid})
+    assert status == 200 and [o["value"] for o in data["response"][ids.SESS_ADD_USER]["options"]] == ["ben"]
+    status, data = _member_change(root, sid, add="ben")
+    assert status == 200 and "Member added" in _text(data["response"]), data
+    assert "ben" in get_session(db, sid).members
+    status, data = root.call(f"{ids.SESS_TITLE}.children", {f"{ids.SESSION}.data": sid})
+    members_table = json.dumps(data["response"][ids.SESS_MEMBERS]["children"])
+    assert all(n in members_table for n in ("ana", "ben", "rita", "root")) and ids.MEMBER_REMOVE in members_table
+    status, options, _value = _refresh(ben, shown=[{"label": "Workspace", "value": 1}], chosen=1)
+    assert sid in [o["value"] for o in options]
+    assert ben.call(f"{ids.SESSION}.data", {f"{ids.SESSION_PICKER}.value": sid})[0] == 200
+    # a reader sees the members but no remove buttons
+    status, data = ana.call(f"{ids.SESS_TITLE}.children", {f"{ids.SESSION}.data": sid})
+    assert status == 200 and ids.MEMBER_REMOVE not in json.dumps(data["response"][ids.SESS_MEMBERS]["children"])
+
+    # removing ana: she can no longer open it, and her picker moves off it at its next refresh
+    status, data = _member_change(root, sid, remove="ana")
+    assert status == 200 and "Member removed" in _text(data["response"]), data
+    assert "ana" not in get_session(db, sid).members
+    assert ana.call(f"{ids.SESSION}.data", {f"{ids.SESSION_PICKER}.value": sid})[0] == 403
+    status, options, value = _refresh(ana, shown=[{"label": "Double reading", "value": sid}], chosen=sid)
+    assert sid not in [o["value"] for o in options] and value == 1
+    # removing someone who is not a member, or adding a deactivated user, is a forged request: 400, no change
+    mid = _dump(app)
+    assert _member_change(root, sid, remove="ana")[0] == 400
+    assert _member_change(root, sid, add="gone")[0] == 400
+    assert _dump(app) == mid
+    actions = [(e["actor"], e["action"]) for e in audit_entries(db, session_id=sid)]
+    assert ("root", "session.create") in actions and ("root", "session.add_member") in actions
+    assert ("root", "session.remove_member") in actions

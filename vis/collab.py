@@ -4,6 +4,8 @@
     >>> members, counts, agreement = session_overview(wb, session=1)        # Dash components
     >>> save_comment(wb, session=1, image="p-000123", text="spiculated?", editing=None)
     >>> save_comment(wb, session=1, image="p-000123", text="…", editing={"id": 7, "version": 1})   # ConflictError
+    >>> msg, sid = create_review_session(wb, name="Reading 2025-03", model=None, store="demo", members=["ana"])
+    >>> change_member(wb, sid, "add", "ben")                                 # admins only
 
 Every function checks the signed-in user's rights on the server first: membership of the session
 (`Workbench.review_session`, AccessDenied → 403) or, for user management and imports, `require_admin`. What a user
@@ -15,16 +17,18 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections import Counter
 
 from dash import html
 
 from .components import message, stat
 from .errors import InvalidInput
-from .services import check_id, check_int
+from .services import check_choice, check_id, check_int, check_list
 
 __all__ = ["session_overview", "session_title", "export_links", "comments_view", "save_comment", "delete_comment",
-           "start_edit", "import_annotations", "users_table", "create_user", "change_user", "MAX_IMPORT_BYTES"]
+           "start_edit", "import_annotations", "users_table", "create_user", "change_user", "create_review_session",
+           "change_member", "active_user_options", "candidate_options", "MAX_IMPORT_BYTES"]
 
 MAX_IMPORT_BYTES = 700_000  # an uploaded file travels base64 in one callback body (the app's body limit is 1 MiB)
 
@@ -49,14 +53,29 @@ def session_title(wb, session):
 
 
 def export_links(wb, session):
-    """Download links of the session's report (HTML) and annotations (JSON): vis.api's routes."""
+    """Download links of the session's report (HTML, and PDF when the server has Chromium) and annotations
+    (JSON): vis.api's routes."""
+    from .pdf import find_chromium, missing_message
+
     sid = wb.session_id(session)
+    if find_chromium() is not None:
+        pdf = html.A("Download the report (PDF)", href=f"/api/sessions/{sid}/report.pdf", download="",
+                     className="btn btn-outline-primary", id="sess-export-pdf")
+        hint = None
+    else:  # a link would download an error message: say what is missing instead
+        pdf = html.Button("Download the report (PDF)", disabled=True, className="btn btn-outline-secondary",
+                          id="sess-export-pdf", title=missing_message())
+        hint = html.Div(missing_message(), className="cl-hint mt-1")
     return html.Div([
-        html.A("Download the report (HTML)", href=f"/api/sessions/{sid}/report.html", download="",
-               className="btn btn-primary", id="sess-export-report"),
-        html.A("Download the annotations (JSON)", href=f"/api/sessions/{sid}/annotations.json", download="",
-               className="btn btn-outline-primary", id="sess-export-json"),
-    ], className="cl-actions")
+        html.Div([
+            html.A("Download the report (HTML)", href=f"/api/sessions/{sid}/report.html", download="",
+                   className="btn btn-primary", id="sess-export-report"),
+            pdf,
+            html.A("Download the annotations (JSON)", href=f"/api/sessions/{sid}/annotations.json", download="",
+                   className="btn btn-outline-primary", id="sess-export-json"),
+        ], className="cl-actions"),
+        hint,
+    ])
 
 
 def session_overview(wb, session):
@@ -66,12 +85,24 @@ def session_overview(wb, session):
 
     from .export import agreement_data, agreement_rows
 
+    from . import ids
+
     info = wb.review_session(session)
     sid, db = int(info.id), wb.db()
     users = {u.name: u for u in list_users(db)}
-    members = _table(["reader", "name", "role"],
-                     [[m, users[m].display_name if m in users else "", users[m].role if m in users else ""]
-                      for m in sorted(info.members)], empty="No member.")
+    manage = wb.account().role == "admin"  # the buttons only; change_member checks the right on the server
+
+    def row(m):
+        u = users.get(m)
+        cells = [m, u.display_name if u else "", (u.role if u else "") + ("" if u is None or u.active
+                                                                          else " (deactivated)")]
+        if manage:
+            cells.append(html.Button("Remove", id=ids.member_remove(m), n_clicks=0, title=f"remove {m} from this session",
+                                     className="btn btn-outline-danger btn-sm"))
+        return cells
+
+    members = _table(["reader", "name", "role", *([""] if manage else [])], [row(m) for m in sorted(info.members)],
+                     empty="No member.")
 
     labels = unit_labels(db, session=sid, author=None)  # merged: one per unit, with its winning author
     per = {}
@@ -180,6 +211,90 @@ def delete_comment(wb, session, comment_id):
     user = wb.account()
     delete(wb.db(), c.id, author=user.name, expected_version=c.version, session=sid, actor_role=user.role)
     return message("Comment deleted", "", color="success")
+
+
+# -- review sessions (admins) -------------------------------------------------------------------------------------------
+_STORE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def active_user_options(wb) -> list[dict]:
+    """Every active account, for the members of a new session (admins only)."""
+    from store.accounts import list_users, require_admin
+
+    require_admin(wb.account())
+    return [{"label": f"{u.name} ({u.role})", "value": u.name} for u in list_users(wb.db()) if u.active]
+
+
+def candidate_options(wb, session) -> list[dict]:
+    """Active accounts that are not members of the session yet (admins only)."""
+    from store.accounts import require_admin
+
+    require_admin(wb.account())
+    members = set(wb.review_session(session).members)
+    return [o for o in active_user_options(wb) if o["value"] not in members]
+
+
+def _active_names(wb, names, what: str) -> list[str]:
+    """Browser-sent user names, each an active account (the form only offers those: anything else is forged)."""
+    from store.accounts import list_users
+
+    names = check_list(names, what, max_len=1000)
+    active = {u.name for u in list_users(wb.db()) if u.active}
+    for n in names:
+        check_id(n, what)
+        if n not in active:
+            raise InvalidInput(what, f"{n[:80]!r} is not an active user")
+    return list(dict.fromkeys(names))
+
+
+def create_review_session(wb, *, name, model, store, members):
+    """A new review session (store.accounts.create_session), admins only: `model` and `store` empty mean the
+    app's (`wb.config`); the store must exist in the workspace; `members` are active user names. Returns
+    (message, the new session id or None)."""
+    from store.accounts import create_session, require_admin
+    from store.activations import store_exists
+
+    admin = require_admin(wb.account())
+    for value, what in ((name, "name"), (model, "model"), (store, "store")):
+        if value is not None and not isinstance(value, str):
+            raise InvalidInput(what, f"expected text, got {type(value).__name__}")
+    names = _active_names(wb, members, "members")
+    if not (name or "").strip():
+        return message("Name needed", "give the new session a name.", color="info"), None
+    model = (model or "").strip() or wb.config.model  # None: the model named in the store
+    store = (store or "").strip() or wb.config.store
+    if not _STORE_NAME.fullmatch(store) or store.endswith(".zarr"):
+        return message("Not a store name", f"{store[:80]!r}: letters, digits, '.', '_' and '-' only (the name "
+                                           f"under {wb.settings.store_root}).", color="warning"), None
+    if not store_exists(wb.settings.store_url(store)):
+        return message("No such store", f"there is no activation store {store!r} in this workspace; this app "
+                                        f"serves {wb.config.store!r}.", color="warning"), None
+    info = create_session(wb.db(), name=name, model_uri=model, store=store, members=names, actor=admin.name)
+    return message("Session created", f"“{info.name}” (#{info.id}) with {len(info.members)} member(s) is now "
+                                      "open; it is in the header's session list.", color="success"), int(info.id)
+
+
+def change_member(wb, session, action: str, name):
+    """Add ("add") or remove ("remove") one member of a session; admins only. Removing keeps the member's
+    annotations (attributed to them); a removed reader no longer opens the session."""
+    from store.accounts import add_member, remove_member, require_admin
+
+    admin = require_admin(wb.account())
+    sid = wb.session_id(session)
+    check_choice(action, "action", ("add", "remove"))
+    if action == "add":
+        if not name:
+            return message("Nobody chosen", "choose a user to add first.", color="info")
+        (name,) = _active_names(wb, [name], "user")
+        info = add_member(wb.db(), sid, name, actor=admin.name)
+        return message("Member added", f"{name} is a member of “{info.name}”.", color="success")
+    check_id(name, "user")
+    info = wb.review_session(sid)
+    if name not in info.members:
+        raise InvalidInput("user", f"{name[:80]!r} is not a member of session {sid}")
+    info = remove_member(wb.db(), sid, name, actor=admin.name)
+    return message("Member removed", f"{name} no longer opens “{info.name}”; their annotations stay.",
+                   color="success")
 
 
 # -- import ---------------------------------------------------------------------------------------------------------------

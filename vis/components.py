@@ -22,8 +22,8 @@ from dash import dcc, html
 
 from . import ids
 
-__all__ = ["shell", "install_shell", "panel", "message", "empty_state", "gallery", "Tile", "shows_errors", "user_errors",
-           "labeled", "stat"]
+__all__ = ["shell", "install_shell", "session_choices", "panel", "message", "empty_state", "gallery", "Tile",
+           "shows_errors", "user_errors", "labeled", "stat"]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -134,6 +134,7 @@ def gallery(tiles: Sequence[Tile], *, size: int = 96, empty: str = "Nothing to s
 
 # -- the shell: navbar, review session, user, workspace status, page ---------------------------------------------------------
 LIVE_INTERVAL_MS = 2000  # how often a tab asks whether anyone wrote in its session (one small query)
+SESSIONS_INTERVAL_MS = 15000  # how often a tab refreshes its list of sessions (created, joined, left elsewhere)
 
 
 def _nav_links(user) -> list:
@@ -161,7 +162,8 @@ def shell():
     if user is None:  # only when Dash validates the layout at start-up: every request has a user
         return html.Div([dcc.Store(id=ids.SESSION), dcc.Store(id=ids.SESSION_VERSION),
                          dcc.Store(id=ids.CURRENT_IMAGE), dcc.Interval(id=ids.LIVE_INTERVAL),
-                         dcc.Dropdown(id=ids.SESSION_PICKER), dash.page_container])
+                         dcc.Interval(id=ids.SESSIONS_INTERVAL), dcc.Dropdown(id=ids.SESSION_PICKER),
+                         dash.page_container])
     status = wb.status()
     banner = None if status.ok else message(status.title, status.text, color="warning")
     brand = html.A([html.Span("Concept", className="cl-brand-a"), html.Span("Lens", className="cl-brand-b")],
@@ -186,10 +188,23 @@ def shell():
         dcc.Store(id=ids.SESSION_VERSION, data=None),
         dcc.Store(id=ids.CURRENT_IMAGE, data=None, storage_type="session"),
         dcc.Interval(id=ids.LIVE_INTERVAL, interval=LIVE_INTERVAL_MS, n_intervals=0),
+        dcc.Interval(id=ids.SESSIONS_INTERVAL, interval=SESSIONS_INTERVAL_MS, n_intervals=0),
         navbar,
         html.Div(banner, id=ids.STATUS, className="cl-status"),
         html.Main(dash.page_container, className="cl-main"),
     ], className="cl-app")
+
+
+def session_choices(wb, chosen=None, *, select=None) -> tuple[list[dict], int | None]:
+    """(the picker's options: the sessions the user may open now, the value it should show): `select` when
+    given, else `chosen` while still listed, else the first session (None: no session at all)."""
+    options = wb.session_options()
+    values = [o["value"] for o in options]
+    if select is not None and select in values:
+        return options, select
+    if chosen in values:
+        return options, chosen
+    return options, (values[0] if values else None)
 
 
 def install_shell(app) -> None:
@@ -201,9 +216,20 @@ def install_shell(app) -> None:
 
     @app.callback(Output(ids.SESSION, "data"), Input(ids.SESSION_PICKER, "value"))
     def choose_session(session):
-        if session is None:
-            raise PreventUpdate
+        if session is None:  # no session left to open (removed from the last one): the pages say so
+            return None
         return current().session_id(session)  # AccessDenied (403) for a session the user may not open
+
+    @app.callback(Output(ids.SESSION_PICKER, "options"), Output(ids.SESSION_PICKER, "value"),
+                  Input(ids.SESSIONS_INTERVAL, "n_intervals"), State(ids.SESSION_PICKER, "options"),
+                  State(ids.SESSION_PICKER, "value"), prevent_initial_call=True)
+    def refresh_sessions(_n, shown, chosen):
+        """The picker lists the sessions the user may open now: one an admin created or added them to appears,
+        one they were removed from goes (and the picker moves to the first they may open)."""
+        options, value = session_choices(current(), chosen)
+        if options == shown and value == chosen:
+            raise PreventUpdate  # nothing changed: nothing redraws
+        return options, (value if value != chosen else dash.no_update)
 
     @app.callback(Output(ids.SESSION_VERSION, "data"), Input(ids.LIVE_INTERVAL, "n_intervals"),
                   Input(ids.SESSION, "data"), State(ids.SESSION_VERSION, "data"))

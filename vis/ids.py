@@ -18,6 +18,7 @@ SESSION = "shell-session"  # dcc.Store: the review session id every annotation c
 SESSION_PICKER = "shell-session-picker"  # header dropdown of the user's sessions (admins: all)
 SESSION_VERSION = "shell-session-version"  # dcc.Store: the session's annotation stamp; changes when anyone writes
 LIVE_INTERVAL = "shell-live-interval"  # polls the stamp so reviewers see each other's work within seconds
+SESSIONS_INTERVAL = "shell-sessions-interval"  # refreshes the picker's list (a new session, added or removed)
 CURRENT_IMAGE = "shell-current-image"  # dcc.Store: the patch last opened on Review (comments on the Session page)
 USER_BADGE = "shell-user"
 LOGOUT = "shell-logout"
@@ -117,6 +118,15 @@ SESS_COMMENT_SAVE = "sess-comment-save"
 SESS_COMMENT_CANCEL = "sess-comment-cancel"
 SESS_EDITING = "sess-editing"  # dcc.Store {"id", "version"} of the comment being edited, or None for a new one
 SESS_MESSAGE = "sess-message"
+SESS_MEMBERS_MESSAGE = "sess-members-message"  # result of adding or removing a member (admins)
+SESS_ADD_USER = "sess-add-user"  # dropdown: active users who are not members yet (admins)
+SESS_ADD_MEMBER = "sess-add-member"
+SESS_NEW_NAME = "sess-new-name"  # the "New review session" form (admins)
+SESS_NEW_MODEL = "sess-new-model"
+SESS_NEW_STORE = "sess-new-store"
+SESS_NEW_MEMBERS = "sess-new-members"  # multi-select of active users
+SESS_NEW_CREATE = "sess-new-create"
+SESS_NEW_MESSAGE = "sess-new-message"
 
 # -- users (admins) ----------------------------------------------------------------------------------------------------
 USERS_TABLE = "users-table"
@@ -140,6 +150,7 @@ FLAGGED_PATCH = "flagged-patch"  # a button in the review strip; index = image i
 PROTOTYPE = "prototype"  # a prototype tile; index = "<image id>"
 COMMENT_EDIT = "comment-edit"  # the edit button of one comment; index = comment id
 COMMENT_DELETE = "comment-delete"  # its delete button
+MEMBER_REMOVE = "member-remove"  # the remove button of one member on the Session page (admins); index = user name
 
 
 def flagged_patch(image_id: str) -> dict:
@@ -156,3 +167,7 @@ def comment_edit(comment_id: int) -> dict:
 
 def comment_delete(comment_id: int) -> dict:
     return {"type": COMMENT_DELETE, "index": int(comment_id)}
+
+
+def member_remove(name: str) -> dict:
+    return {"type": MEMBER_REMOVE, "index": str(name)}

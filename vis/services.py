@@ -223,12 +223,13 @@ class Workbench:
         return int(sessions[0].id) if sessions else None
 
     def session_version(self, session_id) -> list:
-        """A cheap stamp of everything reviewers wrote in the session (labels, undos, regions, marks, comments):
-        [session, newest action id, newest region id, region count, newest comment change, comment count]. Any
+        """A cheap stamp of everything reviewers wrote in the session (labels, undos, regions, marks, comments,
+        members, probe versions): [session, newest action id, newest region id, region count, mark count, newest
+        comment change, comment count, the session row's version (members), probe versions recorded]. Any
         reviewer's write, through any worker, changes it; views that show annotations redraw only then."""
         from sqlalchemy import func, select
 
-        from store.annotations import Comment, ImageMark, LabelAction, Region
+        from store.annotations import Comment, ImageMark, LabelAction, ProbeVersion, Region, ReviewSession
 
         sid = self.session_id(session_id)
         with self.db().read() as s:
@@ -239,6 +240,10 @@ class Workbench:
                 select(func.count()).select_from(ImageMark).where(ImageMark.session_id == sid).scalar_subquery(),
                 select(func.max(Comment.updated_at)).where(Comment.session_id == sid).scalar_subquery(),
                 select(func.count(Comment.id)).where(Comment.session_id == sid).scalar_subquery(),
+                select(ReviewSession.version).where(ReviewSession.id == sid).scalar_subquery(),
+                # a rollback re-activates a recorded version: its row's version changes, not the count
+                select(func.coalesce(func.sum(ProbeVersion.version), 0)).where(ProbeVersion.session_id == sid)
+                .scalar_subquery(),
             )).one()
         return [sid, *(v.isoformat() if hasattr(v, "isoformat") else int(v or 0) for v in row)]
 
@@ -1309,9 +1314,13 @@ class Workbench:
         return summary, gallery(tiles, size=72)
 
     # -- probes page -----------------------------------------------------------------------------------------------------
-    def probe_view(self, probe):
-        """(versions figure, versions table, rollback options, maps gallery) of one probe."""
+    def probe_view(self, probe, *, session=None):
+        """(versions figure, which version is active + versions table, rollback options, maps gallery) of one probe.
+
+        "store" marks the version the store serves to every session; "this session" the one last fitted or rolled
+        back in `session` (when given: checked, AccessDenied for a non-member)."""
         from dash import html
+        from explain.labels import recorded_probe_versions
         from explain.probes import probe_versions
         from explain.prototypes import probe_prototypes, render_overlay
 
@@ -1321,19 +1330,43 @@ class Workbench:
         if not probe:
             empty = html.Div("No probe yet: label units on Review or mark images on Images.", className="cl-muted")
             return figures.empty_figure("no probe", height=300), empty, [], empty
+        sid = self.session_id(session) if session is not None else None
         concept, layer = self.parse_probe(probe)
         versions = probe_versions(concept, layer, settings=self.settings)  # newest first
         current = self.store().probe(concept, layer).run_id
+        mine = None
+        if sid is not None:
+            mine = next((p for p in recorded_probe_versions(self.db(), session=sid, concept=concept, layer=layer)
+                         if p.active), None)
+        number = {v["run_id"]: f"v{n} · {v['run_id'][:8]}" for n, v in zip(range(len(versions), 0, -1), versions)}
         fig = figures.probe_versions_figure(list(reversed(versions)), current=current)
         head = html.Thead(html.Tr([html.Th(h) for h in ("version", "annotations", "AUROC", "AP", "examples +/−",
-                                                          "")]))
+                                                          "active")]))
         body = []
         for n, v in zip(range(len(versions), 0, -1), versions):
-            mark = "current" if v["run_id"] == current else ""
-            body.append(html.Tr([html.Td(f"v{n} · {v['run_id'][:8]}"), html.Td(v["n_annotations"]),
+            marks = (["store"] if v["run_id"] == current else []) + \
+                (["this session"] if mine is not None and v["run_id"] == mine.run_id else [])
+            body.append(html.Tr([html.Td(number[v["run_id"]]), html.Td(v["n_annotations"]),
                                  html.Td(_fmt(v["auroc"])), html.Td(_fmt(v["ap"])),
-                                 html.Td(f"{v['n_positive']} / {v['n_negative']}"), html.Td(mark)]))
-        table = html.Table([head, html.Tbody(body)], className="table table-sm table-hover")
+                                 html.Td(f"{v['n_positive']} / {v['n_negative']}"), html.Td(" · ".join(marks))],
+                                className="cl-row-current" if v["run_id"] == current else None))
+        active = [html.Div([html.Strong("Active for the store: "),
+                            html.Span(number.get(current, current[:8])),
+                            html.Span(" — every review session of this store sees this version.",
+                                      className="cl-muted")])]
+        if mine is None:
+            active.append(html.Div("No version was fitted or rolled back in this session yet.", className="cl-muted"))
+        elif mine.run_id != current:
+            active.append(html.Div([html.Strong("This session: "), html.Span(number.get(mine.run_id, mine.run_id[:8])),
+                                    html.Span(f" (by {mine.author}). The store's version was changed since, in "
+                                              "another session or by a retrain elsewhere; roll back to "
+                                              f"{number.get(mine.run_id, mine.run_id[:8]).split(' ·')[0]} to serve "
+                                              "this session's version again.")], className="cl-warning-text"))
+        else:
+            active.append(html.Div(f"This session's active version (by {mine.author}) is the store's.",
+                                   className="cl-muted"))
+        table = html.Div([html.Div(active, className="cl-probe-active mb-2"),
+                          html.Table([head, html.Tbody(body)], className="table table-sm table-hover")])
         options = [{"label": f"v{n} · {v['run_id'][:8]} · AUROC {_fmt(v['auroc'])}", "value": v["run_id"]}
                    for n, v in zip(range(len(versions), 0, -1), versions) if v["run_id"] != current]
         store = self.store()
@@ -1446,21 +1479,35 @@ class Workbench:
 
         return open_store(self.store().url, read_only=False)
 
-    def rollback_probe(self, probe, run_id):
-        """Make an earlier version current; returns (new version id for the views, message)."""
-        from explain.probes import rollback
+    def rollback_probe(self, probe, run_id, *, session):
+        """Make an earlier version current; returns (new version id for the views, message).
+
+        The store holds one current version per probe, shared by every review session that reviews it (the pages,
+        reports and overlays of all of them read it). So a rollback is checked against the session it is made in
+        (membership; AccessDenied → 403, nothing changed) and recorded there as that session's active version
+        (explain.labels.record_probe_version: audited, listed in the session report), like a retrain; the Probes
+        page shows which version the store serves and which one each session last chose.
+        """
+        from explain.labels import record_probe_version
+        from explain.probes import probe_versions, rollback
 
         from .components import message
 
+        sid = self.session_id(session)
         concept, layer = self.parse_probe(probe)
         check_id(run_id, "version")
-        from explain.probes import probe_versions
-
-        if run_id not in {v["run_id"] for v in probe_versions(concept, layer, settings=self.settings)}:
+        versions = {v["run_id"]: v for v in probe_versions(concept, layer, settings=self.settings)}
+        if run_id not in versions:
             raise InvalidInput("version", f"{run_id!r} is not a version of probe {probe!r}")
         rollback(self.writable_store(), concept, layer, run_id, settings=self.settings)
         self._views.clear()
-        return run_id, message("Rolled back", f"probe {probe} now uses version {run_id[:8]}.", color="success")
+        v = versions[run_id]
+        record_probe_version(self.db(), session=sid, concept=concept, layer=layer, run_id=run_id, author=self.user(),
+                             metrics={k: v.get(k) for k in ("auroc", "ap", "cv_auroc", "n_positive", "n_negative")
+                                      if v.get(k) is not None})
+        return run_id, message("Rolled back", f"probe {probe} now uses version {run_id[:8]} for the store, in every "
+                                              f"session that reviews it; recorded in this session.",
+                               color="success")
 
     # -- experiments page ------------------------------------------------------------------------------------------------
     def _mlflow(self):
