@@ -1,5 +1,11 @@
 """Probes: each concept probe's versions from mlflow (held-out metrics against the number of annotations), its maps
-on sample images, retraining as a background job, and rolling back to an earlier version."""
+on sample images, retraining as a background job, and rolling back to an earlier version.
+
+A probe's current version lives in the activation store, so it is shared by every review session of that store: a
+retrain or a rollback in one session changes what all of them see. Both are therefore recorded in the session they
+were made in (explain.labels.record_probe_version, audited), and the page says which version the store serves
+("store") and which one this session last chose ("this session"), with a note when they differ.
+"""
 
 from __future__ import annotations
 
@@ -50,18 +56,19 @@ def layout(**_query):
 @callback(Output(ids.PROBES_VERSIONS, "figure"), Output(ids.PROBES_TABLE, "children"),
           Output(ids.PROBES_ROLLBACK_TO, "options"), Output(ids.PROBES_MAPS, "children"),
           Output(ids.PROBES_MESSAGE, "children", allow_duplicate=True),
-          Input(ids.PROBES_SELECT, "value"), Input(ids.PROBES_VERSION, "data"), prevent_initial_call="initial_duplicate")
+          Input(ids.PROBES_SELECT, "value"), Input(ids.PROBES_VERSION, "data"), Input(ids.SESSION, "data"),
+          prevent_initial_call="initial_duplicate")
 @shows_errors(5, at=4)
-def show_probe(probe, _version):
-    return (*current().probe_view(probe), dash.no_update)
+def show_probe(probe, _version, session):
+    return (*current().probe_view(probe, session=session), dash.no_update)
 
 
 @callback(Output(ids.PROBES_VERSION, "data", allow_duplicate=True), Output(ids.PROBES_MESSAGE, "children"),
           Input(ids.PROBES_ROLLBACK, "n_clicks"), State(ids.PROBES_SELECT, "value"),
-          State(ids.PROBES_ROLLBACK_TO, "value"), prevent_initial_call=True)
+          State(ids.PROBES_ROLLBACK_TO, "value"), State(ids.SESSION, "data"), prevent_initial_call=True)
 @shows_errors(2, at=1)
-def rollback(_clicks, probe, run_id):
-    return current().rollback_probe(probe, run_id)
+def rollback(_clicks, probe, run_id, session):
+    return current().rollback_probe(probe, run_id, session=session)
 
 
 @callback(Output(ids.PROBES_VERSION, "data"), Output(ids.PROBES_MESSAGE, "children", allow_duplicate=True),
