@@ -156,6 +156,7 @@ class _Spec:
     dims: tuple[str, ...]
     attrs: dict = field(default_factory=dict)
     shards: tuple[int, ...] | None = None  # shard shape: the unit a writer writes (chunks inside it are read alone)
+    shuffle: bool = True  # blosc byte shuffle (see _codecs)
 
 
 def _specs(layout: StoreLayout) -> list[_Spec]:
@@ -174,7 +175,7 @@ def _specs(layout: StoreLayout) -> list[_Spec]:
             # one chunk per image (a map read is one chunk), one shard per block (one file per write: creating a
             # file costs ~0.1 ms of system time here, and one per image and layer was a third of extraction's cost)
             _Spec(f"{p}/maps", (n, u, y, x), (1, u, y, x), "float16", float("nan"), ("image", "unit", "y", "x"),
-                  shards=(b, u, y, x)),
+                  shards=(b, u, y, x), shuffle=False),
             _Spec(f"{p}/max", (n, u), (b, u), "float32", float("nan"), ("image", "unit")),
             _Spec(f"{p}/mean", (n, u), (b, u), "float32", float("nan"), ("image", "unit")),
             _Spec(f"{p}/quantiles", (u, L), (u, L), "float32", float("nan"), ("unit", "level"),
@@ -185,12 +186,15 @@ def _specs(layout: StoreLayout) -> list[_Spec]:
     return specs
 
 
-def _codecs(dtype: str) -> dict:
-    """bytes → blosc (lz4, byte shuffle) → crc32c: every chunk carries a checksum of its stored bytes."""
+def _codecs(dtype: str, *, shuffle: bool = True) -> dict:
+    """bytes → blosc (lz4, byte shuffle) → crc32c: every chunk carries a checksum of its stored bytes.
+
+    shuffle=False for the layers' maps: about half of a ReLU map is exact zeros, which lz4 finds as long runs in the
+    unshuffled bytes — smaller (0.66× of raw against 0.70× with shuffle, demo model) and 30 % faster to compress."""
     size = np.dtype(dtype).itemsize
+    mode = ("shuffle" if size > 1 else "bitshuffle") if shuffle else "noshuffle"
     return {"serializer": BytesCodec(endian="little" if size > 1 else None),
-            "compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle" if size > 1 else "bitshuffle",
-                                       typesize=size), Crc32cCodec()]}
+            "compressors": [BloscCodec(cname="lz4", clevel=5, shuffle=mode, typesize=size), Crc32cCodec()]}
 
 
 class _ChunkEncoder:
@@ -1116,7 +1120,7 @@ def _ensure_array(group: zarr.Group, spec: _Spec, url: str) -> None:
     try:
         group.create_array(spec.path, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=spec.dtype,
                            fill_value=spec.fill, dimension_names=spec.dims, attributes=spec.attrs or None,
-                           overwrite=False, **_codecs(spec.dtype))
+                           overwrite=False, **_codecs(spec.dtype, shuffle=spec.shuffle))
         return
     except (ContainsArrayError, ContainsGroupError, FileExistsError):
         pass

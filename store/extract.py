@@ -105,17 +105,21 @@ def load_patch(path: str | Path, size: tuple[int, int]) -> np.ndarray:
 class _PatchBatches(torch.utils.data.Dataset):
     """dataset[batch] → (image indices int64 (batch,), patches uint8 (batch, y, x)) for a list of image indices.
 
-    With `order` (the batches in the order they will be asked for), one background thread reads up to `ahead` batches
-    before they are asked for: PNG decoding (which releases the GIL) leaves the thread that runs the forward passes.
+    With `order` (the batches in the order they will be asked for), patches are read `ahead` batches at a time:
+    by one background thread that keeps them in flight while the forward passes run (PNG decoding releases the GIL),
+    or, given an `executor`, all at once on its threads when the first of them is asked for — between forward passes,
+    so that reading never competes with them for the cores.
     """
 
     def __init__(self, paths: list[Path], size: tuple[int, int], *, order: list[list[int]] | None = None,
-                 ahead: int = 2):
+                 ahead: int = 2, executor: ThreadPoolExecutor | None = None):
         self.paths, self.size = paths, size
         self.order = [tuple(b) for b in order] if order is not None else None
         self.ahead, self.next = max(1, ahead), 0
         self.pending: dict[tuple[int, ...], Future] = {}
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patch-reader") if order else None
+        self.executor = executor
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patch-reader") \
+            if order and executor is None else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -125,6 +129,15 @@ class _PatchBatches(torch.utils.data.Dataset):
         return torch.as_tensor(batch, dtype=torch.int64), torch.from_numpy(images)
 
     def _fill(self) -> None:
+        if self.executor is not None:
+            if not self.pending and self.next < len(self.order):
+                batches = self.order[self.next:self.next + self.ahead]
+                self.next += len(batches)
+                for batch, result in zip(batches, self.executor.map(self._read, batches)):
+                    done = Future()
+                    done.set_result(result)
+                    self.pending[batch] = done
+            return
         while self.next < len(self.order) and len(self.pending) < self.ahead:
             batch = self.order[self.next]
             self.pending[batch] = self.pool.submit(self._read, batch)
@@ -132,7 +145,7 @@ class _PatchBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, batch):
         key = tuple(int(i) for i in batch)
-        if self.pool is None:
+        if self.order is None:
             return self._read(key)
         self._fill()
         future = self.pending.pop(key, None)
@@ -140,10 +153,10 @@ class _PatchBatches(torch.utils.data.Dataset):
         return future.result() if future is not None else self._read(key)
 
     def close(self) -> None:
+        for f in self.pending.values():
+            f.cancel()
+        self.pending.clear()
         if self.pool is not None:
-            for f in self.pending.values():
-                f.cancel()
-            self.pending.clear()
             self.pool.shutdown(wait=True)
 
 
@@ -314,8 +327,9 @@ class _Job:
                                 batch_size=self.batch_size)
         threaded = self.config.num_workers == 0  # worker processes read ahead by themselves
         per_block = -(-self.layout.block // self.batch_size)
+        helpers = self.writer.helpers if not self.writer.overlap else None  # read between forward passes, in parallel
         self.patches = _PatchBatches(self.paths, self.layout.image_size, order=sampler.batches if threaded else None,
-                                     ahead=2 * per_block)
+                                     ahead=per_block if helpers else 2 * per_block, executor=helpers)
         # batch_size=None: each sampler item is a whole batch of indices, read by one dataset call (no collation)
         return torch.utils.data.DataLoader(self.patches, sampler=sampler, batch_size=None,
                                            num_workers=self.config.num_workers, persistent_workers=False)

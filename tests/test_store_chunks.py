@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from zarr.codecs import ShardingCodec
 
 from store.activations import StoreLayout, _ChunkEncoder, _codecs, create_store, open_store
 from store.errors import ActivationStoreError, MisalignedWriteError
@@ -78,8 +79,10 @@ def test_extraction_chunks_are_byte_identical_to_zarrs_encoding(film, tmp_path):
             data[f"layers/{name}/{stat}"] = whole["layers"][name][stat]
     for path, values in data.items():
         src = direct[path]
+        codecs = src.metadata.codecs  # the same codecs, taken from the array (maps: unshuffled, in shards)
+        inner = codecs[0].codecs if isinstance(codecs[0], ShardingCodec) else codecs
         arr = ref.create_array(path, shape=src.shape, chunks=src.chunks, shards=src.shards, dtype=src.dtype,
-                               fill_value=src.metadata.fill_value, **_codecs(src.dtype.str),
+                               fill_value=src.metadata.fill_value, serializer=inner[0], compressors=list(inner[1:]),
                                config={"write_empty_chunks": True})
         arr[...] = values
         np.testing.assert_array_equal(src[...], values.astype(src.dtype))
@@ -90,6 +93,8 @@ def test_extraction_chunks_are_byte_identical_to_zarrs_encoding(film, tmp_path):
         assert ours[key] == theirs[key], key
     # maps: one shard per block, one chunk per image inside; the short last shard indexes 3 chunks and one empty slot
     assert direct["layers/conv.1/maps"].chunks == (1, 4, 8, 8) and direct["layers/conv.1/maps"].shards == (4, 4, 8, 8)
+    assert direct["layers/conv.1/maps"].metadata.codecs[0].codecs[1].shuffle.value == "noshuffle"
+    assert direct["layers/conv.1/max"].metadata.codecs[1].shuffle.value == "shuffle"
     last = ours["layers/conv.1/maps/c/2/0/0/0"]
     index = np.frombuffer(last[-(4 * 16 + 4):-4], "<u8").reshape(4, 2)
     assert index[3].tolist() == [2 ** 64 - 1] * 2 and index[:3, 1].min() > 4
