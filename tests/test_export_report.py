@@ -201,3 +201,115 @@ def test_patient_identifiers_never_leave_the_server(app_workspace, tmp_path, rea
     assert len(everything) > 100_000
     for what, sentinel in SENTINELS.items():
         assert sentinel.lower() not in everything.lower(), f"{what} sentinel {sentinel} was served"
+
+
+# -- the report as PDF -----------------------------------------------------------------------------------------------------
+def _pdf_title(pdf: bytes) -> str:
+    """The document title of a Chromium (Skia) PDF: its Info dictionary's /Title, a literal or UTF-16 hex string."""
+    import re
+
+    m = re.search(rb"/Title\s*<([0-9A-Fa-f]+)>", pdf)
+    if m:
+        raw = bytes.fromhex(m.group(1).decode())
+        return raw[2:].decode("utf-16-be") if raw.startswith(b"\xfe\xff") else raw.decode("latin-1")
+    m = re.search(rb"/Title\s*\(((?:\\.|[^\\)])*)\)", pdf)
+    assert m, "no /Title in the PDF"
+    return re.sub(rb"\\(.)", rb"\1", m.group(1)).decode("latin-1")
+
+
+def _pdf_pages(pdf: bytes) -> int:
+    import re
+
+    return len(re.findall(rb"/Type\s*/Page\b(?!s)", pdf))
+
+
+def test_the_session_report_prints_to_a_multi_page_pdf(app_workspace, tmp_path, monkeypatch):
+    """GET /api/sessions/<sid>/report.pdf: headless Chromium prints the HTML report (members only); several pages
+    for a session with regions on ten images, titled with the session's name; without Chromium a 501 that names
+    what is missing, and the Session page offers no broken link."""
+    import re
+    import uuid
+
+    from store.accounts import create_session
+    from store.settings import load_settings
+    from vis import ids
+    from vis.app import create_app
+    from vis.pdf import CHROMIUM_ENV, find_chromium
+
+    if find_chromium() is None:
+        pytest.skip("no Chromium on this machine (/usr/bin/chromium or CONCEPTLENS_CHROMIUM)")
+    root = _copy(app_workspace, tmp_path)
+    app = create_app(load_settings(root))
+    wb = app.server.extensions["conceptlens"]
+    name = "Double reading “März” <b>"
+    sid = int(create_session(wb.db(), name=name, members=["ana", "ben"], actor="tests").id)
+    clients = {}
+    for who in ("ana", "ben", "rita"):
+        c = app.server.test_client()
+        assert login_client(c, who).status_code == 302
+        clients[who] = c
+    h, w = wb.patch_size()
+    for k, image in enumerate(wb.store().image_ids[:10]):
+        for who, concept, pad in (("ana", "mass", 8), ("ben", "calcification", 12)):
+            body = {"image": image, "layer": wb.layer(), "concept": concept, "request_id": uuid.uuid4().hex,
+                    "region": [{"type": "rect", "x0": pad, "y0": pad + k % 5, "x1": w - pad - 4, "y1": h - pad}]}
+            r = clients[who].post(f"/api/sessions/{sid}/labels", data=json.dumps(body),
+                                  content_type="application/json")
+            assert r.status_code == 201, r.get_data(as_text=True)
+
+    r = clients["ana"].get(f"/api/sessions/{sid}/report.pdf")
+    assert r.status_code == 200, r.get_data(as_text=True)[:500]
+    assert r.mimetype == "application/pdf" and "attachment;" in r.headers["Content-Disposition"]
+    pdf = r.data
+    out = Path(__file__).resolve().parents[1] / "test-output"
+    out.mkdir(exist_ok=True)
+    (out / "session-report.pdf").write_bytes(pdf)  # to look at
+    assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF")
+    assert _pdf_pages(pdf) >= 3, _pdf_pages(pdf)  # model and members, ten images three to a row, the tables
+    assert name in _pdf_title(pdf)
+    # the report's own print rules: A4 pages, a running footer with the page number, nothing fetched
+    page = clients["ana"].get(f"/api/sessions/{sid}/report.html").get_data(as_text=True)
+    assert "@page" in page and "counter(pages)" in page and "Content-Security-Policy" in page
+    assert re.search(r"<style>[^<]*</style>", page)  # the session name cannot end the style element
+    # the Session page links the PDF
+    dc = DashClient(clients["ana"])
+    status, data = dc.call(f"{ids.SESS_TITLE}.children", {f"{ids.SESSION}.data": sid})
+    assert status == 200 and f"/api/sessions/{sid}/report.pdf" in json.dumps(data["response"][ids.SESS_EXPORT])
+
+    # members only: a reader outside the session gets 403 (before anything about PDFs)
+    assert clients["rita"].get(f"/api/sessions/{sid}/report.pdf").status_code == 403
+    # without Chromium: 501 naming what is missing; the page shows why instead of a link
+    monkeypatch.setenv(CHROMIUM_ENV, str(tmp_path / "no-chromium-here"))
+    r = clients["ana"].get(f"/api/sessions/{sid}/report.pdf")
+    assert r.status_code == 501 and "no-chromium-here" in r.get_json()["error"], r.get_data(as_text=True)
+    assert "apt-get install chromium" in r.get_json()["error"]
+    assert clients["rita"].get(f"/api/sessions/{sid}/report.pdf").status_code == 403
+    status, data = dc.call(f"{ids.SESS_TITLE}.children", {f"{ids.SESSION}.data": sid})
+    export = json.dumps(data["response"][ids.SESS_EXPORT])
+    assert "report.pdf" not in export and "no-chromium-here" in export and '"disabled": true' in export
+
+
+def test_a_hung_printer_is_killed_with_its_children(tmp_path):
+    """A browser that never finishes: html_to_pdf gives up after its time limit with a clear error, and no process
+    it started is left running."""
+    import os
+    import time
+
+    from vis.pdf import PdfError, html_to_pdf
+
+    hung = tmp_path / "hung-chromium"
+    pid_file = tmp_path / "child.pid"
+    hung.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {pid_file}\nwait\n")
+    hung.chmod(0o755)
+    t0 = time.monotonic()
+    with pytest.raises(PdfError, match="within 2 s"):
+        html_to_pdf("<!DOCTYPE html><title>x</title><p>x</p>", chromium=str(hung), timeout=2)
+    assert time.monotonic() - t0 < 60
+    child = int(pid_file.read_text())
+    time.sleep(0.2)
+    try:
+        os.kill(child, 0)
+        state = Path(f"/proc/{child}/stat").read_text().split()[2] if Path(f"/proc/{child}/stat").exists() else "Z"
+    except ProcessLookupError:
+        state = "gone"
+    assert state in ("gone", "Z"), f"the printer's child {child} is still running ({state})"

@@ -19,14 +19,16 @@ Routes (docs/CONTRACTS.md, "Access"):
   written, 200 when replayed, 409 when the id was used for a different label.
 - `GET  /api/sessions/<sid>/annotations.json`: `store.exchange.export_session` as a download.
 - `GET  /api/sessions/<sid>/report.html`: `vis.export.session_report_html`, one self-contained file, a download.
+- `GET  /api/sessions/<sid>/report.pdf`: the same report printed by headless Chromium (vis.pdf); 501 with a message
+  naming what is missing when the server has no Chromium.
 - `POST /api/sessions/import[?name=NEW]`: the body is an annotations.json export; a new session (admins only, since
   an import creates the users it names). 201 `{id, name, members}`.
 
 Every POST must be `Content-Type: application/json` (415 otherwise): an HTML form cannot send that cross-site, which
 together with the SameSite cookie keeps cross-site requests out without a CSRF token. Bodies are limited (413).
 Errors are JSON `{"error": message, "field": name-or-null}`: 400 for bad input (the message names the field; nothing
-is written), 403 for a session the user is not a member of, 409 for a conflict, 503 while the workspace is not
-ready. The login layer (vis.auth) refuses anonymous requests before any of these views runs and sets `flask.g.user`.
+is written), 403 for a session the user is not a member of, 409 for a conflict, 501 for a PDF without Chromium, 503 while the
+workspace is not ready (or the PDF printer failed). The login layer (vis.auth) refuses anonymous requests before any of these views runs and sets `flask.g.user`.
 """
 
 from __future__ import annotations
@@ -267,6 +269,20 @@ def install_api(app) -> Blueprint:
         return _download(session_report_html(wb, sid), mimetype="text/html",
                          filename=f"conceptlens-session-{sid}-report.html")
 
+    @bp.get("/sessions/<int:sid>/report.pdf")
+    def report_pdf(sid: int):
+        from .export import session_report_html
+        from .pdf import PdfUnavailable, find_chromium, html_to_pdf, missing_message
+
+        user = _user()
+        wb = current()
+        _member(wb.db(), sid, user)  # 403 first: a non-member learns nothing, not even whether PDFs work here
+        chromium = find_chromium()
+        if chromium is None:
+            raise PdfUnavailable(missing_message())
+        pdf = html_to_pdf(session_report_html(wb, sid), chromium=chromium)
+        return _download(pdf, mimetype="application/pdf", filename=f"conceptlens-session-{sid}-report.pdf")
+
     @bp.post("/sessions/import")
     def import_():
         from store.accounts import require_admin
@@ -294,6 +310,16 @@ def install_api(app) -> Blueprint:
     @bp.errorhandler(NotReady)
     def _not_ready(err: NotReady):
         return _error(503, str(err))
+
+    from .pdf import PdfError, PdfUnavailable
+
+    @bp.errorhandler(PdfUnavailable)
+    def _no_pdf(err: PdfUnavailable):
+        return _error(501, str(err))
+
+    @bp.errorhandler(PdfError)
+    def _pdf_failed(err: PdfError):
+        return _error(503, f"the PDF could not be printed: {err}")
 
     @bp.errorhandler(HTTPException)
     def _http(err: HTTPException):

@@ -240,7 +240,9 @@ def session_report_html(workbench, session_id) -> str:
     title = f"ConceptLens · session report · {info.name}"
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
+            # nothing may be fetched: the file is whole (a browser, or the PDF printer, loads no URL it could hold)
+            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+            f"<title>{_e(title)}</title><style>{_CSS}{_print_css(info.name)}</style></head><body>"
             f'<header><div class="brand"><span>Concept</span><span class="b">Lens</span></div>'
             f"<h1>Review session “{_e(info.name)}”</h1>"
             f'<p class="muted">{len(info.members)} member(s) · {len(regions)} region(s) · '
@@ -283,6 +285,50 @@ def agreement_html(wb, sid: int) -> str:
             '<p class="muted">Cohen\'s κ over every unit of a layer (categories: the concept, or none); Dice: mean '
             'overlap of the two readers\' regions of the same concept on the images both drew on.</p>')
 
+
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+def _css_string(text: str) -> str:
+    """`text` as a CSS string literal that cannot end the string or the <style> element (every character outside
+    letters, digits, space and a few marks is written as a CSS escape)."""
+    safe = set(" .,:;-_()#/")
+    return '"' + "".join(c if (c.isalnum() and c.isascii()) or c in safe else f"\\{ord(c):x} " for c in text) + '"'
+
+
+def _print_css(session_name: str) -> str:
+    """Print rules (the PDF, or a browser's print): A4 pages with a running footer (session name, page x of y),
+    white background, headings kept with what follows, no image or table row cut by a page break."""
+    footer = _css_string(f"ConceptLens · session report · {session_name[:120]}")
+    return _PRINT_CSS.replace("/*FOOTER*/", footer)
+
+
+_PRINT_CSS = """
+@page { size: A4; margin: 14mm 13mm 16mm;
+  @bottom-left { content: /*FOOTER*/; font: 8.5px/1.2 Inter, "Segoe UI", system-ui, Arial, sans-serif;
+    color: #66717e; }
+  @bottom-right { content: "page " counter(page) " of " counter(pages); font: 8.5px/1.2 Inter, "Segoe UI",
+    system-ui, Arial, sans-serif; color: #66717e; } }
+@media print {
+  * { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
+  body { background: #fff; font-size: 11.5px; }
+  header { padding: 14px 18px 12px; border-radius: 6px; }
+  header h1 { font-size: 20px; }
+  main { max-width: none; padding: 12px 0 0; }
+  section { border: 0; border-radius: 0; padding: 0; margin: 0 0 18px; }
+  section + section { border-top: 1px solid var(--border); padding-top: 12px; }
+  h2, h3 { break-after: avoid; }
+  h2 { font-size: 15px; }
+  table { font-size: 11px; }
+  th, td { padding: 4px 6px; }
+  thead { display: table-header-group; }
+  tr, dl.kv, figure.img { break-inside: avoid; }
+  .gallery { grid-template-columns: repeat(3, 1fr); gap: 10px; }
+  figure.img { padding: 6px; }
+  figcaption { font-size: 10.5px; }
+  .units { word-break: break-word; }
+}
+"""
 
 _CSS = """
 :root { --accent: #0b7285; --text: #1f2933; --muted: #66717e; --border: #dde2e8; }
