@@ -433,3 +433,88 @@ def test_admins_create_sessions_and_manage_members_in_the_app(app, ws):
     actions = [(e["actor"], e["action"]) for e in audit_entries(db, session_id=sid)]
     assert ("root", "session.create") in actions and ("root", "session.add_member") in actions
     assert ("root", "session.remove_member") in actions
+
+
+# -- probe versions: one store, several sessions ----------------------------------------------------------------------------
+def _fit_two_versions(settings):
+    """Two real versions of the mass probe at the deepest layer (image marks: 10, then 20 of each class)."""
+    import numpy as np
+
+    from explain.probes import FeatureCache, ProbeAnnotations, retrain
+    from store.activations import open_store
+
+    store = open_store(settings.store_url("demo"), read_only=False)
+    labels = np.asarray(store.labels())
+    layer = store.layers[-1]
+    runs = []
+    for n in (10, 20):
+        marks = [(int(i), True) for i in np.flatnonzero(labels == 1)[:n]] + \
+                [(int(i), False) for i in np.flatnonzero(labels == 0)[:n]]
+        res = retrain(store, ProbeAnnotations("mass", marks=marks), settings=settings, session="tests",
+                      layers=[layer], cache=FeatureCache(store), store_name="demo")
+        runs.append(res[0].run_id)
+    return f"mass@{layer}", runs
+
+
+def test_a_probe_rollback_is_recorded_in_its_session_and_the_page_says_what_the_store_serves(app, ws):
+    """The store holds one current version per probe, shared by every session of the store: a rollback made in
+    ana's private session is checked (ben, not a member: 403, nothing changes) and recorded there, not in the
+    workspace session; each session's Probes page says which version the store serves and which one it chose."""
+    from explain.labels import recorded_probe_versions
+    from vis import ids
+
+    settings, private = ws
+    probe, (v1, v2) = _fit_two_versions(settings)
+    ana, ben = _as(app, "ana"), _as(app, "ben")
+    wb = app.server.extensions["conceptlens"]
+    concept, layer = probe.split("@")
+    db = wb.db()
+
+    def store_run():
+        return wb.store().probe(concept, layer).run_id
+
+    def rollback(dc, run, session):
+        return dc.call(f"{ids.PROBES_MESSAGE}.children", {f"{ids.PROBES_ROLLBACK}.n_clicks": 1,
+                                                      f"{ids.PROBES_SELECT}.value": probe,
+                                                      f"{ids.PROBES_ROLLBACK_TO}.value": run,
+                                                      f"{ids.SESSION}.data": session})
+
+    def view(dc, session):
+        status, data = dc.call(f"{ids.PROBES_TABLE}.children", {f"{ids.PROBES_SELECT}.value": probe,
+                                                                f"{ids.PROBES_VERSION}.data": None,
+                                                                f"{ids.SESSION}.data": session})
+        assert status == 200, data
+        return " ".join(_text(data["response"][ids.PROBES_TABLE]["children"]).split())
+
+    assert store_run() == v2
+    before = _dump(app)
+    status, _ = rollback(ben, v1, private)  # a forged session: ben is not a member
+    assert status == 403 and store_run() == v2 and _dump(app) == before
+    status, _ = ben.call(f"{ids.PROBES_TABLE}.children", {f"{ids.PROBES_SELECT}.value": probe,
+                                                           f"{ids.SESSION}.data": private})
+    assert status == 403  # nor may he read what that session chose
+    status, _ = rollback(ana, "not-a-run", private)
+    assert status == 400 and store_run() == v2 and _dump(app) == before
+
+    status, data = rollback(ana, v1, private)
+    assert status == 200 and "Rolled back" in _text(data["response"]), data
+    assert store_run() == v1
+    mine = [(p.run_id, p.active, p.author) for p in recorded_probe_versions(db, session=private)]
+    assert mine == [(v1, True, "ana")]
+    assert recorded_probe_versions(db, session=1) == []  # the other session recorded nothing…
+    shown = view(ben, 1)  # …but is told which version the store now serves
+    assert f"Active for the store: v1 · {v1[:8]}" in shown and "every review session" in shown
+    assert "No version was fitted or rolled back in this session yet" in shown
+    assert f"This session's active version (by ana) is the store's" in view(ana, private)
+
+    # ben rolls forward in the workspace session: recorded there; ana's page says the store moved on
+    status, _ = rollback(ben, v2, 1)
+    assert status == 200 and store_run() == v2
+    assert [(p.run_id, p.active) for p in recorded_probe_versions(db, session=1)] == [(v2, True)]
+    assert [(p.run_id, p.active) for p in recorded_probe_versions(db, session=private)] == [(v1, True)]
+    shown = view(ana, private)
+    assert f"Active for the store: v2 · {v2[:8]}" in shown
+    assert f"This session: v1 · {v1[:8]}" in shown and "roll back to v1" in shown
+    # rolling back to a version already recorded in the session re-activates it (no second row)
+    assert rollback(ana, v1, private)[0] == 200
+    assert [(p.run_id, p.active) for p in recorded_probe_versions(db, session=private)] == [(v1, True)]
