@@ -164,18 +164,20 @@ def change_members(_add, _remove_clicks, user, session):
 
 
 @callback(Output(ids.SESS_NEW_MESSAGE, "children"), Output(ids.SESS_NEW_NAME, "value"),
-          Output(ids.SESSION_PICKER, "options", allow_duplicate=True),
+          Output(ids.SESS_NEW_MEMBERS, "value"), Output(ids.SESSION_PICKER, "options", allow_duplicate=True),
           Output(ids.SESSION_PICKER, "value", allow_duplicate=True),
           Input(ids.SESS_NEW_CREATE, "n_clicks"), State(ids.SESS_NEW_NAME, "value"), State(ids.SESS_NEW_MODEL, "value"),
           State(ids.SESS_NEW_STORE, "value"), State(ids.SESS_NEW_MEMBERS, "value"), prevent_initial_call=True)
-@shows_errors(4, at=0)
-def create_session(_clicks, name, model, store, members):
+@shows_errors(5, at=0)
+def create_session(clicks, name, model, store, members):
+    if not clicks:  # the form mounting with the page (its outputs include the header's picker, so Dash calls it)
+        raise PreventUpdate
     wb = current()
     msg, sid = collab.create_review_session(wb, name=name, model=model, store=store, members=members)
     if sid is None:
-        return msg, no_update, no_update, no_update
+        return msg, no_update, no_update, no_update, no_update
     options, value = session_choices(wb, select=sid)  # the header lists it now and opens it
-    return msg, "", options, value
+    return msg, "", [], options, value
 
 
 @callback(Output(ids.SESS_IMPORT_MESSAGE, "children"), Output(ids.SESSION_PICKER, "options", allow_duplicate=True),
