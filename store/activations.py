@@ -404,17 +404,20 @@ class GuardedStore(WrapperStore):
         for key, value in values:
             await self.set(key, value)
 
-    def put_many(self, items: Sequence[tuple[str, bytes]], *, concurrency: int = 32) -> None:
+    def put_many(self, items: Sequence[tuple[str, bytes]], *, concurrency: int = 32, atomic: bool = True) -> None:
         """Store whole encoded values under their keys, from the calling thread.
 
-        A local directory is written right here, each file written aside and renamed into place as LocalStore does
-        (a few system calls per chunk: through zarr's event loop every put cost a thread hop and a mkdir, about
-        5× more). Any other store gets concurrent `set`s (at most `concurrency` in flight), retried like every write.
+        A local directory is written right here (through zarr's event loop every put cost a thread hop and a mkdir,
+        about 5× more): with `atomic`, each file is written aside and renamed into place as LocalStore does, so a
+        concurrent reader never sees half a file; without, it is written in place (one system call less per file —
+        extraction's blocks count only once their completion flag is written after them, so nobody reads them
+        earlier, and a block cut short by a crash is written again). Any other store gets concurrent `set`s (at
+        most `concurrency` in flight; an object store's put is atomic), retried like every write.
         """
         if isinstance(self._store, LocalStore):
             made: set[Path] = set()
             for key, data in items:
-                self._put_file(key, data, made)
+                self._put_file(key, data, made, atomic)
             return
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
@@ -432,24 +435,27 @@ class GuardedStore(WrapperStore):
 
         sync(put_all())
 
-    def _put_file(self, key: str, data: bytes, made: set[Path]) -> None:
+    def _put_file(self, key: str, data: bytes, made: set[Path], atomic: bool) -> None:
         path = Path(self._store.root) / key
         last: BaseException | None = None
         for attempt in range(self.retries + 1):
-            tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+            tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial") if atomic else path
             try:
                 if path.parent not in made:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     made.add(path.parent)
                 with open(tmp, "wb") as f:
                     f.write(data)
-                os.replace(tmp, path)
+                if atomic:
+                    os.replace(tmp, path)
                 return
             except PermissionError as e:
-                tmp.unlink(missing_ok=True)
+                if atomic:
+                    tmp.unlink(missing_ok=True)
                 raise StoreUnavailableError(f"{self.url}: write {key!r} refused: access denied ({e})") from e
             except OSError as e:  # a full or flaky disk: retried, then reported naming the key
-                tmp.unlink(missing_ok=True)
+                if atomic:
+                    tmp.unlink(missing_ok=True)
                 made.discard(path.parent)
                 last = e
             if attempt < self.retries:
@@ -856,14 +862,15 @@ class ActivationStore:
         writes = [("images", images), ("labels", labels), ("probs", probs)]
         writes += [(f"layers/{name}/{stat}", layers[name][stat]) for name in self.layers
                    for stat in ("maps", "max", "mean")]
-        self.write_many([(path, start, data) for path, data in writes], executor=executor)
+        # not atomic: a block counts only once `progress` says so, after all of its chunks are in place
+        self.write_many([(path, start, data) for path, data in writes], executor=executor, atomic=False)
         self._array("progress")[block] = 1  # after the data: a recorded block is a written block
 
     def write_many(self, writes: Sequence[tuple[str, int, np.ndarray]], *, executor=None,
-                   concurrency: int = 32) -> None:
+                   concurrency: int = 32, atomic: bool = True) -> None:
         """Several `write_aligned(path, start, rows)` at once: every write is checked before any is made, chunks are
         encoded here (blosc and crc32c release the GIL; with `executor`, by its threads in parallel) and stored with
-        up to `concurrency` puts in flight on an object store."""
+        up to `concurrency` puts in flight on an object store (`atomic`: see GuardedStore.put_many)."""
         self._writable("write")
         checked = [(path, start, self._aligned(path, start, data)) for path, start, data in writes]
         todo, slow = [], []  # (encoder, chunk index, rows)
@@ -884,7 +891,7 @@ class ActivationStore:
             parts = [todo[i::4] for i in range(4)]  # interleaved: large and small chunks spread evenly
             puts = [item for done in executor.map(encode, parts) for item in done]
         if puts:
-            self._zstore.put_many(puts, concurrency=concurrency)
+            self._zstore.put_many(puts, concurrency=concurrency, atomic=atomic)
         for path, start, data in slow:  # arrays with other codecs (none that create_store makes): zarr writes them
             self._array(path)[start:start + data.shape[0]] = data
 

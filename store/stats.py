@@ -67,7 +67,8 @@ def _count_keys(bits: np.ndarray, counts: np.ndarray) -> None:
     """counts[u, key(bits[i, u, p])] += 1 for uint16 float16 bit patterns (n, unit, rest) into uint32 (unit, 2**16).
 
     The key is float16_keys' order-preserving map, computed inline. Units are the outer loop so that one unit's
-    256 KiB of counters stays in cache while its values are counted.
+    256 KiB of counters stays in cache while its values are counted. (Counting the zeros of ReLU maps apart, in a
+    register, was 3× slower: whether a value is zero is a branch the CPU cannot predict.)
     """
     n, units, rest = bits.shape
     for u in range(units):
