@@ -13,7 +13,10 @@
    concepts that have masks (inserted lesions and the anatomy: skin, background, …), as in Network Dissection.
 2. A simulated reviewer draws the exact ground-truth region of each inserted concept on k patches (k = 1 … 10), one
    new patch per concept per round, in a seeded order, and the labeling rule (explain.labels, published defaults)
-   runs after each drawing against a real annotation database (in memory). The patches come from the test split:
+   runs after each drawing against a real annotation database (in memory); the alternative rule
+   (explain.labelrules.CumulativeRule: cumulative IoU over the drawings of each concept) is fed the same drawings
+   and measured side by side (`report.cumulative`, `report.at(layer, c, k, rule="cumulative")`). The patches come
+   from the test split:
    never used to train the model, to select it, or to compute the detectors above; only patches where the concept
    covers at least `min_region_px` pixels are drawn (a reviewer does not outline a 3-pixel speck).
 3. After each round: precision and recall of the units labeled c against the detectors of c. Precision is undefined
@@ -36,6 +39,7 @@ import numpy as np
 
 from .dissection import DEFAULT_LEVEL, ConceptIoU, DatasetIoU, UnitIoU, patch_size
 from .errors import ExplainError
+from .labelrules import DEFAULT_CUMULATIVE_THRESHOLD, CumulativeRule
 from .labels import LabelRule, apply_ious, units_for
 from .regions import MaskRegion
 
@@ -54,8 +58,10 @@ __all__ = [
     "dissect_ground_truth",
     "log_ground_truth",
     "EXPERIMENT",
+    "RULES",
 ]
 
+RULES = ("published", "cumulative")  # labeling rules evaluated side by side
 INSERTED_CONCEPTS = ("mass", "calcification", "spiculated_margin", "circumscribed_margin")
 EXPERIMENT = "conceptlens-groundtruth"
 
@@ -70,7 +76,8 @@ class GroundTruthConfig:
     review_split: str = "test"  # images the reviewer draws on
     min_region_px: int = 16  # smallest ground-truth region the reviewer draws
     seed: int = 0
-    rule: LabelRule = field(default_factory=LabelRule)
+    rule: LabelRule = field(default_factory=LabelRule)  # the published rule (explain.labels)
+    cumulative_threshold: float = DEFAULT_CUMULATIVE_THRESHOLD  # the alternative (explain.labelrules)
     goal_k: int = 5
     goal_precision: float = 0.8
     goal_recall: float = 0.8
@@ -99,17 +106,25 @@ class GroundTruthReport:
     n_reference_images: int
     seconds: float
     missing: list[str] = field(default_factory=list)  # requested concepts without any ground-truth mask
+    # the alternative rule (explain.labelrules.CumulativeRule) on the same drawings: layer → concept → rows
+    cumulative: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
 
-    def at(self, layer: str, concept: str, k: int) -> dict | None:
-        for row in self.curves[layer][concept]:
+    def rows(self, layer: str, concept: str, rule: str = "published") -> list[dict]:
+        """The curve of `rule`: "published" (explain.labels, the app's default) or "cumulative"."""
+        if rule not in RULES:
+            raise ExplainError(f"unknown rule {rule!r}; known: {', '.join(RULES)}")
+        return (self.curves if rule == "published" else self.cumulative)[layer][concept]
+
+    def at(self, layer: str, concept: str, k: int, rule: str = "published") -> dict | None:
+        for row in self.rows(layer, concept, rule):
             if row["k"] == k:
                 return row
         return None
 
-    def k_to_goal(self, layer: str, concept: str) -> int | None:
+    def k_to_goal(self, layer: str, concept: str, rule: str = "published") -> int | None:
         """Smallest k at which both precision and recall reach their goals (None: never within the ks drawn)."""
         c = self.config
-        for row in self.curves[layer][concept]:
+        for row in self.rows(layer, concept, rule):
             p, r = row["precision"], row["recall"]
             if p is not None and r is not None and p >= c.goal_precision and r >= c.goal_recall:
                 return row["k"]
@@ -121,18 +136,24 @@ class GroundTruthReport:
             lines.append(f"{layer}: detectors " + ", ".join(
                 f"{c} {len(self.detectors[layer].get(c, []))}" for c in self.config.concepts))
             for c in self.config.concepts:
-                row = self.at(layer, c, self.config.goal_k)
-                if row is None:
-                    lines.append(f"  {c}: fewer than {self.config.goal_k} drawings possible")
-                    continue
-                lines.append(f"  {c} @k={row['k']}: precision {_fmt(row['precision'])} recall {_fmt(row['recall'])}"
-                             f" (labeled {row['labeled']}, detectors {row['detectors']}, hits {row['hits']})")
+                for rule in RULES:
+                    if rule == "cumulative" and not self.cumulative:
+                        continue
+                    row = self.at(layer, c, self.config.goal_k, rule)
+                    tag = "" if rule == "published" else f" [{rule}]"
+                    if row is None:
+                        lines.append(f"  {c}{tag}: fewer than {self.config.goal_k} drawings possible")
+                        continue
+                    lines.append(f"  {c}{tag} @k={row['k']}: precision {_fmt(row['precision'])} recall "
+                                 f"{_fmt(row['recall'])} (labeled {row['labeled']}, detectors {row['detectors']}, "
+                                 f"hits {row['hits']})")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
         return {
             "layers": self.layers, "config": _config_json(self.config), "concepts": self.concepts,
-            "detectors": self.detectors, "curves": self.curves, "available": self.available,
+            "detectors": self.detectors, "curves": self.curves, "cumulative": self.cumulative,
+            "available": self.available,
             "n_reference_images": self.n_reference_images, "seconds": self.seconds, "missing": self.missing,
             "iou": {layer: res.to_json() for layer, res in self.iou.items()},
             "drawings": [{"k": d.k, "concept": d.concept, "image_id": d.image_id, "area": int(d.mask.sum())}
@@ -253,9 +274,12 @@ def _pr(labeled: set[int], detectors: set[int]) -> tuple[float | None, float | N
 
 def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Sequence[int]], *,
                       config: GroundTruthConfig = GroundTruthConfig(), order: Mapping[str, list[int]] | None = None,
-                      db=None) -> tuple[dict[str, list[dict]], list[Drawing]]:
+                      db=None, cumulative: dict | None = None) -> tuple[dict[str, list[dict]], list[Drawing]]:
     """Draw, round by round, the ground-truth region of each concept and apply the labeling rule; measure after each
-    round. Returns ({concept: [{k, precision, recall, labeled, detectors, hits, drawn}]}, drawings)."""
+    round. Returns ({concept: [{k, precision, recall, labeled, detectors, hits, drawn}]}, drawings).
+
+    `cumulative`: a dict filled with the same curves of the alternative rule (explain.labelrules.CumulativeRule,
+    threshold `config.cumulative_threshold`), fed with exactly the same drawings."""
     from store.annotations import open_database
 
     records = _store_records(store, manifest)
@@ -264,6 +288,8 @@ def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Seque
         order, _ = choose_drawings(store, manifest, config)
     db = db if db is not None else open_database("sqlite://")
     dissect = UnitIoU(store, layer, level=config.level)
+    alt = CumulativeRule(store, layer, threshold=config.cumulative_threshold, level=config.level)
+    alt_curves: dict[str, list[dict]] = {c: [] for c in config.concepts}
     curves: dict[str, list[dict]] = {c: [] for c in config.concepts}
     drawings: list[Drawing] = []
     drawn = {c: 0 for c in config.concepts}
@@ -274,6 +300,7 @@ def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Seque
             index = order[concept][k - 1]
             mask = load_concept_masks(records[index], size, [concept])[concept]
             ious = dissect.compute(index, mask)
+            alt.add(index, concept, mask)
             apply_ious(db, store, layer=layer, image=index, concept=concept, author="simulated-reviewer",
                        ious=ious, specs=[MaskRegion.from_mask(mask)], mask=mask, rule=config.rule,
                        rule_extra={"level": config.level})
@@ -287,6 +314,12 @@ def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Seque
             precision, recall, hits = _pr(labeled, det)
             curves[concept].append({"k": k, "drawn": drawn[concept], "precision": precision, "recall": recall,
                                     "labeled": len(labeled), "detectors": len(det), "hits": hits})
+            alt_labeled = set(alt.units_for(concept))
+            precision, recall, hits = _pr(alt_labeled, det)
+            alt_curves[concept].append({"k": k, "drawn": drawn[concept], "precision": precision, "recall": recall,
+                                        "labeled": len(alt_labeled), "detectors": len(det), "hits": hits})
+    if cumulative is not None:
+        cumulative.update(alt_curves)
     return curves, drawings
 
 
@@ -317,14 +350,16 @@ def evaluate_ground_truth(settings, *, store="demo", data="demo", layers: Sequen
                               concepts=concepts, progress=progress)
     detectors = {layer: find_detectors(iou[layer], min_iou=config.detector_iou) for layer in layers}
     order, available = choose_drawings(store, manifest, config)
-    curves, drawings = {}, []
+    curves, cumulative, drawings = {}, {}, []
     for layer in layers:
-        curves[layer], drawn = simulate_reviewer(store, manifest, layer, detectors[layer], config=config, order=order)
+        cumulative[layer] = {}
+        curves[layer], drawn = simulate_reviewer(store, manifest, layer, detectors[layer], config=config, order=order,
+                                                 cumulative=cumulative[layer])
         drawings = drawings or drawn  # the same drawings for every layer
     n_ref = sum(r.split in config.reference_splits for r in records)
     return GroundTruthReport(layers=layers, config=config, concepts=concepts, iou=iou, detectors=detectors,
                              curves=curves, drawings=drawings, available=available, n_reference_images=n_ref,
-                             seconds=time.perf_counter() - t0, missing=missing)
+                             seconds=time.perf_counter() - t0, missing=missing, cumulative=cumulative)
 
 
 @dataclass
@@ -370,7 +405,8 @@ def log_ground_truth(report: GroundTruthReport, settings, *, run_name: str | Non
     """Log the report as one mlflow run in experiment "conceptlens-groundtruth" → the run id.
 
     Params: config, layers, model of the store; metrics per layer and concept with step = k
-    (`<layer>/precision/<concept>`, `…/recall/…`, `…/labeled/…`) and the number of detectors; artifacts: the
+    (`<layer>/precision/<concept>`, `…/recall/…`, `…/labeled/…`; the alternative rule's as
+    `<layer>/cumulative/precision/<concept>` …) and the number of detectors; artifacts: the
     report as JSON and the dataset-level IoU tables as .npy (never pickle).
     """
     import tempfile
@@ -394,7 +430,8 @@ def log_ground_truth(report: GroundTruthReport, settings, *, run_name: str | Non
                   "rule_threshold": cfg["rule"]["threshold"], "rule_above_current": cfg["rule"]["above_current"],
                   "review_split": cfg["review_split"], "reference_splits": ",".join(cfg["reference_splits"]),
                   "layers": ",".join(report.layers), "min_region_px": cfg["min_region_px"],
-                  "n_reference_images": report.n_reference_images}
+                  "n_reference_images": report.n_reference_images,
+                  "cumulative_threshold": cfg["cumulative_threshold"]}
         now = int(time.time() * 1000)
         metrics = []
         for layer in report.layers:
@@ -407,6 +444,12 @@ def log_ground_truth(report: GroundTruthReport, settings, *, run_name: str | Non
                         metrics.append(Metric(f"{layer}/{key}/{concept}", float("nan") if v is None else float(v),
                                               now, row["k"]))
                     metrics.append(Metric(f"{layer}/labeled/{concept}", row["labeled"], now, row["k"]))
+                for row in report.cumulative.get(layer, {}).get(concept, []):  # the alternative rule
+                    for key in ("precision", "recall"):
+                        v = row[key]
+                        metrics.append(Metric(f"{layer}/cumulative/{key}/{concept}",
+                                              float("nan") if v is None else float(v), now, row["k"]))
+                    metrics.append(Metric(f"{layer}/cumulative/labeled/{concept}", row["labeled"], now, row["k"]))
         for start in range(0, len(metrics), 900):  # mlflow's batch limit is 1000 entries
             client.log_batch(run_id, metrics=metrics[start:start + 900],
                              params=[Param(k, str(v)) for k, v in params.items()] if start == 0 else [],

@@ -73,6 +73,17 @@ def test_mask_counts_by_hand_for_several_regions():
     np.testing.assert_array_equal(inter, [[4, 4, 0, 8], [0, 4, 0, 4]])
 
 
+def test_mask_counts_accepts_an_empty_region_list():
+    # a caller with no drawing on an image (an empty list or a (0, H, W) stack) still gets the unit mask areas
+    for empty in ([], np.zeros((0, 4, 4), bool)):
+        area, inter = mask_counts(HAND_MAPS, HAND_T, empty, size=(4, 4))
+        np.testing.assert_array_equal(area, [8, 8, 0, 16])
+        assert inter.shape == (0, 4) and inter.dtype == np.int64
+    area, inter = mask_counts(HAND_MAPS, HAND_T, np.zeros((0, 4, 4), bool))  # size from the stack itself
+    np.testing.assert_array_equal(area, [8, 8, 0, 16])
+    assert inter.shape == (0, 4)
+
+
 def test_a_pixel_equal_to_the_threshold_is_outside():
     maps = np.full((1, 8, 8), 3.0, np.float32)
     area, _ = mask_counts(maps, np.array([3.0], np.float32), size=(64, 64))

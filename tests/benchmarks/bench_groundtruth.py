@@ -7,8 +7,11 @@ Needs the demo workspace (`make extract`: the demo store and manifest). Steps (e
 dataset-level IoU of every unit with every ground-truth concept over the train and val patches; ground-truth
 detectors (IoU > 0.04 with their best concept); a simulated reviewer drawing the exact ground-truth region on k test
 patches per inserted concept (k = 1 … 10) with the published labeling rule after each drawing; precision and recall
-of the labeled units against the detectors. Goals (at k = 5) apply to the store's deepest layer, the dissection
-layer; the other layers are reported without goals. The whole report is logged as an mlflow run in experiment
+of the labeled units against the detectors. Both labeling rules run on the same drawings: the published rule (the
+app's default; figures `groundtruth/<concept>/…`) and the alternative explain.labelrules.CumulativeRule (cumulative
+IoU over the drawings of each concept, threshold tuned on train/val drawings; figures `groundtruth/cumulative/…`).
+Goals (at k = 5) apply to the store's deepest layer, the dissection layer, for both rules; the other layers are
+reported without goals. The whole report is logged as an mlflow run in experiment
 "conceptlens-groundtruth" (its id is in the notes).
 """
 
@@ -30,7 +33,7 @@ def _curve(rows) -> str:
 
 
 def run(settings) -> list[dict]:
-    from explain.groundtruth import GroundTruthConfig, evaluate_ground_truth, log_ground_truth
+    from explain.groundtruth import RULES, GroundTruthConfig, evaluate_ground_truth, log_ground_truth
     from store.activations import open_store, store_exists
 
     url = settings.store_url("demo")
@@ -46,18 +49,21 @@ def run(settings) -> list[dict]:
     figures = []
     for layer in report.layers:
         goals = layer == head
-        for c in report.config.concepts:
+        for c, rule in [(c, rule) for rule in RULES for c in report.config.concepts]:
             det = report.detectors[layer].get(c, [])
-            row = report.at(layer, c, GOAL_K) or {"precision": None, "recall": None, "labeled": 0, "hits": 0}
-            rows = report.curves[layer][c]
-            note = (f"layer {layer}; {len(det)} detectors {det[:12]}; drawn on {report.available[c]} eligible test "
-                    f"patches; P/R by k: {_curve(rows)}; mlflow run {run_id}")
-            prefix = f"groundtruth/{c}" if goals else f"groundtruth/{layer}/{c}"
+            row = report.at(layer, c, GOAL_K, rule) or {"precision": None, "recall": None, "labeled": 0, "hits": 0}
+            rows = report.rows(layer, c, rule)
+            note = (f"rule {rule}; layer {layer}; {len(det)} detectors {det[:12]}; drawn on {report.available[c]} "
+                    f"eligible test patches; P/R by k: {_curve(rows)}; mlflow run {run_id}")
+            base = "groundtruth" if rule == "published" else f"groundtruth/{rule}"
+            prefix = f"{base}/{c}" if goals else f"{base}/{layer}/{c}"
             p, r = row["precision"], row["recall"]
-            k_goal = report.k_to_goal(layer, c)
+            k_goal = report.k_to_goal(layer, c, rule)
+            if rule == "published":
+                figures.append({"name": f"{prefix}/detectors", "value": len(det), "unit": "units",
+                                "goal": "> 0" if goals else None, "ok": (len(det) > 0) if goals else None,
+                                "note": note})
             figures += [
-                {"name": f"{prefix}/detectors", "value": len(det), "unit": "units", "goal": "> 0" if goals else None,
-                 "ok": (len(det) > 0) if goals else None, "note": note},
                 {"name": f"{prefix}/precision@{GOAL_K}", "value": _value(p), "unit": "",
                  "goal": ">= 0.8" if goals else None, "ok": (p is not None and p >= 0.8) if goals else None,
                  "note": note},

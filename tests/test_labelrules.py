@@ -1,0 +1,140 @@
+"""The cumulative labeling rule (explain.labelrules): exact numbers on hand-made counts and masks, then on real
+mammogram patches with inserted lesions seen by a hand-set network (unit 0 of features.1: masses, unit 1:
+calcifications), fed directly and from a session's stored regions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers_dissection import build_lesion_store
+
+from explain.dissection import unit_masks
+from explain.errors import LabelError, RegionError, UnknownLayerError
+from explain.groundtruth import load_concept_masks
+from explain.labelrules import DEFAULT_CUMULATIVE_THRESHOLD, CumulativeRule
+from explain.labels import apply_ious, undo
+from explain.regions import MaskRegion
+from store.annotations import open_database
+from store.manifest import read_manifest
+
+torch.set_num_threads(1)
+
+
+def test_cumulative_iou_and_labels_by_hand():
+    rule = CumulativeRule.from_counts(3, threshold=0.1)
+    assert rule.labels() == {}
+    # drawing 1 of mass, a 10-px region: unit 0 area 10 overlap 5 → 5 / (10 + 10 - 5) = 1/3; unit 1 misses it
+    rule.add_counts("mass", area=[10, 4, 0], inter=[5, 0, 0], region_px=10)
+    np.testing.assert_allclose(rule.iou(), [[1 / 3, 0, 0]])
+    assert rule.labels() == {0: "mass"}
+    # drawing 2 of mass, 20 px: unit 0 misses (union 30) → 5 / 45; unit 1 inside (4 / 34); unit 2 2 / 30
+    rule.add_counts("mass", area=[10, 4, 2], inter=[0, 4, 2], region_px=20)
+    np.testing.assert_allclose(rule.iou(), [[5 / 45, 4 / 34, 2 / 30]])
+    assert rule.labels() == {0: "mass", 1: "mass"}  # 0.111 and 0.118 > 0.1; 0.067 is not
+    np.testing.assert_array_equal(rule.intersection, [[5, 4, 2]])
+    np.testing.assert_array_equal(rule.union, [[45, 34, 30]])
+    # a 4-px calcification that units 1 and 2 cover exactly or half: their best concept becomes calcification
+    rule.add_counts("calcification", area=[10, 4, 2], inter=[0, 4, 2], region_px=4)
+    np.testing.assert_allclose(rule.iou()[1], [0, 1.0, 0.5])
+    assert rule.labels() == {0: "mass", 1: "calcification", 2: "calcification"}
+    assert rule.units_for("mass") == [0] and rule.units_for("calcification") == [1, 2]
+    assert rule.concepts == ["mass", "calcification"] and rule.drawings == {"mass": 2, "calcification": 1}
+    # the threshold is strict: exactly 1/3 is not above 1/3
+    strict = CumulativeRule.from_counts(1, threshold=1 / 3)
+    strict.add_counts("mass", area=[10], inter=[5], region_px=10)
+    assert strict.labels() == {}
+
+
+def test_a_unit_firing_everywhere_is_not_labeled():
+    rule = CumulativeRule.from_counts(2, threshold=0.05)
+    for _ in range(5):  # unit 0 covers the whole 64×64 patch and so every region; unit 1 only the region
+        rule.add_counts("mass", area=[4096, 40], inter=[40, 30], region_px=40)
+    np.testing.assert_allclose(rule.iou(), [[200 / 20480, 150 / 250]])
+    assert rule.labels() == {1: "mass"}
+
+
+def test_bad_counts_and_thresholds_are_refused_and_change_nothing():
+    with pytest.raises(LabelError, match="threshold"):
+        CumulativeRule.from_counts(2, threshold=1.0)
+    rule = CumulativeRule.from_counts(2)
+    assert rule.threshold == DEFAULT_CUMULATIVE_THRESHOLD == 0.05
+    with pytest.raises(LabelError, match=r"shape \(2,\)"):
+        rule.add_counts("mass", area=[1, 2, 3], inter=[0, 0, 0], region_px=4)
+    with pytest.raises(RegionError, match="covers no pixel"):
+        rule.add_counts("mass", area=[1, 2], inter=[0, 0], region_px=0)
+    with pytest.raises(LabelError, match="exceeds"):
+        rule.add_counts("mass", area=[1, 2], inter=[2, 0], region_px=4)
+    with pytest.raises(LabelError, match="concept"):
+        rule.add_counts("", area=[1, 2], inter=[0, 0], region_px=4)
+    assert rule.concepts == [] and rule.intersection.shape == (0, 2)
+    with pytest.raises(LabelError, match="no store"):
+        rule.add(0, "mass", np.ones((4, 4), bool))
+
+
+# -- real stored activations -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lesions(real_dicoms, tmp_path_factory):
+    store, manifest = build_lesion_store(tmp_path_factory.mktemp("lr"), real_dicoms)
+    return store, read_manifest(manifest)
+
+
+def _drawings(store, manifest, concept, n):
+    by_id = manifest.by_id()
+    out = []
+    for i, image_id in enumerate(store.image_ids):
+        rec = by_id[image_id]
+        if rec.split == "test" and concept in rec.masks:
+            m = load_concept_masks(rec, (64, 64), [concept])[concept]
+            if m.sum() >= 16:
+                out.append((i, m))
+    return out[:n]
+
+
+def test_on_real_activations_equals_brute_force_and_finds_the_known_units(lesions):
+    store, manifest = lesions
+    rule = CumulativeRule(store, "features.1")
+    t = store.thresholds("features.1")
+    inter, union = {}, {}
+    for concept in ("mass", "calcification"):
+        draws = _drawings(store, manifest, concept, 4)
+        assert len(draws) == 4
+        inter[concept], union[concept] = np.zeros(3, np.int64), np.zeros(3, np.int64)
+        for i, m in draws:
+            rule.add(store.image_ids[i], concept, m)
+            up = unit_masks(store.maps("features.1", i), t, (64, 64))  # (unit, y, x) the plain way
+            inter[concept] += (up & m).sum(axis=(1, 2))
+            union[concept] += (up | m).sum(axis=(1, 2))
+    np.testing.assert_array_equal(rule.intersection, [inter["mass"], inter["calcification"]])
+    np.testing.assert_array_equal(rule.union, [union["mass"], union["calcification"]])
+    labels = rule.labels()
+    assert labels.get(0) == "mass" and labels.get(1) == "calcification", (labels, rule.iou())
+
+
+def test_from_session_reads_the_stored_regions(lesions):
+    store, manifest = lesions
+    db = open_database("sqlite://")
+    direct = CumulativeRule(store, "features.1")
+    actions = []
+    for concept in ("mass", "calcification"):
+        for i, m in _drawings(store, manifest, concept, 3):
+            direct.add(i, concept, m)
+            res = apply_ious(db, store, layer="features.1", image=i, concept=concept, author="ana",
+                             ious=np.zeros(3, np.float32), specs=[MaskRegion.from_mask(m)], mask=m)
+            actions.append(res.action_id)
+    stored = CumulativeRule.from_session(db, store, "features.1", session=1)
+    assert stored.concepts == direct.concepts == ["mass", "calcification"]
+    np.testing.assert_array_equal(stored.intersection, direct.intersection)
+    np.testing.assert_array_equal(stored.union, direct.union)
+    assert stored.labels() == direct.labels()
+    assert CumulativeRule.from_session(db, store, "features.1", concepts=["mass"]).concepts == ["mass"]
+    # an undone drawing is no longer evidence
+    undo(db, actions[-1], author="ana")
+    after = CumulativeRule.from_session(db, store, "features.1")
+    assert after.drawings == {"mass": 3, "calcification": 2}
+    with pytest.raises(UnknownLayerError):
+        CumulativeRule(store, "features.99")
+    with pytest.raises(RegionError, match="does not match the patch size"):
+        direct.add(0, "mass", np.ones((8, 8), bool))
+    with pytest.raises(RegionError, match="covers no pixel"):
+        direct.add(0, "mass", np.zeros((64, 64), bool))
