@@ -1317,8 +1317,8 @@ class Workbench:
     def probe_view(self, probe, *, session=None):
         """(versions figure, which version is active + versions table, rollback options, maps gallery) of one probe.
 
-        "store" marks the version the store serves to every session; "this session" the one last fitted or rolled
-        back in `session` (when given: checked, AccessDenied for a non-member)."""
+        "current" marks the version the store serves to every session; "this session" the one last fitted or
+        rolled back in `session` (when given: checked, AccessDenied for a non-member)."""
         from dash import html
         from explain.labels import recorded_probe_versions
         from explain.probes import probe_versions
@@ -1344,7 +1344,7 @@ class Workbench:
                                                           "active")]))
         body = []
         for n, v in zip(range(len(versions), 0, -1), versions):
-            marks = (["store"] if v["run_id"] == current else []) + \
+            marks = (["current"] if v["run_id"] == current else []) + \
                 (["this session"] if mine is not None and v["run_id"] == mine.run_id else [])
             body.append(html.Tr([html.Td(number[v["run_id"]]), html.Td(v["n_annotations"]),
                                  html.Td(_fmt(v["auroc"])), html.Td(_fmt(v["ap"])),
@@ -1352,7 +1352,7 @@ class Workbench:
                                 className="cl-row-current" if v["run_id"] == current else None))
         active = [html.Div([html.Strong("Active for the store: "),
                             html.Span(number.get(current, current[:8])),
-                            html.Span(" — every review session of this store sees this version.",
+                            html.Span(" (current) — every review session of this store sees this version.",
                                       className="cl-muted")])]
         if mine is None:
             active.append(html.Div("No version was fitted or rolled back in this session yet.", className="cl-muted"))

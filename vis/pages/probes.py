@@ -4,7 +4,7 @@ on sample images, retraining as a background job, and rolling back to an earlier
 A probe's current version lives in the activation store, so it is shared by every review session of that store: a
 retrain or a rollback in one session changes what all of them see. Both are therefore recorded in the session they
 were made in (explain.labels.record_probe_version, audited), and the page says which version the store serves
-("store") and which one this session last chose ("this session"), with a note when they differ.
+("current") and which one this session last chose ("this session"), with a note when they differ.
 """
 
 from __future__ import annotations
