@@ -170,3 +170,20 @@ def test_python_m_explain_dissect_without_a_store_says_so(workspace, capsys):
     assert main(["--workspace", str(workspace.workspace)]) == 1
     err = capsys.readouterr().err
     assert "demo.zarr" in err and "Traceback" not in err
+
+
+def test_the_cumulative_rule_is_measured_side_by_side_on_the_same_drawings(report, workspace, lesions):
+    from mlflow.tracking import MlflowClient
+
+    for concept, unit in (("mass", 0), ("calcification", 1)):
+        rows = report.rows("features.1", concept, "cumulative")
+        assert [r["k"] for r in rows] == [1, 2, 3, 4, 5]
+        assert [r["drawn"] for r in rows] == [r["drawn"] for r in report.curves["features.1"][concept]]
+        assert rows[-1]["recall"] == 1.0 and rows[-1]["detectors"] == 1, rows
+    assert "[cumulative] @k=5" in report.summary()
+    with pytest.raises(ExplainError, match="unknown rule"):
+        report.rows("features.1", "mass", "majority")
+    run_id = log_ground_truth(report, workspace, store_attrs=lesions[0].attrs)
+    run = MlflowClient(workspace.tracking_uri).get_run(run_id)
+    assert run.data.params["cumulative_threshold"] == "0.05"
+    assert run.data.metrics["features.1/cumulative/recall/mass"] == 1.0
