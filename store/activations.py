@@ -864,7 +864,7 @@ class ActivationStore:
                    for stat in ("maps", "max", "mean")]
         # not atomic: a block counts only once `progress` says so, after all of its chunks are in place
         self.write_many([(path, start, data) for path, data in writes], executor=executor, atomic=False)
-        self._array("progress")[block] = 1  # after the data: a recorded block is a written block
+        self.write_many([("progress", block, np.ones(1, np.uint8))])  # after the data: a recorded block is a written block
 
     def write_many(self, writes: Sequence[tuple[str, int, np.ndarray]], *, executor=None,
                    concurrency: int = 32, atomic: bool = True) -> None:
@@ -882,16 +882,16 @@ class ActivationStore:
             todo += [(enc, (start + first) // enc.rows, data[first:first + enc.rows])
                      for first in range(0, data.shape[0], enc.rows)]
 
-        def encode(part):
-            return [(enc.key(c), enc.encode(rows)) for enc, c, rows in part]
+        def store(part):  # each part's chunks are stored by the thread that encoded them
+            puts = [(enc.key(c), enc.encode(rows)) for enc, c, rows in part]
+            if puts:
+                self._zstore.put_many(puts, concurrency=concurrency, atomic=atomic)
 
         if executor is None or len(todo) < 2:
-            puts = encode(todo)
+            store(todo)
         else:
             parts = [todo[i::4] for i in range(4)]  # interleaved: large and small chunks spread evenly
-            puts = [item for done in executor.map(encode, parts) for item in done]
-        if puts:
-            self._zstore.put_many(puts, concurrency=concurrency, atomic=atomic)
+            list(executor.map(store, parts))
         for path, start, data in slow:  # arrays with other codecs (none that create_store makes): zarr writes them
             self._array(path)[start:start + data.shape[0]] = data
 

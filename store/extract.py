@@ -128,15 +128,17 @@ class _PatchBatches(torch.utils.data.Dataset):
         images = np.stack([load_patch(self.paths[i], self.size) for i in batch])  # (batch, y, x)
         return torch.as_tensor(batch, dtype=torch.int64), torch.from_numpy(images)
 
+    def prefetch(self) -> None:
+        """With an executor: queue the reads of the next `ahead` batches on it (extraction calls this just before
+        writing a block, so that reading the next block and writing this one share the cores between forward passes)."""
+        if self.executor is not None and self.order is not None and not self.pending:
+            for batch in self.order[self.next:self.next + self.ahead]:
+                self.pending[batch] = self.executor.submit(self._read, batch)
+                self.next += 1
+
     def _fill(self) -> None:
         if self.executor is not None:
-            if not self.pending and self.next < len(self.order):
-                batches = self.order[self.next:self.next + self.ahead]
-                self.next += len(batches)
-                for batch, result in zip(batches, self.executor.map(self._read, batches)):
-                    done = Future()
-                    done.set_result(result)
-                    self.pending[batch] = done
+            self.prefetch()
             return
         while self.next < len(self.order) and len(self.pending) < self.ahead:
             batch = self.order[self.next]
@@ -375,6 +377,8 @@ class _Job:
             out["mean"][rows] = a.mean(dim=(2, 3)).cpu().numpy()
         self.filled[block] += len(index)
         if self.filled[block] == buf["images"].shape[0]:
+            if self.patches is not None:
+                self.patches.prefetch()
             self.writer.submit(block, self.buffers.pop(block))
             del self.filled[block]
 
