@@ -347,7 +347,9 @@ def held_out_split(labels: np.ndarray, groups: np.ndarray, fraction: float, *, s
     uniq = np.unique(groups)
     if fraction <= 0 or len(uniq) < 2:
         return None
-    has_pos = np.array([labels[groups == g].any() for g in uniq])
+    # whether each group holds a positive, for every group at once (uniq is sorted, as searchsorted needs)
+    has_pos = np.bincount(np.searchsorted(uniq, groups), weights=np.asarray(labels, np.float64) > 0,
+                          minlength=len(uniq)) > 0
     rng = np.random.default_rng(seed)
     for _ in range(20):
         chosen: list = []
@@ -642,14 +644,15 @@ def _quote(value: str) -> str:
     return value
 
 
-def session_run(session: str, *, settings, experiment: str = PROBE_EXPERIMENT) -> str:
+def session_run(session: str, *, settings, experiment: str = PROBE_EXPERIMENT, tracking=None) -> str:
     """The run id of review session `session`'s parent run, created on first use.
 
         >>> parent = session_run("alice-2025-06-01", settings=settings)
 
     When two processes race to create it, both later use the oldest one (the search is ordered by start time).
+    `tracking`: an open (MlflowClient, experiment id) to reuse (retrain opens the tracking store once per call).
     """
-    client, exp_id = _tracking(settings, experiment)
+    client, exp_id = tracking or _tracking(settings, experiment)
     flt = f"tags.`{TAG_KIND}` = 'session' and tags.`{TAG_SESSION}` = '{_quote(session)}'"
     found = client.search_runs([exp_id], filter_string=flt, order_by=["attributes.start_time ASC"], max_results=1)
     if found:
@@ -660,7 +663,8 @@ def session_run(session: str, *, settings, experiment: str = PROBE_EXPERIMENT) -
 
 
 def log_probe(fit: ProbeFit, *, settings, session: str, store: str = "", tcav: dict | None = None,
-              experiment: str = PROBE_EXPERIMENT, tags: dict | None = None) -> str:
+              experiment: str = PROBE_EXPERIMENT, tags: dict | None = None, tracking=None,
+              parent: str | None = None) -> str:
     """Record one fit as an mlflow run nested under the session's run; returns the run id (also set on the probe).
 
         >>> run_id = log_probe(fit, settings=settings, session="alice", store="demo", tcav={"lesion": 0.83})
@@ -668,41 +672,60 @@ def log_probe(fit: ProbeFit, *, settings, session: str, store: str = "", tcav: d
     Params: C, balancing, folds, counts. Metrics: held-out auroc / ap, cv_auroc, train_auroc, n_positive,
     n_negative, n_images, n_annotations, tcav/<class> (CAV at every position, = captum's TCAV) and
     tcav/local/<class> (CAV where the probe fires; explain.tcav). Artifacts (numpy .npy, never pickle) under `probe/`.
+    `tracking` (an open (MlflowClient, experiment id)) and `parent` (the session's run id) spare the look-ups when
+    the caller already has them: four round trips per run (create with every tag, one batch of params and
+    metrics, the artifacts in one copy to the run's artifact location, the final status).
     """
-    import tempfile
-    from pathlib import Path
-
-    from mlflow.entities import Metric, Param, RunTag
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
-    client, exp_id = _tracking(settings, experiment)
-    parent = session_run(session, settings=settings, experiment=experiment)
+    client, exp_id = tracking or _tracking(settings, experiment)
+    if parent is None:
+        parent = session_run(session, settings=settings, experiment=experiment, tracking=(client, exp_id))
     p = fit.probe
-    tags = {**dict(tags or {}), TAG_KIND: "probe", TAG_SESSION: session, TAG_CONCEPT: p.concept, TAG_LAYER: p.layer,
-            TAG_STORE: store, MLFLOW_PARENT_RUN_ID: parent}
-    run = client.create_run(exp_id, run_name=f"{p.concept}@{p.layer}", tags=tags)
+    run = client.create_run(exp_id, run_name=f"{p.concept}@{p.layer}", tags=_probe_tags(fit, session, store, parent,
+                                                                                         tags))
     run_id = run.info.run_id
     try:
-        params = {**fit.params, "concept": p.concept, "layer": p.layer}
-        counts = {"n_positive": fit.n_positive, "n_negative": fit.n_negative, "n_images": fit.n_images,
-                  "n_annotations": fit.n_annotations}
-        metrics = {**fit.metrics, **counts, **{f"tcav/{k}": v for k, v in (tcav or {}).items()}}
-        now = int(__import__("time").time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-                         params=[Param(k, str(v)) for k, v in params.items()],
-                         tags=[RunTag("conceptlens.n_annotations", str(fit.n_annotations))])
-        with tempfile.TemporaryDirectory(prefix="conceptlens-probe-") as tmp:
-            d = Path(tmp) / ARTIFACT_DIR
-            d.mkdir()
-            for name, arr in (("weights", p.weights), ("bias", np.float32(p.bias)), ("cav", p.cav),
-                              ("mean", p.mean), ("scale", p.scale)):
-                np.save(d / f"{name}.npy", np.asarray(arr, dtype=np.float32), allow_pickle=False)
-            client.log_artifacts(run_id, str(d), artifact_path=ARTIFACT_DIR)
+        _log_probe_data(client, run, fit, tcav)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
     return run_id
+
+
+def _probe_tags(fit: ProbeFit, session: str, store: str, parent: str, extra: dict | None) -> dict:
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    p = fit.probe
+    return {**dict(extra or {}), TAG_KIND: "probe", TAG_SESSION: session, TAG_CONCEPT: p.concept, TAG_LAYER: p.layer,
+            TAG_STORE: store, MLFLOW_PARENT_RUN_ID: parent, "conceptlens.n_annotations": str(fit.n_annotations)}
+
+
+def _log_probe_data(client, run, fit: ProbeFit, tcav: dict | None) -> None:
+    """Params and metrics in one batch, then the numpy artifacts written once into the run's artifact location
+    (the repository comes from the run just created, not from another look-up of the run)."""
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from mlflow.entities import Metric, Param
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    p = fit.probe
+    params = {**fit.params, "concept": p.concept, "layer": p.layer}
+    counts = {"n_positive": fit.n_positive, "n_negative": fit.n_negative, "n_images": fit.n_images,
+              "n_annotations": fit.n_annotations}
+    metrics = {**fit.metrics, **counts, **{f"tcav/{k}": v for k, v in (tcav or {}).items()}}
+    now = int(time.time() * 1000)
+    client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     params=[Param(k, str(v)) for k, v in params.items()])
+    with tempfile.TemporaryDirectory(prefix="conceptlens-probe-") as tmp:
+        d = Path(tmp) / ARTIFACT_DIR
+        d.mkdir()
+        for name, arr in (("weights", p.weights), ("bias", np.float32(p.bias)), ("cav", p.cav),
+                          ("mean", p.mean), ("scale", p.scale)):
+            np.save(d / f"{name}.npy", np.asarray(arr, dtype=np.float32), allow_pickle=False)
+        repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=client.tracking_uri)
+        repo.log_artifacts(str(d), artifact_path=ARTIFACT_DIR)
 
 
 def load_probe(run_id: str, *, settings, experiment: str = PROBE_EXPERIMENT) -> Probe:
@@ -945,10 +968,14 @@ def write_probe_version(store, probe: Probe, *, run_id: str, cache: FeatureCache
                         attrs: dict | None = None) -> np.ndarray:
     """Compute a probe's scores and heatmaps for every image and store them tagged with `run_id`; returns scores."""
     scores, maps = heatmaps_for_store(store, probe, cache=cache)
+    _store_probe(store, probe, scores, maps, run_id=run_id, attrs=attrs)
+    return scores
+
+
+def _store_probe(store, probe: Probe, scores: np.ndarray, maps: np.ndarray, *, run_id: str, attrs: dict | None):
     store.write_probe(probe.concept, probe.layer, scores=scores, maps=maps, run_id=run_id,
                       attrs={"score": probe.score_kind, "maps": "probability at the layer's grid",
                              **dict(attrs or {})})
-    return scores
 
 
 @dataclass(frozen=True)
@@ -986,6 +1013,7 @@ def retrain(store, annotations: ProbeAnnotations, *, settings, session: str, lay
 def _retrain(store, annotations: ProbeAnnotations, *, settings, session: str, layers, config: ProbeConfig,
              cache: FeatureCache, store_name: str | None, experiment: str) -> list[RetrainResult]:
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     if layers is None:
         existing = {l for c, l in store.probes() if c == annotations.concept}
@@ -1008,35 +1036,78 @@ def _retrain(store, annotations: ProbeAnnotations, *, settings, session: str, la
             continue
         collected[layer] = (ex, time.perf_counter() - t0)
     if not collected:
-        raise ProbeDataError(f"probe {annotations.concept}: no examples on layers {list(layers)}")
-    results = []
-    for layer, (ex, t_collect) in collected.items():
-        t = {"collect": t_collect}
-        t0 = time.perf_counter()
-        fit = fit_probe(ex, concept=annotations.concept, layer=layer, config=config,
-                        init=cache.last.get((annotations.concept, layer)))
-        t["fit"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        sens = cache.sensitivities(layer)
-        tcav = None  # None: the run says why (tag)
-        if sens is not None:
-            cav = fit.probe.cav
-            heat = {c: fit.probe.heatmap(cache.image_maps(layer, idx)) for c, idx in sens.images.items()}
-            tcav = {**sens.scores(cav), **{f"local/{c}": v for c, v in sens.local_scores(cav, heat).items()}}
-        t["tcav"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        run_id = log_probe(fit, settings=settings, session=session, store=store_name or _store_name(store),
-                           tcav=tcav, experiment=experiment,
-                           tags=None if tcav is not None else {"conceptlens.tcav": f"not computed: {cache.tcav_note}"})
-        t["log"] = time.perf_counter() - t0
-        probe = replace(fit.probe, run_id=run_id)
-        t0 = time.perf_counter()
-        scores = write_probe_version(store, probe, run_id=run_id, cache=cache,
-                                     attrs={"n_annotations": fit.n_annotations, "session": session})
-        t["write"] = time.perf_counter() - t0
-        cache.last[(annotations.concept, layer)] = probe
-        results.append(RetrainResult(annotations.concept, layer, run_id, replace(fit, probe=probe), scores, t))
+        raise ProbeDataError(f"probe {annotations.concept}: no examples on layers {list(collected) or list(layers)}")
+    # everything the helper threads read is loaded here, so they only read memory and only this thread reads the
+    # store (the first call of a process loads the layer maps and the model's TCAV gradients)
+    sens = {}
+    for layer in collected:
+        cache.maps(layer)
+        sens[layer] = cache.sensitivities(layer)
+    tracking = _tracking(settings, experiment)
+    name = store_name or _store_name(store)
+    concept = annotations.concept
+    # A pipeline over three threads, so the mlflow round trips (SQLite commits, an HTTP server) and the store writes
+    # (compression, file I/O) of one layer overlap the fit of the next, which holds this thread:
+    #   here:   fit layer 1 | fit layer 2 | fit layer 3
+    #   log:    parent run  | tcav + run 1 | tcav + run 2 | tcav + run 3
+    #   write:                heatmaps 1, (run 1 logged) store 1 | heatmaps 2, store 2 | …
+    # A layer's store write waits for its run to be logged, so the store never names a run that is not complete;
+    # a failed run (or fit) leaves the layers before it written and the ones after it untouched, as one by one did.
+    with ThreadPoolExecutor(1, thread_name_prefix="conceptlens-probe-log") as log_pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="conceptlens-probe-write") as write_pool:
+        parent = log_pool.submit(session_run, session, settings=settings, experiment=experiment, tracking=tracking)
+        pending = []
+        for layer, (ex, t_collect) in collected.items():
+            t = {"collect": t_collect}
+            t0 = time.perf_counter()
+            fit = fit_probe(ex, concept=concept, layer=layer, config=config, init=cache.last.get((concept, layer)))
+            t["fit"] = time.perf_counter() - t0
+            logged = log_pool.submit(_tcav_and_log, fit, sens[layer], cache, t, settings=settings, session=session,
+                                     store=name, experiment=experiment, tracking=tracking, parent=parent)
+            written = write_pool.submit(_write_logged, store, fit.probe, logged, cache, t,
+                                        attrs={"n_annotations": fit.n_annotations, "session": session})
+            pending.append((layer, fit, logged, written, t))
+        results = []
+        for layer, fit, logged, written, t in pending:
+            run_id, scores = logged.result(), written.result()
+            probe = replace(fit.probe, run_id=run_id)
+            cache.last[(concept, layer)] = probe
+            results.append(RetrainResult(concept, layer, run_id, replace(fit, probe=probe), scores, t))
     return results
+
+
+def _tcav_and_log(fit: ProbeFit, sens, cache: FeatureCache, t: dict, *, settings, session: str, store: str,
+                  experiment: str, tracking, parent) -> str:
+    """TCAV scores of a fit (None without a model: the run's tag says why), then its mlflow run; returns the run id."""
+    import time
+
+    t0 = time.perf_counter()
+    tcav = None
+    if sens is not None:
+        cav = fit.probe.cav
+        heat = {c: fit.probe.heatmap(cache.image_maps(fit.probe.layer, idx)) for c, idx in sens.images.items()}
+        tcav = {**sens.scores(cav), **{f"local/{c}": v for c, v in sens.local_scores(cav, heat).items()}}
+    t["tcav"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run_id = log_probe(fit, settings=settings, session=session, store=store, tcav=tcav, experiment=experiment,
+                       tags=None if tcav is not None else {"conceptlens.tcav": f"not computed: {cache.tcav_note}"},
+                       tracking=tracking, parent=parent.result())
+    t["log"] = time.perf_counter() - t0
+    return run_id
+
+
+def _write_logged(store, probe: Probe, logged, cache: FeatureCache, t: dict, *, attrs: dict) -> np.ndarray:
+    """A probe's heatmaps are computed while its run is logged; they are stored once the run is complete."""
+    import time
+
+    t0 = time.perf_counter()
+    scores, maps = heatmaps_for_store(store, probe, cache=cache)
+    t_heat = time.perf_counter() - t0
+    run_id = logged.result()  # a failed run raises here: nothing is written for it
+    t0 = time.perf_counter()
+    _store_probe(store, probe, scores, maps, run_id=run_id, attrs=attrs)
+    t["write"] = t_heat + time.perf_counter() - t0  # heatmaps + store write, as write_probe_version
+    return scores
 
 
 def _store_name(store) -> str:

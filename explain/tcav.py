@@ -91,11 +91,15 @@ def tcav_score(sens: np.ndarray, cav: np.ndarray) -> float:
 def local_tcav_score(gradients: np.ndarray, cav: np.ndarray, heatmaps: np.ndarray) -> float:
     """Fraction of images whose derivative is positive when the concept grows *where the probe sees it*:
     S = Σ_{y,x} h(y, x) · ∇_A f[:, y, x] · v, with gradients (n, unit, y, x), cav v (unit,), heatmaps h (n, y, x)."""
-    g = np.asarray(gradients, dtype=np.float64)
+    g = np.asarray(gradients)
     if g.ndim != 4 or len(g) == 0:
         return float("nan")
-    d = np.einsum("nuyx,u->nyx", g, np.asarray(cav, dtype=np.float64))  # directional derivative per position
-    return float(np.mean((d * np.asarray(heatmaps, dtype=np.float64)).sum(axis=(1, 2)) > 0))
+    n, u = g.shape[:2]
+    # one (n, y·x, unit) @ (unit,) product in the gradients' own precision (float32: no float64 copy of them), the
+    # weighted sum over positions in float64
+    d = np.matmul(np.asarray(cav, dtype=g.dtype), g.reshape(n, u, -1))  # (n, y·x) directional derivatives
+    h = np.asarray(heatmaps).reshape(n, -1)
+    return float(np.mean(np.einsum("np,np->n", d.astype(np.float64), h.astype(np.float64)) > 0))
 
 
 @dataclass(frozen=True)
