@@ -1056,14 +1056,18 @@ def _retrain(store, annotations: ProbeAnnotations, *, settings, session: str, la
     with ThreadPoolExecutor(1, thread_name_prefix="conceptlens-probe-log") as log_pool, \
             ThreadPoolExecutor(1, thread_name_prefix="conceptlens-probe-write") as write_pool:
         parent = log_pool.submit(session_run, session, settings=settings, experiment=experiment, tracking=tracking)
-        pending = []
+        pending, previous = [], None
         for layer, (ex, t_collect) in collected.items():
+            if previous is not None and previous.done() and previous.exception() is not None:
+                break  # a run failed: the results below raise its error; no use fitting the rest
             t = {"collect": t_collect}
             t0 = time.perf_counter()
             fit = fit_probe(ex, concept=concept, layer=layer, config=config, init=cache.last.get((concept, layer)))
             t["fit"] = time.perf_counter() - t0
             logged = log_pool.submit(_tcav_and_log, fit, sens[layer], cache, t, settings=settings, session=session,
-                                     store=name, experiment=experiment, tracking=tracking, parent=parent)
+                                     store=name, experiment=experiment, tracking=tracking, parent=parent,
+                                     previous=previous)
+            previous = logged
             written = write_pool.submit(_write_logged, store, fit.probe, logged, cache, t,
                                         attrs={"n_annotations": fit.n_annotations, "session": session})
             pending.append((layer, fit, logged, written, t))
@@ -1077,10 +1081,15 @@ def _retrain(store, annotations: ProbeAnnotations, *, settings, session: str, la
 
 
 def _tcav_and_log(fit: ProbeFit, sens, cache: FeatureCache, t: dict, *, settings, session: str, store: str,
-                  experiment: str, tracking, parent) -> str:
-    """TCAV scores of a fit (None without a model: the run's tag says why), then its mlflow run; returns the run id."""
+                  experiment: str, tracking, parent, previous) -> str:
+    """TCAV scores of a fit (None without a model: the run's tag says why), then its mlflow run; returns the run id.
+
+    `previous`: the future of the layer before; when its run failed, this one raises the same error unlogged (and so
+    its store write never happens), as the layers after a failure were never reached one by one."""
     import time
 
+    if previous is not None:
+        previous.result()
     t0 = time.perf_counter()
     tcav = None
     if sens is not None:
