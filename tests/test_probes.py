@@ -128,6 +128,13 @@ def test_grouped_folds_and_held_out_keep_images_whole():
     assert held_out_split(np.array([0, 1, 1]), np.array([4, 4, 4]), 0.25) is None
     # a single positive image cannot be both in training and held out
     assert held_out_split(np.array([1, 0, 0, 0]), np.array([0, 1, 2, 3]), 0.25) is None
+    # stratified by whether an image holds positives: images 10, 30 (positives) and 20, 40, 50 (none), unsorted
+    groups = np.array([30, 10, 20, 30, 40, 50, 10, 20, 40, 50])
+    labels = np.array([0, 1, 0, 1, 0, 0, 0, 0, 0, 0], np.int8)
+    for seed in range(5):
+        held = held_out_split(labels, groups, 0.25, seed=seed)
+        chosen = set(groups[held].tolist())
+        assert len(chosen & {10, 30}) == 1 and len(chosen & {20, 40, 50}) == 1, chosen
 
 
 def _blob_examples(n_images=12, seed=0, units=8):
@@ -298,6 +305,40 @@ def test_retrain_from_drawn_regions_writes_scores_and_heatmaps(lesion, workspace
     assert versions[0]["tcav_local"]["lesion"] > 0.7, versions[0]["tcav_local"]
     assert versions[0]["store"] == "lesion" and versions[0]["n_annotations"] == 3
     assert set(deep.timings) == {"collect", "fit", "tcav", "log", "write"}
+
+
+def test_retrain_of_every_layer_logs_each_run_before_storing_it(lesion, workspace):
+    """retrain overlaps one layer's mlflow run and store write with the next layer's fit: every layer still gets a
+    complete run under the one parent run of its session, and the store names that run with its weights."""
+    from mlflow.tracking import MlflowClient
+
+    from explain.probes import FeatureCache, ProbeAnnotations, retrain
+
+    store, masks = lesion.store, lesion.masks
+    cache = FeatureCache(store, model=lesion.model, tcav_per_class=16)
+    ann = ProbeAnnotations("circumscribed_margin", regions=[(i, masks[i]) for i in (1, 3)], marks=[(8, False)])
+    results = retrain(store, ann, settings=workspace, session="carol", layers=lesion.layers, cache=cache)
+    assert [r.layer for r in results] == lesion.layers
+    client = MlflowClient(tracking_uri=workspace.tracking_uri)
+    parent = session_run("carol", settings=workspace)
+    try:
+        for r in results:
+            run = client.get_run(r.run_id)
+            assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent
+            assert run.data.tags["conceptlens.layer"] == r.layer and run.data.tags["conceptlens.n_annotations"] == "3"
+            assert run.data.params["C"] == str(r.fit.params["C"]) and run.data.params["layer"] == r.layer
+            assert run.data.metrics["n_positive"] == r.fit.n_positive
+            assert run.data.metrics["auroc"] == pytest.approx(r.fit.metrics["auroc"], nan_ok=True)
+            assert {"tcav/lesion", "tcav/local/lesion"} <= set(run.data.metrics)
+            stored = store.probe("circumscribed_margin", r.layer)
+            assert stored.run_id == r.run_id == r.fit.probe.run_id and stored.attrs["session"] == "carol"
+            np.testing.assert_allclose(stored.scores, r.scores)
+            loaded = load_probe(r.run_id, settings=workspace)
+            np.testing.assert_array_equal(loaded.weights, r.fit.probe.weights)
+            assert cache.last[("circumscribed_margin", r.layer)].run_id == r.run_id
+    finally:
+        for layer in lesion.layers:
+            store.delete_probe("circumscribed_margin", layer)
 
 
 def test_one_class_retrain_changes_nothing(lesion, workspace):
