@@ -26,8 +26,9 @@ images(), labels(), probs(), pooled(), quantiles() and topk() read the array onc
 read-only numpy arrays: keep one store object per process (e.g. per app worker) and call them freely.
 
 Writer API (extraction, store/extract.py): `create_store(url, *, attrs, layout)` makes every array once;
-`.write_block(b, …)` writes block b's whole, aligned chunks and then records it in `progress`;
-`.write_aligned(path, start, rows)` refuses anything but whole chunks (MisalignedWriteError); `.completed_blocks()`;
+`.write_block(b, …, executor=None)` writes block b's whole, aligned chunks and shards and then records it in
+`progress`; `.write_aligned(path, start, rows)` and `.write_many([(path, start, rows), …])` refuse anything but
+whole chunks or shards (MisalignedWriteError) and encode them directly (`_ChunkEncoder`); `.completed_blocks()`;
 `.finalize(histograms=…, covered=…)` computes exact quantiles (from counts made while writing, the rest read back)
 and top-k, then marks the store complete.
 
@@ -35,8 +36,9 @@ Errors (all store.errors.ActivationStoreError): MissingArrayError (also KeyError
 level, image id), ImageIndexError (IndexError), IncompleteStoreError, StoreMismatchError (ValueError),
 ChunkCorruptionError (IOError), StoreUnavailableError (ConnectionError), MisalignedWriteError (ValueError).
 
-Layout (docs/STORE.md has the full description for readers without this code): DESIGN.md §3. Every array has
-`dimension_names`, a crc32c checksum after compression on every chunk, and every chunk is written even when it
+Layout (docs/STORE.md has the full description for readers without this code): DESIGN.md §3; format version 2
+keeps each layer's maps as one chunk per image inside one shard per block. Every array has `dimension_names`, a
+crc32c checksum after compression on every chunk (and on every shard index), and every chunk is written even when it
 equals the fill value, so in a complete store a missing chunk is an error (ChunkCorruptionError), never fill values.
 Object stores (s3://… through fsspec) get retries with backoff on transient faults, then StoreUnavailableError.
 """

@@ -11,9 +11,11 @@ Lightning's predict loop drives the forward passes (its progress bar shows them;
 are handed out in blocks of `block` consecutive images (the chunk length of every per-image array): each rank gets a
 contiguous run of whole blocks, so two writers never touch the same chunk. Batches never straddle a block, so the
 same image always sees the same batch, whatever the number of ranks or restarts: stores are identical array by
-array. A background thread writes each finished block (at most two blocks in memory) and then records it in the
-store's `progress` array; a killed run skips recorded blocks when it is run again. When every block is recorded,
-rank 0 computes the per-unit quantiles and top-k from the stored data and marks the store complete.
+array. Each finished block is written between forward passes (its chunks compressed, checksummed and stored, its
+maps counted for the quantiles, the next block's patches read — spread over the process's cores; `overlap=True`
+writes in a background thread instead) and then recorded in the store's `progress` array; a killed run skips
+recorded blocks when it is run again. When every block is recorded, rank 0 computes the per-unit quantiles (from the
+counts made while writing) and top-k and marks the store complete.
 """
 
 from __future__ import annotations
