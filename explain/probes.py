@@ -1002,6 +1002,9 @@ def retrain(store, annotations: ProbeAnnotations, *, settings, session: str, lay
     labeled units — and, for a concept's first regions or marks, every layer of the store.
     Every layer's examples are collected and checked first: when any probe would have only positives or only
     negatives, ProbeDataError is raised and nothing (store, mlflow) changes.
+    The layers are fitted one after the other on the calling thread while two helper threads log the previous
+    layer's mlflow run and write its store outputs (a layer's store write waits for its run); the call returns once
+    every layer is logged and stored. `timings` are each step's own seconds, so across layers they overlap.
     """
     config = config or ProbeConfig()
     with _torch_threads(config.threads):
@@ -1036,7 +1039,7 @@ def _retrain(store, annotations: ProbeAnnotations, *, settings, session: str, la
             continue
         collected[layer] = (ex, time.perf_counter() - t0)
     if not collected:
-        raise ProbeDataError(f"probe {annotations.concept}: no examples on layers {list(collected) or list(layers)}")
+        raise ProbeDataError(f"probe {annotations.concept}: no examples on layers {list(layers)}")
     # everything the helper threads read is loaded here, so they only read memory and only this thread reads the
     # store (the first call of a process loads the layer maps and the model's TCAV gradients)
     sens = {}
