@@ -1152,7 +1152,8 @@ def describe(store: ActivationStore) -> str:
     lines.append("arrays:")
     for path, arr in store.arrays():
         dims = ", ".join(arr.metadata.dimension_names or ())
-        lines.append(f"  {path:<44} {str(arr.dtype):<8} ({dims}) shape {arr.shape} chunks {arr.chunks}")
+        shards = f" shards {arr.shards}" if arr.shards else ""
+        lines.append(f"  {path:<44} {str(arr.dtype):<8} ({dims}) shape {arr.shape} chunks {arr.chunks}{shards}")
     return "\n".join(lines)
 
 
