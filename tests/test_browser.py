@@ -118,14 +118,8 @@ def test_review_loop_with_real_mouse_events(served):
     box = [s for s in _figure(page, "review-mammogram")["layout"]["shapes"] if s["line"]["color"] == "#ffd43b"][0]
     assert box["x0"] <= cx < box["x1"] and box["y0"] <= cy < box["y1"]
 
-    # next / previous mammogram until the one whose patch we label
-    for _ in range(20):
-        if page.locator(f'#review-flagged button[id*="{image}"]').count():
-            break
-        page.locator("#review-next").click()
-        wait_idle(page)
-    page.locator(f'#review-flagged button[id*="{image}"]').click()
-    wait_idle(page)
+    # next mammogram until the one whose patch we label
+    _open_patch(page, image)
 
     # the most active unit's mask over the patch
     page.get_by_label("unit mask").check()
