@@ -204,8 +204,15 @@ def _lasso_box(page, graph_id: str, box) -> None:
     drag(page, graph_id, [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)], steps=6)
 
 
-def _overlap(a, b) -> float:
-    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+def _inside(page, graph_id: str, box):
+    """bool (point,) over every trace's points (concatenated): which fall in the box (a lasso along it selects them)."""
+    import numpy as np
+
+    xy = page.evaluate("""(id) => { const gd = document.querySelector('#' + id + ' .js-plotly-plot');
+        return gd._fullData.map(t => [Array.from(t.x || []), Array.from(t.y || [])]); }""", graph_id)
+    x = np.concatenate([np.asarray(t[0], float) for t in xy])
+    y = np.concatenate([np.asarray(t[1], float) for t in xy])
+    return (x >= box[0]) & (x <= box[2]) & (y >= box[1]) & (y <= box[3])
 
 
 def _finish_job(page, before: str) -> str:
@@ -235,8 +242,12 @@ def test_images_lasso_mark_retrain_and_views_update(served):
     # positives alone cannot make a probe: the job says so and nothing is retrained
     assert "only positives" in message, message
 
-    # the normal images in the quarter of their cloud that overlaps the positives least (a new mark replaces one)
-    negative = min(_quadrants(page, "images-map", "normal"), key=lambda box: _overlap(box, positive))
+    # the normal images in the quarter of their cloud that holds the fewest of the marked positives (a new mark
+    # replaces one, so some positives must stay outside it)
+    marked = _inside(page, "images-map", positive)
+    negative = min(_quadrants(page, "images-map", "normal"),
+                   key=lambda box: int((_inside(page, "images-map", box) & marked).sum()))
+    assert (marked & ~_inside(page, "images-map", negative)).any()
     _lasso_box(page, "images-map", negative)
     wait_idle(page)
     page.locator("#images-mark-neg").click()
