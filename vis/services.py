@@ -1458,8 +1458,12 @@ class Workbench:
         progress((40, "fitting the probe"))
         # the mlflow parent run that groups this reviewer's probe fits of the day in this review session
         run_group = f"{self.user()}-s{session}-{datetime.date.today().isoformat()}"
+        # one cache per process and store: a Celery worker (or the server process a diskcache job forks from) loads a
+        # layer's maps once, and the served model gives every version its TCAV scores
+        cache = self._handle(("feature-cache", store.url),
+                             lambda: FeatureCache(store, model=self.model(), settings=self.settings))
         results = retrain(store, ann, settings=self.settings, session=run_group, layers=[layer],
-                          cache=FeatureCache(store), store_name=self.config.store)
+                          cache=cache, store_name=self.config.store)
         self._views.clear()
         r = results[0]
         metrics = r.fit.metrics
