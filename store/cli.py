@@ -77,9 +77,16 @@ def db_main(argv: list[str]) -> int:
             print(f"{db!r}: at revision {current_revision(db)} (schema version {db.schema_version()})")
             db.dispose()
             return 0
+        from pathlib import Path
+
         from sqlalchemy import create_engine
+        from sqlalchemy.engine import make_url
 
         url = _url(args)
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") \
+                and not Path(parsed.database).expanduser().is_file():
+            raise AnnotationDatabaseError(f"{parsed.database}: no annotation database there (nothing was created)")
         try:
             db = open_database(url, create=False)
         except AnnotationDatabaseError as e:

@@ -327,3 +327,12 @@ def test_the_audit_log_refuses_update_delete_and_truncate_on_postgresql(pg_url):
         with db.write() as s:
             s.execute(text("TRUNCATE audit_log"))
     db.dispose()
+
+
+def test_db_current_on_a_missing_sqlite_file_creates_nothing(tmp_path, capsys):
+    from store.cli import db_main
+
+    missing = tmp_path / "nowhere" / "annotations.db"
+    assert db_main(["current", "--url", f"sqlite:///{missing}"]) == 1
+    assert "no annotation database there" in capsys.readouterr().err
+    assert not missing.exists() and not missing.parent.exists()
