@@ -264,8 +264,11 @@ def _check_request_id(request_id) -> str | None:
     return request_id
 
 
-def _check_version_arg(expected_version, what: str) -> int | None:
+def _check_version_arg(expected_version, what: str, *, required: str | None = None) -> int | None:
+    """The version an editor saw (None: no check), or LabelError; `required` names the writer that needs one."""
     if expected_version is None:
+        if required:
+            raise LabelError(f"{required} needs expected_version (the version the editor saw)")
         return None
     if isinstance(expected_version, bool) or not isinstance(expected_version, (int, np.integer)) \
             or expected_version < 0:
@@ -863,9 +866,7 @@ def edit_comment(db: Database, comment_id: int, *, text: str, author: str, expec
     expected_version → ConflictError naming who changed it and when."""
     sid = _check_session_id(session)
     author, text = _check_author(author), _check_text(text)
-    expected_version = _check_version_arg(expected_version, f"comment {comment_id}")
-    if expected_version is None:
-        raise LabelError("edit_comment needs expected_version (the version the editor saw)")
+    expected_version = _check_version_arg(expected_version, f"comment {comment_id}", required="edit_comment")
     with db.write() as s:
         _open_session(s, sid, write=True)
         c = _comment_for_change(s, sid, comment_id, expected_version, "edit")
@@ -885,9 +886,7 @@ def delete_comment(db: Database, comment_id: int, *, author: str, expected_versi
     (store.accounts.can_remove); stale expected_version → ConflictError."""
     sid = _check_session_id(session)
     author = _check_author(author)
-    expected_version = _check_version_arg(expected_version, f"comment {comment_id}")
-    if expected_version is None:
-        raise LabelError("delete_comment needs expected_version (the version the deleter saw)")
+    expected_version = _check_version_arg(expected_version, f"comment {comment_id}", required="delete_comment")
     with db.write() as s:
         _open_session(s, sid, write=True)
         c = _comment_for_change(s, sid, comment_id, expected_version, "delete")
