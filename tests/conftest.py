@@ -59,6 +59,15 @@ def postgres_url():
 
 
 @pytest.fixture
+def pg_database(postgres_url):
+    """A new, empty PostgreSQL database (its URL), dropped after the test."""
+    from helpers_dissection import fresh_postgres_database
+
+    with fresh_postgres_database(postgres_url) as url:
+        yield url
+
+
+@pytest.fixture
 def redis_url():
     need_service("Redis", "127.0.0.1", 6379)
     return REDIS_URL

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_dissection import fresh_postgres_database
 from sqlalchemy import create_engine, func, select
 
 from store.annotations import (
@@ -190,12 +189,6 @@ def test_an_in_memory_database_keeps_its_data_across_sessions():
 
 
 # -- PostgreSQL --------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def pg_database(postgres_url):
-    with fresh_postgres_database(postgres_url) as url:
-        yield url
-
-
 @pytest.mark.services
 def test_postgresql_by_url_schema_labels_and_rollback(pg_database):
     db = open_database(pg_database)

@@ -176,12 +176,6 @@ def _pg_v1(url: str) -> None:
     eng.dispose()
 
 
-@pytest.fixture
-def pg_url(postgres_url):
-    with fresh_postgres_database(postgres_url) as url:
-        yield url
-
-
 @pytest.mark.services
 def test_postgresql_from_empty_and_from_v1_with_data(postgres_url):
     with fresh_postgres_database(postgres_url) as url:
@@ -320,8 +314,8 @@ def test_the_audit_log_refuses_update_and_delete_on_sqlite(tmp_path):
 
 
 @pytest.mark.services
-def test_the_audit_log_refuses_update_delete_and_truncate_on_postgresql(pg_url):
-    db = open_database(pg_url)
+def test_the_audit_log_refuses_update_delete_and_truncate_on_postgresql(pg_database):
+    db = open_database(pg_database)
     _audit_refuses_changes(db)
     with pytest.raises(Exception, match="append-only"):
         with db.write() as s:
