@@ -14,6 +14,7 @@ forward pass raises, so a model is never left with a stale hook.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 
 import torch
@@ -50,18 +51,31 @@ class Trace:
     Options (keyword-only):
         clone        keep a copy (default), so an in-place op after the layer (ReLU(inplace=True)) cannot change it
         retain_grad  keep the graph and call `retain_grad()` on the output (no clone, no detach): for attribution
+        per_thread   `outputs` holds the outputs of the calling thread's forward passes: several threads may run
+                     the model at once inside one block (extraction's workers), each reading its own outputs.
+                     Hooks are registered once, on entry: never enter a Trace while another thread runs the model
     A module that returns a tuple contributes its first tensor. A module called several times per forward pass
     keeps the output of its last call. Outputs are replaced by each new forward pass.
     """
 
     def __init__(self, model: nn.Module, layers: str | Iterable[str], *, clone: bool = True,
-                 retain_grad: bool = False):
+                 retain_grad: bool = False, per_thread: bool = False):
         self.model = model
         self.modules = resolve_layers(model, layers)
         self.clone = clone
         self.retain_grad = retain_grad
-        self.outputs: dict[str, torch.Tensor] = {}
+        self._local = threading.local() if per_thread else None
+        self._outputs: dict[str, torch.Tensor] = {}
         self._handles: list = []
+
+    @property
+    def outputs(self) -> dict[str, torch.Tensor]:
+        """layer → output of the last forward pass (of the calling thread's, with per_thread)."""
+        if self._local is None:
+            return self._outputs
+        if not hasattr(self._local, "outputs"):
+            self._local.outputs = {}
+        return self._local.outputs
 
     @property
     def layers(self) -> list[str]:
@@ -97,7 +111,9 @@ class Trace:
     def __enter__(self) -> "Trace":
         if self._handles:
             raise RuntimeError("this Trace is already active; create a new Trace for a nested block")
-        self.outputs = {}
+        self._outputs = {}
+        if self._local is not None:
+            self._local = threading.local()
         try:
             for name, module in self.modules.items():
                 self._handles.append(module.register_forward_hook(self._hook(name)))

@@ -11,10 +11,11 @@ Lightning's predict loop drives the forward passes (its progress bar shows them;
 are handed out in blocks of `block` consecutive images (the chunk length of every per-image array): each rank gets a
 contiguous run of whole blocks, so two writers never touch the same chunk. Batches never straddle a block, so the
 same image always sees the same batch, whatever the number of ranks or restarts: stores are identical array by
-array. Each finished block is written between forward passes (its chunks compressed, checksummed and stored, its
-maps counted for the quantiles, the next block's patches read — spread over the process's cores; `overlap=True`
-writes in a background thread instead) and then recorded in the store's `progress` array; a killed run skips
-recorded blocks when it is run again. When every block is recorded, rank 0 computes the per-unit quantiles (from the
+array. On a CPU each process runs one forward worker per core (`ExtractConfig.workers`): whole batches side by side,
+each single-threaded, and the worker that finishes a block writes it (its chunks compressed, checksummed and stored,
+its maps counted for the quantiles) while the others compute; the next patches are read in a background thread. A
+finished block is then recorded in the store's `progress` array; a killed run skips recorded blocks when it is run
+again. When every block is recorded, rank 0 computes the per-unit quantiles (from the
 counts made while writing) and top-k and marks the store complete.
 """
 
@@ -68,11 +69,10 @@ class ExtractConfig:
     num_workers: int = 0  # DataLoader workers reading patches
     progress_bar: bool = True
     replace: bool = False  # delete an existing store made from another model or dataset instead of refusing
-    threads: int | None = None  # torch intra-op threads per process; None: the process's share of the cores (minus
-    #                             one for the writer thread when overlap)
-    overlap: bool | None = None  # True: a writer thread stores block b while block b+1 is computed (suits a spare
-    #                              core); False: each block is stored between forward passes, its compression and
-    #                              counting spread over the process's cores; None: False (see docs/STORE.md, Figures)
+    workers: int | None = None  # forward workers per process, each running whole batches with its own share of the
+    #                             torch threads and writing the blocks it finishes; None: one per core on a CPU (a
+    #                             small model keeps the cores busier that way than with intra-op threads), 1 otherwise
+    threads: int | None = None  # torch intra-op threads per process; None: the process's cores ÷ workers
     ddp_timeout_s: float = 600.0  # a rank waits at most this long for the others (their shares differ by <= 1 block)
     histogram_mb: int = 512  # memory for counting quantiles while writing (units × 256 KiB per layer); the rest of
     #                          the layers are read back from the store after extraction
@@ -222,66 +222,92 @@ def _probs(logits: torch.Tensor) -> torch.Tensor:
 class _BlockWriter:
     """Writes finished blocks: compresses, checksums and stores their chunks and counts their maps in the histograms.
 
-    overlap=True: one background thread writes while the next blocks are computed (at most `depth` blocks wait, so
-    memory stays bounded); it suits a spare core. overlap=False: `submit` writes the block before it returns, spreading
-    the compression and counting over `workers` threads (all GIL-free C code), while the forward passes use every core
-    in between. Either way a block's chunks land before its completion flag, and histograms count each block once.
+    Called by whichever thread finished a block (the predict loop's, or a forward worker's); two blocks may be written
+    at once. Each layer's histogram counts one block at a time (a lock per layer), and a block's chunks land before
+    its completion flag. `workers` > 1 spreads one block's compression and counting over that many threads (all
+    GIL-free C code) — for a process whose cores are otherwise idle while it writes (one forward worker).
     """
 
-    def __init__(self, store: ActivationStore, histograms: dict[str, Float16Histogram], *, overlap: bool,
-                 workers: int = 1, depth: int = 2):
+    def __init__(self, store: ActivationStore, histograms: dict[str, Float16Histogram], *, workers: int = 1):
         self.store = store
-        self.histograms = histograms  # only the writing thread adds to them (each unit row by one helper at a time)
+        self.histograms = histograms
+        self.locks = {name: threading.Lock() for name in histograms}
         self.covered: set[int] = set()  # blocks counted in the histograms
-        self.overlap = overlap
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") if overlap else None
         self.helpers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store-encode") \
             if workers > 1 else None
-        self.slots = threading.Semaphore(depth)
-        self.futures: list[Future] = []
         self.written = 0
+        self._count = threading.Lock()
+
+    def _add(self, name: str, maps: np.ndarray) -> None:
+        with self.locks[name]:
+            self.histograms[name].add(maps)  # (image, unit, y, x) float16, as stored
+
+    def write(self, block: int, data: dict) -> None:
+        counting = [self.helpers.submit(self._add, name, data["layers"][name]["maps"]) if self.helpers else None
+                    for name in self.histograms]
+        self.store.write_block(block, **data, executor=self.helpers)
+        for name, job in zip(self.histograms, counting):
+            if job is None:
+                self._add(name, data["layers"][name]["maps"])
+            else:
+                job.result()
+        with self._count:
+            self.covered.add(block)
+            self.written += 1
+
+    def close(self) -> None:
+        if self.helpers is not None:
+            self.helpers.shutdown(wait=True)
+
+
+class _Forwards:
+    """Forward workers: `workers` threads that each run whole batches single-threaded, fill the block buffers and
+    write the blocks they finish (`work(batch)`); Lightning's predict loop hands them the batches (`submit`).
+
+    On a CPU, a small model's convolutions split over the cores (torch's intra-op threads) wait for each other at
+    every layer; whole batches side by side keep every core busy, and a block written by one worker overlaps the
+    forward passes of the others. At most `workers + 1` batches are in flight, so memory stays bounded. A failure in
+    a worker is raised by the next `submit` (or by `close`) in the predict loop's thread.
+    """
+
+    def __init__(self, workers: int, work):
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="forward")
+        self.slots = threading.Semaphore(workers + 1)
+        self.work = work
+        self.futures: list[Future] = []
+        self.failed = threading.Event()  # after a failure no new batch starts: no block completes after the error
 
     def _check(self) -> None:
         for f in [f for f in self.futures if f.done()]:
             self.futures.remove(f)
-            f.result()  # re-raises a write error in the computing thread
+            f.result()
 
-    def _write(self, block: int, data: dict) -> None:
-        counting = [self.helpers.submit(hist.add, data["layers"][name]["maps"]) if self.helpers else None
-                    for name, hist in self.histograms.items()]
-        self.store.write_block(block, **data, executor=self.helpers)
-        for (name, hist), job in zip(self.histograms.items(), counting):
-            if job is None:
-                hist.add(data["layers"][name]["maps"])  # (image, unit, y, x) float16, as stored
-            else:
-                job.result()
-        self.covered.add(block)
-        self.written += 1
-
-    def submit(self, block: int, data: dict) -> None:
-        if not self.overlap:
-            self._write(block, data)
-            return
+    def submit(self, batch) -> None:
         self._check()
         self.slots.acquire()
 
         def run():
             try:
-                self._write(block, data)
+                if self.failed.is_set():
+                    return
+                with torch.inference_mode():  # grad mode is per thread: the predict loop's does not reach here
+                    self.work(batch)
+            except BaseException:
+                self.failed.set()
+                raise
             finally:
                 self.slots.release()
 
         self.futures.append(self.pool.submit(run))
 
     def close(self) -> None:
+        """Wait for every batch handed out (its block lands when it was the last of it), then raise the first error."""
         try:
             for f in self.futures:
                 f.result()
         finally:
             self.futures.clear()
-            for pool in (self.pool, self.helpers):
-                if pool is not None:
-                    pool.shutdown(wait=True)
+            self.pool.shutdown(wait=True)
 
 
 class _Job:
@@ -296,18 +322,26 @@ class _Job:
         self.store: ActivationStore | None = None
         self.writer: _BlockWriter | None = None
         self.patches: _PatchBatches | None = None
+        self.forwards: _Forwards | None = None
+        self.trace = None
         self.mine: list[int] = []
         self.todo: list[int] = []
         self.buffers: dict[int, dict] = {}
         self.filled: dict[int, int] = {}
+        self.buffer_lock = threading.Lock()
         self.rank, self.world = 0, 1
 
-    def prepare(self, rank: int, world: int, barrier) -> None:
+    def prepare(self, net: nn.Module, rank: int, world: int, barrier) -> None:
+        from explain.hooks import Trace
+
         self.rank, self.world = rank, world
         # here, not earlier: Lightning's DDP launcher sets its own thread count when it starts the processes
         cores = _cores_per_process(world)
-        overlap = bool(self.config.overlap) and cores > 1
-        torch.set_num_threads(self.config.threads or (cores - 1 if overlap else cores))
+        accelerator = self.config.accelerator
+        on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
+                                          and not torch.backends.mps.is_available())
+        workers = self.config.workers or (cores if on_cpu else 1)
+        torch.set_num_threads(self.config.threads or max(1, cores // workers))
         opts = self.config.storage_options
         if rank == 0:
             self.store = create_store(self.url, attrs=self.attrs, layout=self.layout, exist_ok=True,
@@ -324,14 +358,19 @@ class _Job:
             if Float16Histogram.nbytes_for(units) <= budget:  # the same choice on every rank
                 histograms[name] = Float16Histogram(units)
                 budget -= Float16Histogram.nbytes_for(units)
-        self.writer = _BlockWriter(self.store, histograms, overlap=overlap, workers=1 if overlap else cores)
+        # one worker: the process's cores compress and count each block between forward passes; several: each
+        # worker writes its own blocks while the others compute
+        self.writer = _BlockWriter(self.store, histograms, workers=cores if workers == 1 else 1)
+        self.trace = Trace(net, self.layers, clone=False, per_thread=workers > 1).__enter__()  # left in finish/abort
+        if workers > 1:
+            self.forwards = _Forwards(workers, self._forward)
 
     def dataloader(self) -> torch.utils.data.DataLoader:
         sampler = _BlockBatches(self.mine, block=self.layout.block, n_images=self.layout.n_images,
                                 batch_size=self.batch_size)
         threaded = self.config.num_workers == 0  # worker processes read ahead by themselves
         per_block = -(-self.layout.block // self.batch_size)
-        helpers = self.writer.helpers if not self.writer.overlap else None  # read between forward passes, in parallel
+        helpers = self.writer.helpers  # one forward worker: read between forward passes, in parallel
         self.patches = _PatchBatches(self.paths, self.layout.image_size, order=sampler.batches if threaded else None,
                                      ahead=per_block if helpers else 2 * per_block, executor=helpers)
         # batch_size=None: each sampler item is a whole batch of indices, read by one dataset call (no collation)
@@ -355,47 +394,72 @@ class _Job:
         return self.buffers[block]
 
     def step(self, net: nn.Module, batch) -> None:
-        from explain.hooks import Trace
+        """One batch from the predict loop: computed here (one worker) or handed to the forward workers."""
+        if self.forwards is not None:
+            self.forwards.submit((net, batch))
+        else:
+            self._forward((net, batch))
+
+    def _forward(self, item) -> None:
         from training.transforms import preprocess
 
-        index, images = batch  # (batch,), uint8 (batch, y, x)
+        net, (index, images) = item  # (batch,), uint8 (batch, y, x)
         index = index.cpu().numpy()
         block = int(index[0]) // self.layout.block
         start = block * self.layout.block
         rows = slice(int(index[0]) - start, int(index[-1]) - start + 1)
         x = preprocess(images, self.transform)  # (batch, 1, y, x)
-        with Trace(net, self.layers, clone=False) as t:
-            logits = net(x)  # (batch, class)
-        buf = self._buffer(block)
+        logits = net(x)  # (batch, class); the trace keeps this thread's layer outputs
+        outputs = self.trace.outputs
+        with self.buffer_lock:
+            buf = self._buffer(block)
         buf["images"][rows] = images.cpu().numpy()
         buf["probs"][rows] = _probs(logits).cpu().numpy()
         for name in self.layers:
-            a = t.outputs[name].float()
+            a = outputs[name].float().cpu()
             if a.ndim == 2:
                 a = a[:, :, None, None]  # (batch, unit) → (batch, unit, 1, 1)
             out = buf["layers"][name]
-            out["maps"][rows] = a.half().cpu().numpy()
-            out["max"][rows] = a.amax(dim=(2, 3)).cpu().numpy()
-            out["mean"][rows] = a.mean(dim=(2, 3)).cpu().numpy()
-        self.filled[block] += len(index)
-        if self.filled[block] == buf["images"].shape[0]:
+            # written straight into the block's buffers (row slices of C-contiguous arrays), no temporaries
+            torch.from_numpy(out["maps"][rows]).copy_(a)  # float32 → float16, rounded as Tensor.half() rounds
+            torch.amax(a, dim=(2, 3), out=torch.from_numpy(out["max"][rows]))
+            torch.mean(a, dim=(2, 3), out=torch.from_numpy(out["mean"][rows]))
+        with self.buffer_lock:  # the batch that completes its block writes it
+            self.filled[block] += len(index)
+            complete = self.filled[block] == buf["images"].shape[0]
+            if complete:
+                del self.buffers[block], self.filled[block]
+        if complete:
             if self.patches is not None:
                 self.patches.prefetch()
-            self.writer.submit(block, self.buffers.pop(block))
-            del self.filled[block]
+            self.writer.write(block, buf)
+
+    def _stop_workers(self) -> None:
+        try:
+            if self.forwards is not None:
+                self.forwards.close()
+        finally:
+            self.forwards = None
+            if self.trace is not None:
+                self.trace.close()
 
     def abort(self, error: BaseException) -> None:
-        """After a failure: let the blocks already handed to the writer land (they are whole and correct)."""
+        """After a failure: let the blocks already computed land (they are whole and correct)."""
+        try:
+            self._stop_workers()
+        except Exception as w:  # noqa: BLE001 — reported on the error that is propagating
+            error.add_note(f"also, a forward worker failed: {type(w).__name__}: {w}")
         if self.patches is not None:
             self.patches.close()
-        if self.writer is None:
-            return
-        try:
+        if self.writer is not None:
             self.writer.close()
-        except Exception as w:  # noqa: BLE001 — reported on the error that is propagating
-            error.add_note(f"also, writing a finished block failed: {type(w).__name__}: {w}")
 
     def finish(self, barrier) -> None:
+        try:
+            self._stop_workers()  # the last batches' errors surface here
+        except BaseException as e:
+            self.abort(e)
+            raise
         if self.buffers:
             raise ActivationStoreError(f"{self.url}: blocks {sorted(self.buffers)} were only partly computed")
         if self.patches is not None:
@@ -448,7 +512,7 @@ def _lightning_module(net: nn.Module, job: _Job):
             self.allow_zero_length_dataloader_with_multiple_devices = True  # a rank whose blocks are all done
 
         def setup(self, stage: str) -> None:
-            job.prepare(self.global_rank, self.trainer.world_size, self.trainer.strategy.barrier)
+            job.prepare(self.net, self.global_rank, self.trainer.world_size, self.trainer.strategy.barrier)
 
         def predict_dataloader(self):
             return job.dataloader()
@@ -601,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", type=int, default=1, help="> 1: DDP over that many processes (gloo on CPU)")
     ap.add_argument("--accelerator", default="cpu", help="cpu (default), gpu or auto")
     ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=None, help="forward workers per process (default: one per core "
+                                                             "on a CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process")
     ap.add_argument("--replace", action="store_true", help="replace a store made from another model or dataset")
     ap.add_argument("--no-progress", action="store_true")
@@ -611,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ExtractConfig(layers=layers, batch_size=args.batch_size, block=args.block, k=args.k,
                            devices=args.devices, accelerator=args.accelerator, num_workers=args.num_workers,
                            progress_bar=not args.no_progress,
-                           replace=args.replace, threads=args.threads)
+                           replace=args.replace, workers=args.workers, threads=args.threads)
     from explain.errors import ExplainError
     from training import TrainingError, load_model
 

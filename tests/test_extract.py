@@ -87,8 +87,8 @@ def test_rerun_is_a_no_op_and_a_crash_resumes_to_the_same_store(patches, tmp_pat
 
     url = str(tmp_path / "crashed.zarr")
     net.forward = crashing
-    with pytest.raises(Crash):
-        extract(net, meta=meta, manifest=patches, url=url, config=ExtractConfig(**FAST))
+    with pytest.raises(Crash):  # one forward worker: the batches run in order, so exactly blocks 0 and 1 land
+        extract(net, meta=meta, manifest=patches, url=url, config=ExtractConfig(workers=1, **FAST))
     net.forward = original
     partial = open_store(url, allow_incomplete=True)
     assert partial.completed_blocks().tolist() == [True, True, False, False, False]
@@ -107,6 +107,36 @@ def test_rerun_is_a_no_op_and_a_crash_resumes_to_the_same_store(patches, tmp_pat
     again = extract(net, meta=meta, manifest=patches, url=url, config=ExtractConfig(**FAST))
     assert again.blocks_written == 0 and not again.reused and open_store(url).complete
     assert_same_arrays(store_arrays(url), store_arrays(clean))
+
+
+def test_forward_workers_write_the_same_store_and_a_failing_worker_leaves_whole_blocks(patches, tmp_path):
+    """Two forward workers fill one block from two batches at once and write blocks side by side: the store equals
+    the one-worker store array by array. A batch that fails in a worker stops the extraction with its error; the
+    blocks recorded before it are whole (a resume writes only the others) and the resumed store is the same."""
+    net, meta = tiny_model()
+    one, two = str(tmp_path / "one.zarr"), str(tmp_path / "two.zarr")
+    extract(net, meta=meta, manifest=patches, url=one, config=ExtractConfig(workers=1, **FAST))
+    r = extract(net, meta=meta, manifest=patches, url=two, config=ExtractConfig(workers=2, **FAST))
+    assert r.blocks_written == 5
+    assert_same_arrays(store_arrays(two), store_arrays(one))
+
+    original = net.forward
+
+    def failing(x):
+        if x.shape[0] == 2:  # the last batch (images 16, 17): earlier batches of other blocks are in flight
+            raise ValueError("worker failure")
+        return original(x)
+
+    url = str(tmp_path / "failed.zarr")
+    net.forward = failing
+    with pytest.raises(ValueError, match="worker failure"):
+        extract(net, meta=meta, manifest=patches, url=url, config=ExtractConfig(workers=2, **FAST))
+    net.forward = original
+    done = open_store(url, allow_incomplete=True).completed_blocks()
+    assert not done[4] and not open_store(url, allow_incomplete=True).complete
+    resumed = extract(net, meta=meta, manifest=patches, url=url, config=ExtractConfig(workers=2, **FAST))
+    assert resumed.blocks_written == int((~done).sum())
+    assert_same_arrays(store_arrays(url), store_arrays(one))
 
 
 def test_all_zero_block_is_complete_and_not_recomputed(patches, tmp_path):

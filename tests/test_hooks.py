@@ -112,3 +112,32 @@ def test_tuple_outputs_and_nested_use():
             t.__enter__()
     assert torch.all(t.output == 2)
     assert hooks_left(net) == 0
+
+
+def test_per_thread_outputs_keep_concurrent_forward_passes_apart():
+    """Two threads run one model at once inside one per-thread trace: each reads exactly its own inputs' outputs,
+    the main thread sees none of them, and the hooks are gone afterwards."""
+    import threading
+
+    net = hand_net()
+    inputs = [image() * (k + 1) for k in range(2)]
+    seen: dict[int, list] = {0: [], 1: []}
+    start = threading.Barrier(2)
+
+    def run(k: int) -> None:
+        start.wait()
+        for _ in range(200):  # many interleaved passes: a shared dict would hand one thread the other's outputs
+            net(inputs[k])
+            seen[k].append(t.outputs["0"].clone())
+
+    with torch.inference_mode(), Trace(net, ["0"], per_thread=True) as t:
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert t.outputs == {}  # this thread ran no forward pass
+    for k in range(2):
+        expected = net[0](inputs[k])
+        assert len(seen[k]) == 200 and all(torch.equal(o, expected) for o in seen[k])
+    assert hooks_left(net) == 0
