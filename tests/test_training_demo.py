@@ -67,3 +67,21 @@ def test_unknown_head_is_refused():
 
     with pytest.raises(ConfigError, match="head 'sum'"):
         build_model(ModelSpec(zoo="vgg_bn", config={"head": "sum"}))
+
+
+def test_pool_before_last_false_keeps_the_deepest_block_at_the_finer_resolution():
+    from torch import nn
+
+    from training.zoo import ModelSpec, build_model, default_layers
+
+    cfg = {"widths": [4, 8, 8, 16], "convs": [1, 2, 2, 2], "head": "avgmax"}
+    coarse = build_model(ModelSpec(zoo="vgg_bn", config=cfg))
+    fine = build_model(ModelSpec(zoo="vgg_bn", config={**cfg, "pool_before_last": False}))
+    # the same layer names (the pool becomes an identity), the same parameters, a 16×16 instead of an 8×8 map
+    assert default_layers(fine, (64, 64)) == default_layers(coarse, (64, 64)) == [
+        "features.9", "features.16", "features.23"]
+    assert isinstance(fine.features[17], nn.Identity) and isinstance(coarse.features[17], nn.MaxPool2d)
+    assert [k for k in fine.state_dict()] == [k for k in coarse.state_dict()]
+    x = torch.rand(2, 1, 64, 64)
+    assert fine.features(x).shape == (2, 16, 16, 16) and coarse.features(x).shape == (2, 16, 8, 8)
+    assert fine(x).shape == (2, 2)

@@ -276,3 +276,68 @@ def test_bad_trainer_arguments_fail_before_any_run(tiny_manifest, workspace):
     with pytest.raises(ConfigError, match=r"trainer: .*no_such_strategy"):
         fit(tiny_config(tiny_manifest, trainer__strategy="no_such_strategy"), settings=workspace)
     assert _runs(workspace) == []
+
+
+# -- auxiliary concept targets (model.aux_concepts) -------------------------------------------------------------------
+def _with_mass_masks(manifest: Path, dst: Path) -> Path:
+    """The tiny manifest with a `mass` mask (its bright pixels) on every lesion patch."""
+    root = manifest.parent
+    (dst / "masks").mkdir(parents=True, exist_ok=True)
+
+    def edit(rows):
+        rows = _abs_images(rows, root)
+        for r in rows:
+            if r["label"] == "1":
+                img = np.asarray(Image.open(r["image"]))
+                path = dst / "masks" / f"{r['id']}.png"
+                Image.fromarray(((img > np.percentile(img, 90)) * 255).astype(np.uint8)).save(path)
+                r["masks"] = f"mass={path}"
+        return rows
+
+    return _rewrite(manifest, dst, edit)
+
+
+def test_aux_concept_head_trains_and_the_saved_network_stays_a_plain_classifier(tiny_manifest, workspace, tmp_path):
+    from training.module import ClassifierModule, ConceptTargetDataset
+    from store.manifest import read_manifest
+    from training.datamodule import PatchDataset
+
+    manifest = _with_mass_masks(tiny_manifest, tmp_path / "masked")
+    records = read_manifest(manifest).split("train")
+    ds = ConceptTargetDataset(PatchDataset(records), ["mass"])
+    img, target = ds[1]
+    assert target.tolist() == [records[1].label, int("mass" in records[1].masks)] == [1, 1]
+    assert ds[0][1].tolist() == [0, 0]
+
+    over = {"trainer__max_epochs": 1, "trainer__limit_train_batches": 3, "mlflow__register": False}
+    plain = fit(tiny_config(manifest, **over), settings=workspace)
+    aux = fit(tiny_config(manifest, model__aux_concepts=["mass"], model__aux_weight=2.0, **over), settings=workspace)
+    wp = torch.load(plain.checkpoint / "weights.pt", weights_only=True)
+    wa = torch.load(aux.checkpoint / "weights.pt", weights_only=True)
+    assert sorted(wa) == sorted(wp)  # the auxiliary head is not part of the saved network …
+    assert not all(torch.equal(wa[k], wp[k]) for k in wa)  # … but its loss changed what the network learned
+    m = load_model(aux.checkpoint, settings=workspace)
+    assert not any(mod._forward_hooks for mod in m.module.modules())
+    assert m.module(torch.zeros(3, 1, 32, 32)).shape == (3, 2)
+
+    # the module alone: labels (batch, 1 + concepts); aux_weight 0 is the plain classification loss
+    from training.zoo import vgg_bn
+
+    torch.manual_seed(0)
+    net = vgg_bn(widths=[4, 8], convs=1)
+    x, y = torch.randn(4, 1, 16, 16), torch.tensor([[0, 0], [1, 1], [1, 0], [0, 1]])
+    losses = {}
+    for w in (0.0, 1.0):
+        module = ClassifierModule(net, aux_concepts=["mass"], aux_layer="features.6", aux_channels=8, aux_weight=w)
+        losses[w] = float(module.model_step((x, y), "val").detach())
+        module.remove_aux_hook()
+    plain_loss = float(torch.nn.functional.cross_entropy(net(x), y[:, 0]).detach())
+    assert losses[0.0] == pytest.approx(plain_loss) and losses[1.0] > plain_loss
+
+
+def test_aux_concepts_without_masks_fail_before_any_run(tiny_manifest, workspace):
+    with pytest.raises(ConfigError, match=r"aux_concepts: \['spiculated_margin'\] have no mask"):
+        fit(tiny_config(tiny_manifest, model__aux_concepts=["spiculated_margin"]), settings=workspace)
+    assert _runs(workspace) == []
+    with pytest.raises(ConfigError, match="aux_weight"):
+        load_config(tiny_config(tiny_manifest, model__aux_weight=-1.0))

@@ -45,6 +45,12 @@ class ModelConfig:
     factory: str | None = None
     kwargs: dict = field(default_factory=dict)
     layers: list[str] | None = None  # default extraction layers; None: the deepest 3 blocks with maps ≥ 8 px
+    # opt-in auxiliary targets while training (training.module): each concept's presence in the patch (a mask of it
+    # in the manifest), predicted by a linear head on the pooled maps of `aux_layer` (None: the deepest of `layers`);
+    # the head is not part of the saved network
+    aux_concepts: list[str] | None = None
+    aux_weight: float = 1.0
+    aux_layer: str | None = None
 
     def spec(self):
         from .zoo import ModelSpec
@@ -55,6 +61,8 @@ class ModelConfig:
 
     def __post_init__(self):
         self.spec()  # ConfigError now, not after the data was read
+        if self.aux_weight < 0:
+            raise ConfigError(f"model.aux_weight: {self.aux_weight} must be ≥ 0")
 
 
 @dataclass(frozen=True)
@@ -440,6 +448,33 @@ def _figures(summary: dict):
 
 
 # -- fit -------------------------------------------------------------------------------------------------------------
+def _aux_arguments(model: ModelConfig, net, layers: list[str], manifest, input_size) -> dict:
+    """ClassifierModule's auxiliary-head arguments ({} without aux_concepts); ConfigError before any run exists."""
+    if not model.aux_concepts:
+        return {}
+    from .zoo import _output_shapes
+
+    layer = model.aux_layer or layers[-1]
+    shape = _output_shapes(net, input_size).get(layer)
+    if shape is None or len(shape) != 4:
+        raise ConfigError(f"model.aux_layer: {layer!r} is not a module of the network with (channel, y, x) maps")
+    known = {c for r in manifest.records for c in r.masks}
+    unknown = sorted(set(model.aux_concepts) - known)
+    if unknown:
+        raise ConfigError(f"model.aux_concepts: {unknown} have no mask in the manifest (concepts with masks: "
+                          f"{sorted(known)})")
+    return {"aux_concepts": tuple(model.aux_concepts), "aux_layer": layer, "aux_weight": model.aux_weight,
+            "aux_channels": int(shape[1])}
+
+
+def _with_concept_targets(dm, concepts) -> None:
+    """Wrap the data module's datasets so that each label carries the concepts' presence after the class."""
+    from .module import ConceptTargetDataset
+
+    dm.setup()
+    dm.datasets = {s: ConceptTargetDataset(ds, concepts) for s, ds in dm.datasets.items()}
+
+
 def fit(config: FitConfig | str | Path | dict, *, settings=None) -> FitResult:
     """Train (or reuse) the classifier a config describes; see the module docstring for the order of checks."""
     t0 = time.perf_counter()
@@ -480,6 +515,7 @@ def fit(config: FitConfig | str | Path | dict, *, settings=None) -> FitResult:
     missing = [n for n in layers if n not in dict(net.named_modules())]
     if missing or not layers:
         raise ConfigError(f"model.layers: {missing or layers} not found among the network's modules")
+    aux = _aux_arguments(config.model, net, layers, dm.manifest, summary.input_size)
     net.train()
 
     dataset = _dataset_name(config.data.manifest, manifest_path)
@@ -538,7 +574,9 @@ def fit(config: FitConfig | str | Path | dict, *, settings=None) -> FitResult:
     try:
         if track:
             _log_inputs(client, run_id, config, summary, dataset, layers, code, net)
-        module = ClassifierModule(net, optim=config.optim)
+        if aux:
+            _with_concept_targets(dm, aux["aux_concepts"])
+        module = ClassifierModule(net, optim=config.optim, **aux)
         with warnings.catch_warnings():
             # the module logs values torchmetrics already synchronised over ranks (see ClassifierModule._log_epoch)
             warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
@@ -546,6 +584,7 @@ def fit(config: FitConfig | str | Path | dict, *, settings=None) -> FitResult:
             if best.state is not None:
                 net.load_state_dict(best.state)
             trainer.test(module, datamodule=dm, verbose=False)
+        module.remove_aux_hook()
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         metrics["best/val_auroc"] = best.best
         metrics["best/epoch"] = float(best.epoch)

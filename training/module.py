@@ -6,6 +6,13 @@
 
 The batches arrive already normalized (see `PatchDataModule.on_after_batch_transfer`), so `forward` is the bare
 network — the module `load_model` hands to extraction sees exactly what training saw.
+
+Auxiliary concept targets (opt-in, `aux_concepts`): besides the class, each patch may carry 0/1 targets "this concept
+is present in the patch" (CBIS-DDSM annotates every lesion with its type and mass margin, BI-RADS descriptors). A
+linear head on the globally pooled (average and max) maps of one layer of the network (`aux_layer`, read with a
+forward hook) predicts them with a binary cross-entropy added to the loss (× `aux_weight`). The head lives in this
+module, not in the network: the network that is saved and registered stays a plain (batch, 1, y, x) → (batch, 2)
+classifier. Batches then hold labels of shape (batch, 1 + concepts): the class first (see `ConceptTargetDataset`).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from torchmetrics.classification import (
 
 from .errors import ConfigError
 
-__all__ = ["OptimConfig", "ClassifierModule", "SPLITS", "SENSITIVITY_KEY"]
+__all__ = ["OptimConfig", "ClassifierModule", "ConceptTargetDataset", "concept_targets", "SPLITS", "SENSITIVITY_KEY"]
 
 SPLITS = ("train", "val", "test")
 SENSITIVITY_KEY = "sens_at_90spec"  # mlflow metric names allow no "@"
@@ -54,13 +61,53 @@ def _split_metrics() -> MetricCollection:
     }, compute_groups=False)
 
 
-class ClassifierModule(L.LightningModule):
-    """normal-vs-lesion classifier around any network mapping (batch, 1, y, x) to (batch, 2) logits."""
+def concept_targets(records, concepts) -> torch.Tensor:
+    """long (record, concept): 1 where the record (a manifest PatchRecord) has a mask of the concept, else 0."""
+    return torch.tensor([[int(c in r.masks) for c in concepts] for r in records], dtype=torch.long).reshape(
+        len(records), len(concepts))
 
-    def __init__(self, net: nn.Module, *, optim: OptimConfig | None = None):
+
+class ConceptTargetDataset(torch.utils.data.Dataset):
+    """A patch dataset whose label is long (1 + concepts,): the class, then the concepts' presence in the patch."""
+
+    def __init__(self, base, concepts):
+        self.base = base  # training.datamodule.PatchDataset
+        self.records = base.records
+        self.labels = base.labels  # (image,) the class alone, for label counts
+        self.images = base.images
+        self.targets = torch.cat([base.labels[:, None], concept_targets(base.records, concepts)], dim=1)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        img, _ = self.base[i]
+        return img, self.targets[i]
+
+
+class ClassifierModule(L.LightningModule):
+    """normal-vs-lesion classifier around any network mapping (batch, 1, y, x) to (batch, 2) logits.
+
+    With `aux_concepts` (and `aux_layer`, a module name of `net` whose output is (batch, channel, y, x)), an auxiliary
+    linear head predicts each concept's presence from that layer's pooled maps (see the module docstring).
+    """
+
+    def __init__(self, net: nn.Module, *, optim: OptimConfig | None = None, aux_concepts=(),
+                 aux_layer: str | None = None, aux_weight: float = 1.0, aux_channels: int | None = None):
         super().__init__()
         self.net = net
         self.optim = optim or OptimConfig()
+        self.aux_concepts = tuple(aux_concepts or ())
+        self.aux_weight = float(aux_weight)
+        self.aux_head = None
+        self._aux_maps = None
+        self._aux_hook = None
+        if self.aux_concepts:
+            modules = dict(net.named_modules())
+            if aux_layer not in modules or not aux_channels:
+                raise ConfigError(f"aux_layer {aux_layer!r} is not a module of the network (or has no channels)")
+            self.aux_head = nn.Linear(2 * int(aux_channels), len(self.aux_concepts))
+            self._aux_hook = modules[aux_layer].register_forward_hook(self._keep_maps)
         # one metric object per split ("train" itself is taken: nn.Module.train)
         self.metrics = nn.ModuleDict({f"{s}_split": _split_metrics() for s in SPLITS})
         self.losses = nn.ModuleDict({f"{s}_split": MeanMetric() for s in SPLITS})
@@ -68,11 +115,23 @@ class ClassifierModule(L.LightningModule):
         self.test_summary: dict | None = None  # ROC points and confusion matrix of the last test run
         self.train_images = 0  # patches seen by training steps on this rank (throughput)
 
+    def _keep_maps(self, _module, _inp, out):
+        self._aux_maps = out  # (batch, channel, y, x) of aux_layer, for the auxiliary head
+
+    def remove_aux_hook(self) -> None:
+        """Detach the auxiliary head's hook from the network (after training: the saved network carries none)."""
+        if self._aux_hook is not None:
+            self._aux_hook.remove()
+            self._aux_hook = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, 1, y, x) → (batch, class)
         return self.net(x)
 
     def model_step(self, batch, split: str) -> torch.Tensor:
-        x, y = batch  # float (batch, 1, y, x), long (batch,)
+        x, y = batch  # float (batch, 1, y, x), long (batch,) or (batch, 1 + aux concepts)
+        aux = None
+        if y.ndim == 2:
+            y, aux = y[:, 0], y[:, 1:]
         logits = self(x)  # (batch, class)
         loss = F.cross_entropy(logits, y, label_smoothing=self.optim.label_smoothing if split == "train" else 0.0)
         prob = logits.detach().float().softmax(1)[:, 1]  # (batch,) P(lesion)
@@ -80,7 +139,12 @@ class ClassifierModule(L.LightningModule):
         if split == "test":
             self.test_curves["roc"].update(prob, y)
             self.test_curves["confusion"].update(prob, y)
-        self.losses[f"{split}_split"].update(loss.detach(), weight=len(y))
+        self.losses[f"{split}_split"].update(loss.detach(), weight=len(y))  # the class loss alone
+        if aux is not None and self.aux_head is not None and self._aux_maps is not None:
+            m = self._aux_maps
+            pooled = torch.cat([m.mean(dim=(2, 3)), m.amax(dim=(2, 3))], dim=1)  # (batch, 2 channel)
+            aux_loss = F.binary_cross_entropy_with_logits(self.aux_head(pooled), aux.float())
+            loss = loss + self.aux_weight * aux_loss
         if split == "train":  # this rank's running loss, for the progress bar only
             self.log("loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, logger=False)
         return loss
@@ -126,7 +190,7 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for p in self.net.parameters():
+        for p in (*self.net.parameters(), *(self.aux_head.parameters() if self.aux_head is not None else ())):
             # no weight decay on batch-norm scales and biases: decaying them only fights the normalisation
             (no_decay if p.ndim <= 1 else decay).append(p)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.optim.weight_decay},

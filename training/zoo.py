@@ -38,6 +38,8 @@ class VGGConfig:
 
     With widths (16, 32, 64, 128) a 64×64 patch gives maps of 64, 32, 16 and 8 pixels: the deepest block stays at
     8×8 so Network Dissection still has a spatial map to threshold (no pool after the last block, unlike VGG16).
+    `pool_before_last=False` keeps the last block at the resolution of the one before (16×16 here): the max-pool
+    between them becomes an identity, so every layer keeps its name (`features.N`).
     """
 
     widths: tuple[int, ...] = (16, 32, 64, 128)
@@ -46,6 +48,7 @@ class VGGConfig:
     num_classes: int = 2
     dropout: float = 0.0
     pool_last: bool = False
+    pool_before_last: bool = True  # False: no 2×2 max-pool between the last two blocks (a finer deepest map)
     head: str = "avg"  # global pooling before the linear head: avg | max | avgmax (both, concatenated)
 
     def __post_init__(self):
@@ -65,7 +68,8 @@ class VGG(nn.Module):
         c_in = config.in_channels
         for b, (width, n) in enumerate(zip(config.widths, config.convs)):
             if b > 0:
-                layers.append(nn.MaxPool2d(2))
+                keep = b == len(config.widths) - 1 and not config.pool_before_last
+                layers.append(nn.Identity() if keep else nn.MaxPool2d(2))
             for _ in range(n):
                 # bias is redundant before batch norm
                 layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
