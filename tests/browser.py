@@ -359,11 +359,14 @@ class DashClient:
             return status, text
 
     def find(self, output: str) -> dict:
-        """The dependency entry whose outputs include `output` ("id.property")."""
-        for exact in (True, False):  # the callback that owns the output first, then allow_duplicate writers
+        """The dependency entry whose outputs include `output` ("id.property"): the callback that owns it, else one
+        that writes it with allow_duplicate; "id.property@" asks for the allow_duplicate writer."""
+        duplicate = output.endswith("@")
+        output = output.rstrip("@")
+        for exact in ((False,) if duplicate else (True, False)):
             for d in self.deps:
                 outs = d["output"].strip(".").split("...")
-                if output in (outs if exact else [o.split("@")[0] for o in outs]):
+                if output in (outs if exact else [o.split("@")[0] for o in outs if "@" in o or not duplicate]):
                     return d
         raise KeyError(f"no callback outputs {output!r}")
 

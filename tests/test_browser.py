@@ -84,6 +84,53 @@ def _labelable_patch(workspace) -> tuple[str, str, int, tuple[int, int, int, int
     return source, image, unit, box
 
 
+def test_a_mammogram_never_viewed_shows_at_once_and_its_overlay_follows(served):
+    """The first response draws the mammogram with an empty P(lesion) layer and says the overlay is being computed;
+    a second callback computes it and fills that layer in; a mammogram whose overlay is cached comes whole."""
+    import shutil
+
+    app, page, _failures = served
+    shutil.rmtree(app.workspace / "cache" / "overlays", ignore_errors=True)  # nothing computed yet
+    seen: list = []  # values the server gave the pending-overlay store, in order
+
+    def record(response):
+        if "/_dash-update-component" in response.url and response.ok:
+            out = response.json().get("response", {})
+            if "review-overlay-pending" in out:
+                seen.append(out["review-overlay-pending"]["data"])
+
+    page.on("response", record)
+    page.goto(app.url + "/")
+    page.wait_for_selector("#review-mammogram .main-svg")
+    wait_idle(page)
+    page.wait_for_function("() => !document.getElementById('review-source-info').innerText.includes('computing')")
+    assert len(seen) == 2 and seen[0] and seen[1] is None, seen  # shown without its overlay, then filled in
+    layers = _layers(page)
+    assert [t["type"] for t in layers] == ["image", "heatmap"]
+    assert layers[1]["rows"] > 3 and layers[1]["cols"] > 3  # the model's P(lesion) over the breast, not the placeholder
+    assert "computing" not in _text(page, "#review-source-info")
+    screenshot(page, "review-overlay-filled")
+
+    # the next mammogram and back: the first one's overlay is cached now, so it comes in the first response
+    page.locator("#review-next").click()
+    wait_idle(page)
+    page.wait_for_function("() => !document.getElementById('review-source-info').innerText.includes('computing')")
+    page.locator("#review-prev").click()
+    wait_idle(page)
+    # the second mammogram waited for its overlay (shown, then filled), the first came whole
+    assert len(seen) == 5 and seen[2] not in (None, seen[0]) and seen[3:] == [None, None], seen
+    layers = _layers(page)
+    assert [t["type"] for t in layers] == ["image", "heatmap"] and layers[1]["rows"] > 3
+
+
+def _layers(page) -> list[dict]:
+    """The mammogram figure's traces as plotly drew them: type and rows × columns of z (decoded arrays)."""
+    return page.evaluate("""() => {
+        const gd = document.getElementById('review-mammogram').querySelector('.js-plotly-plot');
+        return gd._fullData.map(t => ({type: t.type, rows: (t.z || []).length, cols: ((t.z || [])[0] || []).length}));
+    }""")
+
+
 def test_review_loop_with_real_mouse_events(served):
     app, page, _failures = served
     source, image, unit, (bx0, by0, bx1, by1) = _labelable_patch(app.workspace)

@@ -23,7 +23,8 @@ from PIL import Image
 
 __all__ = [
     "png_data_uri", "to_uint8", "window_image", "LesionOverlay", "Overlay", "concept_color", "concept_name",
-    "mammogram_figure", "patch_figure", "unit_map_figure", "image_map_figure", "report_figure",
+    "mammogram_figure", "overlay_trace", "PENDING_OVERLAY",
+    "patch_figure", "unit_map_figure", "image_map_figure", "report_figure",
     "histogram_figure", "probe_versions_figure", "metric_curves_figure", "roc_figure", "empty_figure",
     "MAMMOGRAM_CONFIG", "PATCH_CONFIG", "MAP_CONFIG", "DRAW_BUTTONS",
 ]
@@ -139,8 +140,25 @@ class LesionOverlay:
     size: float
 
 
+PENDING_OVERLAY = LesionOverlay(probs=np.zeros((0, 0), np.float32), origin=(0.0, 0.0), step=1.0, size=1.0)
+"""An overlay still being computed: mammogram_figure keeps an empty layer in its place."""
+
 _LESION_SCALE = [[0.0, "rgba(255,212,59,0)"], [0.35, "rgba(255,212,59,0)"], [0.5, "rgba(255,146,43,0.35)"],
                  [0.75, "rgba(240,62,62,0.55)"], [1.0, "rgba(201,42,42,0.75)"]]
+
+
+def overlay_trace(overlay: LesionOverlay) -> go.Heatmap:
+    """The translucent P(lesion) layer of the mammogram figure (PENDING_OVERLAY: an empty one, holding its place)."""
+    if overlay is PENDING_OVERLAY:
+        return go.Heatmap(z=[[None]], showscale=False, hoverinfo="skip", name="P(lesion)")
+    return go.Heatmap(
+        z=overlay.probs, x0=overlay.origin[0] + overlay.size / 2, dx=overlay.step,
+        y0=overlay.origin[1] + overlay.size / 2, dy=overlay.step, zmin=0, zmax=1, colorscale=_LESION_SCALE,
+        zsmooth="best", name="P(lesion)", hovertemplate="P(lesion) %{z:.2f}<extra></extra>",
+        colorbar=dict(title=dict(text="P(lesion)", side="right", font=dict(color="#dee2e6", size=11)),
+                      thickness=10, len=0.3, x=0.99, xanchor="right", y=0.02, yanchor="bottom",
+                      tickfont=dict(color="#dee2e6", size=10), tickvals=[0, 0.5, 1]),
+    )
 
 
 def mammogram_figure(image: np.ndarray, *, scale: float = 1.0, overlay: LesionOverlay | None = None,
@@ -156,15 +174,8 @@ def mammogram_figure(image: np.ndarray, *, scale: float = 1.0, overlay: LesionOv
     full_w, full_h = w / scale, h / scale
     fig = go.Figure(go.Image(source=png_data_uri(image), x0=0.5 / scale, y0=0.5 / scale, dx=1 / scale, dy=1 / scale,
                              hovertemplate="x %{x:.0f} · y %{y:.0f}<extra></extra>", name="mammogram"))
-    if overlay is not None and overlay.probs.size:
-        fig.add_trace(go.Heatmap(
-            z=overlay.probs, x0=overlay.origin[0] + overlay.size / 2, dx=overlay.step,
-            y0=overlay.origin[1] + overlay.size / 2, dy=overlay.step, zmin=0, zmax=1, colorscale=_LESION_SCALE,
-            zsmooth="best", name="P(lesion)", hovertemplate="P(lesion) %{z:.2f}<extra></extra>",
-            colorbar=dict(title=dict(text="P(lesion)", side="right", font=dict(color="#dee2e6", size=11)),
-                          thickness=10, len=0.3, x=0.99, xanchor="right", y=0.02, yanchor="bottom",
-                          tickfont=dict(color="#dee2e6", size=10), tickvals=[0, 0.5, 1]),
-        ))
+    if overlay is not None and (overlay is PENDING_OVERLAY or overlay.probs.size):
+        fig.add_trace(overlay_trace(overlay))  # always the second trace: overlay_patch replaces it
     shapes = [dict(type="rect", x0=b[0], y0=b[1], x1=b[2], y1=b[3], line=dict(color=FLAG, width=1.5, dash="dot"),
                    layer="above") for b in flagged]
     if box is not None:

@@ -36,6 +36,7 @@ REVIEW_LEVEL = "review-level"  # window centre, display units 0…1
 REVIEW_WIDTH = "review-width"  # window width, display units 0…1
 REVIEW_OVERLAY = "review-overlay"  # switch: lesion-probability overlay on the mammogram
 REVIEW_MAMMOGRAM = "review-mammogram"
+REVIEW_OVERLAY_PENDING = "review-overlay-pending"  # dcc.Store: the mammogram whose P(lesion) overlay is computing
 REVIEW_SHOWN = "review-shown"  # dcc.Store: the mammogram id the figure currently shows (to redraw only boxes)
 REVIEW_FLAGGED = "review-flagged"  # strip of flagged patches
 REVIEW_PATCH = "review-patch"

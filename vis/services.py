@@ -158,6 +158,10 @@ class _Lru:
                 self._data.popitem(last=False)
         return value
 
+    def contains(self, key) -> bool:
+        with self._lock:
+            return key in self._data
+
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
@@ -440,6 +444,22 @@ class Workbench:
             raise NotReady(f"no patch of this mammogram covers the point ({x:.0f}, {y:.0f}): click inside the breast")
         return best
 
+    def _overlay_key(self, source_id):
+        """(view-cache key, cache file, window size, step) of a mammogram's P(lesion) overlay for the served model."""
+        src = self.source(source_id)
+        model = self.model()
+        run = str(model.meta.get("run_id") or model.meta.get("version") or "model")
+        size = int(model.input_size[0])
+        step = max(1, size // 4)
+        path = self.settings.cache_dir / "overlays" / run / f"{src.id}-{size}-{step}.npy"
+        return ("overlay", src.id, run, size, step), path, size, step
+
+    def overlay_ready(self, source_id) -> bool:
+        """Whether the P(lesion) overlay of a mammogram is computed already (in memory or on disk): drawing it then
+        costs nothing, so the figure can wait for it."""
+        key, path, _, _ = self._overlay_key(source_id)
+        return self._views.contains(key) or path.is_file()
+
     def lesion_overlay(self, source_id):
         """P(lesion) of the served model over the whole mammogram (figures.LesionOverlay), cached on disk.
 
@@ -450,17 +470,13 @@ class Workbench:
         from .figures import LesionOverlay
 
         src = self.source(source_id)
-        model = self.model()
-        run = str(model.meta.get("run_id") or model.meta.get("version") or "model")
-        size = int(model.input_size[0])
-        step = max(1, size // 4)
-        path = self.settings.cache_dir / "overlays" / run / f"{src.id}-{size}-{step}.npy"
+        key, path, size, step = self._overlay_key(src.id)
 
         def compute():
             if path.is_file():
                 probs = np.load(path, allow_pickle=False)
             else:
-                probs = self._slide(self.mammogram(src.id), model, size=size, step=step)
+                probs = self._slide(self.mammogram(src.id), self.model(), size=size, step=step)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(path.name + f".{threading.get_ident()}.tmp")
                 with open(tmp, "wb") as f:
@@ -468,7 +484,7 @@ class Workbench:
                 tmp.replace(path)  # atomic: a concurrent worker reads the old absence or the whole file
             return LesionOverlay(probs=probs, origin=(0.0, 0.0), step=float(step), size=float(size))
 
-        return self._views.get(("overlay", src.id, run, size, step), compute)
+        return self._views.get(key, compute)
 
     @staticmethod
     def _slide(display: np.ndarray, model, *, size: int, step: int, batch: int = 256) -> np.ndarray:
@@ -498,8 +514,11 @@ class Workbench:
         _row, rec = self.record(image)
         return tuple(rec.box) if rec is not None and rec.source_id == source else None
 
-    def mammogram_figure(self, source, state, *, level, width, overlay):
-        """The Review page's mammogram: windowed, with the P(lesion) overlay, flagged boxes and the open box."""
+    def mammogram_figure(self, source, state, *, level, width, overlay, wait: bool = True):
+        """The Review page's mammogram: windowed, with the P(lesion) overlay, flagged boxes and the open box.
+
+        wait=False: an overlay not computed yet is left out (an empty placeholder layer holds its place), so the
+        image shows at once; `overlay_patch` fills it in when it is ready."""
         from . import figures
 
         src = self.source(source)
@@ -508,9 +527,23 @@ class Workbench:
         if not isinstance(overlay, bool):
             raise InvalidInput("overlay", f"expected true or false, got {repr(overlay)[:40]}")
         img = figures.window_image(self.mammogram(src.id), level, width)
+        drawn = None
+        if overlay:
+            drawn = self.lesion_overlay(src.id) if wait or self.overlay_ready(src.id) else figures.PENDING_OVERLAY
         return figures.mammogram_figure(
-            img, overlay=self.lesion_overlay(src.id) if overlay else None, box=self._box_of(src.id, state),
+            img, overlay=drawn, box=self._box_of(src.id, state),
             flagged=[f.box for f in self.flagged(src.id)], uirevision=src.id, height=720)
+
+    def overlay_patch(self, source):
+        """A partial figure update (dash.Patch) that puts the mammogram's P(lesion) overlay (computed here if need be)
+        in the place a `wait=False` figure kept for it."""
+        import dash
+
+        from . import figures
+
+        patch = dash.Patch()
+        patch["data"][1] = figures.overlay_trace(self.lesion_overlay(self.source(source).id))
+        return patch
 
     def mammogram_boxes(self, source, state):
         """A partial figure update (dash.Patch) that only moves the open patch's box."""

@@ -3,7 +3,9 @@ demo workspace served by `python -m vis serve` in a subprocess.
 
 Figures (tests/benchmarks/run.py prints them next to their goals):
 - app/first_load — index, layout, dependencies, the page router and every callback the Review page fires when it
-  opens, one after the other (the browser runs some in parallel, so this is an upper bound); goal ≤ 2 s.
+  opens, one after the other (the browser runs some in parallel, so this is an upper bound); goal ≤ 2 s. The
+  P(lesion) overlay of a mammogram nobody viewed before is not in it: the mammogram shows without it and a second
+  callback fills it in (app/first_overlay_of_a_mammogram, a long job).
 - app/<interaction>_p50, _p95 — round trip on loopback of each interaction (a new window, a flagged patch, a drawn
   region, label + undo, the other pages' views…), warm caches, 30 repetitions; goal p95 ≤ 150 ms. Long jobs (probe
   retraining, the first lesion overlay of a mammogram) are reported without that goal: they show progress.
@@ -202,12 +204,12 @@ def run(settings) -> list[dict]:
             proc = psutil.Process(app.proc.pid)
             dc = DashClient(app.url, login=(BENCH_USER, TEST_PASSWORD))
             # long jobs first: the first lesion overlay of a mammogram (cached after), then a probe retrain
-            overlay = {f"{ids.REVIEW_SOURCE}.value": sc.sources[-1], f"{ids.REVIEW_LEVEL}.value": 0.5,
-                       f"{ids.REVIEW_WIDTH}.value": 1.0, f"{ids.REVIEW_OVERLAY}.value": True,
-                       f"{ids.REVIEW_STATE}.data": {"source": sc.sources[-1], "image": None, "unit": None},
-                       f"{ids.REVIEW_SHOWN}.data": None}
-            ms = _timed(dc, f"{ids.REVIEW_MAMMOGRAM}.figure", overlay, [f"{ids.REVIEW_SOURCE}.value"])
-            figures.append(_fig("app/first_overlay_of_a_mammogram", ms, "ms", note="long job, cached per model"))
+            overlay = {f"{ids.REVIEW_OVERLAY_PENDING}.data": sc.sources[-1], f"{ids.REVIEW_SHOWN}.data": sc.sources[-1],
+                       f"{ids.REVIEW_OVERLAY}.value": True}
+            ms = _timed(dc, f"{ids.REVIEW_OVERLAY_PENDING}.data@", overlay, [f"{ids.REVIEW_OVERLAY_PENDING}.data"])
+            figures.append(_fig("app/first_overlay_of_a_mammogram", ms, "ms",
+                                note="long job, cached per model: the model over the whole mammogram; the mammogram "
+                                     "itself shows before it (the overlay is filled in by a second callback)"))
             first = DashClient(app.url, login=(BENCH_USER, TEST_PASSWORD))
             figures.append(_fig("app/first_load", _first_load(first, ids, sc), "ms",
                                 goal="<= 2000 ms", ok=None, note=f"server start {started:.0f} ms"))

@@ -53,7 +53,8 @@ def layout(**_query):
     mammogram = panel("Mammogram", [
         dcc.Loading(dcc.Graph(id=ids.REVIEW_MAMMOGRAM, config=figures.MAMMOGRAM_CONFIG,
                               figure=figures.empty_figure("", dark=True, height=720),
-                              style={"height": "720px"}), type="circle", delay_show=400),
+                              style={"height": "720px"}), type="circle", delay_show=400,
+                    overlay_style={"visibility": "visible"}),  # the image stays while its overlay is computed
     ], body_class="cl-flush cl-image-pane")
     strip = panel("Flagged patches", html.Div(id=ids.REVIEW_FLAGGED, className="cl-strip"))
 
@@ -100,6 +101,7 @@ def layout(**_query):
         dcc.Store(id=ids.REVIEW_STATE, data={"source": first, "image": None, "unit": None}),
         dcc.Store(id=ids.REVIEW_REGIONS, data=[]),
         dcc.Store(id=ids.REVIEW_SHOWN, data=None),
+        dcc.Store(id=ids.REVIEW_OVERLAY_PENDING, data=None),
         dcc.Store(id=ids.REVIEW_ACTIONS, data=[], storage_type="session"),
         dcc.Store(id=ids.REVIEW_CONCEPTS, data=[], storage_type="local"),
         toolbar,
@@ -140,16 +142,34 @@ def open_patch(source, _flag_clicks, mammogram_click, unit_click, state):
 
 # -- views -------------------------------------------------------------------------------------------------------------
 @callback(Output(ids.REVIEW_MAMMOGRAM, "figure"), Output(ids.REVIEW_SHOWN, "data"),
-          Output(ids.REVIEW_SOURCE_INFO, "children"),
+          Output(ids.REVIEW_SOURCE_INFO, "children"), Output(ids.REVIEW_OVERLAY_PENDING, "data"),
           Input(ids.REVIEW_SOURCE, "value"), Input(ids.REVIEW_LEVEL, "value"), Input(ids.REVIEW_WIDTH, "value"),
           Input(ids.REVIEW_OVERLAY, "value"), Input(ids.REVIEW_STATE, "data"), State(ids.REVIEW_SHOWN, "data"))
-@shows_errors(3, at=2)
+@shows_errors(4, at=2)
 def show_mammogram(source, level, width, overlay, state, shown):
     wb = current()
     if shown == source and set(ctx.triggered_prop_ids) == {f"{ids.REVIEW_STATE}.data"}:
-        return wb.mammogram_boxes(source, state), no_update, no_update  # only the open patch moved
-    figure = wb.mammogram_figure(source, state, level=level, width=width, overlay=overlay)
-    return figure, source, wb.source_info(source)
+        return wb.mammogram_boxes(source, state), no_update, no_update, no_update  # only the open patch moved
+    # a mammogram never viewed shows at once; its P(lesion) overlay (a second or two of the model) follows
+    pending = bool(overlay) and not wb.overlay_ready(source)
+    figure = wb.mammogram_figure(source, state, level=level, width=width, overlay=overlay, wait=False)
+    info = wb.source_info(source)
+    if pending:
+        return figure, source, f"{info} · computing the P(lesion) overlay…", source
+    return figure, source, info, None
+
+
+@callback(Output(ids.REVIEW_MAMMOGRAM, "figure", allow_duplicate=True),
+          Output(ids.REVIEW_SOURCE_INFO, "children", allow_duplicate=True),
+          Output(ids.REVIEW_OVERLAY_PENDING, "data", allow_duplicate=True),
+          Input(ids.REVIEW_OVERLAY_PENDING, "data"), State(ids.REVIEW_SHOWN, "data"),
+          State(ids.REVIEW_OVERLAY, "value"), prevent_initial_call=True)
+@shows_errors(3, at=1)
+def fill_overlay(pending, shown, overlay):
+    if not pending or pending != shown or overlay is not True:  # another mammogram is shown now, or no overlay
+        return no_update, no_update, no_update
+    wb = current()
+    return wb.overlay_patch(pending), wb.source_info(pending), None
 
 
 @callback(Output(ids.REVIEW_FLAGGED, "children"), Input(ids.REVIEW_SOURCE, "value"), Input(ids.REVIEW_STATE, "data"))
