@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dissection import DEFAULT_LEVEL, ConceptIoU, DatasetIoU, UnitIoU, patch_size
+from .dissection import DEFAULT_LEVEL, ConceptIoU, DatasetIoU, UnitIoU, UpsampleGrid, mask_counts, patch_size
 from .errors import ExplainError
 from .labelrules import DEFAULT_CUMULATIVE_THRESHOLD, CumulativeRule
 from .labels import LabelRule, apply_ious, units_for
@@ -57,6 +57,8 @@ __all__ = [
     "evaluate_ground_truth",
     "dissect_ground_truth",
     "log_ground_truth",
+    "tune_cumulative_threshold",
+    "TuningResult",
     "EXPERIMENT",
     "RULES",
 ]
@@ -321,6 +323,72 @@ def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Seque
     if cumulative is not None:
         cumulative.update(alt_curves)
     return curves, drawings
+
+
+# -- tuning the alternative rule on train/val drawings -----------------------------------------------------------------
+@dataclass
+class TuningResult:
+    """`tune_cumulative_threshold`'s answer: the chosen threshold, the score of every candidate and the evidence."""
+
+    threshold: float
+    scores: dict[float, float]  # candidate → mean over concepts with detectors of mean over orders of min(P, R)
+    per_concept: dict[float, dict[str, tuple[float, float]]]  # candidate → concept → (mean precision, mean recall)
+    images: list[str]  # ids of every patch any simulated order drew on (all of `splits`)
+    orders: int
+    k: int
+
+
+def tune_cumulative_threshold(store, manifest, layer: str, detectors: Mapping[str, Sequence[int]], *,
+                              splits: Sequence[str] = ("train", "val"), k: int = 5, orders: int = 40,
+                              candidates: Sequence[float] = (0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1),
+                              concepts: Sequence[str] = INSERTED_CONCEPTS, min_region_px: int = 16,
+                              level: float = DEFAULT_LEVEL, seed: int = 1000) -> TuningResult:
+    """The CumulativeRule threshold that a simulated reviewer drawing on `splits` (never the review split) does best
+    with: `orders` seeded reviewer orders of `k` drawings per concept (eligible patches as in `choose_drawings`);
+    score of a threshold = mean over the concepts that have detectors of the mean over orders of min(precision,
+    recall) at k (an undefined precision counts 0). Ties go to the smaller threshold."""
+    records = _store_records(store, manifest)
+    size = patch_size(store)
+    thresholds = np.asarray(store.thresholds(layer, level), dtype=np.float32)
+    grid = UpsampleGrid.build(store.layer_shape(layer)[1:], size)
+    counts: dict[str, list[tuple[int, np.ndarray, np.ndarray, int]]] = {c: [] for c in concepts}
+    for i, r in enumerate(records):  # counts of every eligible (patch, concept), computed once
+        if r.split not in splits:
+            continue
+        masks = {c: m for c, m in load_concept_masks(r, size, concepts).items() if m.sum() >= min_region_px}
+        if not masks:
+            continue
+        area, inter = mask_counts(store.maps(layer, i), thresholds, np.stack(list(masks.values())), grid=grid)
+        for j, (c, m) in enumerate(masks.items()):
+            counts[c].append((i, area, inter[j], int(m.sum())))
+    scored = [c for c in concepts if detectors.get(c) and counts[c]]
+    if not scored:
+        raise ExplainError(f"{layer}: no concept with detectors has drawable patches in splits {list(splits)}")
+    candidates = sorted(float(t) for t in candidates)
+    sums = {t: {c: np.zeros(3) for c in scored} for t in candidates}  # precision, recall, min
+    rng = np.random.default_rng(seed)
+    used: set[int] = set()
+    for _ in range(orders):
+        rule = CumulativeRule.from_counts(int(thresholds.shape[0]), threshold=candidates[0])
+        for c in concepts:
+            if not counts[c]:
+                continue
+            for j in rng.permutation(len(counts[c]))[:k]:
+                i, area, inter, n = counts[c][j]
+                rule.add_counts(c, area, inter, n)
+                used.add(i)
+        for t in candidates:
+            rule.threshold = t
+            labels = rule.labels()
+            for c in scored:
+                p, rec, _ = _pr({u for u, lc in labels.items() if lc == c}, {int(u) for u in detectors[c]})
+                p = 0.0 if p is None else p
+                sums[t][c] += (p, rec, min(p, rec))
+    per_concept = {t: {c: (v[0] / orders, v[1] / orders) for c, v in sums[t].items()} for t in candidates}
+    scores = {t: float(np.mean([v[2] / orders for v in sums[t].values()])) for t in candidates}
+    best = max(candidates, key=lambda t: (scores[t], -t))
+    return TuningResult(threshold=best, scores=scores, per_concept=per_concept,
+                        images=[records[i].id for i in sorted(used)], orders=orders, k=k)
 
 
 # -- the whole evaluation ----------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from explain.groundtruth import (
     find_detectors,
     load_concept_masks,
     log_ground_truth,
+    tune_cumulative_threshold,
 )
 from store.manifest import read_manifest
 
@@ -187,3 +188,24 @@ def test_the_cumulative_rule_is_measured_side_by_side_on_the_same_drawings(repor
     run = MlflowClient(workspace.tracking_uri).get_run(run_id)
     assert run.data.params["cumulative_threshold"] == "0.05"
     assert run.data.metrics["features.1/cumulative/recall/mass"] == 1.0
+
+
+def test_the_cumulative_threshold_is_tuned_on_train_and_val_drawings_only(report, lesions):
+    store, manifest = lesions
+    detectors = report.detectors["features.1"]
+    res = tune_cumulative_threshold(store, manifest, "features.1", detectors, k=3, orders=6,
+                                    concepts=("mass", "calcification"), candidates=(0.3, 0.05, 0.01))
+    by_id = manifest.by_id()
+    assert res.images and {by_id[i].split for i in res.images} <= {"train", "val"}  # never a test patch
+    assert sorted(res.scores) == [0.01, 0.05, 0.3] and res.orders == 6 and res.k == 3
+    # the hand-set units: both found at low thresholds (min(P, R) = 1); at 0.3 the mass unit's cumulative IoU with
+    # the drawn masses is too low and only the (near exact) calcification unit keeps its label
+    assert res.scores[0.01] == res.scores[0.05] == 1.0
+    assert res.per_concept[0.3] == {"mass": (0.0, 0.0), "calcification": (1.0, 1.0)} and res.scores[0.3] == 0.5
+    assert res.threshold == 0.01  # ties go to the smaller threshold
+    # the score is the mean over concepts of min(precision, recall), averaged over the orders
+    for t, sc in res.scores.items():
+        assert sc <= np.mean([min(p, r) for p, r in res.per_concept[t].values()]) + 1e-9
+    with pytest.raises(ExplainError, match="no concept with detectors"):
+        tune_cumulative_threshold(store, manifest, "features.1", {"mass": [], "calcification": []},
+                                  concepts=("mass", "calcification"))
