@@ -186,7 +186,7 @@ def test_the_cumulative_rule_is_measured_side_by_side_on_the_same_drawings(repor
         report.rows("features.1", "mass", "majority")
     run_id = log_ground_truth(report, workspace, store_attrs=lesions[0].attrs)
     run = MlflowClient(workspace.tracking_uri).get_run(run_id)
-    assert run.data.params["cumulative_threshold"] == "0.05"
+    assert run.data.params["cumulative_threshold"] == "0.07"
     assert run.data.metrics["features.1/cumulative/recall/mass"] == 1.0
 
 

@@ -58,7 +58,7 @@ def test_bad_counts_and_thresholds_are_refused_and_change_nothing():
     with pytest.raises(LabelError, match="threshold"):
         CumulativeRule.from_counts(2, threshold=1.0)
     rule = CumulativeRule.from_counts(2)
-    assert rule.threshold == DEFAULT_CUMULATIVE_THRESHOLD == 0.05
+    assert rule.threshold == DEFAULT_CUMULATIVE_THRESHOLD == 0.07
     with pytest.raises(LabelError, match=r"shape \(2,\)"):
         rule.add_counts("mass", area=[1, 2, 3], inter=[0, 0, 0], region_px=4)
     with pytest.raises(RegionError, match="covers no pixel"):

@@ -43,7 +43,7 @@ def test_demo_config_trains_on_a_small_real_build(workspace):
     for h in hooks:
         h.remove()
     assert probs.shape == (4, 2) and torch.allclose(probs.sum(1), torch.ones(4))
-    assert shapes["features.23"][-2:] == (8, 8)  # the deepest layer keeps maps dissection can use
+    assert shapes["features.23"][-2:] == (16, 16)  # pool_before_last: false: the deepest maps stay 16×16
     # unchanged data and config: reused
     assert fit(cfg, settings=workspace).reused
 
