@@ -122,3 +122,15 @@ def test_registry_round_trip_alias_follows_best(tmp_path, workspace):
     assert by_run.meta["run_id"] == nets[0][1] and _same_outputs(nets[0][0], by_run.module)
     with pytest.raises(ModelLoadError, match="unit-model@nobody"):
         load_model("models:/unit-model@nobody", settings=workspace)
+
+    # another architecture takes the alias even with a lower val/auroc; the same architecture must still beat it
+    promoted = []
+    for seed, auroc, model in [(3, 0.95, "a"), (4, 0.6, "b"), (5, 0.5, "b")]:
+        _net, d = _saved(tmp_path, seed)
+        run = client.create_run(exp)
+        client.log_artifacts(run.info.run_id, str(d), "model")
+        promoted.append(register_version(client, name="unit-model", run_id=run.info.run_id,
+                                         source=f"{run.info.artifact_uri}/model", key=f"k{seed}", val_auroc=auroc,
+                                         model_digest=model)[1])
+        client.set_terminated(run.info.run_id)
+    assert promoted == [True, True, False]

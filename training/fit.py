@@ -287,6 +287,12 @@ def _dataset_name(manifest: str, manifest_path: Path) -> str:
     return manifest if not manifest.endswith(".csv") else manifest_path.parent.name
 
 
+def _model_digest(config: FitConfig) -> str:
+    """Hash of the config's model section: which network is trained (zoo, widths, head, pooling, aux targets…)."""
+    blob = json.dumps(config.to_dict()["model"], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
 def _reuse_key(config: FitConfig, data_digest: str, code: str) -> str:
     """Hash of what determines the trained weights: the data (manifest and patch bytes), the config (less run-time
     knobs) and the training code."""
@@ -618,7 +624,7 @@ def fit(config: FitConfig | str | Path | dict, *, settings=None) -> FitResult:
                 source = f"{client.get_run(run_id).info.artifact_uri}/model"
                 version, champion = register_version(
                     client, name=name, run_id=run_id, source=source, key=key, alias=config.mlflow.alias,
-                    data_digest=summary.digest,
+                    data_digest=summary.digest, model_digest=_model_digest(config),
                     val_auroc=best.best if best.best == best.best else float("-inf"),
                     tags={"conceptlens.test_auroc": f"{metrics.get('test/auroc', float('nan')):.6f}"},
                 )

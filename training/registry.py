@@ -44,6 +44,7 @@ TRUSTED_FACTORIES_ENV = "CONCEPTLENS_TRUSTED_FACTORIES"
 KEY_TAG = "conceptlens.key"
 METRIC_TAG = "conceptlens.val_auroc"
 DATA_TAG = "conceptlens.data_digest"
+MODEL_TAG = "conceptlens.model_digest"  # the model section of the training config (architecture, head, …)
 
 
 @dataclass
@@ -307,10 +308,11 @@ def find_version(client, name: str, key: str, *, alias: str = "champion"):
 
 
 def register_version(client, *, name: str, run_id: str, source: str, key: str, val_auroc: float,
-                     alias: str = "champion", data_digest: str | None = None,
+                     alias: str = "champion", data_digest: str | None = None, model_digest: str | None = None,
                      tags: dict | None = None) -> tuple[int, bool]:
     """Register `source` as a new version of `name`; move `alias` to it when its val/auroc beats the alias holder's,
-    or when the alias holder was trained on other data (its val/auroc was measured on another validation split).
+    or when the alias holder was trained on other data (its val/auroc was measured on another validation split),
+    or is another model (`model_digest`: a changed architecture is the user's choice, not a contender to beat).
 
     Returns (version, became_champion).
     """
@@ -324,6 +326,8 @@ def register_version(client, *, name: str, run_id: str, source: str, key: str, v
     version_tags = {KEY_TAG: key, METRIC_TAG: f"{val_auroc:.6f}", **(tags or {})}
     if data_digest:
         version_tags[DATA_TAG] = data_digest
+    if model_digest:
+        version_tags[MODEL_TAG] = model_digest
     mv = client.create_model_version(name, source=source, run_id=run_id, tags=version_tags)
     current = champion_version(client, name, alias)
     best = float("-inf")
@@ -333,7 +337,8 @@ def register_version(client, *, name: str, run_id: str, source: str, key: str, v
         except ValueError:
             best = float("-inf")
     other_data = current is not None and data_digest is not None and current.tags.get(DATA_TAG) != data_digest
-    promote = current is None or other_data or val_auroc > best
+    other_model = current is not None and model_digest is not None and current.tags.get(MODEL_TAG) != model_digest
+    promote = current is None or other_data or other_model or val_auroc > best
     if promote:
         client.set_registered_model_alias(name, alias, mv.version)
     return int(mv.version), promote
