@@ -177,19 +177,27 @@ def _child_extract(kind: str, manifest: Path, url: Path, settings) -> dict:
 
 
 def _forward_only(net, meta, images: np.ndarray, batch: int = BATCH, repeats: int = 3) -> float:
-    """Seconds for forward passes over preprocessed in-memory patches (best of `repeats`)."""
+    """Seconds for forward passes over preprocessed in-memory patches (best of `repeats`), with torch's default
+    intra-op threads (one per core)."""
     import torch
+
+    from store.extract import _cores_per_process
 
     from training.transforms import preprocess
 
     batches = [preprocess(images[i:i + batch], meta["transform"]) for i in range(0, len(images), batch)]
     best = float("inf")
-    with torch.inference_mode():
-        for _ in range(repeats):
-            t = time.perf_counter()
-            for x in batches:
-                net(x)
-            best = min(best, time.perf_counter() - t)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(_cores_per_process(1))  # torch's default; an earlier bench area may have set fewer
+    try:
+        with torch.inference_mode():
+            for _ in range(repeats):
+                t = time.perf_counter()
+                for x in batches:
+                    net(x)
+                best = min(best, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads_before)
     return best
 
 
@@ -270,7 +278,9 @@ def run(settings) -> list[dict]:
     import lightning  # noqa: F401 — a one-time import is not throughput
 
     figures = []
-    threads = torch.get_num_threads()
+    from store.extract import _cores_per_process
+
+    threads = _cores_per_process(1)  # what _forward_only runs with
 
     # throughput: extraction (whole run, incl. reading the PNGs, store creation and the quantiles) vs forward passes
     many = read_manifest(manifest_many)
