@@ -139,7 +139,13 @@ def _figures_demo(settings) -> list[dict]:
 
 
 def run(settings) -> list[dict]:
-    return _figures_synthetic() + _figures_demo(settings)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _figures_synthetic() + _figures_demo(settings)
+    finally:
+        torch.set_num_threads(threads)  # the areas benched after this one get torch's threads back
 
 
 if __name__ == "__main__":
