@@ -514,11 +514,11 @@ class Workbench:
         _row, rec = self.record(image)
         return tuple(rec.box) if rec is not None and rec.source_id == source else None
 
-    def mammogram_figure(self, source, state, *, level, width, overlay, wait: bool = True):
+    def mammogram_figure(self, source, state, *, level, width, overlay, placeholder: bool = False):
         """The Review page's mammogram: windowed, with the P(lesion) overlay, flagged boxes and the open box.
 
-        wait=False: an overlay not computed yet is left out (an empty placeholder layer holds its place), so the
-        image shows at once; `overlay_patch` fills it in when it is ready."""
+        placeholder=True: the overlay is not computed (an empty layer holds its place), so the image shows at once;
+        `overlay_patch` fills it in (callers pass `not overlay_ready(source)`)."""
         from . import figures
 
         src = self.source(source)
@@ -529,14 +529,14 @@ class Workbench:
         img = figures.window_image(self.mammogram(src.id), level, width)
         drawn = None
         if overlay:
-            drawn = self.lesion_overlay(src.id) if wait or self.overlay_ready(src.id) else figures.PENDING_OVERLAY
+            drawn = figures.PENDING_OVERLAY if placeholder else self.lesion_overlay(src.id)
         return figures.mammogram_figure(
             img, overlay=drawn, box=self._box_of(src.id, state),
             flagged=[f.box for f in self.flagged(src.id)], uirevision=src.id, height=720)
 
     def overlay_patch(self, source):
         """A partial figure update (dash.Patch) that puts the mammogram's P(lesion) overlay (computed here if need be)
-        in the place a `wait=False` figure kept for it."""
+        in the place a `placeholder=True` figure kept for it."""
         import dash
 
         from . import figures

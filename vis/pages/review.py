@@ -152,7 +152,7 @@ def show_mammogram(source, level, width, overlay, state, shown):
         return wb.mammogram_boxes(source, state), no_update, no_update, no_update  # only the open patch moved
     # a mammogram never viewed shows at once; its P(lesion) overlay (a second or two of the model) follows
     pending = bool(overlay) and not wb.overlay_ready(source)
-    figure = wb.mammogram_figure(source, state, level=level, width=width, overlay=overlay, wait=False)
+    figure = wb.mammogram_figure(source, state, level=level, width=width, overlay=overlay, placeholder=pending)
     info = wb.source_info(source)
     if pending:
         return figure, source, f"{info} · computing the P(lesion) overlay…", source
