@@ -13,9 +13,11 @@
    concepts that have masks (inserted lesions and the anatomy: skin, background, …), as in Network Dissection.
 2. A simulated reviewer draws the exact ground-truth region of each inserted concept on k patches (k = 1 … 10), one
    new patch per concept per round, in a seeded order, and the labeling rule (explain.labels, published defaults)
-   runs after each drawing against a real annotation database (in memory); the alternative rule
-   (explain.labelrules.CumulativeRule: cumulative IoU over the drawings of each concept) is fed the same drawings
-   and measured side by side (`report.cumulative`, `report.at(layer, c, k, rule="cumulative")`). The patches come
+   runs after each drawing against a real annotation database (in memory); the alternative rules of
+   explain.labelrules are fed the same drawings and measured side by side (`report.alternatives`,
+   `report.at(layer, c, k, rule="cumulative" | "dataset")`): CumulativeRule (cumulative IoU over the drawings of
+   each concept) and DatasetRule (the dataset-level IoU of step 1 estimated from the drawings, the unit's whole mask
+   area and the concept's prevalence in the manifest, with the detector criterion 0.04). The patches come
    from the test split:
    never used to train the model, to select it, or to compute the detectors above; only patches where the concept
    covers at least `min_region_px` pixels are drawn (a reviewer does not outline a 3-pixel speck).
@@ -37,9 +39,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .dissection import DEFAULT_LEVEL, ConceptIoU, DatasetIoU, UnitIoU, UpsampleGrid, mask_counts, patch_size
+from .dissection import DEFAULT_LEVEL, ConceptIoU, DatasetIoU, UpsampleGrid, mask_counts, patch_size
 from .errors import ExplainError
-from .labelrules import DEFAULT_CUMULATIVE_THRESHOLD, CumulativeRule
+from .labelrules import (
+    DEFAULT_CUMULATIVE_THRESHOLD,
+    DEFAULT_DATASET_THRESHOLD,
+    CumulativeRule,
+    DatasetRule,
+    concept_prevalence,
+)
 from .labels import LabelRule, apply_ious, units_for
 from .regions import MaskRegion
 
@@ -63,7 +71,7 @@ __all__ = [
     "RULES",
 ]
 
-RULES = ("published", "cumulative")  # labeling rules evaluated side by side
+RULES = ("published", "cumulative", "dataset")  # labeling rules evaluated side by side
 INSERTED_CONCEPTS = ("mass", "calcification", "spiculated_margin", "circumscribed_margin")
 EXPERIMENT = "conceptlens-groundtruth"
 
@@ -79,7 +87,8 @@ class GroundTruthConfig:
     min_region_px: int = 16  # smallest ground-truth region the reviewer draws
     seed: int = 0
     rule: LabelRule = field(default_factory=LabelRule)  # the published rule (explain.labels)
-    cumulative_threshold: float = DEFAULT_CUMULATIVE_THRESHOLD  # the alternative (explain.labelrules)
+    cumulative_threshold: float = DEFAULT_CUMULATIVE_THRESHOLD  # the alternatives (explain.labelrules)
+    dataset_threshold: float = DEFAULT_DATASET_THRESHOLD
     goal_k: int = 5
     goal_precision: float = 0.8
     goal_recall: float = 0.8
@@ -108,14 +117,22 @@ class GroundTruthReport:
     n_reference_images: int
     seconds: float
     missing: list[str] = field(default_factory=list)  # requested concepts without any ground-truth mask
-    # the alternative rule (explain.labelrules.CumulativeRule) on the same drawings: layer → concept → rows
-    cumulative: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
+    # the alternative rules (explain.labelrules) on the same drawings: rule → layer → concept → rows
+    alternatives: dict[str, dict[str, dict[str, list[dict]]]] = field(default_factory=dict)
+
+    @property
+    def cumulative(self) -> dict[str, dict[str, list[dict]]]:
+        return self.alternatives.get("cumulative", {})
 
     def rows(self, layer: str, concept: str, rule: str = "published") -> list[dict]:
-        """The curve of `rule`: "published" (explain.labels, the app's default) or "cumulative"."""
+        """The curve of `rule`: "published" (explain.labels, the app's default), "cumulative" or "dataset"."""
         if rule not in RULES:
             raise ExplainError(f"unknown rule {rule!r}; known: {', '.join(RULES)}")
-        return (self.curves if rule == "published" else self.cumulative)[layer][concept]
+        if rule == "published":
+            return self.curves[layer][concept]
+        if rule not in self.alternatives:
+            raise ExplainError(f"rule {rule!r} was not measured in this report")
+        return self.alternatives[rule][layer][concept]
 
     def at(self, layer: str, concept: str, k: int, rule: str = "published") -> dict | None:
         for row in self.rows(layer, concept, rule):
@@ -139,7 +156,7 @@ class GroundTruthReport:
                 f"{c} {len(self.detectors[layer].get(c, []))}" for c in self.config.concepts))
             for c in self.config.concepts:
                 for rule in RULES:
-                    if rule == "cumulative" and not self.cumulative:
+                    if rule != "published" and rule not in self.alternatives:
                         continue
                     row = self.at(layer, c, self.config.goal_k, rule)
                     tag = "" if rule == "published" else f" [{rule}]"
@@ -154,7 +171,7 @@ class GroundTruthReport:
     def to_json(self) -> dict:
         return {
             "layers": self.layers, "config": _config_json(self.config), "concepts": self.concepts,
-            "detectors": self.detectors, "curves": self.curves, "cumulative": self.cumulative,
+            "detectors": self.detectors, "curves": self.curves, "alternatives": self.alternatives,
             "available": self.available,
             "n_reference_images": self.n_reference_images, "seconds": self.seconds, "missing": self.missing,
             "iou": {layer: res.to_json() for layer, res in self.iou.items()},
@@ -276,12 +293,15 @@ def _pr(labeled: set[int], detectors: set[int]) -> tuple[float | None, float | N
 
 def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Sequence[int]], *,
                       config: GroundTruthConfig = GroundTruthConfig(), order: Mapping[str, list[int]] | None = None,
-                      db=None, cumulative: dict | None = None) -> tuple[dict[str, list[dict]], list[Drawing]]:
+                      db=None, alternatives: dict | None = None,
+                      prevalence: Mapping[str, float] | None = None) -> tuple[dict[str, list[dict]], list[Drawing]]:
     """Draw, round by round, the ground-truth region of each concept and apply the labeling rule; measure after each
     round. Returns ({concept: [{k, precision, recall, labeled, detectors, hits, drawn}]}, drawings).
 
-    `cumulative`: a dict filled with the same curves of the alternative rule (explain.labelrules.CumulativeRule,
-    threshold `config.cumulative_threshold`), fed with exactly the same drawings."""
+    `alternatives`: a dict filled with the same curves of the alternative rules of explain.labelrules, fed with
+    exactly the same drawings: "cumulative" (CumulativeRule, threshold `config.cumulative_threshold`) and, with the
+    concepts' `prevalence` (images of the store showing each), "dataset" (DatasetRule, `config.dataset_threshold`).
+    """
     from store.annotations import open_database
 
     records = _store_records(store, manifest)
@@ -289,9 +309,13 @@ def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Seque
     if order is None:
         order, _ = choose_drawings(store, manifest, config)
     db = db if db is not None else open_database("sqlite://")
-    dissect = UnitIoU(store, layer, level=config.level)
-    alt = CumulativeRule(store, layer, threshold=config.cumulative_threshold, level=config.level)
-    alt_curves: dict[str, list[dict]] = {c: [] for c in config.concepts}
+    thresholds = np.asarray(store.thresholds(layer, config.level), dtype=np.float32)
+    grid = UpsampleGrid.build(store.layer_shape(layer)[1:], size)
+    rules = {"cumulative": CumulativeRule(store, layer, threshold=config.cumulative_threshold, level=config.level)}
+    if prevalence is not None:
+        rules["dataset"] = DatasetRule(store, layer, prevalence=prevalence, threshold=config.dataset_threshold,
+                                       level=config.level)
+    alt_curves: dict[str, dict[str, list[dict]]] = {name: {c: [] for c in config.concepts} for name in rules}
     curves: dict[str, list[dict]] = {c: [] for c in config.concepts}
     drawings: list[Drawing] = []
     drawn = {c: 0 for c in config.concepts}
@@ -301,8 +325,11 @@ def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Seque
                 continue
             index = order[concept][k - 1]
             mask = load_concept_masks(records[index], size, [concept])[concept]
-            ious = dissect.compute(index, mask)
-            alt.add(index, concept, mask)
+            area, inter = mask_counts(store.maps(layer, index), thresholds, mask[None], grid=grid)
+            n = int(mask.sum())
+            ious = (inter[0] / (area + n - inter[0])).astype(np.float32)  # as UnitIoU.compute
+            for rule in rules.values():
+                rule.add_counts(concept, area, inter[0], n)
             apply_ious(db, store, layer=layer, image=index, concept=concept, author="simulated-reviewer",
                        ious=ious, specs=[MaskRegion.from_mask(mask)], mask=mask, rule=config.rule,
                        rule_extra={"level": config.level})
@@ -316,12 +343,14 @@ def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Seque
             precision, recall, hits = _pr(labeled, det)
             curves[concept].append({"k": k, "drawn": drawn[concept], "precision": precision, "recall": recall,
                                     "labeled": len(labeled), "detectors": len(det), "hits": hits})
-            alt_labeled = set(alt.units_for(concept))
-            precision, recall, hits = _pr(alt_labeled, det)
-            alt_curves[concept].append({"k": k, "drawn": drawn[concept], "precision": precision, "recall": recall,
-                                        "labeled": len(alt_labeled), "detectors": len(det), "hits": hits})
-    if cumulative is not None:
-        cumulative.update(alt_curves)
+            for name, rule in rules.items():
+                alt_labeled = set(rule.units_for(concept))
+                precision, recall, hits = _pr(alt_labeled, det)
+                alt_curves[name][concept].append({"k": k, "drawn": drawn[concept], "precision": precision,
+                                                  "recall": recall, "labeled": len(alt_labeled),
+                                                  "detectors": len(det), "hits": hits})
+    if alternatives is not None:
+        alternatives.update(alt_curves)
     return curves, drawings
 
 
@@ -418,16 +447,19 @@ def evaluate_ground_truth(settings, *, store="demo", data="demo", layers: Sequen
                               concepts=concepts, progress=progress)
     detectors = {layer: find_detectors(iou[layer], min_iou=config.detector_iou) for layer in layers}
     order, available = choose_drawings(store, manifest, config)
-    curves, cumulative, drawings = {}, {}, []
+    prevalence = concept_prevalence(store, manifest)
+    curves, alternatives, drawings = {}, {}, []
     for layer in layers:
-        cumulative[layer] = {}
+        alt: dict = {}
         curves[layer], drawn = simulate_reviewer(store, manifest, layer, detectors[layer], config=config, order=order,
-                                                 cumulative=cumulative[layer])
+                                                 alternatives=alt, prevalence=prevalence)
+        for name, rows in alt.items():
+            alternatives.setdefault(name, {})[layer] = rows
         drawings = drawings or drawn  # the same drawings for every layer
     n_ref = sum(r.split in config.reference_splits for r in records)
     return GroundTruthReport(layers=layers, config=config, concepts=concepts, iou=iou, detectors=detectors,
                              curves=curves, drawings=drawings, available=available, n_reference_images=n_ref,
-                             seconds=time.perf_counter() - t0, missing=missing, cumulative=cumulative)
+                             seconds=time.perf_counter() - t0, missing=missing, alternatives=alternatives)
 
 
 @dataclass
@@ -499,7 +531,8 @@ def log_ground_truth(report: GroundTruthReport, settings, *, run_name: str | Non
                   "review_split": cfg["review_split"], "reference_splits": ",".join(cfg["reference_splits"]),
                   "layers": ",".join(report.layers), "min_region_px": cfg["min_region_px"],
                   "n_reference_images": report.n_reference_images,
-                  "cumulative_threshold": cfg["cumulative_threshold"]}
+                  "cumulative_threshold": cfg["cumulative_threshold"],
+                  "dataset_threshold": cfg["dataset_threshold"]}
         now = int(time.time() * 1000)
         metrics = []
         for layer in report.layers:
@@ -512,12 +545,13 @@ def log_ground_truth(report: GroundTruthReport, settings, *, run_name: str | Non
                         metrics.append(Metric(f"{layer}/{key}/{concept}", float("nan") if v is None else float(v),
                                               now, row["k"]))
                     metrics.append(Metric(f"{layer}/labeled/{concept}", row["labeled"], now, row["k"]))
-                for row in report.cumulative.get(layer, {}).get(concept, []):  # the alternative rule
-                    for key in ("precision", "recall"):
-                        v = row[key]
-                        metrics.append(Metric(f"{layer}/cumulative/{key}/{concept}",
-                                              float("nan") if v is None else float(v), now, row["k"]))
-                    metrics.append(Metric(f"{layer}/cumulative/labeled/{concept}", row["labeled"], now, row["k"]))
+                for rule, curves in report.alternatives.items():  # the alternative rules
+                    for row in curves.get(layer, {}).get(concept, []):
+                        for key in ("precision", "recall"):
+                            v = row[key]
+                            metrics.append(Metric(f"{layer}/{rule}/{key}/{concept}",
+                                                  float("nan") if v is None else float(v), now, row["k"]))
+                        metrics.append(Metric(f"{layer}/{rule}/labeled/{concept}", row["labeled"], now, row["k"]))
         for start in range(0, len(metrics), 900):  # mlflow's batch limit is 1000 entries
             client.log_batch(run_id, metrics=metrics[start:start + 900],
                              params=[Param(k, str(v)) for k, v in params.items()] if start == 0 else [],

@@ -173,21 +173,26 @@ def test_python_m_explain_dissect_without_a_store_says_so(workspace, capsys):
     assert "demo.zarr" in err and "Traceback" not in err
 
 
-def test_the_cumulative_rule_is_measured_side_by_side_on_the_same_drawings(report, workspace, lesions):
+def test_the_alternative_rules_are_measured_side_by_side_on_the_same_drawings(report, workspace, lesions):
     from mlflow.tracking import MlflowClient
 
-    for concept, unit in (("mass", 0), ("calcification", 1)):
-        rows = report.rows("features.1", concept, "cumulative")
-        assert [r["k"] for r in rows] == [1, 2, 3, 4, 5]
-        assert [r["drawn"] for r in rows] == [r["drawn"] for r in report.curves["features.1"][concept]]
-        assert rows[-1]["recall"] == 1.0 and rows[-1]["detectors"] == 1, rows
-    assert "[cumulative] @k=5" in report.summary()
+    for rule in ("cumulative", "dataset"):
+        for concept in ("mass", "calcification"):
+            rows = report.rows("features.1", concept, rule)
+            assert [r["k"] for r in rows] == [1, 2, 3, 4, 5]
+            assert [r["drawn"] for r in rows] == [r["drawn"] for r in report.curves["features.1"][concept]]
+            assert rows[-1]["recall"] == 1.0 and rows[-1]["detectors"] == 1, rows
+        assert f"[{rule}] @k=5" in report.summary()
+    # the dataset rule labels exactly the two known units from the first drawing on
+    assert all(r["precision"] == r["recall"] == 1.0 for c in ("mass", "calcification")
+               for r in report.rows("features.1", c, "dataset"))
     with pytest.raises(ExplainError, match="unknown rule"):
         report.rows("features.1", "mass", "majority")
     run_id = log_ground_truth(report, workspace, store_attrs=lesions[0].attrs)
     run = MlflowClient(workspace.tracking_uri).get_run(run_id)
-    assert run.data.params["cumulative_threshold"] == "0.07"
+    assert run.data.params["cumulative_threshold"] == "0.07" and run.data.params["dataset_threshold"] == "0.04"
     assert run.data.metrics["features.1/cumulative/recall/mass"] == 1.0
+    assert run.data.metrics["features.1/dataset/precision/calcification"] == 1.0
 
 
 def test_the_cumulative_threshold_is_tuned_on_train_and_val_drawings_only(report, lesions):

@@ -1,6 +1,7 @@
-"""The cumulative labeling rule (explain.labelrules): exact numbers on hand-made counts and masks, then on real
-mammogram patches with inserted lesions seen by a hand-set network (unit 0 of features.1: masses, unit 1:
-calcifications), fed directly and from a session's stored regions."""
+"""The alternative labeling rules (explain.labelrules: CumulativeRule, DatasetRule): exact numbers on hand-made
+counts and masks, then on real mammogram patches with inserted lesions seen by a hand-set network (unit 0 of
+features.1: masses, unit 1: calcifications), fed directly and from a session's stored regions; the dataset rule's
+estimate equals the dataset-level IoU when every patch showing the concept is drawn."""
 
 from __future__ import annotations
 
@@ -11,8 +12,15 @@ from helpers_dissection import build_lesion_store
 
 from explain.dissection import unit_masks
 from explain.errors import LabelError, RegionError, UnknownLayerError
-from explain.groundtruth import load_concept_masks
-from explain.labelrules import DEFAULT_CUMULATIVE_THRESHOLD, CumulativeRule
+from explain.groundtruth import dataset_concept_iou, load_concept_masks
+from explain.labelrules import (
+    DEFAULT_CUMULATIVE_THRESHOLD,
+    DEFAULT_DATASET_THRESHOLD,
+    CumulativeRule,
+    DatasetRule,
+    concept_prevalence,
+    unit_mask_area,
+)
 from explain.labels import apply_ious, undo
 from explain.regions import MaskRegion
 from store.annotations import open_database
@@ -138,3 +146,82 @@ def test_from_session_reads_the_stored_regions(lesions):
         direct.add(0, "mass", np.ones((8, 8), bool))
     with pytest.raises(RegionError, match="covers no pixel"):
         direct.add(0, "mass", np.zeros((64, 64), bool))
+
+
+# -- the dataset-level estimate ----------------------------------------------------------------------------------------
+def test_dataset_rule_by_hand():
+    # unit 0 fires 200 px over the whole dataset, unit 1 400 px; mass shows on 10 images, its rim on 5
+    rule = DatasetRule.from_counts(2, unit_area=[200, 400], prevalence={"mass": 10, "rim": 5})
+    assert rule.threshold == DEFAULT_DATASET_THRESHOLD == 0.04 and rule.labels() == {}
+    # two mass drawings of 20 px: overlaps 10 and 6 each → scaled by 10 / 2 = 5: I = 100, 60; A = 200
+    for _ in range(2):
+        rule.add_counts("mass", area=[20, 30], inter=[10, 6], region_px=20)
+    np.testing.assert_allclose(rule.iou(), [[100 / (200 + 100), 60 / (400 + 140)]])
+    # one rim drawing of 12 px, scaled by 5: I = 10, 50; A = 60
+    rule.add_counts("rim", area=[20, 30], inter=[2, 10], region_px=12)
+    np.testing.assert_allclose(rule.iou()[1], [10 / (200 + 50), 50 / (400 + 10)])
+    assert rule.labels() == {0: "mass", 1: "rim"}  # 0.333 vs 0.04; 0.111 vs 0.122
+    # the cumulative rule on the same drawings: unit 1 fires on little else there, so its rim IoU looks larger
+    cum = CumulativeRule.from_counts(2)
+    for _ in range(2):
+        cum.add_counts("mass", area=[20, 30], inter=[10, 6], region_px=20)
+    cum.add_counts("rim", area=[20, 30], inter=[2, 10], region_px=12)
+    np.testing.assert_allclose(cum.iou(), [[20 / 60, 12 / 88], [2 / 30, 10 / 32]])
+    # the scaled overlap never exceeds the unit's whole area: unit 0 covers a 50-px region 10 times over → 200
+    capped = DatasetRule.from_counts(1, unit_area=[200], prevalence={"mass": 10})
+    capped.add_counts("mass", area=[60], inter=[50], region_px=50)
+    np.testing.assert_allclose(capped.iou(), [[200 / (200 + 300)]])
+    # a concept drawn on more images than its stated prevalence counts as shown on those (scale 1, not below)
+    few = DatasetRule.from_counts(1, unit_area=[100], prevalence={"mass": 1})
+    for _ in range(3):
+        few.add_counts("mass", area=[10], inter=[5], region_px=10)
+    np.testing.assert_allclose(few.iou(), [[15 / (100 + 15)]])
+
+
+def test_dataset_rule_bad_input_is_refused_and_changes_nothing():
+    with pytest.raises(LabelError, match="prevalence of 'mass'"):
+        DatasetRule.from_counts(2, unit_area=[1, 2], prevalence={"mass": 0})
+    with pytest.raises(LabelError, match="prevalence of 'mass'"):
+        DatasetRule.from_counts(2, unit_area=[1, 2], prevalence={"mass": float("nan")})
+    with pytest.raises(LabelError, match="needs unit_area"):
+        DatasetRule.from_counts(2, prevalence={"mass": 3})
+    with pytest.raises(LabelError, match="non-negative"):
+        DatasetRule.from_counts(2, unit_area=[1, -2], prevalence={"mass": 3})
+    rule = DatasetRule.from_counts(2, unit_area=[100, 100], prevalence={"mass": 3})
+    with pytest.raises(LabelError, match="no prevalence for concept 'film label'.*known: mass"):
+        rule.add_counts("film label", area=[1, 2], inter=[0, 0], region_px=4)
+    assert rule.concepts == [] and rule.region_px.shape == (0,)
+    short = DatasetRule.from_counts(3, unit_area=[100, 100], prevalence={"mass": 3})
+    with pytest.raises(LabelError, match="unit_area has 2 units"):
+        short.add_counts("mass", area=[1, 2, 3], inter=[0, 0, 0], region_px=4)
+
+
+def test_dataset_rule_on_real_activations_is_the_dataset_iou_when_every_patch_is_drawn(lesions):
+    store, manifest = lesions
+    t = store.thresholds("features.1")
+    brute = sum(unit_masks(store.maps("features.1", i), t, (64, 64)).sum(axis=(1, 2)) for i in range(store.n_images))
+    np.testing.assert_array_equal(unit_mask_area(store, "features.1"), brute)
+    assert unit_mask_area(store, "features.1").sum() == brute.sum()  # the cached copy
+    by_id = manifest.by_id()
+    prevalence = concept_prevalence(store, manifest)
+    assert prevalence["mass"] == sum("mass" in by_id[i].concepts for i in store.image_ids) > 0
+    # drawn on every patch of every split whose mask shows the concept: the scale is 1 and the estimate is exact
+    shown = {c: [(i, load_concept_masks(by_id[image_id], (64, 64), [c])[c]) for i, image_id in
+                 enumerate(store.image_ids) if c in by_id[image_id].masks] for c in ("mass", "calcification")}
+    shown = {c: [(i, m) for i, m in v if m.any()] for c, v in shown.items()}
+    rule = DatasetRule(store, "features.1", prevalence={c: len(v) for c, v in shown.items()})
+    for c, draws in shown.items():
+        for i, m in draws:
+            rule.add(i, c, m)
+    res = dataset_concept_iou(store, manifest, ["features.1"], splits=("train", "val", "test"),
+                              concepts=["mass", "calcification"])["features.1"]
+    np.testing.assert_allclose(rule.iou(), res.iou.T[[res.concepts.index(c) for c in rule.concepts]])
+    assert rule.labels() == {0: "mass", 1: "calcification"}
+    # from a few test drawings with the manifest's prevalence it finds the same units
+    few = DatasetRule(store, "features.1", prevalence=prevalence)
+    for c in ("mass", "calcification"):
+        for i, m in _drawings(store, manifest, c, 3):
+            few.add(i, c, m)
+    assert few.labels() == {0: "mass", 1: "calcification"}, few.iou()
+    with pytest.raises(LabelError, match="unit_area has 2 units"):
+        DatasetRule(store, "features.1", prevalence=prevalence, unit_area=[1, 2])
