@@ -16,8 +16,8 @@
    runs after each drawing against a real annotation database (in memory); the alternative rules of
    explain.labelrules are fed the same drawings and measured side by side (`report.alternatives`,
    `report.at(layer, c, k, rule="cumulative" | "dataset")`): CumulativeRule (cumulative IoU over the drawings of
-   each concept) and DatasetRule (the dataset-level IoU of step 1 estimated from the drawings, the unit's whole mask
-   area and the concept's prevalence in the manifest, with the detector criterion 0.04). The patches come
+   each concept) and DatasetRule (the dataset-level IoU of step 1 estimated from the drawings, the unit masks of the
+   whole store and the manifest's list of what each patch shows, with the detector criterion 0.04). The patches come
    from the test split:
    never used to train the model, to select it, or to compute the detectors above; only patches where the concept
    covers at least `min_region_px` pixels are drawn (a reviewer does not outline a 3-pixel speck).
@@ -46,7 +46,7 @@ from .labelrules import (
     DEFAULT_DATASET_THRESHOLD,
     CumulativeRule,
     DatasetRule,
-    concept_prevalence,
+    images_showing,
 )
 from .labels import LabelRule, apply_ious, units_for
 from .regions import MaskRegion
@@ -294,13 +294,13 @@ def _pr(labeled: set[int], detectors: set[int]) -> tuple[float | None, float | N
 def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Sequence[int]], *,
                       config: GroundTruthConfig = GroundTruthConfig(), order: Mapping[str, list[int]] | None = None,
                       db=None, alternatives: dict | None = None,
-                      prevalence: Mapping[str, float] | None = None) -> tuple[dict[str, list[dict]], list[Drawing]]:
+                      shown: Mapping[str, Sequence[int]] | None = None) -> tuple[dict[str, list[dict]], list[Drawing]]:
     """Draw, round by round, the ground-truth region of each concept and apply the labeling rule; measure after each
     round. Returns ({concept: [{k, precision, recall, labeled, detectors, hits, drawn}]}, drawings).
 
     `alternatives`: a dict filled with the same curves of the alternative rules of explain.labelrules, fed with
-    exactly the same drawings: "cumulative" (CumulativeRule, threshold `config.cumulative_threshold`) and, with the
-    concepts' `prevalence` (images of the store showing each), "dataset" (DatasetRule, `config.dataset_threshold`).
+    exactly the same drawings: "cumulative" (CumulativeRule, threshold `config.cumulative_threshold`) and, given the
+    store images that show each concept (`shown`), "dataset" (DatasetRule, `config.dataset_threshold`).
     """
     from store.annotations import open_database
 
@@ -312,8 +312,8 @@ def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Seque
     thresholds = np.asarray(store.thresholds(layer, config.level), dtype=np.float32)
     grid = UpsampleGrid.build(store.layer_shape(layer)[1:], size)
     rules = {"cumulative": CumulativeRule(store, layer, threshold=config.cumulative_threshold, level=config.level)}
-    if prevalence is not None:
-        rules["dataset"] = DatasetRule(store, layer, prevalence=prevalence, threshold=config.dataset_threshold,
+    if shown is not None:
+        rules["dataset"] = DatasetRule(store, layer, shown=shown, threshold=config.dataset_threshold,
                                        level=config.level)
     alt_curves: dict[str, dict[str, list[dict]]] = {name: {c: [] for c in config.concepts} for name in rules}
     curves: dict[str, list[dict]] = {c: [] for c in config.concepts}
@@ -447,12 +447,12 @@ def evaluate_ground_truth(settings, *, store="demo", data="demo", layers: Sequen
                               concepts=concepts, progress=progress)
     detectors = {layer: find_detectors(iou[layer], min_iou=config.detector_iou) for layer in layers}
     order, available = choose_drawings(store, manifest, config)
-    prevalence = concept_prevalence(store, manifest)
+    shown = images_showing(store, manifest)
     curves, alternatives, drawings = {}, {}, []
     for layer in layers:
         alt: dict = {}
         curves[layer], drawn = simulate_reviewer(store, manifest, layer, detectors[layer], config=config, order=order,
-                                                 alternatives=alt, prevalence=prevalence)
+                                                 alternatives=alt, shown=shown)
         for name, rows in alt.items():
             alternatives.setdefault(name, {})[layer] = rows
         drawings = drawings or drawn  # the same drawings for every layer

@@ -2,8 +2,8 @@
 
 CumulativeRule sums intersections and unions over the drawn patches; DatasetRule (at the end of this module) turns
 the same sums into an estimate of the unit's dataset-level IoU with the concept — the quantity Network Dissection's
-detector criterion thresholds — with the unit's whole mask area from the store and the concept's prevalence from
-the manifest, and applies that criterion (0.04) unchanged.
+detector criterion thresholds — with the unit masks of every store image and the manifest's list of what each patch
+shows, and applies that criterion (0.04) unchanged.
 
     >>> from explain.labelrules import CumulativeRule
     >>> rule = CumulativeRule(store, "features.23")              # threshold 0.07 (tuned on train/val, see below)
@@ -54,7 +54,7 @@ from .errors import LabelError, RegionError
 from .regions import RegionSpec, rasterize_regions
 
 __all__ = ["CumulativeRule", "DEFAULT_CUMULATIVE_THRESHOLD", "DatasetRule", "DEFAULT_DATASET_THRESHOLD",
-           "unit_mask_area", "concept_prevalence"]
+           "unit_mask_areas", "images_showing"]
 
 DEFAULT_CUMULATIVE_THRESHOLD = 0.07
 
@@ -195,103 +195,125 @@ def _store_identity(store, layer: str, level: float) -> tuple:
             json.dumps(attrs.get("dataset"), sort_keys=True, default=str), layer, float(level))
 
 
-def unit_mask_area(store, layer: str, level: float = DEFAULT_LEVEL, *, block: int = 64) -> np.ndarray:
-    """int64 (unit,): pixels of each unit's mask (upsampled map above its `level` quantile) summed over every image
-    of the store — the "unit" side of every dataset-level union. Computed once per store, layer and level in this
-    process (about a second per thousand 64×64 patches of 128 units) and kept."""
+def unit_mask_areas(store, layer: str, level: float = DEFAULT_LEVEL, *, block: int = 64) -> np.ndarray:
+    """int32 (image, unit): pixels of each unit's mask (upsampled map above its `level` quantile) on every image of
+    the store — the "unit" side of every dataset-level union. Computed once per store, layer and level in this
+    process (about a second per thousand 64×64 patches of 128 units) and kept (read-only)."""
     layer = _check_layer(store, layer)
     key = _store_identity(store, layer, level)
     with _AREA_LOCK:
         if key in _AREA_CACHE:
             _AREA_CACHE.move_to_end(key)
-            return _AREA_CACHE[key].copy()
+            return _AREA_CACHE[key]
     thresholds = np.asarray(store.thresholds(layer, level), dtype=np.float32)
     grid = UpsampleGrid.build(store.layer_shape(layer)[1:], patch_size(store))
-    total = np.zeros(thresholds.shape[0], np.int64)
+    out = np.zeros((store.n_images, thresholds.shape[0]), np.int32)
     for start in range(0, store.n_images, block):
-        for maps in store.maps_many(layer, np.arange(start, min(start + block, store.n_images))):
-            total += mask_counts(maps, thresholds, None, grid=grid)[0]
+        stop = min(start + block, store.n_images)
+        for i, maps in enumerate(store.maps_many(layer, np.arange(start, stop)), start):
+            out[i] = mask_counts(maps, thresholds, None, grid=grid)[0]
+    out.setflags(write=False)
     with _AREA_LOCK:
-        _AREA_CACHE[key] = total
-        while len(_AREA_CACHE) > 16:
+        _AREA_CACHE[key] = out
+        while len(_AREA_CACHE) > 8:
             _AREA_CACHE.popitem(last=False)
-    return total.copy()
+    return out
 
 
-def concept_prevalence(store, manifest) -> dict[str, int]:
-    """{concept: number of the store's images whose manifest row lists it} (the `concepts` column: what each patch
-    shows, as the dataset's own annotations state it — CBIS-DDSM gives lesion type and mass margin per lesion)."""
+def images_showing(store, manifest) -> dict[str, np.ndarray]:
+    """{concept: int64 store indices of the images whose manifest row lists it} (the `concepts` column: what each
+    patch shows, as the dataset's own annotations state it — CBIS-DDSM gives lesion type and mass margin per lesion).
+    """
     by_id = manifest.by_id()
-    counts: dict[str, int] = {}
-    for image_id in store.image_ids:
+    shown: dict[str, list[int]] = {}
+    for index, image_id in enumerate(store.image_ids):
         rec = by_id.get(image_id)
         if rec is None:
             raise LabelError(f"{getattr(store, 'url', 'the store')}: image {image_id!r} is not in "
                              f"{getattr(manifest, 'path', 'the manifest')}; use the manifest the store was extracted "
                              f"from")
         for c in rec.concepts:
-            counts[c] = counts.get(c, 0) + 1
-    return counts
+            shown.setdefault(c, []).append(index)
+    return {c: np.asarray(v, np.int64) for c, v in shown.items()}
 
 
 class DatasetRule(CumulativeRule):
     """Each unit's dataset-level IoU with each drawn concept, estimated from the drawings; Network Dissection's own
     criterion applied to the estimate.
 
-        >>> rule = DatasetRule(store, "features.23", prevalence=concept_prevalence(store, manifest))
+        >>> rule = DatasetRule(store, "features.23", shown=images_showing(store, manifest))
         >>> rule.add("p0012", "mass", mask); rule.labels()          # {unit: concept}, as CumulativeRule
 
-    The dataset-level IoU of unit u and concept c over the N images of the store is
+    The dataset-level IoU of unit u and concept c over the images of the store is
 
         IoU(u, c) = I / (F_u + A_c − I),   I = Σ_images |M_u ∩ G_c|,   A_c = Σ_images |G_c|,   F_u = Σ_images |M_u|
 
-    F_u, the unit's whole mask area, is known exactly from the store (`unit_mask_area`). I and A_c are only known on
-    the k_c patches where c was drawn; the patches that show c are the only ones where they grow, so with n_c of them
-    in the dataset (`prevalence`, from the manifest's per-patch concept list) they are estimated as the drawn sums
-    scaled by s = n_c / k_c (I capped at F_u). A unit is labeled c when its estimated IoU with c exceeds `threshold`
-    (0.04, the detector criterion itself: nothing tuned) and c is its best among the drawn concepts.
+    The store gives every unit mask M_u on every image (`unit_mask_areas`), so F_u is exact, and so is F_u,c, the
+    unit's mask area on the n_c images that show c (`shown`, from the manifest's per-patch concept list: I only grows
+    there). The reviewer's k_c drawings of c tell which part of the unit's mask falls inside the concept there:
+    I = F_u,c · Σ_drawn |M_u ∩ G| / Σ_drawn |M_u| (a ratio estimate: a unit covering its concept the same way on
+    every image needs one drawing, whatever its firing varies by), capped at F_u; and A_c = Σ_drawn |G| · n_c / k_c
+    (at least the drawn area). A unit is labeled c when its estimated IoU with c exceeds `threshold` (0.04, the
+    detector criterion itself: nothing tuned) and c is its best among the drawn concepts.
 
     Why this beats CumulativeRule: that rule's union only counts the unit's firing on the drawn patches. A unit that
     fires on every mass then looks as good a detector of the margin of the masses that have one (their rim is inside
     the mass) as of mass, because on the margin drawings it fires nowhere else; over the dataset its firing on the
-    masses without that margin enlarges the union. Here F_u carries that evidence, and the scaled areas weigh each
-    concept by how much of the dataset it covers.
+    masses without that margin enlarges the union. Here F_u carries that evidence, and the areas weigh each concept by
+    how much of the dataset it covers. With every image that shows c drawn, the estimate is the dataset-level IoU.
     """
 
-    def __init__(self, store, layer: str, *, prevalence: Mapping[str, float], unit_area: np.ndarray | None = None,
+    def __init__(self, store, layer: str, *, shown: Mapping[str, Sequence[int]], image_area: np.ndarray | None = None,
                  threshold: float = DEFAULT_DATASET_THRESHOLD, level: float = DEFAULT_LEVEL):
         super().__init__(store, layer, threshold=threshold, level=level)
-        self.prevalence = {}
-        for c, n in dict(prevalence).items():
-            if not isinstance(n, (int, float, np.integer, np.floating)) or not np.isfinite(n) or n <= 0:
-                raise LabelError(f"prevalence of {c!r} must be a positive number of images, got {n!r}")
-            self.prevalence[str(c)] = float(n)
-        if unit_area is None:
+        if image_area is None:
             if store is None:
-                raise LabelError("DatasetRule without a store needs unit_area (the units' total mask areas)")
-            unit_area = unit_mask_area(store, self.layer, self.level)
-        area = np.asarray(unit_area, dtype=np.float64).reshape(-1)
-        if not np.isfinite(area).all() or (area < 0).any():
-            raise LabelError("unit_area must hold finite, non-negative pixel counts")
-        if store is not None and area.shape != (self.n_units,):
-            raise LabelError(f"unit_area has {area.shape[0]} units; layer {layer!r} has {self.n_units}")
-        self.unit_area = area
+                raise LabelError("DatasetRule without a store needs image_area (each unit's mask area per image)")
+            image_area = unit_mask_areas(store, self.layer, self.level)
+        area = np.asarray(image_area)
+        if area.ndim != 2 or not np.issubdtype(area.dtype, np.number) or not np.isfinite(area).all() \
+                or (area < 0).any():
+            raise LabelError(f"image_area must be (image, unit) non-negative pixel counts, got shape {area.shape}")
+        if store is not None and area.shape[1] != self.n_units:
+            raise LabelError(f"image_area has {area.shape[1]} units; layer {layer!r} has {self.n_units}")
+        self.n_units = area.shape[1]
+        self.unit_area = area.sum(axis=0, dtype=np.float64)  # F_u
+        self.n_shown: dict[str, int] = {}  # n_c
+        self.shown_area: dict[str, np.ndarray] = {}  # F_u,c
+        for c, idx in dict(shown).items():
+            idx = np.unique(np.asarray(idx).reshape(-1))
+            if idx.size == 0 or not np.issubdtype(idx.dtype, np.integer) or idx[0] < 0 or idx[-1] >= area.shape[0]:
+                raise LabelError(f"images showing {c!r} must be indices of the {area.shape[0]} store images, "
+                                 f"at least one")
+            self.n_shown[str(c)] = int(idx.size)
+            self.shown_area[str(c)] = area[idx].sum(axis=0, dtype=np.float64)
+
+    @classmethod
+    def from_counts(cls, n_units: int | None = None, **options) -> "DatasetRule":
+        """A rule without a store (tests, precomputed counts): `image_area` and `shown` are required options."""
+        rule = cls(None, "", **options)
+        if n_units is not None and int(n_units) != rule.n_units:
+            raise LabelError(f"image_area has {rule.n_units} units, not {n_units}")
+        rule.intersection = np.zeros((0, rule.n_units), np.int64)
+        rule.union = np.zeros((0, rule.n_units), np.int64)
+        return rule
 
     def add_counts(self, concept: str, area: np.ndarray, inter: np.ndarray, region_px: int) -> None:
-        if concept not in self.prevalence:
-            raise LabelError(f"no prevalence for concept {concept!r}: the manifest lists none of the store's images "
-                             f"as showing it (known: {', '.join(sorted(self.prevalence)) or 'none'})")
-        if self.unit_area.shape != (self.n_units,):
-            raise LabelError(f"unit_area has {self.unit_area.shape[0]} units; the rule has {self.n_units}")
+        if concept not in self.n_shown:
+            raise LabelError(f"no image is listed as showing {concept!r} (known: "
+                             f"{', '.join(sorted(self.n_shown)) or 'none'}): its share of the dataset is unknown")
         super().add_counts(concept, area, inter, region_px)
 
     def iou(self) -> np.ndarray:
         """float64 (concept, unit): the estimated dataset-level IoU (see the class docstring)."""
         if not self.concepts:
             return np.zeros((0, self.n_units))
-        k = np.array([self.drawings[c] for c in self.concepts], np.float64)
-        n = np.array([self.prevalence[c] for c in self.concepts])
-        scale = (np.maximum(n, k) / k)[:, None]  # a concept drawn on k images shows on at least k
-        inter = np.minimum(scale * self.intersection, self.unit_area[None, :])
-        missed = scale * self.region_px[:, None] - inter  # the concept's pixels outside the unit's mask
-        return inter / np.maximum(self.unit_area[None, :] + np.maximum(missed, 0), 1)
+        k = np.array([self.drawings[c] for c in self.concepts], np.float64)[:, None]
+        n = np.array([self.n_shown[c] for c in self.concepts], np.float64)[:, None]
+        f_c = np.stack([self.shown_area[c] for c in self.concepts])  # (concept, unit)
+        drawn_area = self.union - self.region_px[:, None] + self.intersection  # Σ_drawn |M_u|
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inside = np.where(drawn_area > 0, self.intersection / drawn_area, 0.0)
+        inter = np.minimum(f_c * inside, self.unit_area[None, :])
+        concept_area = self.region_px[:, None] * np.maximum(n, k) / k
+        return inter / np.maximum(self.unit_area[None, :] + np.maximum(concept_area - inter, 0), 1)

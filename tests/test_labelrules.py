@@ -18,8 +18,8 @@ from explain.labelrules import (
     DEFAULT_DATASET_THRESHOLD,
     CumulativeRule,
     DatasetRule,
-    concept_prevalence,
-    unit_mask_area,
+    images_showing,
+    unit_mask_areas,
 )
 from explain.labels import apply_ious, undo
 from explain.regions import MaskRegion
@@ -149,79 +149,90 @@ def test_from_session_reads_the_stored_regions(lesions):
 
 
 # -- the dataset-level estimate ----------------------------------------------------------------------------------------
+# 4 images: mass on 0, 1, 2 (n = 3), a rim on 2, 3 (n = 2); unit 0 fires 50 px on each image, unit 1 only on 0 and 3
+AREA = np.array([[50, 40], [50, 0], [50, 0], [50, 60]])
+SHOWN = {"mass": [0, 1, 2], "rim": [2, 3]}
+
+
 def test_dataset_rule_by_hand():
-    # unit 0 fires 200 px over the whole dataset, unit 1 400 px; mass shows on 10 images, its rim on 5
-    rule = DatasetRule.from_counts(2, unit_area=[200, 400], prevalence={"mass": 10, "rim": 5})
-    assert rule.threshold == DEFAULT_DATASET_THRESHOLD == 0.04 and rule.labels() == {}
-    # two mass drawings of 20 px: overlaps 10 and 6 each → scaled by 10 / 2 = 5: I = 100, 60; A = 200
-    for _ in range(2):
-        rule.add_counts("mass", area=[20, 30], inter=[10, 6], region_px=20)
-    np.testing.assert_allclose(rule.iou(), [[100 / (200 + 100), 60 / (400 + 140)]])
-    # one rim drawing of 12 px, scaled by 5: I = 10, 50; A = 60
-    rule.add_counts("rim", area=[20, 30], inter=[2, 10], region_px=12)
-    np.testing.assert_allclose(rule.iou()[1], [10 / (200 + 50), 50 / (400 + 10)])
-    assert rule.labels() == {0: "mass", 1: "rim"}  # 0.333 vs 0.04; 0.111 vs 0.122
-    # the cumulative rule on the same drawings: unit 1 fires on little else there, so its rim IoU looks larger
+    rule = DatasetRule.from_counts(image_area=AREA, shown=SHOWN)
+    assert rule.threshold == DEFAULT_DATASET_THRESHOLD == 0.04 and rule.labels() == {} and rule.n_units == 2
+    np.testing.assert_array_equal(rule.unit_area, [200, 100])  # F_u
+    # one mass drawing of 30 px on image 0: unit 0's 50 px cover 20 of it, unit 1's 40 px cover 30
+    rule.add_counts("mass", area=[50, 40], inter=[20, 30], region_px=30)
+    # I = F_u,mass · inside share: unit 0 150 · 20/50 = 60, unit 1 40 · 30/40 = 30; A = 30 · 3 = 90
+    np.testing.assert_allclose(rule.iou(), [[60 / (200 + 30), 30 / (100 + 60)]])
+    assert rule.labels() == {0: "mass", 1: "mass"}
+    # a rim drawing of 20 px on image 3: unit 0 covers 2 px of it, unit 1 covers all 20
+    rule.add_counts("rim", area=[50, 60], inter=[2, 20], region_px=20)
+    # I = F_u,rim · share: unit 0 100 · 2/50 = 4, unit 1 60 · 20/60 = 20; A = 20 · 2 = 40
+    np.testing.assert_allclose(rule.iou()[1], [4 / (200 + 36), 20 / (100 + 20)])
+    assert rule.labels() == {0: "mass", 1: "mass"}  # unit 1: mass 0.1875 beats rim 0.167
+    # the cumulative rule on the same drawings: on the rim patch unit 1 fires little beyond the rim, so rim wins
     cum = CumulativeRule.from_counts(2)
+    cum.add_counts("mass", area=[50, 40], inter=[20, 30], region_px=30)
+    cum.add_counts("rim", area=[50, 60], inter=[2, 20], region_px=20)
+    np.testing.assert_allclose(cum.iou(), [[20 / 60, 30 / 40], [2 / 68, 20 / 60]])
+    # a concept drawn on more images than listed counts as shown on those: A is at least the drawn area
+    twice = DatasetRule.from_counts(image_area=AREA, shown={"rim": [3]})
     for _ in range(2):
-        cum.add_counts("mass", area=[20, 30], inter=[10, 6], region_px=20)
-    cum.add_counts("rim", area=[20, 30], inter=[2, 10], region_px=12)
-    np.testing.assert_allclose(cum.iou(), [[20 / 60, 12 / 88], [2 / 30, 10 / 32]])
-    # the scaled overlap never exceeds the unit's whole area: unit 0 covers a 50-px region 10 times over → 200
-    capped = DatasetRule.from_counts(1, unit_area=[200], prevalence={"mass": 10})
-    capped.add_counts("mass", area=[60], inter=[50], region_px=50)
-    np.testing.assert_allclose(capped.iou(), [[200 / (200 + 300)]])
-    # a concept drawn on more images than its stated prevalence counts as shown on those (scale 1, not below)
-    few = DatasetRule.from_counts(1, unit_area=[100], prevalence={"mass": 1})
-    for _ in range(3):
-        few.add_counts("mass", area=[10], inter=[5], region_px=10)
-    np.testing.assert_allclose(few.iou(), [[15 / (100 + 15)]])
+        twice.add_counts("rim", area=[50, 60], inter=[0, 20], region_px=20)
+    np.testing.assert_allclose(twice.iou(), [[0, 20 / (100 + 40 - 20)]])
+    # the estimated overlap never exceeds the unit's whole area (unit 1 inside a region covering all of it)
+    full = DatasetRule.from_counts(image_area=AREA, shown={"mass": [0, 3]})
+    full.add_counts("mass", area=[50, 40], inter=[0, 40], region_px=400)
+    np.testing.assert_allclose(full.iou(), [[0, 100 / (100 + 800 - 100)]])
 
 
 def test_dataset_rule_bad_input_is_refused_and_changes_nothing():
-    with pytest.raises(LabelError, match="prevalence of 'mass'"):
-        DatasetRule.from_counts(2, unit_area=[1, 2], prevalence={"mass": 0})
-    with pytest.raises(LabelError, match="prevalence of 'mass'"):
-        DatasetRule.from_counts(2, unit_area=[1, 2], prevalence={"mass": float("nan")})
-    with pytest.raises(LabelError, match="needs unit_area"):
-        DatasetRule.from_counts(2, prevalence={"mass": 3})
+    with pytest.raises(LabelError, match="images showing 'mass'"):
+        DatasetRule.from_counts(image_area=AREA, shown={"mass": []})
+    with pytest.raises(LabelError, match="images showing 'mass'"):
+        DatasetRule.from_counts(image_area=AREA, shown={"mass": [0, 4]})  # 4 images: indices 0 … 3
+    with pytest.raises(LabelError, match="needs image_area"):
+        DatasetRule.from_counts(shown=SHOWN)
     with pytest.raises(LabelError, match="non-negative"):
-        DatasetRule.from_counts(2, unit_area=[1, -2], prevalence={"mass": 3})
-    rule = DatasetRule.from_counts(2, unit_area=[100, 100], prevalence={"mass": 3})
-    with pytest.raises(LabelError, match="no prevalence for concept 'film label'.*known: mass"):
+        DatasetRule.from_counts(image_area=-AREA, shown=SHOWN)
+    with pytest.raises(LabelError, match=r"shape \(8,\)"):
+        DatasetRule.from_counts(image_area=AREA.ravel(), shown=SHOWN)
+    with pytest.raises(LabelError, match="not 3"):
+        DatasetRule.from_counts(3, image_area=AREA, shown=SHOWN)
+    rule = DatasetRule.from_counts(image_area=AREA, shown=SHOWN)
+    with pytest.raises(LabelError, match="no image is listed as showing 'film label'.*known: mass, rim"):
         rule.add_counts("film label", area=[1, 2], inter=[0, 0], region_px=4)
-    assert rule.concepts == [] and rule.region_px.shape == (0,)
-    short = DatasetRule.from_counts(3, unit_area=[100, 100], prevalence={"mass": 3})
-    with pytest.raises(LabelError, match="unit_area has 2 units"):
-        short.add_counts("mass", area=[1, 2, 3], inter=[0, 0, 0], region_px=4)
+    with pytest.raises(LabelError, match="exceeds"):
+        rule.add_counts("mass", area=[1, 2], inter=[3, 0], region_px=4)
+    assert rule.concepts == [] and rule.region_px.shape == (0,) and rule.iou().shape == (0, 2)
 
 
 def test_dataset_rule_on_real_activations_is_the_dataset_iou_when_every_patch_is_drawn(lesions):
     store, manifest = lesions
     t = store.thresholds("features.1")
-    brute = sum(unit_masks(store.maps("features.1", i), t, (64, 64)).sum(axis=(1, 2)) for i in range(store.n_images))
-    np.testing.assert_array_equal(unit_mask_area(store, "features.1"), brute)
-    assert unit_mask_area(store, "features.1").sum() == brute.sum()  # the cached copy
+    brute = np.stack([unit_masks(store.maps("features.1", i), t, (64, 64)).sum(axis=(1, 2))
+                      for i in range(store.n_images)])
+    np.testing.assert_array_equal(unit_mask_areas(store, "features.1"), brute)
+    assert unit_mask_areas(store, "features.1") is unit_mask_areas(store, "features.1")  # computed once
     by_id = manifest.by_id()
-    prevalence = concept_prevalence(store, manifest)
-    assert prevalence["mass"] == sum("mass" in by_id[i].concepts for i in store.image_ids) > 0
-    # drawn on every patch of every split whose mask shows the concept: the scale is 1 and the estimate is exact
-    shown = {c: [(i, load_concept_masks(by_id[image_id], (64, 64), [c])[c]) for i, image_id in
+    shown = images_showing(store, manifest)
+    assert shown["mass"].tolist() == [i for i, image_id in enumerate(store.image_ids)
+                                      if "mass" in by_id[image_id].concepts]
+    # drawn on every patch whose mask shows the concept: the estimate is the dataset-level IoU over all splits
+    every = {c: [(i, load_concept_masks(by_id[image_id], (64, 64), [c])[c]) for i, image_id in
                  enumerate(store.image_ids) if c in by_id[image_id].masks] for c in ("mass", "calcification")}
-    shown = {c: [(i, m) for i, m in v if m.any()] for c, v in shown.items()}
-    rule = DatasetRule(store, "features.1", prevalence={c: len(v) for c, v in shown.items()})
-    for c, draws in shown.items():
+    every = {c: [(i, m) for i, m in v if m.any()] for c, v in every.items()}
+    rule = DatasetRule(store, "features.1", shown={c: [i for i, _ in v] for c, v in every.items()})
+    for c, draws in every.items():
         for i, m in draws:
             rule.add(i, c, m)
     res = dataset_concept_iou(store, manifest, ["features.1"], splits=("train", "val", "test"),
                               concepts=["mass", "calcification"])["features.1"]
     np.testing.assert_allclose(rule.iou(), res.iou.T[[res.concepts.index(c) for c in rule.concepts]])
     assert rule.labels() == {0: "mass", 1: "calcification"}
-    # from a few test drawings with the manifest's prevalence it finds the same units
-    few = DatasetRule(store, "features.1", prevalence=prevalence)
+    # from three test drawings per concept, with the manifest's lists, it finds the same units
+    few = DatasetRule(store, "features.1", shown=shown)
     for c in ("mass", "calcification"):
         for i, m in _drawings(store, manifest, c, 3):
             few.add(i, c, m)
     assert few.labels() == {0: "mass", 1: "calcification"}, few.iou()
-    with pytest.raises(LabelError, match="unit_area has 2 units"):
-        DatasetRule(store, "features.1", prevalence=prevalence, unit_area=[1, 2])
+    with pytest.raises(LabelError, match="image_area has 2 units"):
+        DatasetRule(store, "features.1", shown=shown, image_area=np.zeros((store.n_images, 2)))

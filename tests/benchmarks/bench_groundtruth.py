@@ -10,8 +10,8 @@ patches per inserted concept (k = 1 … 10) with the published labeling rule aft
 of the labeled units against the detectors. Three labeling rules run on the same drawings: the published rule (the
 app's default; figures `groundtruth/<concept>/…`) and the alternatives of explain.labelrules: CumulativeRule
 (cumulative IoU over the drawings of each concept, threshold tuned on train/val drawings; `groundtruth/cumulative/…`)
-and DatasetRule (the dataset-level IoU estimated from the drawings, the unit's whole mask area and the concept's
-prevalence in the manifest, thresholded at the detector criterion 0.04; `groundtruth/dataset/…`).
+and DatasetRule (the dataset-level IoU estimated from the drawings, the unit masks of every store image and the
+manifest's list of what each patch shows, thresholded at the detector criterion 0.04; `groundtruth/dataset/…`).
 Goals (at k = 5) apply to the store's deepest layer, the dissection layer, for every rule; the other layers are
 reported without goals. The whole report is logged as an mlflow run in experiment
 "conceptlens-groundtruth" (its id is in the notes).
