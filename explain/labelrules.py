@@ -102,9 +102,17 @@ class CumulativeRule:
         `options` as the class's keyword arguments (threshold, level, …)."""
         from .labels import regions_for
 
+        return cls.from_regions(store, layer, regions_for(db, session=session, author=author), concepts=concepts,
+                                **options)
+
+    @classmethod
+    def from_regions(cls, store, layer: str, regions, *, concepts: Sequence[str] | None = None,
+                     **options) -> "CumulativeRule":
+        """The rule fed with stored regions (explain.labels.RegionRecord: image_id, concept, mask()); several regions
+        of one concept on one image count once, as their union."""
         rule = cls(store, layer, **options)
         merged: dict[tuple[str, str], np.ndarray] = {}  # (image id, concept) → union of its regions
-        for rec in regions_for(db, session=session, author=author):
+        for rec in regions:
             if concepts is not None and rec.concept not in concepts:
                 continue
             m = rec.mask()

@@ -82,6 +82,7 @@ from .errors import (
 from .regions import MaskRegion, RegionSpec, rasterize_regions, regions_from_json, regions_to_json
 
 __all__ = [
+    "DatasetLabelRule",
     "LabelRule",
     "LabelResult",
     "UndoResult",
@@ -127,13 +128,27 @@ class LabelRule:
 
 
 @dataclass(frozen=True)
+class DatasetLabelRule:
+    """The alternative rule measured against ground truth (explain.labelrules.DatasetRule): after each drawing, every
+    unit takes the drawn concept whose dataset-level IoU, estimated from all of the author's drawings in the session,
+    is its highest and above `threshold` (0.04, Network Dissection's detector criterion); a unit whose estimate no
+    longer clears it for any drawn concept loses its label. Labels named by hand are never touched."""
+
+    threshold: float = 0.04
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.threshold) < 1.0:
+            raise LabelError(f"rule threshold must be in [0, 1), got {self.threshold!r}")
+
+
+@dataclass(frozen=True)
 class LabelResult:
     action_id: int
     region_id: int | None
     layer: str
     concept: str
     image_id: str | None
-    changed: dict[int, tuple[str | None, str]]  # unit → (previous concept or None, new concept)
+    changed: dict[int, tuple[str | None, str | None]]  # unit → (previous concept or None, new concept or None)
     ious: np.ndarray | None = field(default=None, repr=False)  # float32 (unit,) when computed (None on a replay)
     replayed: bool = False  # True: this request_id was stored before; nothing was written now
     session: int = WORKSPACE_SESSION
@@ -324,6 +339,38 @@ def _set_label(session, action: LabelAction, layer: str, unit: int, existing: Un
                             before=before, after=existing.snapshot()))
 
 
+def _remove_label(session, action: LabelAction, layer: str, unit: int, existing: UnitLabel) -> None:
+    session.add(LabelChange(session_id=action.session_id, action_id=action.id, layer=layer, unit=unit,
+                            before=existing.snapshot(), after=None))
+    session.delete(existing)
+
+
+def _apply_dataset_rule(s, store, action: LabelAction, current: dict[int, UnitLabel], *, rule: DatasetLabelRule,
+                        level: float, shown, now) -> dict[int, tuple[str | None, str | None]]:
+    """The dataset rule over every drawing of the action's author in its session (the new one included, flushed):
+    units whose estimated best concept changed take it (or lose their label); hand-named labels stay."""
+    from .labelrules import DatasetRule
+
+    q = select(Region).where(Region.session_id == action.session_id, Region.author == action.author,
+                             Region.deleted_at.is_(None)).order_by(Region.id)
+    est = DatasetRule.from_regions(store, action.layer, _region_records(s, q), concepts=list(shown), shown=shown,
+                                   threshold=rule.threshold, level=level)
+    targets, iou = est.labels(), est.iou()
+    changed: dict[int, tuple[str | None, str | None]] = {}
+    for unit in sorted(set(targets) | set(current)):
+        old, new = current.get(unit), targets.get(unit)
+        if old is not None and old.iou is None:
+            continue  # named by hand: never overridden
+        if new is None and old is not None:
+            changed[unit] = (old.concept, None)
+            _remove_label(s, action, action.layer, unit, old)
+        elif new is not None and (old is None or old.concept != new):
+            changed[unit] = (old.concept if old is not None else None, new)
+            _set_label(s, action, action.layer, unit, old, concept=new, iou=float(iou[est.concepts.index(new), unit]),
+                       author=action.author, image_id=action.image_id, region_id=action.region_id, now=now)
+    return changed
+
+
 def _last_writer(s, sid: int, layer: str, unit: int, author: str) -> tuple[str | None, object]:
     """(who, when) of the latest action that changed `author`'s label of a unit (for conflict messages)."""
     q = (select(LabelChange, LabelAction).join(LabelAction, LabelAction.id == LabelChange.action_id)
@@ -337,15 +384,17 @@ def _last_writer(s, sid: int, layer: str, unit: int, author: str) -> tuple[str |
 
 # -- labeling ----------------------------------------------------------------------------------------------------------
 def label_region(db: Database, store, *, layer: str, image, region, concept: str, author: str,
-                 rule: LabelRule = LabelRule(), level: float = DEFAULT_LEVEL,
+                 rule: LabelRule | DatasetLabelRule = LabelRule(), level: float = DEFAULT_LEVEL,
                  dissect: UnitIoU | None = None, session: int = WORKSPACE_SESSION,
-                 request_id: str | None = None) -> LabelResult:
+                 request_id: str | None = None, shown=None) -> LabelResult:
     """Store a drawn region, compute its IoU with every unit of `layer` on `image`, and apply the rule to the
     author's own labels in `session`.
 
     image: id or index in `store`; region: bool mask (y, x), region specs, or their JSON, in patch coordinates.
     `dissect` (a UnitIoU for this store and layer) avoids rebuilding thresholds and geometry per call.
     `request_id`: a client-chosen key; repeating it returns the first result (`replayed=True`), writing nothing.
+    `shown` ({concept: store indices of the images showing it}, explain.labelrules.images_showing): needed by
+    DatasetLabelRule; drawings of concepts it does not list are stored but weigh in no unit's label.
     """
     n_units = _check_layer(store, layer)
     index = resolve_image(store, image)
@@ -363,7 +412,7 @@ def label_region(db: Database, store, *, layer: str, image, region, concept: str
     assert ious.shape == (n_units,)
     return apply_ious(db, store, layer=layer, image=store.image_ids[index], concept=concept, author=author,
                       ious=ious, specs=specs, mask=mask, rule=rule, rule_extra={"level": float(level)},
-                      session=sid, request_id=request_id)
+                      session=sid, request_id=request_id, shown=shown)
 
 
 def _replay(db: Database, sid: int, author: str, request_id: str, *, layer: str, image_id: str | None,
@@ -389,12 +438,13 @@ def _replay_in(s, sid: int, author: str, request_id: str, *, layer: str, image_i
 
 
 def apply_ious(db: Database, store, *, layer: str, image, concept: str, author: str, ious: np.ndarray,
-               specs: Sequence[RegionSpec], mask: np.ndarray | None = None, rule: LabelRule = LabelRule(),
-               rule_extra: dict | None = None, session: int = WORKSPACE_SESSION,
-               request_id: str | None = None) -> LabelResult:
+               specs: Sequence[RegionSpec], mask: np.ndarray | None = None,
+               rule: LabelRule | DatasetLabelRule = LabelRule(), rule_extra: dict | None = None,
+               session: int = WORKSPACE_SESSION, request_id: str | None = None, shown=None) -> LabelResult:
     """Store the region `specs` and apply the rule to precomputed IoUs (unit,) — one transaction.
 
-    For callers that computed the IoUs themselves (label_region, the simulated reviewer).
+    For callers that computed the IoUs themselves (label_region, the simulated reviewer). DatasetLabelRule reads
+    the author's drawings of the session instead of `ious` and needs `shown` (see label_region).
     """
     n_units = _check_layer(store, layer)
     image_id = store.image_ids[resolve_image(store, image)]
@@ -406,6 +456,16 @@ def apply_ious(db: Database, store, *, layer: str, image, concept: str, author: 
         raise LabelError(f"{ious.shape[0]} IoUs for the {n_units} units of layer {layer!r}")
     if not np.isfinite(ious).all() or (ious < 0).any() or (ious > 1).any():
         raise LabelError(f"IoUs of layer {layer!r} must lie in [0, 1]")
+    if isinstance(rule, DatasetLabelRule):
+        if shown is None:
+            raise LabelError("the dataset rule needs the images showing each concept (shown=, from "
+                             "explain.labelrules.images_showing)")
+        rule_json = {"kind": "dataset", **asdict(rule)}
+    elif isinstance(rule, LabelRule):
+        rule_json = {"kind": "published", **asdict(rule)}
+    else:
+        raise LabelError(f"unknown labeling rule {rule!r}")
+    level = float((rule_extra or {}).get("level", DEFAULT_LEVEL))
     shape = patch_size(store)
     specs = list(specs)
     if mask is None:
@@ -427,22 +487,25 @@ def apply_ious(db: Database, store, *, layer: str, image, concept: str, author: 
             s.add(reg)
             s.flush()
             action = LabelAction(session_id=sid, kind="region", layer=layer, concept=concept, image_id=image_id,
-                                 region_id=reg.id, rule={**asdict(rule), **(rule_extra or {})}, author=author,
+                                 region_id=reg.id, rule={**rule_json, **(rule_extra or {})}, author=author,
                                  created_at=now, request_id=request_id)
             s.add(action)
             s.flush()  # a concurrent twin with the same request_id fails here (unique constraint)
             current = _current(s, sid, author, layer)
-            behind = np.zeros(n_units)
-            for unit, lab in current.items():
-                if 0 <= unit < n_units:
-                    behind[unit] = np.inf if lab.iou is None else lab.iou
-            take = decide_labels(ious, behind, rule)
-            changed: dict[int, tuple[str | None, str]] = {}
-            for unit in np.flatnonzero(take).tolist():
-                old = current.get(unit)
-                changed[unit] = (old.concept if old is not None else None, concept)
-                _set_label(s, action, layer, unit, old, concept=concept, iou=float(ious[unit]), author=author,
-                           image_id=image_id, region_id=reg.id, now=now)
+            changed: dict[int, tuple[str | None, str | None]] = {}
+            if isinstance(rule, DatasetLabelRule):
+                changed = _apply_dataset_rule(s, store, action, current, rule=rule, level=level, shown=shown, now=now)
+            else:
+                behind = np.zeros(n_units)
+                for unit, lab in current.items():
+                    if 0 <= unit < n_units:
+                        behind[unit] = np.inf if lab.iou is None else lab.iou
+                take = decide_labels(ious, behind, rule)
+                for unit in np.flatnonzero(take).tolist():
+                    old = current.get(unit)
+                    changed[unit] = (old.concept if old is not None else None, concept)
+                    _set_label(s, action, layer, unit, old, concept=concept, iou=float(ious[unit]), author=author,
+                               image_id=image_id, region_id=reg.id, now=now)
             action.n_changed = len(changed)
             audit(s, actor=author, action="label.region", session_id=sid, target=f"action:{action.id}",
                   detail={"layer": layer, "image": image_id, "concept": concept, "region": reg.id,
@@ -541,10 +604,15 @@ def undo(db: Database, action_id: int, *, author: str, session: int = WORKSPACE_
         ensure_author(s, author)
         rows = {}
         for ch in changes:
-            owner = (ch.after or {}).get("author", action.author)
+            owner = (ch.after or ch.before or {}).get("author", action.author)
             lab = s.get(UnitLabel, (sid, owner, ch.layer, ch.unit))
+            if ch.after is None:  # the action removed this label (dataset rule): nothing may have labeled it since
+                if lab is not None:
+                    raise LabelError(f"cannot undo action {action.id}: unit {ch.unit} of layer {ch.layer!r} was "
+                                     f"labeled since by action {lab.action_id}; undo that first")
+                continue
             if lab is None or lab.action_id != action.id:
-                later = lab.action_id if lab is not None else "an earlier undo"
+                later = lab.action_id if lab is not None else "a later action or undo that removed it"
                 raise LabelError(f"cannot undo action {action.id}: unit {ch.unit} of layer {ch.layer!r} was "
                                  f"changed since by action {later}; undo that first")
             rows[ch.id] = lab
@@ -555,6 +623,12 @@ def undo(db: Database, action_id: int, *, author: str, session: int = WORKSPACE_
         s.flush()
         restored: dict[int, str | None] = {}
         for ch in changes:
+            if ch.after is None:  # give the removed label back
+                s.add(_label_from_snapshot(sid, ch.layer, ch.unit, ch.before))
+                restored[ch.unit] = ch.before["concept"]
+                s.add(LabelChange(session_id=sid, action_id=rec.id, layer=ch.layer, unit=ch.unit, before=None,
+                                  after=ch.before))
+                continue
             lab = rows[ch.id]
             after = lab.snapshot()
             b = ch.before
@@ -716,10 +790,14 @@ def regions_for(db: Database, concept: str | None = None, *, image: str | None =
     if not include_deleted:
         q = q.where(Region.deleted_at.is_(None))
     with db.read() as s:
-        return [RegionRecord(id=r.id, image_id=r.image_id, concept=r.concept, specs=regions_from_json(r.spec),
-                             shape=(r.height, r.width), area=r.area, author=r.author, created_at=r.created_at,
-                             session=r.session_id, version=r.version)
-                for r in s.scalars(q)]
+        return _region_records(s, q)
+
+
+def _region_records(s, q) -> list[RegionRecord]:
+    return [RegionRecord(id=r.id, image_id=r.image_id, concept=r.concept, specs=regions_from_json(r.spec),
+                         shape=(r.height, r.width), area=r.area, author=r.author, created_at=r.created_at,
+                         session=r.session_id, version=r.version)
+            for r in s.scalars(q)]
 
 
 def mark_image(db: Database, store, *, image, concept: str, present: bool, author: str,

@@ -235,3 +235,50 @@ def test_report_is_a_self_contained_download(api, target):
     html = r.get_data(as_text=True)
     assert html.lstrip().lower().startswith("<!doctype html")
     assert not re.search(r'<(script|link|img)[^>]+(src|href)="https?://', html)  # nothing fetched from elsewhere
+
+
+def test_the_dataset_labeling_rule_is_served_by_configuration(api):
+    """With AppConfig.label_rule = "dataset" a drawing relabels the author's units to what explain.labelrules.
+    DatasetRule estimates from all of their drawings in the session; the action records which rule ran."""
+    import numpy as np
+
+    from explain.groundtruth import load_concept_masks
+    from explain.labelrules import DatasetRule, images_showing
+    from explain.labels import current_labels
+    from store.accounts import add_member, create_user
+    from store.annotations import LabelAction
+    from vis.app import AppConfig, app_config_from_env, create_app
+
+    _app, settings, db = api
+    assert app_config_from_env({"CONCEPTLENS_LABEL_RULE": "dataset"}).label_rule == "dataset"
+    with pytest.raises(ValueError, match="label_rule must be one of published, dataset"):
+        AppConfig(label_rule="majority")
+    app = create_app(settings, config=AppConfig(label_rule="dataset"))
+    create_user(db, name="dina", role="radiologist", password=PASSWORD, actor="test")
+    add_member(db, 1, "dina", actor="test")
+    dina = client_for(app, "dina")
+    wb = app.server.extensions["conceptlens"]
+    store, manifest, layer = wb.store(), wb.manifest(), wb.layer()
+    shown = images_showing(store, manifest)
+    by_id = manifest.by_id()
+    drawn = 0
+    for concept in ("mass", "calcification", "mass", "calcification", "mass"):
+        # the next store patch showing the concept: its ground-truth mask's bounding box as the drawn rectangle
+        while True:
+            image = store.image_ids[shown[concept][drawn]]
+            drawn += 1
+            m = load_concept_masks(by_id[image], wb.patch_size(), [concept])[concept]
+            if m.sum() >= 16:
+                break
+        ys, xs = np.nonzero(m)
+        region = [{"type": "rect", "x0": int(xs.min()), "y0": int(ys.min()), "x1": int(xs.max()) + 1,
+                   "y1": int(ys.max()) + 1}]
+        r = label(dina, {"image": image, "layer": layer, "concept": concept, "region": region,
+                         "request_id": uuid.uuid4().hex})
+        assert r.status_code == 201, r.get_json()
+        expected = DatasetRule.from_session(db, store, layer, session=1, author="dina", shown=shown).labels()
+        assert current_labels(db, layer, session=1, author="dina") == expected
+    assert set(expected.values()) == {"mass", "calcification"}
+    with db.read() as s:
+        rule = s.scalar(select(LabelAction.rule).where(LabelAction.author == "dina").order_by(LabelAction.id.desc()))
+    assert rule == {"kind": "dataset", "threshold": 0.04, "level": 0.99}

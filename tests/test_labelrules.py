@@ -21,7 +21,7 @@ from explain.labelrules import (
     images_showing,
     unit_mask_areas,
 )
-from explain.labels import apply_ious, undo
+from explain.labels import DatasetLabelRule, apply_ious, current_labels, label_region, name_unit, regions_for, undo
 from explain.regions import MaskRegion
 from store.annotations import open_database
 from store.manifest import read_manifest
@@ -236,3 +236,62 @@ def test_dataset_rule_on_real_activations_is_the_dataset_iou_when_every_patch_is
     assert few.labels() == {0: "mass", 1: "calcification"}, few.iou()
     with pytest.raises(LabelError, match="image_area has 2 units"):
         DatasetRule(store, "features.1", shown=shown, image_area=np.zeros((store.n_images, 2)))
+
+
+def test_the_dataset_rule_in_the_annotation_database_follows_the_estimate_with_provenance_and_undo(lesions):
+    store, manifest = lesions
+    db = open_database("sqlite://")
+    shown = images_showing(store, manifest)
+    rule = DatasetLabelRule()
+    args = dict(layer="features.1", author="ana", rule=rule, shown=shown)
+    memory = DatasetRule(store, "features.1", shown=shown)
+    draws = [(c, i, m) for k in range(3) for c in ("mass", "calcification")
+             for i, m in [_drawings(store, manifest, c, 3)[k]]]
+    results = []
+    for c, i, m in draws:  # after every drawing the stored labels are the rule's, computed from the session
+        results.append(label_region(db, store, image=i, region=m, concept=c, **args))
+        memory.add(i, c, m)
+        assert current_labels(db, "features.1") == memory.labels()
+        if len(results) == 1:
+            first_estimate = memory.iou()[0, 0]  # unit 0's estimated IoU with mass when it took the label
+    assert current_labels(db, "features.1") == {0: "mass", 1: "calcification"}
+    first = results[0]
+    assert first.changed == {0: (None, "mass")}
+    unit0 = _unit_labels(db)[0]  # (unit, concept, iou, image, region, action, version)
+    assert unit0[:2] == (0, "mass") and unit0[5] == results[0].action_id and unit0[3] == store.image_ids[draws[0][1]]
+    assert 0.04 < unit0[2] == pytest.approx(first_estimate, rel=1e-6)  # the evidence when it was labeled
+    # whole-patch "mass" drawings on calcification patches, where unit 0 never fires: the estimated mass area grows
+    # until unit 0's IoU with mass falls under 0.04 and it loses the label; undo gives it back exactly
+    before = _unit_labels(db)
+    removed = None
+    by_id = manifest.by_id()
+    for i in [i for i, image_id in enumerate(store.image_ids) if "mass" not in by_id[image_id].concepts][:12]:
+        res = label_region(db, store, image=i, region=np.ones((64, 64), bool), concept="mass", **args)
+        if 0 in res.changed:
+            removed = res
+            break
+    assert removed is not None and removed.changed[0] == ("mass", None)
+    assert 0 not in current_labels(db, "features.1")
+    undo(db, removed.action_id, author="ana")
+    assert current_labels(db, "features.1")[0] == "mass"
+    assert _unit_labels(db) == before  # concept, IoU, provenance, version: exactly as before
+    # a label named by hand is never overridden or removed by the rule
+    name_unit(db, store, layer="features.1", unit=1, concept="mass", author="ana")
+    label_region(db, store, image=draws[1][1], region=draws[1][2], concept="calcification", **args)
+    assert current_labels(db, "features.1")[1] == "mass"
+    # without the images showing each concept the rule refuses, and nothing is stored
+    n = len(regions_for(db))
+    with pytest.raises(LabelError, match="images showing each concept"):
+        label_region(db, store, image=draws[0][1], region=draws[0][2], concept="mass", layer="features.1",
+                     author="ana", rule=rule)
+    assert len(regions_for(db)) == n
+
+
+def _unit_labels(db):
+    from sqlalchemy import select
+
+    from store.annotations import UnitLabel
+
+    with db.read() as s:
+        return sorted((lab.unit, lab.concept, lab.iou, lab.image_id, lab.region_id, lab.action_id, lab.version)
+                      for lab in s.scalars(select(UnitLabel)))

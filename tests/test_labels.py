@@ -170,7 +170,8 @@ def test_label_region_uses_the_unit_iou_of_the_drawn_region(db, store):
     assert rec2.specs == region and rec2.id == r2.region_id
     np.testing.assert_array_equal(rec2.mask(), rasterize_regions(region, (64, 64)))
     hist = label_history(db, layer=L1)
-    assert hist[0]["action"]["rule"] == {"threshold": 0.01, "above_current": True, "level": 0.99}
+    assert hist[0]["action"]["rule"] == {"kind": "published", "threshold": 0.01, "above_current": True,
+                                        "level": 0.99}
 
 
 # -- bad input: clear errors, nothing stored changes -------------------------------------------------------------------

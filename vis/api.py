@@ -170,10 +170,10 @@ def _label(db, wb, *, session: int, author: str, args: dict):
     from sqlalchemy.exc import IntegrityError
 
     from explain.errors import ExplainError
-    from explain.labels import LabelRule, label_region
+    from explain.labels import label_region
 
-    kwargs = dict(args, session=session, author=author, rule=LabelRule(threshold=wb.config.iou_threshold),
-                  level=wb.config.mask_level, dissect=wb._unit_iou(args["layer"]))
+    kwargs = dict(args, session=session, author=author, level=wb.config.mask_level,
+                  dissect=wb._unit_iou(args["layer"]), **wb.label_rule_args())
     for attempt in range(2):
         try:
             return label_region(db, wb.store(), **kwargs)

@@ -29,6 +29,7 @@ from pathlib import Path
 __all__ = ["AppConfig", "app_config_from_env", "create_app", "create_server", "serve_main", "mlflow_ui_main"]
 
 HERE = Path(__file__).resolve().parent
+LABEL_RULES = ("published", "dataset")
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,16 @@ class AppConfig:
     max_body_bytes: int = 1 << 20  # largest callback body (a drawn region of ~20 000 vertices fits)
     flagged_threshold: float = 0.5  # a patch is flagged when P(lesion) reaches this
     max_flagged: int = 16
-    iou_threshold: float = 0.2  # units above it are highlighted (and labeled by the rule)
+    iou_threshold: float = 0.2  # units above it are highlighted (and labeled by the published rule)
     mask_level: float = 0.99  # activation quantile that thresholds a unit's map into its mask
+    # "published": a drawing labels the units whose IoU with it is above iou_threshold (and above their label's);
+    # "dataset": every drawing re-estimates each unit's dataset-level IoU with each drawn concept and labels by
+    # Network Dissection's criterion (explain.labels.DatasetLabelRule; it measures better against ground truth)
+    label_rule: str = "published"
+
+    def __post_init__(self):
+        if self.label_rule not in LABEL_RULES:
+            raise ValueError(f"label_rule must be one of {', '.join(LABEL_RULES)}, got {self.label_rule!r}")
 
 
 def _secret_key(settings) -> str:
@@ -135,7 +144,7 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
             pass
 
 
-ENV_FIELDS = ("store", "dataset", "model")  # AppConfig fields that CONCEPTLENS_<FIELD> sets
+ENV_FIELDS = ("store", "dataset", "model", "label_rule")  # AppConfig fields that CONCEPTLENS_<FIELD> sets
 
 
 def app_config_from_env(env=None, **overrides) -> AppConfig:

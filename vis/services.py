@@ -638,6 +638,17 @@ class Workbench:
             out.add(check_int(c, f"selected {what}", lo=0, hi=10**7))
         return sorted(out)
 
+    def label_rule_args(self) -> dict:
+        """label_region's `rule` (and `shown`) for the configured labeling rule (AppConfig.label_rule)."""
+        from explain.labels import DatasetLabelRule, LabelRule
+
+        if self.config.label_rule == "dataset":
+            from explain.labelrules import images_showing
+
+            shown = self._handle("images-showing", lambda: images_showing(self.store(), self.manifest()))
+            return {"rule": DatasetLabelRule(), "shown": shown}
+        return {"rule": LabelRule(threshold=self.config.iou_threshold)}
+
     def _unit_iou(self, layer: str):
         from explain.dissection import UnitIoU
 
@@ -878,7 +889,7 @@ class Workbench:
     def label_units(self, state, *, regions, concept, layer, actions, session):
         """Apply the labeling rule to the drawn region in a review session; returns (this tab's action ids,
         message). The session is checked (member or AccessDenied) before anything is read or written."""
-        from explain.labels import LabelRule, label_region
+        from explain.labels import label_region
         from explain.regions import parse_plotly_shapes
 
         from . import figures
@@ -896,9 +907,11 @@ class Workbench:
             return actions, message("No region", "draw the concept on the patch first.", color="info")
         result = label_region(self.db(), self.store(), layer=layer, image=state["image"],
                               region=parse_plotly_shapes(regions), concept=concept, author=self.user(),
-                              session=sid, rule=LabelRule(threshold=self.config.iou_threshold), level=self.config.mask_level,
-                              dissect=self._unit_iou(layer))
+                              session=sid, level=self.config.mask_level, dissect=self._unit_iou(layer),
+                              **self.label_rule_args())
         name = figures.concept_name(concept)
+        if self.config.label_rule == "dataset":
+            return [*actions, result.action_id], self._dataset_rule_message(result, layer, concept)
         if not result.changed:
             best = float(result.ious.max()) if result.ious is not None else 0.0
             text = (f"no unit of {layer} has IoU > {self.config.iou_threshold:g} with this region (best {best:.2f}) "
@@ -909,6 +922,27 @@ class Workbench:
         return [*actions, result.action_id], message(f"Labeled {len(units)} unit(s) as {name}",
                                                      f"on {layer}: {shown}. Undo reverts exactly this.",
                                                      color="success")
+
+    def _dataset_rule_message(self, result, layer: str, concept: str):
+        from . import figures
+        from .components import message
+
+        name = figures.concept_name(concept)
+        if not result.changed:
+            listed = concept in self.label_rule_args()["shown"]
+            text = (f"no unit of {layer} changed: the estimated dataset-level IoUs keep every label; the region "
+                    f"is kept for the probe." if listed else
+                    f"the dataset lists no image showing {name}, so the dataset rule cannot weigh it; the region is "
+                    f"kept for the probe.")
+            return message("Nothing relabeled", text, color="info")
+        parts = []
+        for new in sorted({n for _, n in result.changed.values()}, key=lambda c: (c is None, c or "")):
+            units = sorted(u for u, (_, n) in result.changed.items() if n == new)
+            listed = ", ".join(str(u) for u in units[:12]) + (" …" if len(units) > 12 else "")
+            parts.append(f"{'unlabeled' if new is None else figures.concept_name(new)}: {listed}")
+        return message(f"Relabeled {len(result.changed)} unit(s) of {layer}",
+                       "; ".join(parts) + " (dataset rule: estimated dataset-level IoU > 0.04 with the unit's best "
+                       "drawn concept). Undo reverts exactly this.", color="success")
 
     def undo_last(self, actions, *, session):
         """Undo this tab's last labeling action in a review session; returns (remaining action ids, message).
