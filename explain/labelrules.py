@@ -218,8 +218,9 @@ def unit_mask_areas(store, layer: str, level: float = DEFAULT_LEVEL, *, block: i
     out = np.zeros((store.n_images, thresholds.shape[0]), np.int32)
     for start in range(0, store.n_images, block):
         stop = min(start + block, store.n_images)
-        for i, maps in enumerate(store.maps_many(layer, np.arange(start, stop)), start):
-            out[i] = mask_counts(maps, thresholds, None, grid=grid)[0]
+        maps = store.maps_many(layer, np.arange(start, stop))  # (image, unit, y, x): one call, images × units
+        area, _ = mask_counts(maps.reshape(-1, *maps.shape[2:]), np.tile(thresholds, stop - start), None, grid=grid)
+        out[start:stop] = area.reshape(stop - start, -1)
     out.setflags(write=False)
     with _AREA_LOCK:
         _AREA_CACHE[key] = out
