@@ -16,13 +16,16 @@ reference (`reference_unit_iou`, a Python loop over units with F.interpolate):
 
 - Output rows (and columns) fall into segments that share the same two source rows and are not clamped; inside a
   segment × segment cell every upsampled value is a convex combination of the cell's four corner values.
-  A cell whose smallest corner is above the threshold (plus a float margin) is inside the mask entirely, one whose
-  largest corner is below is outside: their areas and region overlaps come from cell sums, no pixel is evaluated.
+  One comparison per map value leaves the few windows (source rows i, i+1 × columns j, j+1: one to four cells)
+  that may reach the threshold. A window whose smallest corner is above the threshold (plus a float margin) is
+  inside the mask entirely: its area and region overlap come from window sums, no pixel is evaluated.
 - In the remaining (boundary) cells, each output column is a linear function of the row weight λ, so the rows above
-  the threshold form one run found by a binary search over the cell's row weights; region pixels in that run come
-  from a column prefix sum of the region. Rows whose value is within the float margin of the threshold are
-  evaluated exactly with torch's own arithmetic (float32 with fused multiply-add, as its CPU kernel does), so the
-  counts equal the reference pixel for pixel on this machine; elsewhere they can differ only at values within one
+  the threshold form one run whose ends are counted from λ with one float32 multiply-add (all columns of all
+  boundary cells at once). A cell without region pixels adds nothing to the overlap and a cell inside the region
+  adds its area; only the cells across the region's edge take each run's region pixels from a column prefix sum.
+  Rows whose value is within the float margin of the threshold are evaluated exactly with torch's own arithmetic
+  (float32 with fused multiply-add, as its CPU kernel does on patches of more than 4096 pixels), so the counts
+  equal the reference pixel for pixel on this machine; elsewhere they can differ only at values within one
   rounding of the threshold.
 Everything is vectorized over units and cells (numpy); nothing loops over units in Python.
 """
@@ -78,8 +81,9 @@ class _Axis:
     """Bilinear weights along one axis (n_in → n_out, align_corners=False) and their grouping into segments.
 
     A segment is a run of output indices with the same two source indices (clamped ones apart): inside it the
-    weight l1 grows by a constant step, so the number of rows with l1 <= λ is one division (`count_le`); `slack`
-    is the largest deviation of the float32 weights from that line, added to every classification margin.
+    weight l1 grows by a constant step, so the number of rows with l1 <= λ is ⌊λ·rate + offset⌋ clipped to
+    [0, length] (float32, one multiply-add); `slack` bounds the deviation of the float32 weights from that line
+    and the rounding of that count, in units of λ, and is added to every classification margin.
     """
 
     n_in: int
@@ -90,8 +94,8 @@ class _Axis:
     length: np.ndarray  # int64 (segment,)
     i0: np.ndarray  # int64 (segment,): lower source index
     i1: np.ndarray  # int64 (segment,): upper source index (= i0 at the last one)
-    first: np.ndarray  # float64 (segment,): l1 of the first index
-    step: np.ndarray  # float64 (segment,): l1 increment per index (1e-300 where clamped, i.e. constant)
+    rate: np.ndarray  # float32 (segment,): indices per unit of l1 (1 / step; 1e30 where clamped, i.e. constant)
+    offset: np.ndarray  # float32 (segment,): 1 − rate · (l1 of the first index)
     slack: float
     width: int  # longest segment
     # a window gathers the outputs whose lower source index is i (one or two segments: clamped ones apart)
@@ -114,16 +118,22 @@ class _Axis:
         seg_key = i0 * 2 + clamped
         start = np.flatnonzero(np.r_[True, seg_key[1:] != seg_key[:-1]])
         length = np.diff(np.r_[start, n_out])
-        # clamped runs have constant weights: a step of 1e-300 turns "l1 <= λ" into "λ >= first" in count_le
-        step = np.where(clamped[start], 1e-300, float(scale))
         first = l1[start].astype(np.float64)
         seg_of = np.repeat(np.arange(len(start)), length)
-        offset = np.arange(n_out) - start[seg_of]
-        line = first[seg_of] + np.where(clamped, 0.0, offset * float(scale))
-        slack = float(np.abs(l1.astype(np.float64) - line).max()) * 2 + 1e-6  # + float32 λ arithmetic
+        index = np.arange(n_out) - start[seg_of]
+        line = first[seg_of] + np.where(clamped, 0.0, index * float(scale))
+        # clamped runs have constant weights l1 = 0: a rate of 1e30 turns "l1 <= λ" into "λ >= 0" (at exactly 0 it
+        # counts one index, not all: that λ is a band end ± slack, and rows that far from the band count right
+        # whether they are taken as surely above/below or evaluated exactly)
+        rate = np.where(clamped[start], 1e30, 1 / float(scale))
+        offset = 1 - rate * np.where(clamped[start], 0.0, first)
+        # + float32 λ arithmetic (1e-6) + float32 rounding of λ·rate + offset (a few ulps of length + 1 indices,
+        # i.e. under 1e-6 · (1 + step) in λ)
+        slack = float(np.abs(l1.astype(np.float64) - line).max()) * 2 + 2e-6 + 1e-6 * float(scale)
         src_idx = np.arange(n_in)
         return cls(n_in=n_in, n_out=n_out, l0=l0, l1=l1, start=start, length=length, i0=i0[start],
-                   i1=np.minimum(i0[start] + 1, n_in - 1), first=first, step=step, slack=slack,
+                   i1=np.minimum(i0[start] + 1, n_in - 1), rate=rate.astype(_F32), offset=offset.astype(_F32),
+                   slack=slack,
                    width=int(length.max()),
                    win_start=np.searchsorted(i0, src_idx, side="left"),
                    win_length=np.searchsorted(i0, src_idx, side="right") - np.searchsorted(i0, src_idx, side="left"),
@@ -134,13 +144,6 @@ class _Axis:
     @property
     def n_segments(self) -> int:
         return len(self.start)
-
-    def count_le(self, seg: np.ndarray, lam: np.ndarray) -> np.ndarray:
-        """How many indices of segment `seg` have l1 <= lam — exact wherever lam is `slack` away from every l1."""
-        with np.errstate(over="ignore", invalid="ignore"):
-            k = np.floor((lam - self.first[seg]) / self.step[seg])
-        k += 1
-        return np.clip(k, 0, self.length[seg], out=k).astype(np.int64)  # ±inf → 0 or length
 
 
 @dataclass(frozen=True)
@@ -155,10 +158,12 @@ class UpsampleGrid:
     size: tuple[int, int]
     y: _Axis = field(repr=False)
     x: _Axis = field(repr=False)
-    cols: np.ndarray = field(repr=False)  # int64 (x-segment, width): output column of each cell column (clipped)
-    col_valid: np.ndarray = field(repr=False)  # bool (x-segment, width)
-    col_l0: np.ndarray = field(repr=False)  # float32 (x-segment, width): column weights
+    # per column of a cell, columns first (the layout of _boundary_counts)
+    cols: np.ndarray = field(repr=False)  # int64 (width, x-segment): output column (clipped to the segment)
+    col_l0: np.ndarray = field(repr=False)  # float32 (width, x-segment): column weights
     col_l1: np.ndarray = field(repr=False)
+    cell_rows: np.ndarray = field(repr=False)  # float32 (width, y-segment · x-segment): rows of the cell column
+    cell_area: np.ndarray = field(repr=False)  # int64 (y-segment, x-segment): output pixels of each cell
     win_area: np.ndarray = field(repr=False)  # int64 (y, x): output pixels of each source window
 
     @classmethod
@@ -168,11 +173,13 @@ class UpsampleGrid:
         if min(h, w, H, W) <= 0:
             raise ValueError(f"UpsampleGrid: map shape {tuple(map_shape)} and size {tuple(size)} must be positive")
         ay, ax = _Axis.build(h, H), _Axis.build(w, W)
-        j = np.arange(ax.width)
-        valid = j[None, :] < ax.length[:, None]
-        cols = np.where(valid, ax.start[:, None] + j[None, :], ax.start[:, None])
-        return cls(map_shape=(h, w), size=(H, W), y=ay, x=ax, cols=cols, col_valid=valid,
-                   col_l0=ax.l0[cols], col_l1=ax.l1[cols],
+        j = np.arange(ax.width)[:, None]
+        valid = j < ax.length[None, :]  # (width, x-segment)
+        cols = np.where(valid, ax.start[None, :] + j, ax.start[None, :])
+        return cls(map_shape=(h, w), size=(H, W), y=ay, x=ax, cols=cols, col_l0=ax.l0[cols], col_l1=ax.l1[cols],
+                   # the y-segment's length, 0 past the end of a shorter x-segment
+                   cell_rows=(valid[:, None, :] * ay.length[None, :, None]).astype(_F32).reshape(ax.width, -1),
+                   cell_area=ay.length[:, None] * ax.length[None, :],
                    win_area=ay.win_length[:, None] * ax.win_length[None, :])
 
 
@@ -260,34 +267,34 @@ def mask_counts(maps: np.ndarray, thresholds: np.ndarray, regions: np.ndarray | 
     h, w = maps.shape[1:]
 
     # window (i, j) = the output pixels between source rows i, i+1 and columns j, j+1: its values lie between the
-    # smallest and largest of those four map values
-    wmax = _pair_reduce(maps, np.maximum)  # (unit, y, x)
-    nonnegative = bool(maps.min() >= 0)  # after a ReLU: the window's magnitude is its maximum
-    wmin = None if nonnegative else _pair_reduce(maps, np.minimum)
+    # smallest and largest of those four map values, give or take the float margin
+    flat = maps.reshape(-1)
+    win = _candidate_windows(maps, thresholds)  # flat (unit, y, x) index of each candidate window's first value
+    uc, pos = np.divmod(win, h * w)
+    yc, xc = np.divmod(pos, w)
+    right = win + (xc < w - 1)  # the last row and column pair with themselves
+    down = (yc < h - 1) * w
+    a, b, c, d = flat[win], flat[right], flat[win + down], flat[right + down]
+    wmax = np.maximum(np.maximum(a, b), np.maximum(c, d))
+    wmin = np.minimum(np.minimum(a, b), np.minimum(c, d))
     # float margin relative to the window's own magnitude: an all-zero window of a dead unit stays exactly zero
-    margin = wmax * _F32(_MARGIN) if nonnegative else np.maximum(wmax, -wmin) * _F32(_MARGIN)
-    t = thresholds[:, None, None]
-    uc, yc, xc = np.nonzero(wmax > t - margin)  # windows with any pixel possibly above the threshold
-    mc, tc = margin[uc, yc, xc], thresholds[uc]
-    if nonnegative:
-        xc1, yc1 = np.minimum(xc + 1, w - 1), np.minimum(yc + 1, h - 1)
-        cmin = np.minimum(np.minimum(maps[uc, yc, xc], maps[uc, yc, xc1]),
-                          np.minimum(maps[uc, yc1, xc], maps[uc, yc1, xc1]))
-    else:
-        cmin = wmin[uc, yc, xc]
-    full = cmin > tc + mc  # every pixel above
+    mc = np.maximum(wmax, -wmin) * _F32(_MARGIN)
+    tc = thresholds[uc]
+    any_above = wmax > tc - mc  # windows with any pixel possibly above the threshold
+    full = wmin > tc + mc  # every pixel above
     uf, yf, xf = uc[full], yc[full], xc[full]
-    ub, yb, xb, mb = uc[~full], yc[~full], xc[~full], mc[~full]  # boundary windows
+    boundary = any_above & ~full
+    ub, yb, xb, mb = uc[boundary], yc[boundary], xc[boundary], mc[boundary]
 
-    # region sums: per window, and column prefix sums for runs of rows
-    colcum = np.zeros((n_reg, H + 1, W), np.int32)  # (region, row + 1, x): region pixels in rows < row
-    np.cumsum(regions, axis=1, out=colcum[:, 1:])
+    # region sums: column prefix sums for runs of rows, per cell and per window
+    colcum = _column_prefix(regions)  # int16 (region, row + 1, x): region pixels in rows < row
     ry = np.r_[gy.start, H]
-    block_rows = colcum[:, ry[1:]] - colcum[:, ry[:-1]]  # (region, y-seg, x): region pixels per segment column
+    cell_reg = np.add.reduceat(colcum[:, ry[1:]] - colcum[:, ry[:-1]], gx.start, axis=2,
+                               dtype=np.int64)  # (region, y-seg, x-seg)
     wy0 = gy.win_start
     win_rows = colcum[:, wy0 + gy.win_length] - colcum[:, wy0]  # (region, y-window, x)
-    win_reg = np.add.reduceat(np.concatenate([win_rows, np.zeros((n_reg, len(wy0), 1), np.int32)], axis=2),
-                              np.minimum(gx.win_start, W), axis=2)[:, :, :len(gx.win_start)]
+    win_reg = np.add.reduceat(np.concatenate([win_rows, np.zeros((n_reg, len(wy0), 1), win_rows.dtype)], axis=2),
+                              np.minimum(gx.win_start, W), axis=2, dtype=np.int64)[:, :, :len(gx.win_start)]
     win_reg = np.where(gx.win_length[None, None, :] > 0, win_reg, 0)  # (region, y-window, x-window)
 
     area = np.bincount(uf, grid.win_area[yf, xf], minlength=n_units).astype(np.int64)  # (unit,)
@@ -306,109 +313,142 @@ def mask_counts(maps: np.ndarray, thresholds: np.ndarray, regions: np.ndarray | 
         sy = gy.win_seg[yb][rep] + j // nx[rep]
         sx = gx.win_seg[xb][rep] + j % nx[rep]
         u = ub[rep]
-        i0y, i1y, i0x, i1x = gy.i0[sy], gy.i1[sy], gx.i0[sx], gx.i1[sx]
-        corners = np.stack([maps[u, i0y, i0x], maps[u, i0y, i1x], maps[u, i1y, i0x], maps[u, i1y, i1x]], axis=1)
-        _boundary_counts(thresholds, grid, colcum, block_rows, regions, u, sy, sx, corners,
-                         mb[rep], area, inter)
+        row0, row1 = u * (h * w) + gy.i0[sy] * w, u * (h * w) + gy.i1[sy] * w
+        i0x, i1x = gx.i0[sx], gx.i1[sx]
+        corners = flat[row0 + i0x], flat[row0 + i1x], flat[row1 + i0x], flat[row1 + i1x]
+        _boundary_counts(thresholds, grid, colcum, cell_reg, regions, u, sy, sx, corners, mb[rep], area, inter)
     if known_area is not None:
         area = np.asarray(known_area, dtype=np.int64).reshape(n_units).copy()
     return area, inter
 
 
-def _count_le(lam: np.ndarray, first: np.ndarray, step: np.ndarray, length: np.ndarray) -> np.ndarray:
-    """Rows of a segment (first weight, step, length) whose weight l1 is <= lam; ±inf → all or none."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        k = np.floor((lam - first) / step)
-    k += 1
-    return np.clip(k, 0, length, out=k).astype(np.int64)
+def _candidate_windows(maps: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Flat (unit, y, x) indices of a superset of the windows whose largest value passes w > t − margin(window).
+
+    A window's margin is at most 1e-6 · max(|t|, −(the unit's smallest value)) (plus a rounding), so a window can
+    pass only if one of its values is above t − 2e-6 · that bound: one comparison per map value, then or-ing
+    each byte with its right and lower neighbours in the flat array (at the last column and row that also takes
+    the next row's or unit's first values: a few extra candidates, which the exact test drops).
+    """
+    h, w = maps.shape[1:]
+    bound = np.maximum(np.abs(thresholds), -maps.reshape(len(maps), -1).min(axis=1))
+    cut = thresholds - bound * _F32(2 * _MARGIN)
+    above = (maps > cut[:, None, None]).reshape(-1)
+    near = above.copy()
+    near[:-1] |= above[1:]  # the window's right column
+    near[:-w] |= near[w:]  # its lower row (overlapping operands: numpy reads before it writes)
+    return np.flatnonzero(near)
 
 
-def _pair_reduce(maps: np.ndarray, op) -> np.ndarray:
-    """(unit, y, x) → op over each 2×2 window (i, min(i+1, y-1)) × (j, min(j+1, x-1)), same shape."""
-    out = np.empty_like(maps)
-    rows = op(maps[:, :-1], maps[:, 1:])  # (unit, y-1, x)
-    op(rows[:, :, :-1], rows[:, :, 1:], out=out[:, :-1, :-1])
-    out[:, :-1, -1] = rows[:, :, -1]
-    last = maps[:, -1]  # the last row pairs with itself
-    op(last[:, :-1], last[:, 1:], out=out[:, -1, :-1])
-    out[:, -1, -1] = last[:, -1]
+def _column_prefix(regions: np.ndarray) -> np.ndarray:
+    """bool (region, H, W) → int (region, H + 1, W): region pixels above each row in each column (row 0: none).
+
+    Doubling steps (log2 H whole-array adds) instead of np.cumsum along the row axis, whose inner loop runs down
+    a strided column and costs several times more.
+    """
+    n_reg, H, W = regions.shape
+    out = np.zeros((n_reg, H + 1, W), np.int16 if H < 2**15 else np.int32)  # int16 halves the memory traffic
+    out[:, 1:] = regions
+    step = 1
+    while step < H:  # after this pass every row holds the sum of the 2·step rows up to it
+        out[:, 1 + step:] += out[:, 1:H + 1 - step]  # overlapping operands: numpy reads before it writes
+        step *= 2
     return out
 
 
-def _boundary_counts(thresholds, grid, colcum, block_rows, regions, u, sy, sx, corners, margin, area, inter) -> None:
+def _boundary_counts(thresholds, grid, colcum, cell_reg, regions, u, sy, sx, corners, margin, area, inter) -> None:
     """Add the counts of boundary cells (unit u, segments sy, sx) to area (unit,) and inter (region, unit).
 
-    Per column of a cell the value runs linearly from `top` (λ = 0) to `bot` (λ = 1) with the row weight λ: columns
-    entirely above or below are counted (or skipped) whole; in the others, the rows surely above form one run found
-    from λ, and the rows within the margin of the threshold are evaluated exactly.
+    Per column of a cell the value runs linearly from `top` (λ = 0) to `bot` (λ = 1) with the row weight λ: the
+    rows surely above form one run found from λ (all rows of a column above, none of one below, the rows before
+    or after the crossing otherwise) and the rows within the margin of the threshold are evaluated exactly.
+    Every (column, cell) is computed densely in float32 (row counts are small integers, exact in float32), with
+    cells along the contiguous axis so that per-cell values broadcast along it: picking out the crossing
+    columns first would cost more than it saves.
     """
     gy = grid.y
-    n_units, n_reg = thresholds.shape[0], colcum.shape[0]
-    A, B, C, D = corners.T  # float32 (cell,): rows i0/i1 × columns i0/i1
-    l0x, l1x = grid.col_l0[sx], grid.col_l1[sx]  # (cell, col)
+    n_units, n_reg, W = thresholds.shape[0], colcum.shape[0], colcum.shape[2]
+    A, B, C, D = corners  # float32 (cell,): rows i0/i1 × columns i0/i1
+    l0x, l1x = np.take(grid.col_l0, sx, axis=1), np.take(grid.col_l1, sx, axis=1)  # (col, cell)
     # float32 column values at the two source rows: within a rounding of torch's, which the margin covers
-    top = l0x * A[:, None] + l1x * B[:, None]  # (cell, col)
-    bot = l0x * C[:, None] + l1x * D[:, None]
-    t = thresholds[u][:, None]
-    mg = margin[:, None]
-    hi_v, lo_v = np.maximum(top, bot), np.minimum(top, bot)
-    valid = grid.col_valid[sx]
-    whole = (lo_v > t + mg) & valid  # every row of the column above
-    crossing = (hi_v > t - mg) & valid & ~whole
+    top = l0x * A
+    top += l1x * B  # (col, cell)
+    slope = l0x * C
+    slope += l1x * D
+    slope -= top  # bot − top
+    np.putmask(slope, slope == 0, np.finfo(_F32).tiny)  # flat: λ bounds become ±inf (all above, near or below)
+    t = thresholds[u]
+    rising = slope > 0
+    rate, offset, slack = gy.rate[sy], gy.offset[sy], _F32(gy.slack)
+    rows = np.take(grid.cell_rows, sy * grid.x.n_segments + sx, axis=1)  # float32 (col, cell)
+    with np.errstate(over="ignore"):  # a flat column's λ is ±inf
+        lam_a = (t - margin) - top
+        lam_a /= slope  # λ where the value crosses t − margin
+        lam_b = np.subtract(t + margin, top, out=top)
+        lam_b /= slope  # … and t + margin
+        lam_a, lam_b = np.minimum(lam_a, lam_b), np.maximum(lam_a, lam_b, out=lam_b)  # the band, in λ
+        # rows [k_a, k_b) have l1 within the band ± slack: evaluated exactly below
+        k_a = _count_rows(lam_a, rate, offset - slack * rate, rows)  # λ − slack
+        k_b = _count_rows(lam_b, rate, offset + slack * rate, rows)  # λ + slack
+    # rows surely above: after the band when rising (rows − k_b), before it when falling (k_a)
+    span = rows - k_b
+    span -= k_a
+    span *= rising
+    span += k_a
+    in_mask = span.sum(axis=0)  # float32 (cell,): sums of small integers, exact
+    area += np.bincount(u, in_mask, minlength=n_units).astype(np.int64)
 
-    # whole columns: the segment's length, and the region's pixels in that column of the segment
-    per_cell = whole.sum(axis=1) * gy.length[sy]
-    area += np.bincount(u, per_cell, minlength=n_units).astype(np.int64)
-    c_w, j_w = np.nonzero(whole)
-    x_w = grid.cols[sx[c_w], j_w]
+    # a cell without region pixels adds no intersection and a cell inside the region adds its area: only the cells
+    # across the region's edge need the region's pixels in each run of rows (column prefix sums)
+    reg = cell_reg[:, sy, sx]  # (region, cell)
+    inside = reg == grid.cell_area[sy, sx]
+    across = (reg > 0) & ~inside
     for r in range(n_reg):
-        inter[r] += np.bincount(u[c_w], block_rows[r, sy[c_w], x_w], minlength=n_units).astype(np.int64)
-
-    # crossing columns, flattened: down the column value = top + λ·(bot − top); solve for value = t ± margin
-    c_i, j_i = np.nonzero(crossing)
-    if c_i.size == 0:
-        return
-    owner, seg = u[c_i], sy[c_i]
-    tp, bt = top[c_i, j_i], bot[c_i, j_i]  # float32: λ below is accurate to ~1e-7, inside the λ slack
-    g0 = tp - thresholds[owner]
-    slope = bt - tp
-    falling = slope < 0
-    m = margin[c_i]
-    m = np.where(falling, -m, m)
-    slope[slope == 0] = np.finfo(np.float32).tiny  # flat: λ bounds become ±inf (all above, all near or all below)
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        lam_a = (-m - g0) / slope  # the band's low end in λ
-        lam_b = (m - g0) / slope  # its high end
-    first, step, length = gy.first[seg], gy.step[seg], gy.length[seg]
-    k_a = _count_le(lam_a - gy.slack, first, step, length)  # rows [k_a, k_b) near the threshold: evaluated exactly
-    k_b = _count_le(lam_b + gy.slack, first, step, length)
-    lo = np.where(falling, 0, k_b)  # rows surely above: after the band when rising, before it when falling
-    hi = np.where(falling, k_a, length)
-    area += np.bincount(owner, hi - lo, minlength=n_units).astype(np.int64)
-    y0 = gy.start[seg]
-    x = grid.cols[sx[c_i], j_i]
-    for r in range(n_reg):
-        inter[r] += np.bincount(owner, colcum[r, y0 + hi, x] - colcum[r, y0 + lo, x],
+        inter[r] += np.bincount(u[inside[r]], in_mask[inside[r]], minlength=n_units).astype(np.int64)
+        c = np.flatnonzero(across[r])
+        if c.size == 0:
+            continue
+        up = rising[:, c]
+        lo = np.where(up, k_b[:, c], 0).astype(np.intp)
+        hi = np.where(up, rows[:, c], k_a[:, c]).astype(np.intp)
+        base = gy.start[sy[c]] * W + np.take(grid.cols, sx[c], axis=1)  # (col, cell): flat index of row 0
+        cum = colcum[r].reshape(-1)
+        inter[r] += np.bincount(u[c], (cum[base + hi * W] - cum[base + lo * W]).sum(axis=0),
                                 minlength=n_units).astype(np.int64)
 
     # the rows near the threshold, with torch's exact arithmetic
-    k = k_b - k_a
-    total = int(k.sum())
-    if total == 0:
+    band = k_b - k_a
+    near = np.flatnonzero(band > 0)
+    if near.size == 0:
         return
+    j_i, c_i = np.divmod(near, band.shape[1])
+    k = band.reshape(-1)[near].astype(np.intp)
+    total = int(k.sum())
     rep = np.repeat(np.arange(k.size), k)
-    row = y0[rep] + k_a[rep] + (np.arange(total) - np.repeat(np.cumsum(k) - k, k))
-    cc, jj = c_i[rep], j_i[rep]
-    lx0, lx1 = grid.col_l0[sx[cc], jj], grid.col_l1[sx[cc], jj]
+    jj, cc = j_i[rep], c_i[rep]
+    row = gy.start[sy[cc]] + k_a[jj, cc].astype(np.intp) + (np.arange(total) - np.repeat(np.cumsum(k) - k, k))
+    lx0, lx1 = l0x[jj, cc], l1x[jj, cc]
     top_x = _fma32(lx0, A[cc], (lx1 * B[cc]).astype(_F32))
     bot_x = _fma32(lx0, C[cc], (lx1 * D[cc]).astype(_F32))
     val = _fma32(gy.l0[row], top_x, (gy.l1[row] * bot_x).astype(_F32))
-    who = owner[rep]
+    who = u[cc]
     above = val > thresholds[who]
     area += np.bincount(who, above, minlength=n_units).astype(np.int64)
-    xs = x[rep]
+    xs = grid.cols[jj, sx[cc]]
     for r in range(n_reg):
         inter[r] += np.bincount(who, above & regions[r, row, xs], minlength=n_units).astype(np.int64)
+
+
+def _count_rows(lam: np.ndarray, rate: np.ndarray, offset: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """float32: how many rows of the segment have l1 <= lam: ⌊lam·rate + offset⌋ within [0, rows] (±inf: all, none).
+
+    Overwrites lam; call it with float overflow ignored (a huge λ times a clamped segment's rate is inf).
+    """
+    k = np.multiply(lam, rate, out=lam)
+    k += offset
+    np.maximum(k, 0, out=k)
+    np.minimum(k, rows, out=k)
+    return np.floor(k, out=k)
 
 
 def region_iou(maps: np.ndarray, thresholds: np.ndarray, region: np.ndarray, *,

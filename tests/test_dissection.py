@@ -3,6 +3,8 @@ random maps and on real stored activations (real CBIS-DDSM patches through a sma
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -122,6 +124,32 @@ def test_fast_path_equals_the_reference_exactly(map_shape, size):
         ref = reference_unit_iou(maps, thresholds, region)
         np.testing.assert_array_equal(fast, ref)
     assert (ref > 0).sum() >= 3  # the comparison is not between empty masks
+
+
+@pytest.mark.parametrize("map_shape, size", [((14, 14), (96, 80)), ((7, 9), (224, 200))])
+def test_fast_path_equals_the_reference_on_signed_large_and_extreme_maps(map_shape, size):
+    # signed maps (no ReLU: margins come from negative values too) scaled to thousands (a flat column's λ overflows
+    # to ±inf, without a float warning), a unit that never fires and one that fires everywhere, several regions
+    rng = np.random.default_rng(9)
+    n = 32
+    maps = (_smooth_maps(rng, n, *map_shape) - _smooth_maps(rng, n, *map_shape)) * np.float32(5000)
+    thresholds = np.quantile(maps.reshape(n, -1), 0.9, axis=1, method="lower").astype(np.float32)
+    thresholds[0] = maps[0].max()  # never strictly above
+    thresholds[1] = maps[1].min() - 1  # above everywhere
+    maps[2] = np.round(maps[2] / 1000) * 1000  # plateaus: many flat columns and values equal to the threshold
+    thresholds[2] = 1000
+    triangle = Polygon([(5, 2), (size[1] * .8, size[0] * .3), (size[1] * .4, size[0] - 3)])
+    regions = np.stack([rasterize_regions([triangle], size), rng.random(size) < 0.3])
+    grid = UpsampleGrid.build(map_shape, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        area, inter = mask_counts(maps, thresholds, regions, grid=grid)
+    assert area[0] == 0 and area[1] == size[0] * size[1] and 0 < area[2] < area[1]
+    for r, region in enumerate(regions):
+        fast = (inter[r] / (area + region.sum() - inter[r])).astype(np.float32)
+        np.testing.assert_array_equal(fast, reference_unit_iou(maps, thresholds, region))
+    # a further drawing on the same maps: the intersections again, from the windows that touch the regions
+    np.testing.assert_array_equal(mask_counts(maps, thresholds, regions, grid=grid, known_area=area)[1], inter)
 
 
 def test_tiny_patches_agree_except_at_pixels_within_a_rounding_of_the_threshold():
