@@ -359,6 +359,74 @@ def _open_patch(page, image: str) -> None:
     wait_idle(page)
 
 
+def _dataset_rule_patch(workspace) -> tuple[str, str, tuple[int, int, int, int], list[int]]:
+    """(flagged patch, a lesion concept it shows, the lesion's bounding box, units the dataset rule labels from that
+    one box)."""
+    import numpy as np
+
+    from browser import workspace_dir
+    from explain.groundtruth import load_concept_masks
+    from explain.labelrules import DatasetRule, images_showing
+    from store.settings import load_settings
+    from vis.app import AppConfig
+    from vis.services import Workbench
+
+    wb = Workbench(load_settings(workspace_dir(workspace)), AppConfig())
+    store, layer, by_id = wb.store(), wb.layer(), wb.manifest().by_id()
+    shown = images_showing(store, wb.manifest())
+    for src in wb.sources():
+        for f in wb.flagged(src.id):
+            rec = by_id[f.image_id]
+            for concept in ("mass", "calcification"):
+                if concept not in rec.masks:
+                    continue
+                ys, xs = np.nonzero(load_concept_masks(rec, wb.patch_size(), [concept])[concept])
+                if ys.size < 30:
+                    continue
+                box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+                rect = np.zeros(wb.patch_size(), bool)
+                rect[box[1]:box[3], box[0]:box[2]] = True
+                rule = DatasetRule(store, layer, shown=shown)
+                rule.add(f.image_id, concept, rect)
+                if rule.labels():
+                    return f.image_id, concept, box, sorted(rule.labels())
+    raise AssertionError("no flagged lesion patch of the workspace gives the dataset rule a label")
+
+
+def test_the_dataset_labeling_rule_from_the_review_page(app_workspace, tmp_path):
+    """CONCEPTLENS_LABEL_RULE=dataset: a rectangle drawn with the mouse around a lesion relabels units by the estimated
+    dataset-level IoU (the message says so and names them), the unit map shows the concept, and undo takes it back."""
+    import shutil
+
+    ws = tmp_path / "workspace"
+    shutil.copytree(app_workspace, ws, ignore=shutil.ignore_patterns("secret_key"))
+    image, concept, (x0, y0, x1, y1), expected = _dataset_rule_patch(ws)
+    with AppServer(ws, env={"CONCEPTLENS_LABEL_RULE": "dataset"}) as app, open_browser() as page:
+        browser_login(page, app.url, "ana")
+        page.goto(app.url + "/")
+        _open_patch(page, image)
+        page.locator("#review-new-concept").fill(concept)  # typing a known concept selects it
+        page.locator("#review-add-concept").click()
+        wait_idle(page)
+        assert concept in _text(page, "#review-concept").lower()
+        page.locator('#review-patch .modebar-btn[data-title="Draw rectangle"]').click()
+        drag(page, "review-patch", [(x0, y0), (x1, y1)], steps=8)
+        wait_idle(page)
+        page.locator("#review-label").click()
+        wait_idle(page, quiet_ms=1500)
+        message = _text(page, "#review-message")
+        assert "Relabeled" in message and "dataset rule" in message and f"{concept}:" in message, message
+        named = {int(u) for u in message.split(f"{concept}:")[1].split("(")[0].split(";")[0].replace("…", "")
+                 .split(",") if u.strip()}
+        assert named & set(expected), (message, expected)  # the mouse rectangle is the box give or take a pixel
+        assert concept in [t["name"] for t in _figure(page, "review-unit-map")["data"]]
+        screenshot(page, "review-dataset-rule")
+        page.locator("#review-undo").click()
+        wait_idle(page)
+        assert "undone" in _text(page, "#review-message").lower()
+        assert concept not in [t["name"] for t in _figure(page, "review-unit-map")["data"]]
+
+
 def test_two_readers_work_together_and_export_the_report(app_workspace, tmp_path):
     """ana labels a region; ben, signed in elsewhere on the same session, sees her region and labels appear within
     a few seconds without reloading, reads the session page and downloads the session report."""
