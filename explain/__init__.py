@@ -18,7 +18,9 @@ _WHERE = {
     "rasterize_polygon": "regions", "rasterize_regions": "regions", "parse_plotly_shapes": "regions",
     "UnitIoU": "dissection", "DatasetIoU": "dissection", "unit_masks": "dissection",
     "reference_unit_iou": "dissection",
-    "LabelRule": "labels", "CumulativeRule": "labelrules", "label_region": "labels", "undo": "labels", "current_labels": "labels",
+    "LabelRule": "labels", "DatasetLabelRule": "labels", "label_region": "labels", "undo": "labels",
+    "current_labels": "labels", "CumulativeRule": "labelrules", "DatasetRule": "labelrules",
+    "images_showing": "labelrules", "unit_mask_areas": "labelrules",
     "add_comment": "labels", "edit_comment": "labels", "delete_comment": "labels", "comments": "labels",
     "record_probe_version": "labels", "recorded_probe_versions": "labels",
     "label_kappa": "agreement", "region_dice": "agreement",  # (the function agreement: explain.agreement.agreement)
