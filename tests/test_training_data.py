@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from helpers_data import make_manifest
-from training.datamodule import AugmentConfig, DataConfig, PatchDataModule, augment_batch, load_patch
+from training.datamodule import AugmentConfig, DataConfig, PatchDataModule, PatchDataset, augment_batch, load_patch
 from training.errors import ConfigError, DataError
 from training.transforms import preprocess
 
@@ -121,3 +121,83 @@ def test_digest_follows_the_patch_bytes_not_only_the_manifest(tmp_path):
     assert sa.sha256 == sb.sha256  # same ids, labels and relative paths …
     assert sa.digest != sb.digest  # … different pixels
     assert PatchDataModule(DataConfig(), manifest_path=a).check().digest == sa.digest
+
+
+# -- dense concept targets (model.aux_masks): masks travel with their patch -------------------------------------------
+@pytest.fixture(scope="module")
+def real_demo(tmp_path_factory):
+    """A small real demo build (one variant per CBIS-DDSM mammogram): patches with ground-truth concept masks."""
+    from store.manifest import read_manifest
+    from store.settings import load_settings
+    from training.demo import build_demo
+
+    report = build_demo(load_settings(tmp_path_factory.mktemp("demo-ws")).ensure(), variants=1)
+    return read_manifest(report.manifest)
+
+
+def _symmetries(t: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips and quarter turns of (…, y, x), in a fixed order."""
+    turns = [torch.rot90(t, q, (-2, -1)) for q in range(4)]
+    return turns + [u.flip(-1) for u in turns]
+
+
+def test_dense_targets_are_the_masks_area_fractions_on_the_map_grid(real_demo):
+    from training.module import ConceptTargetDataset
+
+    records = [r for r in real_demo.records if "spiculated_margin" in r.masks][:4]
+    records += [r for r in real_demo.records if r.label == 0][:2]
+    ds = ConceptTargetDataset(PatchDataset(records), ["mass"], mask_concepts=["spiculated_margin", "mass"],
+                              grid=(16, 16))
+    img, target, masks = ds[0]
+    assert img.shape == (1, 64, 64) and target.tolist() == [1, int("mass" in records[0].masks)]
+    assert masks.shape == (2, 16, 16) and masks.dtype == torch.float32
+    for i, r in enumerate(records):
+        for j, c in enumerate(["spiculated_margin", "mass"]):
+            if c not in r.masks:  # normal patches (and lesions of another kind): all-zero targets
+                assert ds[i][2][j].sum() == 0
+                continue
+            m = np.asarray(Image.open(r.masks[c])) > 0  # (64, 64)
+            cells = m.reshape(16, 4, 16, 4).mean(axis=(1, 3))  # the fraction of each 4×4 cell the mask covers
+            assert np.allclose(ds[i][2][j].numpy(), cells) and 0 < ds[i][2][j].max() <= 1
+
+
+def test_dense_targets_follow_the_flips_and_turns_of_their_real_patch(real_demo):
+    from types import SimpleNamespace
+
+    from training.module import ConceptTargetDataset
+
+    records = [r for r in real_demo.split("train") if "spiculated_margin" in r.masks][:8]
+    assert len(records) == 8
+    ds = ConceptTargetDataset(PatchDataset(records, images=PatchDataset.read_all(records)), ["mass"],
+                              mask_concepts=["spiculated_margin"], grid=(16, 16))
+    images = torch.stack([ds[i][0] for i in range(8)]).repeat(4, 1, 1, 1)  # uint8 (32, 1, 64, 64)
+    labels = torch.stack([ds[i][1] for i in range(8)]).repeat(4, 1)
+    masks = torch.stack([ds[i][2] for i in range(8)]).repeat(4, 1, 1, 1)  # (32, 1, 16, 16)
+    for t in masks[:8]:  # a real margin is not symmetric: a wrong turn would show
+        assert len({tuple(s.flatten().tolist()) for s in _symmetries(t)}) == 8
+
+    dm = PatchDataModule(DataConfig(augment=AugmentConfig(brightness=0, contrast=0)), manifest_path=real_demo.path)
+    dm.transform = {"mean": 0.0, "std": 1.0}
+    dm.trainer = SimpleNamespace(training=True)  # the hook augments only while training
+    torch.manual_seed(3)
+    x, y, m = dm.on_after_batch_transfer((images, labels, masks), 0)
+    assert torch.equal(y, labels) and m.shape == masks.shape
+    used = set()
+    for i in range(32):
+        original = images[i].float() / 255
+        k = [s for s, t in enumerate(_symmetries(original)) if torch.equal(t, x[i])]
+        assert len(k) == 1  # the augmented patch is exactly one symmetry of the original …
+        assert torch.equal(m[i], _symmetries(masks[i])[k[0]])  # … and its target took the same one
+        used.add(k[0])
+    assert len(used) >= 6  # flips and turns were drawn, not the identity only
+
+    # the same draws with or without masks (adding targets changes no image), and jitter leaves the masks alone
+    cfg = AugmentConfig(brightness=0.1, contrast=0.2)
+    xa = augment_batch(images.float() / 255, cfg, generator=torch.Generator().manual_seed(5))
+    xb, mb = augment_batch(images.float() / 255, cfg, generator=torch.Generator().manual_seed(5), masks=masks)
+    assert torch.equal(xa, xb) and torch.equal(mb.flatten(1).sort(1).values, masks.flatten(1).sort(1).values)
+
+    # outside training the targets pass through untouched
+    dm.trainer = SimpleNamespace(training=False)
+    _, _, m = dm.on_after_batch_transfer((images, labels, masks), 0)
+    assert torch.equal(m, masks)

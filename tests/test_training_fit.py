@@ -341,3 +341,54 @@ def test_aux_concepts_without_masks_fail_before_any_run(tiny_manifest, workspace
     assert _runs(workspace) == []
     with pytest.raises(ConfigError, match="aux_weight"):
         load_config(tiny_config(tiny_manifest, model__aux_weight=-1.0))
+
+
+def test_dense_mask_head_trains_and_is_absent_from_the_saved_network(tiny_manifest, workspace, tmp_path):
+    from training.module import ClassifierModule
+
+    manifest = _with_mass_masks(tiny_manifest, tmp_path / "masked")
+    over = {"trainer__max_epochs": 1, "trainer__limit_train_batches": 3, "mlflow__register": False}
+    plain = fit(tiny_config(manifest, **over), settings=workspace)
+    dense = fit(tiny_config(manifest, model__aux_masks=["mass"], model__aux_mask_weight=2.0, **over),
+                settings=workspace)
+    wp = torch.load(plain.checkpoint / "weights.pt", weights_only=True)
+    wd = torch.load(dense.checkpoint / "weights.pt", weights_only=True)
+    assert sorted(wd) == sorted(wp)  # no mask head in the saved network …
+    assert not all(torch.equal(wd[k], wp[k]) for k in wd)  # … but its loss changed what the network learned
+    m = load_model(dense.checkpoint, settings=workspace)
+    assert not any(mod._forward_hooks for mod in m.module.modules())
+    assert m.module(torch.zeros(3, 1, 32, 32)).shape == (3, 2)
+
+    # the module alone: the dense loss is the soft BCE of a 1×1 convolution on the aux layer's maps
+    from training.zoo import vgg_bn
+
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    net = vgg_bn(widths=[4, 8], convs=1).eval()  # features.6: (batch, 8, 8, 8) for 16×16 input
+    x, y = torch.randn(4, 1, 16, 16), torch.tensor([[0], [1], [1], [0]])
+    target = torch.zeros(4, 1, 8, 8)  # (batch, mask concept, y, x): the fraction of each cell the mask covers
+    target[1, 0, :3, :3] = 1.0
+    target[2, 0, 4, 2:6] = 0.25
+    module = ClassifierModule(net, aux_layer="features.6", aux_channels=8, aux_masks=["mass"], aux_mask_weight=3.0)
+    assert module.aux_head is None and isinstance(module.aux_mask_head, torch.nn.Conv2d)
+    loss = float(module.model_step((x, y, target), "val").detach())
+    with torch.no_grad():
+        logits = module.aux_mask_head(net.features(x))  # (4, 1, 8, 8)
+        expected = F.cross_entropy(net(x), y[:, 0]) + 3.0 * F.binary_cross_entropy_with_logits(logits, target)
+        plain = F.cross_entropy(net(x), y[:, 0])
+    assert loss == pytest.approx(float(expected), rel=1e-5) and loss > float(plain)
+    with pytest.raises(ConfigError, match=r"do not match the aux layer's maps"):
+        module.model_step((x, y, torch.zeros(4, 1, 4, 4)), "val")
+    module.remove_aux_hook()
+
+
+def test_aux_masks_config_is_checked_before_any_run(tiny_manifest, workspace):
+    with pytest.raises(ConfigError, match=r"aux_masks: \['spiculated_margin'\] have no mask"):
+        fit(tiny_config(tiny_manifest, model__aux_masks=["spiculated_margin"]), settings=workspace)
+    assert _runs(workspace) == []
+    with pytest.raises(ConfigError, match="aux_mask_weight"):
+        load_config(tiny_config(tiny_manifest, model__aux_mask_weight=-0.5))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['aux_mask'\]"):
+        load_config(tiny_config(tiny_manifest, model__aux_mask=["mass"]))
+    cfg = load_config(tiny_config(tiny_manifest))
+    assert cfg.model.aux_masks is None  # off by default

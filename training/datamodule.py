@@ -118,30 +118,41 @@ class PatchDataset(Dataset):
         return torch.from_numpy(np.stack([load_patch(r.image) for r in records]))  # uint8 (image, y, x)
 
 
-def augment_batch(x: torch.Tensor, config: AugmentConfig, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """float (batch, 1, y, x) in [0, 1] → augmented copy; one independent draw per patch."""
+def augment_batch(x: torch.Tensor, config: AugmentConfig, *, generator: torch.Generator | None = None,
+                  masks: torch.Tensor | None = None):
+    """float (batch, 1, y, x) in [0, 1] → augmented copy; one independent draw per patch.
+
+    `masks`, float (batch, concept, my, mx) on a grid of the patch's aspect (the dense concept targets of
+    `training.module`), are flipped and turned with their patch and left out of the photometric jitter; then the
+    result is the pair (x, masks).
+    """
     b = x.shape[0]
     dev = x.device
+    both = [x] if masks is None else [x, masks]
 
     def coin(p=0.5):  # (batch, 1, 1, 1) booleans
         return (torch.rand(b, 1, 1, 1, generator=generator) < p).to(dev)
 
+    def where(cond, op):  # the same draw for the patch and its masks
+        return [torch.where(cond, op(t), t) for t in both]
+
     if config.flip:
-        x = torch.where(coin(), x.flip(-1), x)
-        x = torch.where(coin(), x.flip(-2), x)
+        both = where(coin(), lambda t: t.flip(-1))
+        both = where(coin(), lambda t: t.flip(-2))
     if config.rot90:
         if x.shape[-1] == x.shape[-2]:
             k = torch.randint(0, 4, (b, 1, 1, 1), generator=generator).to(dev)
             for q in (1, 2, 3):
-                x = torch.where(k == q, torch.rot90(x, q, (-2, -1)), x)
+                both = where(k == q, lambda t, q=q: torch.rot90(t, q, (-2, -1)))
         else:
-            x = torch.where(coin(), torch.rot90(x, 2, (-2, -1)), x)
+            both = where(coin(), lambda t: torch.rot90(t, 2, (-2, -1)))
+    x = both[0]
     if config.contrast or config.brightness:
         c = 1 + (torch.rand(b, 1, 1, 1, generator=generator) * 2 - 1).to(dev) * config.contrast
         s = (torch.rand(b, 1, 1, 1, generator=generator) * 2 - 1).to(dev) * config.brightness
         mean = x.mean(dim=(-2, -1), keepdim=True)
         x = ((x - mean) * c + mean + s).clamp_(0, 1)
-    return x
+    return x if masks is None else (x, both[1])
 
 
 class PatchDataModule(L.LightningDataModule):
@@ -242,12 +253,17 @@ class PatchDataModule(L.LightningDataModule):
         return self._loader("test", train=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        images, labels = batch  # uint8 (batch, 1, y, x), long (batch,)
+        # uint8 (batch, 1, y, x), long (batch,) or (batch, 1 + concepts), and with dense concept targets
+        # (training.module.ConceptTargetDataset) float (batch, concept, my, mx), which follow every flip and turn
+        images, labels, *masks = batch
         x = to_unit(images)  # float32 (batch, 1, y, x) in [0, 1]
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.training:
-            x = augment_batch(x, self.config.augment)
-        return normalize(x, self.transform), labels
+            if masks:
+                x, masks[0] = augment_batch(x, self.config.augment, masks=masks[0])
+            else:
+                x = augment_batch(x, self.config.augment)
+        return (normalize(x, self.transform), labels, *masks)
 
     def state_dict(self) -> dict:
         return {"transform": self.transform}

@@ -51,6 +51,10 @@ class ModelConfig:
     aux_concepts: list[str] | None = None
     aux_weight: float = 1.0
     aux_layer: str | None = None
+    # opt-in dense targets on the same layer: a 1×1 convolution predicts, per map cell, the fraction the concept's
+    # mask covers (training.module); also only while training
+    aux_masks: list[str] | None = None
+    aux_mask_weight: float = 1.0
 
     def spec(self):
         from .zoo import ModelSpec
@@ -63,6 +67,8 @@ class ModelConfig:
         self.spec()  # ConfigError now, not after the data was read
         if self.aux_weight < 0:
             raise ConfigError(f"model.aux_weight: {self.aux_weight} must be ≥ 0")
+        if self.aux_mask_weight < 0:
+            raise ConfigError(f"model.aux_mask_weight: {self.aux_mask_weight} must be ≥ 0")
 
 
 @dataclass(frozen=True)
@@ -454,10 +460,11 @@ def _figures(summary: dict):
 
 
 # -- fit -------------------------------------------------------------------------------------------------------------
-def _aux_arguments(model: ModelConfig, net, layers: list[str], manifest, input_size) -> dict:
-    """ClassifierModule's auxiliary-head arguments ({} without aux_concepts); ConfigError before any run exists."""
-    if not model.aux_concepts:
-        return {}
+def _aux_arguments(model: ModelConfig, net, layers: list[str], manifest, input_size) -> tuple[dict, tuple | None]:
+    """ClassifierModule's auxiliary-head arguments ({} without aux_concepts and aux_masks) and the aux layer's map
+    grid (gy, gx); ConfigError before any run exists."""
+    if not model.aux_concepts and not model.aux_masks:
+        return {}, None
     from .zoo import _output_shapes
 
     layer = model.aux_layer or layers[-1]
@@ -465,20 +472,24 @@ def _aux_arguments(model: ModelConfig, net, layers: list[str], manifest, input_s
     if shape is None or len(shape) != 4:
         raise ConfigError(f"model.aux_layer: {layer!r} is not a module of the network with (channel, y, x) maps")
     known = {c for r in manifest.records for c in r.masks}
-    unknown = sorted(set(model.aux_concepts) - known)
-    if unknown:
-        raise ConfigError(f"model.aux_concepts: {unknown} have no mask in the manifest (concepts with masks: "
-                          f"{sorted(known)})")
-    return {"aux_concepts": tuple(model.aux_concepts), "aux_layer": layer, "aux_weight": model.aux_weight,
-            "aux_channels": int(shape[1])}
+    for key in ("aux_concepts", "aux_masks"):
+        unknown = sorted(set(getattr(model, key) or ()) - known)
+        if unknown:
+            raise ConfigError(f"model.{key}: {unknown} have no mask in the manifest (concepts with masks: "
+                              f"{sorted(known)})")
+    return ({"aux_concepts": tuple(model.aux_concepts or ()), "aux_layer": layer, "aux_weight": model.aux_weight,
+             "aux_channels": int(shape[1]), "aux_masks": tuple(model.aux_masks or ()),
+             "aux_mask_weight": model.aux_mask_weight}, tuple(int(n) for n in shape[2:]))
 
 
-def _with_concept_targets(dm, concepts) -> None:
-    """Wrap the data module's datasets so that each label carries the concepts' presence after the class."""
+def _with_concept_targets(dm, concepts, masks=(), grid=None) -> None:
+    """Wrap the data module's datasets so that each label carries the concepts' presence after the class (and each
+    item the dense targets of `masks` on the map `grid`)."""
     from .module import ConceptTargetDataset
 
     dm.setup()
-    dm.datasets = {s: ConceptTargetDataset(ds, concepts) for s, ds in dm.datasets.items()}
+    dm.datasets = {s: ConceptTargetDataset(ds, concepts, mask_concepts=masks, grid=grid)
+                   for s, ds in dm.datasets.items()}
 
 
 def fit(config: FitConfig | str | Path | dict, *, settings=None) -> FitResult:
@@ -521,7 +532,7 @@ def fit(config: FitConfig | str | Path | dict, *, settings=None) -> FitResult:
     missing = [n for n in layers if n not in dict(net.named_modules())]
     if missing or not layers:
         raise ConfigError(f"model.layers: {missing or layers} not found among the network's modules")
-    aux = _aux_arguments(config.model, net, layers, dm.manifest, summary.input_size)
+    aux, aux_grid = _aux_arguments(config.model, net, layers, dm.manifest, summary.input_size)
     net.train()
 
     dataset = _dataset_name(config.data.manifest, manifest_path)
@@ -581,7 +592,7 @@ def fit(config: FitConfig | str | Path | dict, *, settings=None) -> FitResult:
         if track:
             _log_inputs(client, run_id, config, summary, dataset, layers, code, net)
         if aux:
-            _with_concept_targets(dm, aux["aux_concepts"])
+            _with_concept_targets(dm, aux["aux_concepts"], aux["aux_masks"], aux_grid)
         module = ClassifierModule(net, optim=config.optim, **aux)
         with warnings.catch_warnings():
             # the module logs values torchmetrics already synchronised over ranks (see ClassifierModule._log_epoch)

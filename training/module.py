@@ -13,6 +13,13 @@ linear head on the globally pooled (average and max) maps of one layer of the ne
 forward hook) predicts them with a binary cross-entropy added to the loss (× `aux_weight`). The head lives in this
 module, not in the network: the network that is saved and registered stays a plain (batch, 1, y, x) → (batch, 2)
 classifier. Batches then hold labels of shape (batch, 1 + concepts): the class first (see `ConceptTargetDataset`).
+
+Dense concept targets (opt-in, `aux_masks`): the image-level targets say *whether* a concept is in the patch, not
+*where*; a unit that fires on the whole mass then serves "mass" and "spiculated margin" alike. With `aux_masks`, a
+1×1 convolution on the same layer's maps predicts, at every map cell, the fraction of the cell that the concept's
+ground-truth mask covers (the manifest's mask, area-downsampled to the map grid; 0 where the patch has no mask of
+the concept), with a soft binary cross-entropy (× `aux_mask_weight`). Batches then carry a third tensor, float
+(batch, concept, my, mx), which the data module flips and turns with its patch.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ from torchmetrics.classification import (
 
 from .errors import ConfigError
 
-__all__ = ["OptimConfig", "ClassifierModule", "ConceptTargetDataset", "concept_targets", "SPLITS", "SENSITIVITY_KEY"]
+__all__ = ["OptimConfig", "ClassifierModule", "ConceptTargetDataset", "concept_targets", "concept_masks", "SPLITS",
+           "SENSITIVITY_KEY"]
 
 SPLITS = ("train", "val", "test")
 SENSITIVITY_KEY = "sens_at_90spec"  # mlflow metric names allow no "@"
@@ -67,46 +75,79 @@ def concept_targets(records, concepts) -> torch.Tensor:
         len(records), len(concepts))
 
 
-class ConceptTargetDataset(torch.utils.data.Dataset):
-    """A patch dataset whose label is long (1 + concepts,): the class, then the concepts' presence in the patch."""
+def concept_masks(records, concepts, grid: tuple[int, int]) -> torch.Tensor:
+    """float32 (record, concept, gy, gx): the fraction of each cell of a `grid` laid over the patch that the record's
+    mask of the concept covers (area downsampling; all zero where the record has no mask of the concept)."""
+    from .datamodule import load_patch
 
-    def __init__(self, base, concepts):
+    out = torch.zeros(len(records), len(concepts), *grid)
+    for i, r in enumerate(records):
+        for j, c in enumerate(concepts):
+            if c in r.masks:
+                m = torch.from_numpy(load_patch(r.masks[c]) > 0).float()  # (y, x) 0/1
+                out[i, j] = F.adaptive_avg_pool2d(m[None, None], grid)[0, 0]
+    return out
+
+
+class ConceptTargetDataset(torch.utils.data.Dataset):
+    """A patch dataset whose label is long (1 + concepts,): the class, then the concepts' presence in the patch.
+
+    With `mask_concepts` (and the map `grid`), each item also carries the dense targets float (mask concept, gy, gx)
+    of `concept_masks`, read once into memory: items are then (image, label, masks).
+    """
+
+    def __init__(self, base, concepts, *, mask_concepts=(), grid: tuple[int, int] | None = None):
         self.base = base  # training.datamodule.PatchDataset
         self.records = base.records
         self.labels = base.labels  # (image,) the class alone, for label counts
         self.images = base.images
         self.targets = torch.cat([base.labels[:, None], concept_targets(base.records, concepts)], dim=1)
+        self.masks = None  # float (image, mask concept, gy, gx)
+        if mask_concepts:
+            if grid is None:
+                raise ConfigError("ConceptTargetDataset: mask_concepts need the map grid (gy, gx)")
+            self.masks = concept_masks(base.records, tuple(mask_concepts), tuple(grid))
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int):
         img, _ = self.base[i]
-        return img, self.targets[i]
+        if self.masks is None:
+            return img, self.targets[i]
+        return img, self.targets[i], self.masks[i]
 
 
 class ClassifierModule(L.LightningModule):
     """normal-vs-lesion classifier around any network mapping (batch, 1, y, x) to (batch, 2) logits.
 
     With `aux_concepts` (and `aux_layer`, a module name of `net` whose output is (batch, channel, y, x)), an auxiliary
-    linear head predicts each concept's presence from that layer's pooled maps (see the module docstring).
+    linear head predicts each concept's presence from that layer's pooled maps; with `aux_masks`, a 1×1 convolution
+    predicts each concept's coverage of every map cell (see the module docstring).
     """
 
     def __init__(self, net: nn.Module, *, optim: OptimConfig | None = None, aux_concepts=(),
-                 aux_layer: str | None = None, aux_weight: float = 1.0, aux_channels: int | None = None):
+                 aux_layer: str | None = None, aux_weight: float = 1.0, aux_channels: int | None = None,
+                 aux_masks=(), aux_mask_weight: float = 1.0):
         super().__init__()
         self.net = net
         self.optim = optim or OptimConfig()
         self.aux_concepts = tuple(aux_concepts or ())
         self.aux_weight = float(aux_weight)
+        self.aux_masks = tuple(aux_masks or ())
+        self.aux_mask_weight = float(aux_mask_weight)
         self.aux_head = None
+        self.aux_mask_head = None
         self._aux_maps = None
         self._aux_hook = None
-        if self.aux_concepts:
+        if self.aux_concepts or self.aux_masks:
             modules = dict(net.named_modules())
             if aux_layer not in modules or not aux_channels:
                 raise ConfigError(f"aux_layer {aux_layer!r} is not a module of the network (or has no channels)")
-            self.aux_head = nn.Linear(2 * int(aux_channels), len(self.aux_concepts))
+            if self.aux_concepts:
+                self.aux_head = nn.Linear(2 * int(aux_channels), len(self.aux_concepts))
+            if self.aux_masks:
+                self.aux_mask_head = nn.Conv2d(int(aux_channels), len(self.aux_masks), kernel_size=1)
             self._aux_hook = modules[aux_layer].register_forward_hook(self._keep_maps)
         # one metric object per split ("train" itself is taken: nn.Module.train)
         self.metrics = nn.ModuleDict({f"{s}_split": _split_metrics() for s in SPLITS})
@@ -128,7 +169,8 @@ class ClassifierModule(L.LightningModule):
         return self.net(x)
 
     def model_step(self, batch, split: str) -> torch.Tensor:
-        x, y = batch  # float (batch, 1, y, x), long (batch,) or (batch, 1 + aux concepts)
+        # float (batch, 1, y, x), long (batch,) or (batch, 1 + aux concepts), optionally float (batch, mask, my, mx)
+        x, y, *masks = batch
         aux = None
         if y.ndim == 2:
             y, aux = y[:, 0], y[:, 1:]
@@ -145,6 +187,12 @@ class ClassifierModule(L.LightningModule):
             pooled = torch.cat([m.mean(dim=(2, 3)), m.amax(dim=(2, 3))], dim=1)  # (batch, 2 channel)
             aux_loss = F.binary_cross_entropy_with_logits(self.aux_head(pooled), aux.float())
             loss = loss + self.aux_weight * aux_loss
+        if masks and self.aux_mask_head is not None and self._aux_maps is not None:
+            pred = self.aux_mask_head(self._aux_maps)  # (batch, mask concept, my, mx) logits
+            if pred.shape != masks[0].shape:
+                raise ConfigError(f"dense concept targets of shape {tuple(masks[0].shape)} do not match the aux "
+                                  f"layer's maps {tuple(pred.shape)} (batch, concept, y, x)")
+            loss = loss + self.aux_mask_weight * F.binary_cross_entropy_with_logits(pred, masks[0].float())
         if split == "train":  # this rank's running loss, for the progress bar only
             self.log("loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, logger=False)
         return loss
@@ -190,7 +238,8 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for p in (*self.net.parameters(), *(self.aux_head.parameters() if self.aux_head is not None else ())):
+        heads = [h for h in (self.aux_head, self.aux_mask_head) if h is not None]
+        for p in (*self.net.parameters(), *(p for h in heads for p in h.parameters())):
             # no weight decay on batch-norm scales and biases: decaying them only fights the normalisation
             (no_decay if p.ndim <= 1 else decay).append(p)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.optim.weight_decay},
