@@ -24,6 +24,8 @@
 3. After each round: precision and recall of the units labeled c against the detectors of c. Precision is undefined
    (None) while no unit carries the label, recall while the model has no detector of c — reported as such, never
    replaced by a looser definition.
+4. One reviewer's k patches are a small sample: `report.orders` repeats the alternative rules at k = 5 for 40 other
+   seeded reviewers on the deepest layer (mean precision and recall, and the share of reviewers meeting both goals).
 
 The drawings are kept (`report.drawings`) so the probe evaluation can fit probes from exactly the same regions.
 """
@@ -47,6 +49,7 @@ from .labelrules import (
     CumulativeRule,
     DatasetRule,
     images_showing,
+    unit_mask_areas,
 )
 from .labels import LabelRule, apply_ious, units_for
 from .regions import MaskRegion
@@ -66,6 +69,7 @@ __all__ = [
     "dissect_ground_truth",
     "log_ground_truth",
     "tune_cumulative_threshold",
+    "reviewer_orders",
     "TuningResult",
     "EXPERIMENT",
     "RULES",
@@ -119,6 +123,8 @@ class GroundTruthReport:
     missing: list[str] = field(default_factory=list)  # requested concepts without any ground-truth mask
     # the alternative rules (explain.labelrules) on the same drawings: rule → layer → concept → rows
     alternatives: dict[str, dict[str, dict[str, list[dict]]]] = field(default_factory=dict)
+    # the alternative rules at k = goal_k over many seeded reviewers of the deepest layer (`reviewer_orders`)
+    orders: dict[str, dict[str, dict]] = field(default_factory=dict)
 
     @property
     def cumulative(self) -> dict[str, dict[str, list[dict]]]:
@@ -172,6 +178,7 @@ class GroundTruthReport:
         return {
             "layers": self.layers, "config": _config_json(self.config), "concepts": self.concepts,
             "detectors": self.detectors, "curves": self.curves, "alternatives": self.alternatives,
+            "orders": self.orders,
             "available": self.available,
             "n_reference_images": self.n_reference_images, "seconds": self.seconds, "missing": self.missing,
             "iou": {layer: res.to_json() for layer, res in self.iou.items()},
@@ -355,6 +362,62 @@ def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Seque
 
 
 # -- tuning the alternative rule on train/val drawings -----------------------------------------------------------------
+def _drawable_counts(store, manifest, layer: str, *, splits: Sequence[str], concepts: Sequence[str],
+                     min_region_px: int, level: float) -> dict[str, list[tuple[int, np.ndarray, np.ndarray, int]]]:
+    """{concept: [(store index, unit mask areas, overlaps with the concept's mask, its pixels)]} of every patch of
+    `splits` the reviewer could draw the concept on (as in `choose_drawings`), computed once."""
+    records = _store_records(store, manifest)
+    size = patch_size(store)
+    thresholds = np.asarray(store.thresholds(layer, level), dtype=np.float32)
+    grid = UpsampleGrid.build(store.layer_shape(layer)[1:], size)
+    counts: dict[str, list[tuple[int, np.ndarray, np.ndarray, int]]] = {c: [] for c in concepts}
+    for i, r in enumerate(records):
+        if r.split not in splits:
+            continue
+        masks = {c: m for c, m in load_concept_masks(r, size, concepts).items() if m.sum() >= min_region_px}
+        if not masks:
+            continue
+        area, inter = mask_counts(store.maps(layer, i), thresholds, np.stack(list(masks.values())), grid=grid)
+        for j, (c, m) in enumerate(masks.items()):
+            counts[c].append((i, area, inter[j], int(m.sum())))
+    return counts
+
+
+def reviewer_orders(store, manifest, layer: str, detectors: Mapping[str, Sequence[int]], *,
+                    config: GroundTruthConfig = GroundTruthConfig(), orders: int = 40, seed: int = 2000,
+                    shown: Mapping[str, Sequence[int]] | None = None) -> dict[str, dict[str, dict]]:
+    """How much the alternative rules' figures at k = config.goal_k depend on which patches the reviewer drew: `orders`
+    seeded reviewers, each drawing goal_k eligible patches of the review split per concept.
+    → {rule: {concept: {"precision", "recall" (means; an undefined precision counts 0), "met" (fraction of
+    reviewers reaching both goals), "orders"}}} for "cumulative" and, with `shown`, "dataset"."""
+    concepts = [c for c in config.concepts]
+    counts = _drawable_counts(store, manifest, layer, splits=(config.review_split,), concepts=concepts,
+                              min_region_px=config.min_region_px, level=config.level)
+    n_units = int(np.asarray(store.thresholds(layer, config.level)).shape[0])
+    make = {"cumulative": lambda: CumulativeRule.from_counts(n_units, threshold=config.cumulative_threshold)}
+    if shown is not None:
+        area = unit_mask_areas(store, layer, config.level)
+        make["dataset"] = lambda: DatasetRule.from_counts(image_area=area, shown=shown,
+                                                          threshold=config.dataset_threshold)
+    rng = np.random.default_rng(seed)
+    sums = {name: {c: np.zeros(3) for c in concepts} for name in make}
+    for _ in range(orders):
+        picks = {c: rng.permutation(len(counts[c]))[:config.goal_k] for c in concepts}
+        for name, new in make.items():
+            rule = new()
+            for c in concepts:
+                for j in picks[c]:
+                    _i, area_j, inter, n = counts[c][j]
+                    rule.add_counts(c, area_j, inter, n)
+            labels = rule.labels()
+            for c in concepts:
+                p, r, _ = _pr({u for u, lc in labels.items() if lc == c}, {int(u) for u in detectors.get(c, [])})
+                p, r = (0.0 if p is None else p), (0.0 if r is None else r)
+                sums[name][c] += (p, r, p >= config.goal_precision and r >= config.goal_recall)
+    return {name: {c: {"precision": v[0] / orders, "recall": v[1] / orders, "met": v[2] / orders, "orders": orders}
+                   for c, v in per.items()} for name, per in sums.items()}
+
+
 @dataclass
 class TuningResult:
     """`tune_cumulative_threshold`'s answer: the chosen threshold, the score of every candidate and the evidence."""
@@ -377,19 +440,9 @@ def tune_cumulative_threshold(store, manifest, layer: str, detectors: Mapping[st
     score of a threshold = mean over the concepts that have detectors of the mean over orders of min(precision,
     recall) at k (an undefined precision counts 0). Ties go to the smaller threshold."""
     records = _store_records(store, manifest)
-    size = patch_size(store)
     thresholds = np.asarray(store.thresholds(layer, level), dtype=np.float32)
-    grid = UpsampleGrid.build(store.layer_shape(layer)[1:], size)
-    counts: dict[str, list[tuple[int, np.ndarray, np.ndarray, int]]] = {c: [] for c in concepts}
-    for i, r in enumerate(records):  # counts of every eligible (patch, concept), computed once
-        if r.split not in splits:
-            continue
-        masks = {c: m for c, m in load_concept_masks(r, size, concepts).items() if m.sum() >= min_region_px}
-        if not masks:
-            continue
-        area, inter = mask_counts(store.maps(layer, i), thresholds, np.stack(list(masks.values())), grid=grid)
-        for j, (c, m) in enumerate(masks.items()):
-            counts[c].append((i, area, inter[j], int(m.sum())))
+    counts = _drawable_counts(store, manifest, layer, splits=splits, concepts=concepts, min_region_px=min_region_px,
+                              level=level)
     scored = [c for c in concepts if detectors.get(c) and counts[c]]
     if not scored:
         raise ExplainError(f"{layer}: no concept with detectors has drawable patches in splits {list(splits)}")
@@ -456,10 +509,12 @@ def evaluate_ground_truth(settings, *, store="demo", data="demo", layers: Sequen
         for name, rows in alt.items():
             alternatives.setdefault(name, {})[layer] = rows
         drawings = drawings or drawn  # the same drawings for every layer
+    orders = reviewer_orders(store, manifest, layers[-1], detectors[layers[-1]], config=config, shown=shown)
     n_ref = sum(r.split in config.reference_splits for r in records)
     return GroundTruthReport(layers=layers, config=config, concepts=concepts, iou=iou, detectors=detectors,
                              curves=curves, drawings=drawings, available=available, n_reference_images=n_ref,
-                             seconds=time.perf_counter() - t0, missing=missing, alternatives=alternatives)
+                             seconds=time.perf_counter() - t0, missing=missing, alternatives=alternatives,
+                             orders=orders)
 
 
 @dataclass
@@ -552,6 +607,11 @@ def log_ground_truth(report: GroundTruthReport, settings, *, run_name: str | Non
                             metrics.append(Metric(f"{layer}/{rule}/{key}/{concept}",
                                                   float("nan") if v is None else float(v), now, row["k"]))
                         metrics.append(Metric(f"{layer}/{rule}/labeled/{concept}", row["labeled"], now, row["k"]))
+        for rule, per in report.orders.items():  # many reviewers, deepest layer, k = goal_k
+            for concept, v in per.items():
+                for key in ("precision", "recall", "met"):
+                    metrics.append(Metric(f"{report.layers[-1]}/{rule}/orders_{key}/{concept}", float(v[key]), now,
+                                          report.config.goal_k))
         for start in range(0, len(metrics), 900):  # mlflow's batch limit is 1000 entries
             client.log_batch(run_id, metrics=metrics[start:start + 900],
                              params=[Param(k, str(v)) for k, v in params.items()] if start == 0 else [],

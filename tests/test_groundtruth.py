@@ -193,6 +193,28 @@ def test_the_alternative_rules_are_measured_side_by_side_on_the_same_drawings(re
     assert run.data.params["cumulative_threshold"] == "0.07" and run.data.params["dataset_threshold"] == "0.04"
     assert run.data.metrics["features.1/cumulative/recall/mass"] == 1.0
     assert run.data.metrics["features.1/dataset/precision/calcification"] == 1.0
+    # many reviewers (the deepest layer, k = 5): both rules find the two hand-set units whatever the patches drawn
+    assert report.layers[-1] == "features.2"
+    for rule in ("cumulative", "dataset"):
+        assert report.orders[rule]["mass"]["orders"] == 40
+    assert run.data.metrics["features.2/dataset/orders_met/mass"] == report.orders["dataset"]["mass"]["met"]
+
+
+def test_many_reviewers_find_the_known_units(report, lesions):
+    from explain.groundtruth import reviewer_orders
+    from explain.labelrules import images_showing
+
+    store, manifest = lesions
+    # 6 eligible test patches per concept, 5 drawn by each of 12 reviewers
+    out = reviewer_orders(store, manifest, "features.1", report.detectors["features.1"], config=CONFIG, orders=12,
+                          shown=images_showing(store, manifest))
+    for rule in ("cumulative", "dataset"):
+        for concept in ("mass", "calcification"):
+            assert out[rule][concept] == {"precision": 1.0, "recall": 1.0, "met": 1.0, "orders": 12}, out
+    # a detector the rules cannot find (a unit labeled nothing) makes recall 0 and no reviewer meets the goal
+    out = reviewer_orders(store, manifest, "features.1", {"mass": [2], "calcification": [1]}, config=CONFIG, orders=3)
+    assert out["cumulative"]["mass"] == {"precision": 0.0, "recall": 0.0, "met": 0.0, "orders": 3}
+    assert set(out) == {"cumulative"}  # no `shown`: no dataset rule
 
 
 def test_the_cumulative_threshold_is_tuned_on_train_and_val_drawings_only(report, lesions):

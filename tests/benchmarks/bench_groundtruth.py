@@ -76,6 +76,13 @@ def run(settings) -> list[dict]:
                  "goal": f"<= {GOAL_K}" if goals else None,
                  "ok": (k_goal is not None and k_goal <= GOAL_K) if goals else None, "note": note},
             ]
+    for rule, per in report.orders.items():  # the same rules at k = 5 for many reviewers (no goal: a spread)
+        for c, v in per.items():
+            figures.append({"name": f"groundtruth/{rule}/{c}/reviewers_meeting_goal@{GOAL_K}", "value": v["met"],
+                            "unit": "share", "goal": None, "ok": None,
+                            "note": f"{v['orders']} seeded reviewers drawing {GOAL_K} test patches per concept on "
+                                    f"{head}: mean precision {v['precision']:.2f}, mean recall {v['recall']:.2f}; "
+                                    f"share reaching both 0.8 goals"})
     for c in report.missing:
         figures.append({"name": f"groundtruth/{c}/detectors", "value": "no masks", "unit": "", "goal": "> 0",
                         "ok": False, "note": f"the demo manifest has no ground-truth mask of {c}"})
