@@ -414,7 +414,8 @@ def reviewer_orders(store, manifest, layer: str, detectors: Mapping[str, Sequenc
                 p, r, _ = _pr({u for u, lc in labels.items() if lc == c}, {int(u) for u in detectors.get(c, [])})
                 p, r = (0.0 if p is None else p), (0.0 if r is None else r)
                 sums[name][c] += (p, r, p >= config.goal_precision and r >= config.goal_recall)
-    return {name: {c: {"precision": v[0] / orders, "recall": v[1] / orders, "met": v[2] / orders, "orders": orders}
+    return {name: {c: {"precision": float(v[0] / orders), "recall": float(v[1] / orders), "met": float(v[2] / orders),
+                       "orders": orders}
                    for c, v in per.items()} for name, per in sums.items()}
 
 
