@@ -54,6 +54,7 @@ __all__ = [
     "unit_masks",
     "mask_counts",
     "region_iou",
+    "iou_from_counts",
     "reference_unit_iou",
     "UnitIoU",
     "DatasetIoU",
@@ -466,8 +467,13 @@ def region_iou(maps: np.ndarray, thresholds: np.ndarray, region: np.ndarray, *,
     if n == 0:
         raise RegionError(f"the region covers no pixel of the {region.shape[0]}×{region.shape[1]} patch")
     area, inter = mask_counts(maps, thresholds, region[None], grid=grid)
-    inter = inter[0]
-    return (inter / (area + n - inter)).astype(_F32)
+    return iou_from_counts(area, inter[0], n)
+
+
+def iou_from_counts(area: np.ndarray, inter: np.ndarray, region_px: int) -> np.ndarray:
+    """float32 (unit,): IoU of a region of `region_px` pixels with unit masks of `area` pixels overlapping it by
+    `inter` (mask_counts' outputs for one region)."""
+    return (inter / (area + int(region_px) - inter)).astype(_F32)
 
 
 # -- store-bound classes -----------------------------------------------------------------------------------------------
@@ -553,8 +559,7 @@ class UnitIoU:
                 self._areas[index] = area
                 while len(self._areas) > self.cache_images:
                     self._areas.popitem(last=False)
-        n = int(mask.sum())
-        return (inter[0] / (area + n - inter[0])).astype(_F32)
+        return iou_from_counts(area, inter[0], int(mask.sum()))
 
 
 @dataclass

@@ -41,7 +41,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .dissection import DEFAULT_LEVEL, ConceptIoU, DatasetIoU, UpsampleGrid, mask_counts, patch_size
+from .dissection import (
+    DEFAULT_LEVEL,
+    ConceptIoU,
+    DatasetIoU,
+    UpsampleGrid,
+    iou_from_counts,
+    mask_counts,
+    patch_size,
+)
 from .errors import ExplainError
 from .labelrules import (
     DEFAULT_CUMULATIVE_THRESHOLD,
@@ -125,10 +133,6 @@ class GroundTruthReport:
     alternatives: dict[str, dict[str, dict[str, list[dict]]]] = field(default_factory=dict)
     # the alternative rules at k = goal_k over many seeded reviewers of the deepest layer (`reviewer_orders`)
     orders: dict[str, dict[str, dict]] = field(default_factory=dict)
-
-    @property
-    def cumulative(self) -> dict[str, dict[str, list[dict]]]:
-        return self.alternatives.get("cumulative", {})
 
     def rows(self, layer: str, concept: str, rule: str = "published") -> list[dict]:
         """The curve of `rule`: "published" (explain.labels, the app's default), "cumulative" or "dataset"."""
@@ -334,7 +338,7 @@ def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Seque
             mask = load_concept_masks(records[index], size, [concept])[concept]
             area, inter = mask_counts(store.maps(layer, index), thresholds, mask[None], grid=grid)
             n = int(mask.sum())
-            ious = (inter[0] / (area + n - inter[0])).astype(np.float32)  # as UnitIoU.compute
+            ious = iou_from_counts(area, inter[0], n)
             for rule in rules.values():
                 rule.add_counts(concept, area, inter[0], n)
             apply_ious(db, store, layer=layer, image=index, concept=concept, author="simulated-reviewer",
@@ -390,7 +394,7 @@ def reviewer_orders(store, manifest, layer: str, detectors: Mapping[str, Sequenc
     seeded reviewers, each drawing goal_k eligible patches of the review split per concept.
     → {rule: {concept: {"precision", "recall" (means; an undefined precision counts 0), "met" (fraction of
     reviewers reaching both goals), "orders"}}} for "cumulative" and, with `shown`, "dataset"."""
-    concepts = [c for c in config.concepts]
+    concepts = list(config.concepts)
     counts = _drawable_counts(store, manifest, layer, splits=(config.review_split,), concepts=concepts,
                               min_region_px=config.min_region_px, level=config.level)
     n_units = int(np.asarray(store.thresholds(layer, config.level)).shape[0])

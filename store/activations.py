@@ -596,6 +596,11 @@ class ActivationStore:
             self._memo[key] = _readonly(np.asarray(read()))
         return self._memo[key]
 
+    def derived(self, key: tuple, compute) -> np.ndarray:
+        """A statistic computed from this store (explain.labelrules.unit_mask_areas), kept read-only with the
+        store's own cached arrays: once per store object, forgotten when the store is finalized again."""
+        return self._memoized(("derived", *key), compute)
+
     # -- reading ------------------------------------------------------------------------------------------------------
     def images(self) -> np.ndarray:
         """uint8 (image, y, x): the network-input patches (cached per store object)."""

@@ -56,7 +56,7 @@ def _time(fn, *args) -> tuple[float, np.ndarray]:
 def _figures_synthetic() -> list[dict]:
     import torch
 
-    from explain.dissection import UpsampleGrid, mask_counts, reference_unit_iou, region_iou
+    from explain.dissection import UpsampleGrid, iou_from_counts, mask_counts, reference_unit_iou, region_iou
 
     torch.set_num_threads(1)  # the reference and the fast path on the same single core
     rng = np.random.default_rng(0)
@@ -84,7 +84,7 @@ def _figures_synthetic() -> list[dict]:
         warm_t.append(t)
         if i < N_REF:
             n = int(region.sum())
-            warm = (inter[0] / (area + n - inter[0])).astype(np.float32)
+            warm = iou_from_counts(area, inter[0], n)
             mismatches += int((reference_unit_iou(maps, thresholds, region) != warm).sum())
     p50 = statistics.median(fast_t) * 1000
     ref50 = statistics.median(ref_t) * 1000
