@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,7 +93,34 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _parse_row(i: int, row: dict, root: Path, path: Path, check_files: bool) -> PatchRecord:
+class _Resolver:
+    """root / relative path → the absolute path Path.resolve gives (symlinks and '..' resolved), one folder at a time
+    with each folder resolved once: Path.resolve makes a system call per component of every path, which made reading
+    a manifest of a few thousand rows cost as much as extracting a few hundred patches. The file name itself is
+    appended unresolved (a symlinked file is read through its link either way)."""
+
+    def __init__(self, root: Path):
+        self.root = root.resolve()
+        self.folders: dict[str, Path] = {}
+
+    def _folder(self, folder: str) -> Path:
+        known = self.folders.get(folder)
+        if known is None:
+            parent, sep, last = folder.rpartition("/")
+            base = self._folder(parent) if sep else self.root
+            here = base / last
+            # a resolved folder joined with a plain name is resolved unless that name is a link (or '..')
+            known = self.folders[folder] = here.resolve() if last in ("..", ".") or here.is_symlink() else here
+        return known
+
+    def __call__(self, rel: str) -> Path:
+        folder, sep, name = rel.rpartition("/")
+        if os.path.isabs(rel) or name in ("", ".", ".."):
+            return (self.root / rel).resolve()
+        return (self._folder(folder) if sep else self.root) / name
+
+
+def _parse_row(i: int, row: dict, resolve: _Resolver, path: Path, check_files: bool) -> PatchRecord:
     where = f"{path}: row {i + 2} (id {row.get('id')!r})"
     try:
         label = int(row["label"])
@@ -105,13 +133,13 @@ def _parse_row(i: int, row: dict, root: Path, path: Path, check_files: bool) -> 
         raise ManifestError(f"{where}: unknown split {row['split']!r} (expected one of {', '.join(SPLITS)})")
     if not row["image"]:
         raise ManifestError(f"{where}: empty image path")
-    image = (root / row["image"]).resolve()
+    image = resolve(row["image"])
     masks: dict[str, Path] = {}
     for item in filter(None, (row.get("masks") or "").split(";")):
         concept, _, rel = item.partition("=")
         if not rel:
             raise ManifestError(f"{where}: mask entry {item!r} is not concept=path")
-        masks[concept] = (root / rel).resolve()
+        masks[concept] = resolve(rel)
     if check_files:
         for p in (image, *masks.values()):
             if not p.is_file():
@@ -137,7 +165,8 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
         missing = [c for c in ("id", "source_id", "label", "split", "image") if c not in (reader.fieldnames or [])]
         if missing:
             raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
-        records = [_parse_row(i, row, path.parent, path, check_files) for i, row in enumerate(reader)]
+        resolve = _Resolver(path.parent)
+        records = [_parse_row(i, row, resolve, path, check_files) for i, row in enumerate(reader)]
     if not records:
         raise ManifestError(f"{path}: no rows")
     seen: set[str] = set()
