@@ -15,6 +15,7 @@ from explain.errors import LabelError, RegionError, UnknownLayerError
 from explain.groundtruth import dataset_concept_iou, load_concept_masks
 from explain.labelrules import (
     DEFAULT_CUMULATIVE_THRESHOLD,
+    AREA_UNITS,
     DEFAULT_DATASET_THRESHOLD,
     CumulativeRule,
     DatasetRule,
@@ -160,20 +161,24 @@ def test_dataset_rule_by_hand():
     np.testing.assert_array_equal(rule.unit_area, [200, 100])  # F_u
     # one mass drawing of 30 px on image 0: unit 0's 50 px cover 20 of it, unit 1's 40 px cover 30
     rule.add_counts("mass", area=[50, 40], inter=[20, 30], region_px=30)
-    # I = F_u,mass · inside share: unit 0 150 · 20/50 = 60, unit 1 40 · 30/40 = 30; A = 30 · 3 = 90
-    np.testing.assert_allclose(rule.iou(), [[60 / (200 + 30), 30 / (100 + 60)]])
+    # I = F_u,mass · inside share: unit 0 150 · 20/50 = 60, unit 1 40 · 30/40 = 30; A = the drawn 30 px × the
+    # units' mask area on the images showing mass over theirs on the drawn one: 30 · (150 + 40) / (50 + 40)
+    a_mass = 30 * 190 / 90
+    np.testing.assert_allclose(rule.iou(), [[60 / (200 + a_mass - 60), 30 / (100 + a_mass - 30)]])
     assert rule.labels() == {0: "mass", 1: "mass"}
     # a rim drawing of 20 px on image 3: unit 0 covers 2 px of it, unit 1 covers all 20
     rule.add_counts("rim", area=[50, 60], inter=[2, 20], region_px=20)
-    # I = F_u,rim · share: unit 0 100 · 2/50 = 4, unit 1 60 · 20/60 = 20; A = 20 · 2 = 40
-    np.testing.assert_allclose(rule.iou()[1], [4 / (200 + 36), 20 / (100 + 20)])
-    assert rule.labels() == {0: "mass", 1: "mass"}  # unit 1: mass 0.1875 beats rim 0.167
+    # I = F_u,rim · share: unit 0 100 · 2/50 = 4, unit 1 60 · 20/60 = 20; A = 20 · (100 + 60) / (50 + 60)
+    a_rim = 20 * 160 / 110
+    np.testing.assert_allclose(rule.iou()[1], [4 / (200 + a_rim - 4), 20 / (100 + a_rim - 20)])
+    assert rule.labels() == {0: "mass", 1: "mass"}  # unit 1: mass 0.225 beats rim 0.183
     # the cumulative rule on the same drawings: on the rim patch unit 1 fires little beyond the rim, so rim wins
     cum = CumulativeRule.from_counts(2)
     cum.add_counts("mass", area=[50, 40], inter=[20, 30], region_px=30)
     cum.add_counts("rim", area=[50, 60], inter=[2, 20], region_px=20)
     np.testing.assert_allclose(cum.iou(), [[20 / 60, 30 / 40], [2 / 68, 20 / 60]])
-    # a concept drawn on more images than listed counts as shown on those: A is at least the drawn area
+    # a concept drawn on more images than listed counts as shown on those: A is at least the drawn area (the ratio
+    # alone would give 40 · 110 / 220 = 20)
     twice = DatasetRule.from_counts(image_area=AREA, shown={"rim": [3]})
     for _ in range(2):
         twice.add_counts("rim", area=[50, 60], inter=[0, 20], region_px=20)
@@ -181,7 +186,20 @@ def test_dataset_rule_by_hand():
     # the estimated overlap never exceeds the unit's whole area (unit 1 inside a region covering all of it)
     full = DatasetRule.from_counts(image_area=AREA, shown={"mass": [0, 3]})
     full.add_counts("mass", area=[50, 40], inter=[0, 40], region_px=400)
-    np.testing.assert_allclose(full.iou(), [[0, 100 / (100 + 800 - 100)]])
+    a_full = 400 * (100 + 100) / (50 + 40)
+    np.testing.assert_allclose(full.iou(), [[0, 100 / (100 + a_full - 100)]])
+
+
+def test_dataset_rule_carries_the_drawn_area_over_by_the_best_units_only():
+    """A_c comes from the AREA_UNITS units with the highest first estimate: units firing off the concept (here a
+    lot, on the image not drawn) do not inflate it."""
+    assert AREA_UNITS == 5
+    area = np.array([[10] * 5 + [10, 10], [20] * 5 + [1000, 1000]])  # (image, unit): both images show mass
+    rule = DatasetRule.from_counts(image_area=area, shown={"mass": [0, 1]})
+    rule.add_counts("mass", area=[10] * 7, inter=[10] * 5 + [0, 0], region_px=10)  # units 0–4 are the region
+    # units 0–4: I = 30 · 10/10; A = 10 · (5 · 30) / (5 · 10) = 30 (with units 5 and 6: 10 · 2170 / 70 = 310)
+    np.testing.assert_allclose(rule.iou()[0], [30 / (30 + 30 - 30)] * 5 + [0, 0])
+    assert rule.units_for("mass") == [0, 1, 2, 3, 4]
 
 
 def test_dataset_rule_bad_input_is_refused_and_changes_nothing():
