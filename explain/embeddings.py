@@ -16,7 +16,8 @@ Inputs: the store's pooled max activations (image, unit) of a layer.
 Everything is deterministic: PCA by SVD with a fixed sign convention (the largest loading of each component is
 positive), UMAP with a fixed `random_state` (single-threaded). Results are written once into the store
 (`layers/<layer>/embedding/<kind>`, attrs with the parameters) and `read_maps` returns them unchanged; nothing is
-computed at app start. UMAP (numba) takes a few seconds to compile on first use: run `python -m explain maps`.
+computed at app start. Each unit's mask area on every image (`layers/<layer>/mask_area/0.99`) is cached beside them,
+for the dataset labeling rule. UMAP (numba) takes a few seconds to compile on first use: run `python -m explain maps`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .dissection import DEFAULT_LEVEL
 from .errors import ExplainError, UnknownLayerError
+from .labelrules import count_unit_mask_areas
 
 __all__ = ["MapConfig", "KINDS", "unit_profiles", "image_features", "pca_coords", "umap_coords", "unit_groups",
            "compute_maps", "read_maps", "main"]
@@ -148,11 +151,13 @@ def _compute(pooled: np.ndarray, kind: str, config: MapConfig) -> tuple[np.ndarr
 
 
 def compute_maps(store, *, layers: Sequence[str] | None = None, kinds: Sequence[str] = KINDS,
-                 config: MapConfig | None = None, force: bool = False,
+                 config: MapConfig | None = None, force: bool = False, mask_areas: bool = True,
                  progress: Callable[[str, str], None] | None = None) -> dict[str, list[str]]:
     """Compute and cache the maps of each layer (store opened writable); returns layer → kinds computed now.
 
     Cached kinds made with the same parameters are kept unless `force`; `progress(layer, kind)` is called first.
+    With `mask_areas`, each unit's mask area on every image at the dissection level is cached too (kind
+    "mask_area": what the dataset labeling rule reads, explain.labelrules.unit_mask_areas).
     """
     config = config or MapConfig()
     layers = list(store.layers if layers is None else layers)
@@ -176,6 +181,11 @@ def compute_maps(store, *, layers: Sequence[str] | None = None, kinds: Sequence[
             store.write_embedding(layer, kind, coords, over=kind.split("_")[0],
                                   attrs={**attrs, "params": params, "input": f"pooled {config.stat}, standardized"})
             done[layer].append(kind)
+        if mask_areas and (force or store.mask_areas(layer, DEFAULT_LEVEL) is None):
+            if progress:
+                progress(layer, "mask_area")
+            store.write_mask_areas(layer, DEFAULT_LEVEL, count_unit_mask_areas(store, layer, DEFAULT_LEVEL))
+            done[layer].append("mask_area")
     return done
 
 

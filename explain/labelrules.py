@@ -51,7 +51,7 @@ from .errors import LabelError, RegionError
 from .regions import RegionSpec, rasterize_regions
 
 __all__ = ["CumulativeRule", "DEFAULT_CUMULATIVE_THRESHOLD", "DatasetRule", "DEFAULT_DATASET_THRESHOLD",
-           "unit_mask_areas", "images_showing"]
+           "unit_mask_areas", "count_unit_mask_areas", "images_showing"]
 
 DEFAULT_CUMULATIVE_THRESHOLD = 0.07
 
@@ -191,25 +191,34 @@ class CumulativeRule:
 DEFAULT_DATASET_THRESHOLD = 0.04  # Network Dissection's detector criterion: dataset-level IoU above 0.04
 AREA_UNITS = 5  # units whose mask area carries a concept's drawn area over to the whole dataset (DatasetRule)
 
-def unit_mask_areas(store, layer: str, level: float = DEFAULT_LEVEL, *, block: int = 64) -> np.ndarray:
+def unit_mask_areas(store, layer: str, level: float = DEFAULT_LEVEL) -> np.ndarray:
     """int32 (image, unit): pixels of each unit's mask (upsampled map above its `level` quantile) on every image of
-    the store — the "unit" side of every dataset-level union. Computed once per store object, layer and level
-    (`store.derived`; a few seconds for the 3,276 patches of the demo store, mostly reading the maps), read-only."""
+    the store — the "unit" side of every dataset-level union. Read from the store when `python -m explain maps` has
+    cached them there (`count_unit_mask_areas`), else counted now; kept per store object, layer and level
+    (`store.derived`), read-only."""
     layer = _check_layer(store, layer)
 
     def compute() -> np.ndarray:
-        thresholds = np.asarray(store.thresholds(layer, level), dtype=np.float32)
-        grid = UpsampleGrid.build(store.layer_shape(layer)[1:], patch_size(store))
-        out = np.zeros((store.n_images, thresholds.shape[0]), np.int32)
-        for start in range(0, store.n_images, block):
-            stop = min(start + block, store.n_images)
-            maps = store.maps_many(layer, np.arange(start, stop))  # (image, unit, y, x): images × units at once
-            area, _ = mask_counts(maps.reshape(-1, *maps.shape[2:]), np.tile(thresholds, stop - start), None,
-                                  grid=grid)
-            out[start:stop] = area.reshape(stop - start, -1)
-        return out
+        stored = store.mask_areas(layer, level)
+        return stored if stored is not None else count_unit_mask_areas(store, layer, level)
 
     return store.derived(("unit_mask_areas", layer, float(level)), compute)
+
+
+def count_unit_mask_areas(store, layer: str, level: float = DEFAULT_LEVEL, *, block: int = 64) -> np.ndarray:
+    """int32 (image, unit) unit mask areas counted from the stored maps (a few seconds for the 3,276 patches of the
+    demo store, mostly reading the maps)."""
+    layer = _check_layer(store, layer)
+    thresholds = np.asarray(store.thresholds(layer, level), dtype=np.float32)
+    grid = UpsampleGrid.build(store.layer_shape(layer)[1:], patch_size(store))
+    out = np.zeros((store.n_images, thresholds.shape[0]), np.int32)
+    for start in range(0, store.n_images, block):
+        stop = min(start + block, store.n_images)
+        maps = store.maps_many(layer, np.arange(start, stop))  # (image, unit, y, x): images × units at once
+        area, _ = mask_counts(maps.reshape(-1, *maps.shape[2:]), np.tile(thresholds, stop - start), None,
+                              grid=grid)
+        out[start:stop] = area.reshape(stop - start, -1)
+    return out
 
 
 def images_showing(store, manifest) -> dict[str, np.ndarray]:

@@ -818,6 +818,34 @@ class ActivationStore:
         p = f"layers/{self._layer(layer)}/embedding"
         return sorted(self._group[p].array_keys()) if p in self._group else []
 
+    # -- unit mask areas ----------------------------------------------------------------------------------------------
+    def _mask_area_path(self, layer: str, level: float) -> str:
+        return f"layers/{self._layer(layer)}/mask_area/{float(level)!r}"
+
+    def write_mask_areas(self, layer: str, level: float, areas: np.ndarray) -> None:
+        """Cache int32 (image, unit): the pixels of each unit's mask (its map upsampled to the patch, above its `level`
+        quantile) on every image, under layers/<layer>/mask_area/<level> (explain.labelrules.unit_mask_areas)."""
+        self._writable("write mask areas")
+        if float(level) not in self.quantile_levels(layer):
+            raise ValueError(f"{self.url}: level {level} is not one of the store's quantile levels "
+                             f"{list(self.quantile_levels(layer))}")
+        areas = np.asarray(areas)
+        expected = (self.n_images, self.layer_shape(layer)[0])
+        h, w = self.attrs["input_size"]
+        if areas.shape != expected or not np.issubdtype(areas.dtype, np.integer) or areas.size and (
+                areas.min() < 0 or areas.max() > h * w):
+            raise ValueError(f"{self.url}: mask areas of {layer!r} must be integer pixel counts 0 … {h * w} shaped "
+                             f"{expected} (image, unit), got {areas.dtype} {areas.shape}")
+        self._put_whole(self._mask_area_path(layer, level), areas.astype(np.int32), chunks=expected, fill=-1,
+                        dims=("image", "unit"), attrs={"level": float(level), "updated": _now()})
+
+    def mask_areas(self, layer: str, level: float) -> np.ndarray | None:
+        """The cached int32 (image, unit) mask areas at `level` (read-only), or None when they were never written."""
+        try:
+            return _readonly(self._fresh_array(self._mask_area_path(layer, level))[:])
+        except MissingArrayError:
+            return None
+
     # -- writing (extraction) -----------------------------------------------------------------------------------------
     def block_range(self, block: int) -> tuple[int, int]:
         """Image rows [start, stop) of a write block."""

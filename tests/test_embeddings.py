@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,8 @@ from explain.embeddings import (
     KINDS, MapConfig, compute_maps, image_features, main, pca_coords, read_maps, unit_groups, unit_profiles,
 )
 from explain.errors import ExplainError, UnknownLayerError
+from explain.labelrules import count_unit_mask_areas, unit_mask_areas
+from store.errors import ActivationStoreError
 
 torch.set_num_threads(1)
 
@@ -56,9 +60,9 @@ def test_maps_are_computed_once_cached_and_stable(lesion):
 
     store, layer = lesion.store, lesion.layers[-1]
     units = store.layer_shape(layer)[0]
-    assert read_maps(store, layer) == {}
+    assert read_maps(store, layer) == {} and store.mask_areas(layer, 0.99) is None
     done = compute_maps(store, layers=[layer])
-    assert done == {layer: list(KINDS)}
+    assert done == {layer: [*KINDS, "mask_area"]}
     maps = read_maps(store, layer)
     assert maps["unit_pca"].shape == (units, 2) and maps["unit_umap"].shape == (units, 2)
     assert maps["image_pca"].shape == (store.n_images, 2) and maps["image_umap"].shape == (store.n_images, 2)
@@ -71,9 +75,16 @@ def test_maps_are_computed_once_cached_and_stable(lesion):
     assert max(a, 1 - a) > 0.8
     # cached: nothing recomputed; a reopened store (a restart) reads identical coordinates
     assert compute_maps(store, layers=[layer]) == {layer: []}
-    again = read_maps(open_store(lesion.url), layer)
+    reopened = open_store(lesion.url)
+    again = read_maps(reopened, layer)
     for kind in KINDS:
         np.testing.assert_array_equal(again[kind], maps[kind])
+    # the unit mask areas: counted from the maps once, then read from the store by the dataset labeling rule
+    areas = count_unit_mask_areas(store, layer)
+    assert areas.shape == (store.n_images, units) and areas.dtype == np.int32 and areas.max() > 0
+    np.testing.assert_array_equal(reopened.mask_areas(layer, 0.99), areas)
+    with mock.patch("explain.labelrules.count_unit_mask_areas", side_effect=AssertionError("recounted")):
+        np.testing.assert_array_equal(unit_mask_areas(reopened, layer), areas)
     # recomputing from scratch gives the same numbers (fixed seeds, deterministic PCA)
     compute_maps(store, layers=[layer], force=True)
     for kind in KINDS:
@@ -95,7 +106,26 @@ def test_maps_errors_and_cli(lesion, capsys):
         compute_maps(store, kinds=["unit_tsne"])
     layer = lesion.layers[0]
     assert main(["--store", lesion.url, "--layers", layer, "--kinds", "unit_pca", "image_pca"]) == 0
-    assert "2 map(s) computed" in capsys.readouterr().out
+    assert "3 map(s) computed" in capsys.readouterr().out  # the two kinds and the unit mask areas
     assert set(read_maps(store, layer)) >= {"unit_pca", "image_pca"}
     assert main(["--store", str(lesion.url) + "-missing"]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_mask_areas_bad_input_is_refused_and_changes_nothing(lesion):
+    from store.activations import open_store
+
+    store, layer = lesion.store, lesion.layers[0]
+    areas = count_unit_mask_areas(store, layer)
+    store.write_mask_areas(layer, 0.99, areas)
+    n, units = areas.shape
+    h, w = store.attrs["input_size"]
+    for bad, message in [(areas[:-1], "shaped"), (areas.astype(np.float32), "integer"), (areas - 1, "0 …"),
+                         (np.full_like(areas, h * w + 1), "0 …")]:
+        with pytest.raises(ValueError, match=message):
+            store.write_mask_areas(layer, 0.99, bad)
+    with pytest.raises(ValueError, match="quantile levels"):
+        store.write_mask_areas(layer, 0.97, areas)
+    with pytest.raises(ActivationStoreError, match="read-only"):
+        open_store(lesion.url).write_mask_areas(layer, 0.99, areas)
+    np.testing.assert_array_equal(open_store(lesion.url).mask_areas(layer, 0.99), areas)
