@@ -836,8 +836,9 @@ class ActivationStore:
                 areas.min() < 0 or areas.max() > h * w):
             raise ValueError(f"{self.url}: mask areas of {layer!r} must be integer pixel counts 0 … {h * w} shaped "
                              f"{expected} (image, unit), got {areas.dtype} {areas.shape}")
-        self._put_whole(self._mask_area_path(layer, level), areas.astype(np.int32), chunks=expected, fill=-1,
-                        dims=("image", "unit"), attrs={"level": float(level), "updated": _now()})
+        rows = min(expected[0], max(1, (16 << 20) // (4 * max(1, expected[1]))))  # chunks of at most 16 MiB
+        self._put_whole(self._mask_area_path(layer, level), areas.astype(np.int32), chunks=(rows, expected[1]),
+                        fill=-1, dims=("image", "unit"), attrs={"level": float(level), "updated": _now()})
 
     def mask_areas(self, layer: str, level: float) -> np.ndarray | None:
         """The cached int32 (image, unit) mask areas at `level` (read-only), or None when they were never written."""

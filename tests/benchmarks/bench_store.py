@@ -12,9 +12,10 @@ writing, and the quantiles/top-k. Extraction itself runs one single-threaded for
 side by side, store/extract.py), which computes a small model faster than intra-op threads do; so that this gain
 cannot hide the cost of storing, the same forward passes scheduled that way are a second baseline
 (`store/extract_over_worker_forward`, no goal). A third figure (`store/extract_unstored_ratio`, no goal) runs the
-same extraction with storing switched off by the bench (`_NothingStored`): the most any storing could reach. Throughput is measured over N_THROUGHPUT images (up to the whole demo
-dataset): a few hundred images take well under a second to forward, so fixed costs (Lightning's trainer, creating
-the store's arrays, finalizing) would dominate; they are reported on their own (`store/extract_fixed_s`).
+same extraction with storing switched off by the bench (`_NothingStored`): the most any storing could reach.
+Throughput is measured over N_THROUGHPUT images (up to the whole demo dataset): a few hundred images take well under
+a second to forward, so fixed costs (Lightning's trainer, creating the store's arrays, finalizing) would dominate;
+they are reported on their own (`store/extract_fixed_s`).
 A second ratio uses a model of the published system's scale (VGG16-BN widths, 224×224 inputs, a few images): the
 demo VGG is so small that writing its 112 KiB of maps per image costs about as much as computing them.
 """
