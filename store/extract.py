@@ -13,7 +13,9 @@ contiguous run of whole blocks, so two writers never touch the same chunk. Batch
 same image always sees the same batch, whatever the number of ranks or restarts: stores are identical array by
 array. On a CPU each process runs one forward worker per core (`ExtractConfig.workers`): whole batches side by side,
 each single-threaded, and the worker that finishes a block writes it (its chunks compressed, checksummed and stored,
-its maps counted for the quantiles) while the others compute; the next patches are read in a background thread. A
+its maps counted for the quantiles) while the others compute; the next patches are read in a background thread.
+With one forward worker (an accelerator, or `workers=1`) a finished block is written between forward passes, or,
+with `background_writes` (the default on accelerators), by a writer thread while the next batches are computed. A
 finished block is then recorded in the store's `progress` array; a killed run skips recorded blocks when it is run
 again. When every block is recorded, rank 0 computes the per-unit quantiles (from the
 counts made while writing) and top-k and marks the store complete.
@@ -73,6 +75,10 @@ class ExtractConfig:
     #                             torch threads and writing the blocks it finishes; None: one per core on a CPU (a
     #                             small model keeps the cores busier that way than with intra-op threads), 1 otherwise
     threads: int | None = None  # torch intra-op threads per process; None: the process's cores ÷ workers
+    background_writes: bool | None = None  # with one forward worker, write finished blocks on a writer thread while
+    #                                        the next batches are computed; None: on for accelerators (a GPU would
+    #                                        wait for every block's compression otherwise), off on a CPU (writing
+    #                                        between forward passes gives it every core)
     ddp_timeout_s: float = 600.0  # a rank waits at most this long for the others (their shares differ by <= 1 block)
     histogram_mb: int = 512  # memory for counting quantiles while writing (units × 256 KiB per layer); the rest of
     #                          the layers are read back from the store after extraction
@@ -262,7 +268,8 @@ class _BlockWriter:
 
 class _Forwards:
     """Forward workers: `workers` threads that each run whole batches single-threaded, fill the block buffers and
-    write the blocks they finish (`work(batch)`); Lightning's predict loop hands them the batches (`submit`).
+    write the blocks they finish (`work(batch)`); Lightning's predict loop hands them the batches (`submit`). The
+    background writer of a one-worker process is the same with one thread and `work = write a finished block`.
 
     On a CPU, a small model's convolutions split over the cores (torch's intra-op threads) wait for each other at
     every layer; whole batches side by side keep every core busy, and a block written by one worker overlaps the
@@ -323,6 +330,7 @@ class _Job:
         self.writer: _BlockWriter | None = None
         self.patches: _PatchBatches | None = None
         self.forwards: _Forwards | None = None
+        self.writes: _Forwards | None = None  # the background writer (one forward worker, background_writes)
         self.trace = None
         self.mine: list[int] = []
         self.todo: list[int] = []
@@ -364,6 +372,8 @@ class _Job:
         self.trace = Trace(net, self.layers, clone=False, per_thread=workers > 1).__enter__()  # left in finish/abort
         if workers > 1:
             self.forwards = _Forwards(workers, self._forward)
+        elif self.config.background_writes or (self.config.background_writes is None and not on_cpu):
+            self.writes = _Forwards(1, lambda item: self.writer.write(*item))  # at most 2 blocks wait for it
 
     def dataloader(self) -> torch.utils.data.DataLoader:
         sampler = _BlockBatches(self.mine, block=self.layout.block, n_images=self.layout.n_images,
@@ -432,7 +442,10 @@ class _Job:
         if complete:
             if self.patches is not None:
                 self.patches.prefetch()
-            self.writer.write(block, buf)
+            if self.writes is not None:
+                self.writes.submit((block, buf))
+            else:
+                self.writer.write(block, buf)
 
     def _stop_workers(self) -> None:
         try:
@@ -440,8 +453,13 @@ class _Job:
                 self.forwards.close()
         finally:
             self.forwards = None
-            if self.trace is not None:
-                self.trace.close()
+            try:
+                if self.writes is not None:  # the blocks handed to the background writer land (or fail) here
+                    self.writes.close()
+            finally:
+                self.writes = None
+                if self.trace is not None:
+                    self.trace.close()
 
     def abort(self, error: BaseException) -> None:
         """After a failure: let the blocks already computed land (they are whole and correct)."""

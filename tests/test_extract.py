@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -137,6 +140,42 @@ def test_forward_workers_write_the_same_store_and_a_failing_worker_leaves_whole_
     resumed = extract(net, meta=meta, manifest=patches, url=url, config=ExtractConfig(workers=2, **FAST))
     assert resumed.blocks_written == int((~done).sum())
     assert_same_arrays(store_arrays(url), store_arrays(one))
+
+
+def test_background_writes_give_the_same_store_and_a_failing_write_leaves_whole_blocks(patches, tmp_path):
+    """With one forward worker and `background_writes` (the default on accelerators), blocks are written by a writer
+    thread while the next batches are computed: the store equals the one written between forward passes. A write
+    that fails stops the extraction with its error, the blocks written before it stay recorded, and a resume writes
+    the rest into the same store."""
+    from store import extract as ex
+
+    net, meta = tiny_model()
+    plain, background = str(tmp_path / "plain.zarr"), str(tmp_path / "background.zarr")
+    extract(net, meta=meta, manifest=patches, url=plain, config=ExtractConfig(workers=1, **FAST))
+    r = extract(net, meta=meta, manifest=patches, url=background,
+                config=ExtractConfig(workers=1, background_writes=True, **FAST))
+    assert r.blocks_written == 5
+    assert_same_arrays(store_arrays(background), store_arrays(plain))
+
+    original, threads = ex._BlockWriter.write, set()
+
+    def failing(writer, block, data):
+        threads.add(threading.current_thread().name)
+        if block == 3:
+            raise OSError("disk gone")
+        original(writer, block, data)
+
+    url = str(tmp_path / "failed.zarr")
+    with mock.patch.object(ex._BlockWriter, "write", failing), pytest.raises(OSError, match="disk gone"):
+        extract(net, meta=meta, manifest=patches, url=url, config=ExtractConfig(workers=1, background_writes=True,
+                                                                                **FAST))
+    assert threads and threading.main_thread().name not in threads  # written off the predict loop's thread
+    done = open_store(url, allow_incomplete=True).completed_blocks()
+    assert done[:3].all() and not done[3]  # in order: every block before the failing one is whole and recorded
+    resumed = extract(net, meta=meta, manifest=patches, url=url,
+                      config=ExtractConfig(workers=1, background_writes=True, **FAST))
+    assert resumed.blocks_written == int((~done).sum())
+    assert_same_arrays(store_arrays(url), store_arrays(plain))
 
 
 def test_all_zero_block_is_complete_and_not_recomputed(patches, tmp_path):
