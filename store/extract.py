@@ -686,6 +686,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="forward workers per process (default: one per core "
                                                              "on a CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    ap.add_argument("--background-writes", action=argparse.BooleanOptionalAction, default=None,
+                    help="with one forward worker, write finished blocks on a writer thread while the next batches "
+                         "are computed (default: on for accelerators, off on a CPU)")
     ap.add_argument("--replace", action="store_true", help="replace a store made from another model or dataset")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--workspace", default=None)
@@ -695,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ExtractConfig(layers=layers, batch_size=args.batch_size, block=args.block, k=args.k,
                            devices=args.devices, accelerator=args.accelerator, num_workers=args.num_workers,
                            progress_bar=not args.no_progress,
-                           replace=args.replace, workers=args.workers, threads=args.threads)
+                           replace=args.replace, workers=args.workers, threads=args.threads,
+                           background_writes=args.background_writes)
     from explain.errors import ExplainError
     from training import TrainingError, load_model
 

@@ -235,6 +235,11 @@ def test_command_line_with_a_saved_model_directory(patches, workspace, capsys):
     assert s.layers == layers and s.attrs["model"]["model_uri"] == str(model_dir.resolve())
     assert "18 images" in capsys.readouterr().out
     assert main(argv) == 0 and "nothing to do" in capsys.readouterr().out
+    # one forward worker writing on a background thread: the same store, whole
+    with mock.patch("store.extract.extract", wraps=extract) as spy:
+        assert main([*argv[:4], "--out", "cli-bg", *argv[6:], "--workers", "1", "--background-writes"]) == 0
+    assert spy.call_args.kwargs["config"].background_writes is True
+    assert_same_arrays(store_arrays(workspace.store_url("cli-bg")), store_arrays(workspace.store_url("cli")))
     assert main([*argv[:-2], "--workspace", str(workspace.workspace), "--layers", "nope"]) == 1
     assert "nope" in capsys.readouterr().err
 
