@@ -397,7 +397,7 @@ def reviewer_orders(store, manifest, layer: str, detectors: Mapping[str, Sequenc
     concepts = list(config.concepts)
     counts = _drawable_counts(store, manifest, layer, splits=(config.review_split,), concepts=concepts,
                               min_region_px=config.min_region_px, level=config.level)
-    n_units = int(np.asarray(store.thresholds(layer, config.level)).shape[0])
+    n_units = store.layer_shape(layer)[0]
     make = {"cumulative": lambda: CumulativeRule.from_counts(n_units, threshold=config.cumulative_threshold)}
     if shown is not None:
         area = unit_mask_areas(store, layer, config.level)
@@ -445,7 +445,6 @@ def tune_cumulative_threshold(store, manifest, layer: str, detectors: Mapping[st
     score of a threshold = mean over the concepts that have detectors of the mean over orders of min(precision,
     recall) at k (an undefined precision counts 0). Ties go to the smaller threshold."""
     records = _store_records(store, manifest)
-    thresholds = np.asarray(store.thresholds(layer, level), dtype=np.float32)
     counts = _drawable_counts(store, manifest, layer, splits=splits, concepts=concepts, min_region_px=min_region_px,
                               level=level)
     scored = [c for c in concepts if detectors.get(c) and counts[c]]
@@ -456,7 +455,7 @@ def tune_cumulative_threshold(store, manifest, layer: str, detectors: Mapping[st
     rng = np.random.default_rng(seed)
     used: set[int] = set()
     for _ in range(orders):
-        rule = CumulativeRule.from_counts(int(thresholds.shape[0]), threshold=candidates[0])
+        rule = CumulativeRule.from_counts(store.layer_shape(layer)[0], threshold=candidates[0])
         for c in concepts:
             if not counts[c]:
                 continue
