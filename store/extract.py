@@ -266,19 +266,19 @@ class _BlockWriter:
             self.helpers.shutdown(wait=True)
 
 
-class _Forwards:
-    """Forward workers: `workers` threads that each run whole batches single-threaded, fill the block buffers and
-    write the blocks they finish (`work(batch)`); Lightning's predict loop hands them the batches (`submit`). The
-    background writer of a one-worker process is the same with one thread and `work = write a finished block`.
+class _Workers:
+    """`workers` threads running `work(item)` on the items the predict loop's thread submits. Two uses: the forward
+    workers (each item a batch, run single-threaded, filling the block buffers and writing the blocks they finish),
+    and the background writer of a one-worker process (one thread, each item a finished block to write).
 
     On a CPU, a small model's convolutions split over the cores (torch's intra-op threads) wait for each other at
     every layer; whole batches side by side keep every core busy, and a block written by one worker overlaps the
-    forward passes of the others. At most `workers + 1` batches are in flight, so memory stays bounded. A failure in
+    forward passes of the others. At most `workers + 1` items are in flight, so memory stays bounded. A failure in
     a worker is raised by the next `submit` (or by `close`) in the predict loop's thread.
     """
 
-    def __init__(self, workers: int, work):
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="forward")
+    def __init__(self, workers: int, work, *, name: str = "forward"):
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
         self.slots = threading.Semaphore(workers + 1)
         self.work = work
         self.futures: list[Future] = []
@@ -329,8 +329,8 @@ class _Job:
         self.store: ActivationStore | None = None
         self.writer: _BlockWriter | None = None
         self.patches: _PatchBatches | None = None
-        self.forwards: _Forwards | None = None
-        self.writes: _Forwards | None = None  # the background writer (one forward worker, background_writes)
+        self.forwards: _Workers | None = None
+        self.writes: _Workers | None = None  # the background writer (one forward worker, background_writes)
         self.trace = None
         self.mine: list[int] = []
         self.todo: list[int] = []
@@ -371,9 +371,9 @@ class _Job:
         self.writer = _BlockWriter(self.store, histograms, workers=cores if workers == 1 else 1)
         self.trace = Trace(net, self.layers, clone=False, per_thread=workers > 1).__enter__()  # left in finish/abort
         if workers > 1:
-            self.forwards = _Forwards(workers, self._forward)
+            self.forwards = _Workers(workers, self._forward)
         elif self.config.background_writes or (self.config.background_writes is None and not on_cpu):
-            self.writes = _Forwards(1, lambda item: self.writer.write(*item))  # at most 2 blocks wait for it
+            self.writes = _Workers(1, lambda item: self.writer.write(*item), name="store-writer")  # ≤ 2 blocks wait
 
     def dataloader(self) -> torch.utils.data.DataLoader:
         sampler = _BlockBatches(self.mine, block=self.layout.block, n_images=self.layout.n_images,
