@@ -335,12 +335,13 @@ def test_aux_concept_head_trains_and_the_saved_network_stays_a_plain_classifier(
     assert losses[0.0] == pytest.approx(plain_loss) and losses[1.0] > plain_loss
 
 
-def test_aux_concepts_without_masks_fail_before_any_run(tiny_manifest, workspace):
-    with pytest.raises(ConfigError, match=r"aux_concepts: \['spiculated_margin'\] have no mask"):
-        fit(tiny_config(tiny_manifest, model__aux_concepts=["spiculated_margin"]), settings=workspace)
+@pytest.mark.parametrize("key, weight", [("aux_concepts", "aux_weight"), ("aux_masks", "aux_mask_weight")])
+def test_aux_targets_without_masks_fail_before_any_run(tiny_manifest, workspace, key, weight):
+    with pytest.raises(ConfigError, match=rf"{key}: \['spiculated_margin'\] have no mask"):
+        fit(tiny_config(tiny_manifest, **{f"model__{key}": ["spiculated_margin"]}), settings=workspace)
     assert _runs(workspace) == []
-    with pytest.raises(ConfigError, match="aux_weight"):
-        load_config(tiny_config(tiny_manifest, model__aux_weight=-1.0))
+    with pytest.raises(ConfigError, match=weight):
+        load_config(tiny_config(tiny_manifest, **{f"model__{weight}": -0.5}))
 
 
 def test_dense_mask_head_trains_and_is_absent_from_the_saved_network(tiny_manifest, workspace, tmp_path):
@@ -382,12 +383,7 @@ def test_dense_mask_head_trains_and_is_absent_from_the_saved_network(tiny_manife
     module.remove_aux_hook()
 
 
-def test_aux_masks_config_is_checked_before_any_run(tiny_manifest, workspace):
-    with pytest.raises(ConfigError, match=r"aux_masks: \['spiculated_margin'\] have no mask"):
-        fit(tiny_config(tiny_manifest, model__aux_masks=["spiculated_margin"]), settings=workspace)
-    assert _runs(workspace) == []
-    with pytest.raises(ConfigError, match="aux_mask_weight"):
-        load_config(tiny_config(tiny_manifest, model__aux_mask_weight=-0.5))
+def test_aux_masks_are_off_by_default_and_a_misspelled_key_fails(tiny_manifest):
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['aux_mask'\]"):
         load_config(tiny_config(tiny_manifest, model__aux_mask=["mass"]))
     cfg = load_config(tiny_config(tiny_manifest))
