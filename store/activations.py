@@ -938,26 +938,30 @@ class ActivationStore:
             cached = self._encoders[path] = (arr.metadata, _ChunkEncoder.of(arr))
         return cached[1]
 
-    def finalize(self, *, histograms: Mapping[str, Float16Histogram] | None = None, covered: Iterable[int] = (),
-                 progress=None) -> None:
+    def finalize(self, *, histograms: Mapping[str, Float16Histogram] | None = None,
+                 tops: Mapping[str, TopK] | None = None, covered: Iterable[int] = (), progress=None) -> None:
         """Compute per-unit quantiles and top-k, then mark the store complete.
 
         Quantiles are exact over the stored float16 maps. `histograms[layer]` may already hold the counts of the
         blocks in `covered` (extraction counts the maps it writes, so they need not be read back); every other block
         is read from the store. A layer without a histogram is done by a two-pass radix select over the store
-        (Float16Quantiles: same numbers, less memory). Top-k comes from the stored `max` array.
+        (Float16Quantiles: same numbers, less memory). Top-k comes from the stored `max` array, or, for the blocks in
+        `covered`, from `tops[layer]` fed with the same values while they were written (ties go to the lower image
+        index either way, so the result does not depend on the order). `covered` are blocks whose completion flag was
+        written by the caller: when they are all the blocks, the flags are not read back.
         `progress(done, total)` is called after each block read.
         """
         self._writable("finalize")
-        done = self.completed_blocks()
-        if not done.all():
-            missing = np.flatnonzero(~done)
-            raise IncompleteStoreError(f"{self.url}: cannot finalize, {missing.size} block(s) not written "
-                                       f"(first: {missing[:8].tolist()})")
+        histograms, tops, covered = dict(histograms or {}), dict(tops or {}), set(int(b) for b in covered)
+        if not covered >= set(range(self.n_blocks)):
+            done = self.completed_blocks()
+            if not done.all():
+                missing = np.flatnonzero(~done)
+                raise IncompleteStoreError(f"{self.url}: cannot finalize, {missing.size} block(s) not written "
+                                           f"(first: {missing[:8].tolist()})")
         self._zstore.strict = True  # every chunk must exist from here on
         levels = tuple(float(q) for q in self.attrs["quantile_levels"])
         k = int(self.attrs["k"])
-        histograms, covered = dict(histograms or {}), set(int(b) for b in covered)
         reads = {name: ([b for b in range(self.n_blocks) if b not in covered], 1) if name in histograms
                  else (list(range(self.n_blocks)), Float16Quantiles.passes) for name in self.layers}
         total, step = sum(len(blocks) * passes for blocks, passes in reads.values()), 0
@@ -977,7 +981,12 @@ class ActivationStore:
                 if passes > 1:
                     sketch.end_pass()
             top = TopK(units, k)
-            top.add(self._array(f"{p}/max")[:], start=0)  # (image, unit) float32: small
+            if name in tops:
+                top.merge(tops[name])
+            maxima = self._array(f"{p}/max")
+            for start, stop in self._row_runs([b for b in range(self.n_blocks) if b not in covered or
+                                               name not in tops]):
+                top.add(maxima[start:stop], start=start)  # (image, unit) float32: small
             idx, val = top.result()
             q = sketch.quantiles(levels) if name in histograms else sketch.quantiles()
             self._array(f"{p}/quantiles")[...] = q
@@ -985,6 +994,17 @@ class ActivationStore:
             self._array(f"{p}/topk_values")[...] = val
         self._set_attrs({"complete": True, "finished": _now()})
         self._memo.clear()
+
+    def _row_runs(self, blocks: Sequence[int]) -> list[tuple[int, int]]:
+        """(start, stop) image rows of each run of consecutive blocks (sorted block indices): one read per run."""
+        runs: list[tuple[int, int]] = []
+        for b in blocks:
+            start, stop = self.block_range(b)
+            if runs and runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], stop)
+            else:
+                runs.append((start, stop))
+        return runs
 
     def _set_attrs(self, values: Mapping) -> None:
         self._group.attrs.update(dict(values))

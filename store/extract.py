@@ -17,8 +17,9 @@ its maps counted for the quantiles) while the others compute; the next patches a
 With one forward worker (an accelerator, or `workers=1`) a finished block is written between forward passes, or,
 with `background_writes` (the default on accelerators), by a writer thread while the next batches are computed. A
 finished block is then recorded in the store's `progress` array; a killed run skips recorded blocks when it is run
-again. When every block is recorded, rank 0 computes the per-unit quantiles (from the
-counts made while writing) and top-k and marks the store complete.
+again. When every block is recorded, rank 0 computes the per-unit quantiles and top-k and marks the store complete —
+from the histograms and top-k fed with each block as it was written (summed over the DDP ranks), so that only blocks
+written by an earlier, killed run are read back.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from .activations import (
 )
 from .errors import ActivationStoreError, ImageError, StoreMismatchError
 from .manifest import Manifest, read_manifest
-from .stats import Float16Histogram
+from .stats import Float16Histogram, TopK
 
 __all__ = ["ExtractConfig", "ExtractResult", "extract", "main", "load_patch", "layer_shapes", "rank_blocks"]
 
@@ -226,35 +227,41 @@ def _probs(logits: torch.Tensor) -> torch.Tensor:
 
 # -- the job each process runs --------------------------------------------------------------------------------------
 class _BlockWriter:
-    """Writes finished blocks: compresses, checksums and stores their chunks and counts their maps in the histograms.
+    """Writes finished blocks: compresses, checksums and stores their chunks, counts their maps in the histograms and
+    their pooled maxima in the top-k (so that finalizing reads neither back).
 
     Called by whichever thread finished a block (the predict loop's, or a forward worker's); two blocks may be written
-    at once. Each layer's histogram counts one block at a time (a lock per layer), and a block's chunks land before
-    its completion flag. `workers` > 1 spreads one block's compression and counting over that many threads (all
+    at once. Each layer's histogram and top-k take one block at a time (a lock per layer), and a block's chunks land
+    before its completion flag. `workers` > 1 spreads one block's compression and counting over that many threads (all
     GIL-free C code) — for a process whose cores are otherwise idle while it writes (one forward worker).
     """
 
     def __init__(self, store: ActivationStore, histograms: dict[str, Float16Histogram], *, workers: int = 1):
         self.store = store
         self.histograms = histograms
-        self.locks = {name: threading.Lock() for name in histograms}
-        self.covered: set[int] = set()  # blocks counted in the histograms
+        k = int(store.attrs["k"])
+        self.tops = {name: TopK(store.layer_shape(name)[0], k) for name in store.layers}
+        self.locks = {name: threading.Lock() for name in self.tops}
+        self.covered: set[int] = set()  # blocks counted in the histograms and top-k
         self.helpers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store-encode") \
             if workers > 1 else None
         self.written = 0
         self._count = threading.Lock()
 
-    def _add(self, name: str, maps: np.ndarray) -> None:
+    def _add(self, name: str, start: int, layer: dict) -> None:
         with self.locks[name]:
-            self.histograms[name].add(maps)  # (image, unit, y, x) float16, as stored
+            if name in self.histograms:
+                self.histograms[name].add(layer["maps"])  # (image, unit, y, x) float16, as stored
+            self.tops[name].add(layer["max"], start=start)  # (image, unit) float32, as stored
 
     def write(self, block: int, data: dict) -> None:
-        counting = [self.helpers.submit(self._add, name, data["layers"][name]["maps"]) if self.helpers else None
-                    for name in self.histograms]
+        start = self.store.block_range(block)[0]
+        counting = [self.helpers.submit(self._add, name, start, data["layers"][name]) if self.helpers else None
+                    for name in self.tops]
         self.store.write_block(block, **data, executor=self.helpers)
-        for name, job in zip(self.histograms, counting):
+        for name, job in zip(self.tops, counting):
             if job is None:
-                self._add(name, data["layers"][name]["maps"])
+                self._add(name, start, data["layers"][name])
             else:
                 job.result()
         with self._count:
@@ -321,9 +328,10 @@ class _Job:
     """Everything one process needs: the Lightning module calls prepare / dataloader / step, `_predict` finish."""
 
     def __init__(self, *, url: str, attrs: dict, layout: StoreLayout, paths: list[Path], labels: list[int],
-                 transform: dict, config: ExtractConfig):
+                 transform: dict, config: ExtractConfig, new: bool = False):
         self.url, self.attrs, self.layout, self.paths, self.labels = url, attrs, layout, paths, labels
         self.transform, self.config = transform, config
+        self.new = new  # no store was there when this run began: no block is done, none need be read
         self.layers = list(layout.layers)
         self.batch_size = int(attrs["batch_size"])
         self.store: ActivationStore | None = None
@@ -357,7 +365,7 @@ class _Job:
         barrier("conceptlens-store-created")
         if rank != 0:
             self.store = open_store(self.url, read_only=False, allow_incomplete=True, storage_options=opts)
-        done = self.store.completed_blocks()
+        done = np.zeros(self.layout.n_blocks, bool) if self.new else self.store.completed_blocks()
         todo = [int(b) for b in np.flatnonzero(~done)]
         self.todo = todo
         self.mine = rank_blocks(todo, rank, world)
@@ -484,9 +492,9 @@ class _Job:
             self.patches.close()
         self.writer.close()
         barrier("conceptlens-blocks-written")
-        histograms, covered = self.writer.histograms, self.writer.covered
+        histograms, tops, covered = self.writer.histograms, self.writer.tops, self.writer.covered
         if self.world > 1:
-            covered = self._gather_histograms(histograms)
+            covered = self._gather_counts(histograms, tops)
         if self.rank == 0:
             progress = None
             if self.config.progress_bar:
@@ -498,14 +506,28 @@ class _Job:
                     bar.total = total
                     bar.update(done - bar.n)
             try:
-                self.store.finalize(histograms=histograms, covered=covered, progress=progress)
+                self.store.finalize(histograms=histograms, tops=tops, covered=covered, progress=progress)
             finally:
                 if progress:
                     bar.close()
 
-    def _gather_histograms(self, histograms: dict[str, Float16Histogram]) -> set[int]:
-        """Sum every rank's counts on rank 0 (gloo reduce); they then cover every block written in this run."""
+    def _gather_counts(self, histograms: dict[str, Float16Histogram], tops: dict[str, TopK]) -> set[int]:
+        """Sum every rank's histograms and merge their top-k on rank 0 (gloo reduce and gather); they then cover every
+        block written in this run."""
         import torch.distributed as dist
+
+        for top in tops.values():
+            gathered = []
+            for part in (top.indices, top.values):  # (unit, k) of every rank
+                mine = torch.from_numpy(np.ascontiguousarray(part))
+                every = [torch.empty_like(mine) for _ in range(self.world)]
+                dist.all_gather(every, mine)
+                gathered.append([t.numpy() for t in every])
+            if self.rank == 0:
+                merged = TopK(top.units, top.k)
+                for indices, values in zip(*gathered):
+                    merged.merge(TopK.of(indices, values))
+                top.load_state_dict(merged.state_dict())
 
         for hist in histograms.values():
             counts = torch.from_numpy(hist.counts.astype(np.int64))  # (unit, key)
@@ -591,7 +613,8 @@ def _extract(module: nn.Module, *, meta: dict, manifest, url: str, config: Extra
     block, k, levels, batch_size = config.block, config.k, tuple(config.levels), config.batch_size
     model_attrs = _meta_model(meta)
 
-    if store_exists(url, storage_options=opts):
+    new = not store_exists(url, storage_options=opts)
+    if not new:
         try:
             existing = open_store(url, allow_incomplete=True, expect_model=model_attrs, expect_dataset=manifest,
                                   storage_options=opts)
@@ -605,6 +628,7 @@ def _extract(module: nn.Module, *, meta: dict, manifest, url: str, config: Extra
             if not config.replace:
                 raise
             _delete_store(url, opts)
+            new = True
         else:
             if existing.complete:
                 return ExtractResult(url, existing.n_images, existing.n_blocks, 0, True, time.perf_counter() - t0)
@@ -629,7 +653,7 @@ def _extract(module: nn.Module, *, meta: dict, manifest, url: str, config: Extra
     }
     job = _Job(url=url, attrs=attrs, layout=layout, paths=[r.image for r in manifest.records],
                labels=[int(r.label) for r in manifest.records], transform=transform,
-               config=config)
+               config=config, new=new)
     _predict(module, job, config)
     written = job.writer.written if job.writer else 0
     return ExtractResult(url, layout.n_images, layout.n_blocks, written, False, time.perf_counter() - t0)

@@ -334,6 +334,13 @@ class TopK:
         indices = np.asarray(indices, np.int64)
         self._combine(values.T, np.broadcast_to(indices, (self.units, indices.size)))
 
+    @classmethod
+    def of(cls, indices: np.ndarray, values: np.ndarray) -> "TopK":
+        """A TopK holding the given (unit, k) indices and values (e.g. another process's `indices` and `values`)."""
+        top = cls(*np.shape(indices))
+        top.load_state_dict({"units": top.units, "k": top.k, "indices": indices, "values": values})
+        return top
+
     def merge(self, other: "TopK") -> None:
         """Fold in the best values of an object fed with other images."""
         if (other.units, other.k) != (self.units, self.k):

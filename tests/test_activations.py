@@ -206,6 +206,46 @@ def test_incomplete_store_is_refused_for_reading_and_cannot_be_finalized(where):
     assert open_store(url, allow_incomplete=True, storage_options=opts).maps("conv.1", 0).shape == (3, 4, 5)
 
 
+def test_finalize_takes_what_was_counted_while_writing_and_reads_back_only_the_rest(where):
+    """Extraction hands finalize the histograms and top-k it fed with the blocks it wrote (`covered`): those blocks'
+    maps and maxima are not read back (here their stored maxima are overwritten with 1e30 afterwards, which a read
+    would rank first), the other blocks are, and the result equals a store finalized from what is stored."""
+    from store.stats import Float16Histogram, TopK
+
+    make, opts = where
+    reference = build(make("reference"), opts)
+    s = build(make("counted"), opts, finalize=False)
+    lay = layout()
+    covered = [0, 2]
+    histograms = {name: Float16Histogram(u) for name, (u, _, _) in LAYERS.items()}
+    tops = {name: TopK(u, 3) for name, (u, _, _) in LAYERS.items()}
+    for b in covered:
+        start, stop = s.block_range(b)
+        data = block_data(lay, start, stop)["layers"]
+        for name in LAYERS:
+            histograms[name].add(data[name]["maps"])
+            tops[name].add(data[name]["max"], start=start)
+            s.write_aligned(f"layers/{name}/max", start, np.full_like(data[name]["max"], 1e30))
+    s.finalize(histograms=histograms, tops=tops, covered=covered)
+    for name in LAYERS:
+        np.testing.assert_array_equal(s.quantiles(name), reference.quantiles(name))
+        for got, want in zip(s.topk(name), reference.topk(name)):
+            np.testing.assert_array_equal(got, want)
+
+    # every block covered: the completion flags are not read back either (the caller wrote them itself)
+    t = build(make("all-covered"), opts, finalize=False)
+    t.write_many([("progress", 1, np.zeros(1, np.uint8))])  # a flag a read would find missing
+    with pytest.raises(IncompleteStoreError, match=r"\[1\]"):
+        t.finalize()
+    tops = {name: TopK(u, 3) for name, (u, _, _) in LAYERS.items()}
+    for name in LAYERS:
+        tops[name].add(expected()["layers"][name]["max"], start=0)
+    t.finalize(tops=tops, covered=range(t.n_blocks))
+    for name in LAYERS:
+        np.testing.assert_array_equal(t.quantiles(name), reference.quantiles(name))
+        np.testing.assert_array_equal(t.topk(name)[0], reference.topk(name)[0])
+
+
 def test_zero_block_is_stored_and_counts_as_complete(where):
     make, opts = where
     url = make("zeros")
