@@ -119,9 +119,31 @@ def test_forward_workers_write_the_same_store_and_a_failing_worker_leaves_whole_
     net, meta = tiny_model()
     one, two = str(tmp_path / "one.zarr"), str(tmp_path / "two.zarr")
     extract(net, meta=meta, manifest=patches, url=one, config=ExtractConfig(workers=1, **FAST))
-    r = extract(net, meta=meta, manifest=patches, url=two, config=ExtractConfig(workers=2, **FAST))
+    from store import extract as ex
+
+    writes, write, add = [], ex._BlockWriter.write, ex._BlockWriter._add
+
+    def recording_write(writer, block, data, *, spread=True):
+        writes.append((writer.store.block_range(block)[0], spread))
+        write(writer, block, data, spread=spread)
+
+    counted = []  # (image row of the block, thread) of each layer's counting
+
+    def recording_add(writer, name, start, layer):
+        counted.append((start, threading.current_thread().name))
+        add(writer, name, start, layer)
+
+    with mock.patch.object(ex._BlockWriter, "write", recording_write), \
+            mock.patch.object(ex._BlockWriter, "_add", recording_add):
+        r = extract(net, meta=meta, manifest=patches, url=two, config=ExtractConfig(workers=2, **FAST))
     assert r.blocks_written == 5
     assert_same_arrays(store_arrays(two), store_arrays(one))
+    # a block completed while no other batch is being computed (at least the one of the last forward pass) is written
+    # spread over the helper threads, whose cores would idle otherwise; any other block by the worker that completed it
+    assert len(writes) == 5 and any(spread for _, spread in writes)
+    for start, spread in writes:
+        threads = [t for s, t in counted if s == start]
+        assert len(threads) == 2 and all(t.startswith("store-encode" if spread else "forward") for t in threads)
 
     original = net.forward
 
