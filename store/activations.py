@@ -256,28 +256,33 @@ class _ChunkEncoder:
         """Store key of stored object `index` along the first axis (a shard of a sharded array, else a chunk)."""
         return f"{self.path}/{self.metadata.encode_chunk_key((index,) + (0,) * (len(self.inner) - 1))}"
 
-    def _chunk(self, rows: np.ndarray) -> bytes:
+    def _packed(self, rows: np.ndarray) -> tuple[bytes, bytes]:
+        """(compressed bytes, their crc32c as 4 little-endian bytes) of one chunk of rows."""
         if rows.shape[0] != self.inner[0]:  # a short last chunk is padded with the fill value, as zarr pads it
             full = np.full(self.inner, self.fill, self.dtype)
             full[:rows.shape[0]] = rows
             rows = full
         raw = np.ascontiguousarray(rows, dtype=self.dtype)
         packed = self.blosc.encode(raw.reshape(-1).view(np.uint8))
-        return bytes(packed) + np.uint32(google_crc32c.value(packed)).astype("<u4").tobytes()
+        return packed, google_crc32c.value(packed).to_bytes(4, "little")
 
     def encode(self, rows: np.ndarray) -> bytes:
-        """Stored bytes of one chunk, or of one shard: rows (m, …), m ≤ self.rows; fewer only at the array's end."""
+        """Stored bytes of one chunk, or of one shard: rows (m, …), m ≤ self.rows; fewer only at the array's end.
+
+        A shard's pieces are joined once at the end (joining each chunk with its checksum, then the chunks, then the
+        index, copied the shard three times: 15 % of its encoding time)."""
         if not self.sharded:
-            return self._chunk(rows)
+            return b"".join(self._packed(rows))
         step = self.inner[0]
         parts, index, offset = [], np.full((self.rows // step, 2), self._EMPTY, "<u8"), 0
         for k, first in enumerate(range(0, rows.shape[0], step)):  # inner chunks past the array's end stay empty
-            part = self._chunk(rows[first:first + step])
-            index[k] = (offset, len(part))
-            parts.append(part)
-            offset += len(part)
+            packed, crc = self._packed(rows[first:first + step])
+            parts += (packed, crc)
+            index[k] = (offset, len(packed) + 4)
+            offset += len(packed) + 4
         table = index.tobytes()
-        return b"".join(parts) + table + np.uint32(google_crc32c.value(table)).astype("<u4").tobytes()
+        parts += (table, google_crc32c.value(table).to_bytes(4, "little"))
+        return b"".join(parts)
 
     def index_nbytes(self) -> int:
         """Bytes of a shard's index with its checksum (at the end of every shard)."""
