@@ -248,7 +248,7 @@ class _NothingStored:
 
         self.saved = ex._BlockWriter.write, ActivationStore.finalize
 
-        def write(writer, block, data):
+        def write(writer, block, data, *, spread=True):
             writer.store.write_many([("progress", block, np.ones(1, np.uint8))])
             with writer._count:
                 writer.covered.add(block)
