@@ -257,10 +257,10 @@ class _BlockWriter:
     at once. Each layer's histogram and top-k take one block at a time (a lock per layer), and a block's chunks land
     before its completion flag. `workers` > 1 lets a write spread one block's compression and counting over that many
     threads (all GIL-free C code) — when the process's cores are otherwise idle while it writes: with one forward
-    worker, and with several for a block completed when no other batch is being computed (the end of a run; before
-    that, the other workers' forward passes keep the cores busy and helpers would only compete with them: 0.58×
-    instead of 0.62× of the forward passes' throughput for the demo model, while the VGG16-scale bench's one block
-    went 0.88× → 0.94×).
+    worker, and with several for a block completed when no other batch is being computed (the end of a run: the
+    VGG16-scale bench, one block written after all its forward passes, went 0.84× → 0.90× of the forward passes'
+    throughput in the same run; before the end, the other workers' forward passes keep the cores busy and helpers
+    only competed with them: 0.58× instead of 0.62× for the demo model).
     """
 
     def __init__(self, store: ActivationStore, histograms: dict[str, Float16Histogram], *, workers: int = 1):
@@ -405,7 +405,7 @@ class _Job:
                 histograms[name] = Float16Histogram(units)
                 budget -= Float16Histogram.nbytes_for(units)
         # one worker: the process's cores compress and count each block between forward passes; several: each
-        # worker writes its own blocks while the others compute
+        # worker writes its own blocks while the others compute, over every core once nothing else is computed
         self.writer = _BlockWriter(self.store, histograms, workers=cores)
         self.trace = Trace(net, self.layers, clone=False, per_thread=workers > 1).__enter__()  # left in finish/abort
         if workers > 1:
