@@ -314,3 +314,36 @@ def test_an_accelerators_outputs_fill_the_block_buffers_as_the_cpus_do():
         np.testing.assert_array_equal(bufs[0]["maps"][2:7], full.numpy().astype(np.float16))
         np.testing.assert_array_equal(bufs[0]["max"][2:7], full.amax(dim=(2, 3)).numpy())
         assert not bufs[0]["maps"][:2].any() and not bufs[0]["maps"][7:].any()  # only the given rows
+
+
+def test_tf32_is_off_during_extraction_unless_asked_and_the_callers_setting_comes_back(patches, tmp_path):
+    """A GPU computing convolutions in TF32 (torch's default for them) moves the maps by up to 1e-3 of their range
+    and swaps top-k entries at ties: extraction turns it off for its run unless `tf32=True`, and puts the caller's
+    flags back afterwards, also when the run fails."""
+    from store import extract as ex
+
+    net, meta = tiny_model()
+    seen, predict = [], ex._predict
+
+    def recording(module, job, config):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        predict(module, job, config)
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+        with mock.patch.object(ex, "_predict", recording):
+            extract(net, meta=meta, manifest=patches, url=str(tmp_path / "off.zarr"), config=ExtractConfig(**FAST))
+            assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+            extract(net, meta=meta, manifest=patches, url=str(tmp_path / "on.zarr"),
+                    config=ExtractConfig(tf32=True, **FAST))
+            assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (False, False)
+        assert seen == [(False, False), (True, True)]
+        torch.backends.cudnn.allow_tf32 = True
+        with pytest.raises(ValueError, match="no layers"):
+            extract(net, meta={**meta, "layers": []}, manifest=patches, url=str(tmp_path / "bad.zarr"),
+                    config=ExtractConfig(**FAST))
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
