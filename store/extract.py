@@ -232,24 +232,25 @@ def _probs(logits: torch.Tensor) -> torch.Tensor:
     return logits.softmax(dim=1)
 
 
-def _layer_to_block(a: torch.Tensor, out: dict, rows: slice) -> None:
+def _layer_to_block(a: torch.Tensor, out: dict, rows: slice, *, on_device: bool | None = None) -> None:
     """One layer's output for a batch, (batch, unit, y, x) or (batch, unit), into its block's buffers at `rows`: the
-    maps as float16, each unit's max and mean as float32 — straight into the buffers (row slices of C-contiguous
-    arrays), no temporaries."""
+    maps as float16, each unit's max and mean as float32.
+
+    On the CPU they are written straight into the buffers (row slices of C-contiguous arrays), no temporaries. An
+    output on an accelerator (`on_device`, by default where the tensor is) is rounded to float16 (the same rounding) and
+    pooled there, so that half the bytes cross to the host and the host has no conversion to do (on a lent H100 the
+    copy of float32 maps and their conversion took 60 % of the predict loop's time at VGG16 scale)."""
     a = (a[:, :, None, None] if a.ndim == 2 else a).float()
+    if on_device is None:
+        on_device = a.device.type != "cpu"
+    if on_device:
+        torch.from_numpy(out["maps"][rows]).copy_(a.half())
+        out["max"][rows] = torch.amax(a, dim=(2, 3)).cpu().numpy()
+        out["mean"][rows] = torch.mean(a, dim=(2, 3)).cpu().numpy()
+        return
     torch.from_numpy(out["maps"][rows]).copy_(a)  # float32 → float16, rounded as Tensor.half() rounds
     torch.amax(a, dim=(2, 3), out=torch.from_numpy(out["max"][rows]))
     torch.mean(a, dim=(2, 3), out=torch.from_numpy(out["mean"][rows]))
-
-
-def _layer_to_block_from_device(a: torch.Tensor, out: dict, rows: slice) -> None:
-    """`_layer_to_block` for an output on an accelerator: it rounds the maps to float16 (the same rounding) and pools
-    them itself, so that half the bytes cross to the host and the host has no conversion to do (on a lent H100 the
-    copy of float32 maps and their conversion took 60 % of the predict loop's time at VGG16 scale)."""
-    a = (a[:, :, None, None] if a.ndim == 2 else a).float()
-    torch.from_numpy(out["maps"][rows]).copy_(a.half())
-    out["max"][rows] = torch.amax(a, dim=(2, 3)).cpu().numpy()
-    out["mean"][rows] = torch.mean(a, dim=(2, 3)).cpu().numpy()
 
 
 # -- the job each process runs --------------------------------------------------------------------------------------
@@ -474,8 +475,7 @@ class _Job:
         buf["images"][rows] = images.cpu().numpy()
         buf["probs"][rows] = _probs(logits).cpu().numpy()
         for name in self.layers:
-            a = outputs[name]
-            (_layer_to_block if a.device.type == "cpu" else _layer_to_block_from_device)(a, buf["layers"][name], rows)
+            _layer_to_block(outputs[name], buf["layers"][name], rows)
         with self.buffer_lock:  # the batch that completes its block writes it
             self.filled[block] += len(index)
             complete = self.filled[block] == buf["images"].shape[0]

@@ -296,7 +296,7 @@ def test_an_accelerators_outputs_fill_the_block_buffers_as_the_cpus_do():
     """On an accelerator the maps are rounded to float16 and pooled there before crossing to the host; the result is
     the CPU path's to the bit (CI has no GPU: the accelerator path runs here on CPU tensors; a lent H100 checked it on
     CUDA). Both accept a (batch, unit) output as 1×1 maps."""
-    from store.extract import _layer_to_block, _layer_to_block_from_device
+    from store.extract import _layer_to_block
 
     rng = np.random.default_rng(3)
     spatial = torch.from_numpy((rng.standard_normal((5, 4, 6, 7)) * 300).astype(np.float32))  # beyond float16's step
@@ -306,8 +306,8 @@ def test_an_accelerators_outputs_fill_the_block_buffers_as_the_cpus_do():
         y, x = a.shape[2:] if a.ndim == 4 else (1, 1)
         bufs = [{"maps": np.zeros((8, 4, y, x), np.float16), "max": np.zeros((8, 4), np.float32),
                  "mean": np.zeros((8, 4), np.float32)} for _ in range(2)]
-        _layer_to_block(a, bufs[0], slice(2, 7))
-        _layer_to_block_from_device(a, bufs[1], slice(2, 7))
+        _layer_to_block(a, bufs[0], slice(2, 7))  # a CPU tensor: the CPU path
+        _layer_to_block(a, bufs[1], slice(2, 7), on_device=True)
         for key in ("maps", "max", "mean"):
             np.testing.assert_array_equal(bufs[1][key], bufs[0][key])
         full = a if a.ndim == 4 else a[:, :, None, None]
