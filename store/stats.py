@@ -117,27 +117,33 @@ class Float16Histogram:
         """Memory of the counters for `units` units (an add briefly needs 512 KiB more)."""
         return int(units) * (1 << 16) * 4
 
-    def add(self, values: np.ndarray) -> None:
-        """Count a batch shaped (n, unit, …) (float16, or anything that rounds to it)."""
+    def add(self, values: np.ndarray, units: slice | None = None) -> None:
+        """Count a batch shaped (n, unit, …) (float16, or anything that rounds to it); with `units` (a slice of the
+        unit axis, step 1), only those units' values: threads counting disjoint unit ranges of one histogram can run
+        at the same time (the compiled loop releases the GIL)."""
         values = np.asarray(values)
         if values.ndim < 2 or values.shape[1] != self.units:
             raise ValueError(f"expected values shaped (n, {self.units}, …) with units on axis 1, got {values.shape}")
-        bits = np.ascontiguousarray(values, dtype=np.float16).view(np.uint16).reshape(values.shape[0], self.units, -1)
+        lo, hi, step = (units or slice(None)).indices(self.units)
+        if step != 1:
+            raise ValueError(f"units must be a slice with step 1, got {units}")
+        values = values[:, lo:hi]
+        bits = np.ascontiguousarray(values, dtype=np.float16).view(np.uint16).reshape(values.shape[0], hi - lo, -1)
         if bits.size == 0:
             return
+        counts, n = self.counts[lo:hi], self.n[lo:hi]
         per_unit = bits.shape[0] * bits.shape[2]
-        if int(self.n.max(initial=0)) + per_unit >= 2 ** 32:
+        if int(n.max(initial=0)) + per_unit >= 2 ** 32:
             raise OverflowError("Float16Histogram: more than 2**32 values per unit")
         kernel = _count_kernel()
         if kernel is not None:
-            kernel(bits, self.counts)
-            self.n += per_unit
+            kernel(bits, counts)
+            n += per_unit
             return
         keys = float16_keys(bits.view(np.float16))  # (n, unit, rest)
-        for u in range(self.units):  # one unit at a time: its 2**16 counters stay in cache (faster than one bincount)
-            np.add(self.counts[u], np.bincount(keys[:, u].ravel(), minlength=1 << 16), out=self.counts[u],
-                   casting="unsafe")
-        self.n += per_unit
+        for u in range(hi - lo):  # one unit at a time: its 2**16 counters stay in cache (faster than one bincount)
+            np.add(counts[u], np.bincount(keys[:, u].ravel(), minlength=1 << 16), out=counts[u], casting="unsafe")
+        n += per_unit
 
     def merge(self, other: "Float16Histogram") -> None:
         if other.units != self.units:

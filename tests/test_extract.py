@@ -112,6 +112,38 @@ def test_rerun_is_a_no_op_and_a_crash_resumes_to_the_same_store(patches, tmp_pat
     assert_same_arrays(store_arrays(url), store_arrays(clean))
 
 
+@pytest.mark.parametrize("options", [dict(workers=1), dict(workers=1, background_writes=True), dict(workers=2)],
+                         ids=["inline", "background", "workers"])
+def test_block_buffers_are_reused_and_every_row_is_rewritten(patches, tmp_path, options):
+    """A block takes the buffers of a block already written (memory is touched once per run, not once per block),
+    uncleared: the stored maps still equal direct forward passes image by image, the short last block included, so
+    nothing of an earlier block reaches a later one."""
+    from store import extract as ex
+
+    net, meta = tiny_model()
+    allocated, allocate = [], ex._Job._allocate
+
+    def counting(job):
+        allocated.append(1)
+        return allocate(job)
+
+    url = str(tmp_path / "s.zarr")
+    with mock.patch.object(ex._Job, "_allocate", counting):
+        r = extract(net, meta=meta, manifest=patches, url=url, config=ExtractConfig(**{**FAST, **options}))
+    assert r.blocks_written == 5
+    # one worker writing its blocks itself needs one buffer; otherwise at most the blocks in flight
+    assert len(allocated) == 1 if options == dict(workers=1) else 1 <= len(allocated) <= 4
+    manifest = read_manifest(patches)
+    images = np.stack([load_patch(rec.image, (32, 32)) for rec in manifest.records])
+    s = open_store(url)
+    np.testing.assert_array_equal(s.images(), images)
+    acts, probs = direct(net, meta, images)
+    np.testing.assert_allclose(s.probs(), probs, rtol=1e-5, atol=1e-6)
+    for name, a in acts.items():
+        np.testing.assert_allclose(s.maps_many(name, range(18)), a, rtol=2 ** -10, atol=1e-6)
+        np.testing.assert_allclose(s.pooled(name, "max"), a.max(axis=(2, 3)), rtol=1e-6, atol=1e-6)
+
+
 def test_forward_workers_write_the_same_store_and_a_failing_worker_leaves_whole_blocks(patches, tmp_path):
     """Two forward workers fill one block from two batches at once and write blocks side by side: the store equals
     the one-worker store array by array. A batch that fails in a worker stops the extraction with its error; the
@@ -121,20 +153,20 @@ def test_forward_workers_write_the_same_store_and_a_failing_worker_leaves_whole_
     extract(net, meta=meta, manifest=patches, url=one, config=ExtractConfig(workers=1, **FAST))
     from store import extract as ex
 
-    writes, write, add = [], ex._BlockWriter.write, ex._BlockWriter._add
+    writes, write, top = [], ex._BlockWriter.write, ex._BlockWriter._top
 
     def recording_write(writer, block, data, *, spread=True):
         writes.append((writer.store.block_range(block)[0], spread))
         write(writer, block, data, spread=spread)
 
-    counted = []  # (image row of the block, thread) of each layer's counting
+    counted = []  # (image row of the block, thread) of each layer's top-k
 
-    def recording_add(writer, name, start, layer):
+    def recording_top(writer, name, start, layer):
         counted.append((start, threading.current_thread().name))
-        add(writer, name, start, layer)
+        top(writer, name, start, layer)
 
     with mock.patch.object(ex._BlockWriter, "write", recording_write), \
-            mock.patch.object(ex._BlockWriter, "_add", recording_add):
+            mock.patch.object(ex._BlockWriter, "_top", recording_top):
         r = extract(net, meta=meta, manifest=patches, url=two, config=ExtractConfig(workers=2, **FAST))
     assert r.blocks_written == 5
     assert_same_arrays(store_arrays(two), store_arrays(one))
@@ -181,11 +213,11 @@ def test_background_writes_give_the_same_store_and_a_failing_write_leaves_whole_
 
     original, threads = ex._BlockWriter.write, set()
 
-    def failing(writer, block, data):
+    def failing(writer, block, data, **options):
         threads.add(threading.current_thread().name)
         if block == 3:
             raise OSError("disk gone")
-        original(writer, block, data)
+        original(writer, block, data, **options)
 
     url = str(tmp_path / "failed.zarr")
     with mock.patch.object(ex._BlockWriter, "write", failing), pytest.raises(OSError, match="disk gone"):

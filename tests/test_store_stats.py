@@ -172,3 +172,25 @@ def test_histogram_merge_state_and_bounded_memory():
         c.add(rng.standard_normal((64, 3, 7)).astype(np.float16))
     assert c.counts.nbytes == Float16Histogram.nbytes_for(3) == 3 * 65536 * 4
     assert np.isnan(Float16Histogram(2).quantiles((0.5,))).all()
+
+
+def test_histogram_counted_in_unit_stripes_by_threads_equals_one_count():
+    """Disjoint unit ranges counted at once by several threads (how extraction's writers count one layer) give the
+    counts of one whole add; a range only touches its own units."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    maps = np.maximum(rng.standard_normal((16, 10, 4, 4)), 0).astype(np.float16)  # (image, unit, y, x)
+    whole, striped = Float16Histogram(10), Float16Histogram(10)
+    whole.add(maps)
+    stripes = [slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 10)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda s: striped.add(maps, s), stripes))
+    np.testing.assert_array_equal(striped.counts, whole.counts)
+    np.testing.assert_array_equal(striped.count, whole.count)
+    one = Float16Histogram(10)
+    one.add(maps, slice(3, 6))
+    assert one.count.tolist() == [0] * 3 + [16 * 16] * 3 + [0] * 4
+    assert not one.counts[:3].any() and not one.counts[6:].any()
+    with pytest.raises(ValueError, match="step 1"):
+        one.add(maps, slice(0, 10, 2))
