@@ -268,15 +268,14 @@ class _BlockWriter:
     their pooled maxima in the top-k (so that finalizing reads neither back).
 
     Called by whichever thread finished a block (the predict loop's, or a forward worker's); two blocks may be written
-    at once. Each layer's top-k takes one block at a time (a lock per layer); its histogram one block per stripe of
-    `_STRIPE_UNITS` units (a lock per stripe: with one lock per layer, the largest layer's counting was one block at a
-    time for every writer of a GPU host, whose 4 writers then reached 460 img/s at VGG16 scale against 530 with
-    stripes, in the same run on a lent H100). A block's chunks land before its completion flag. `workers` > 1 lets a write spread one block's compression and counting over that many
-    threads (all GIL-free C code) — when the process's cores are otherwise idle while it writes: with one forward
-    worker, and with several for a block completed when no other batch is being computed (the end of a run: the
-    VGG16-scale bench, one block written after all its forward passes, went 0.84× → 0.90× of the forward passes'
-    throughput in the same run; before the end, the other workers' forward passes keep the cores busy and helpers
-    only competed with them: 0.58× instead of 0.62× for the demo model).
+    at once. Each layer's top-k takes one block at a time (a lock per layer), its histogram one block per stripe of
+    `_STRIPE_UNITS` units (a lock per stripe: with a lock per layer, every writer of a GPU host waited for the others
+    to count the largest layer). A block's chunks land before its completion flag. `workers` > 1 lets a write spread
+    one block's compression and counting over that many threads (all GIL-free C code) — when the process's cores are
+    otherwise idle while it writes: with one forward worker, and with several for a block completed when no other
+    batch is being computed (the end of a run: the VGG16-scale bench, one block written after all its forward passes,
+    went 0.84× → 0.90× of the forward passes' throughput in the same run; before the end, the other workers' forward
+    passes keep the cores busy and helpers only competed with them: 0.58× instead of 0.62× for the demo model).
     """
 
     def __init__(self, store: ActivationStore, histograms: dict[str, Float16Histogram], *, workers: int = 1):
@@ -309,7 +308,8 @@ class _BlockWriter:
         start = self.store.block_range(block)[0]
         helpers = self.helpers if spread else None
         layers = data["layers"]
-        work = [(self._histogram, name, i, layers[name]) for name in self.stripes for i in range(len(self.stripes[name]))]
+        work = [(self._histogram, name, i, layers[name]) for name, stripes in self.stripes.items()
+                for i in range(len(stripes))]
         work += [(self._top, name, start, layers[name]) for name in self.tops]
         counting = [helpers.submit(*w) for w in work] if helpers else []
         self.store.write_block(block, **data, executor=helpers)
@@ -400,7 +400,7 @@ class _Job:
         self.filled: dict[int, int] = {}
         self.spare: list[dict] = []  # whole-block buffers whose block was written, for the next blocks
         self.owner: dict[int, dict] = {}  # block → the whole-block buffer its (possibly shorter) buffer is a view of
-        self.pinned = False  # block buffers in page-locked memory: maps copied from a CUDA device without waiting
+        self.pinned = False  # new block buffers page-locked: maps copied from a CUDA device without waiting
         self.buffer_lock = threading.Lock()
         self.computing = 0  # batches handed to the forward workers whose forward pass has not finished
         self.rank, self.world = 0, 1
@@ -460,19 +460,27 @@ class _Job:
 
     def _allocate(self) -> dict:
         """Buffers for one whole block, uninitialized: every row is written before the block is. Page-locked when
-        the maps come from a CUDA device: copies into them run at full speed and need not be waited for."""
-        def empty(shape, dtype):
-            if self.pinned:
-                return torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name), pin_memory=True).numpy()
-            return np.empty(shape, dtype)
-
+        the maps come from a CUDA device: copies into them run at full speed and need not be waited for (ordinary
+        memory, with a warning, on a host that cannot page-lock that much)."""
         n, (h, w) = self.layout.block, self.layout.image_size
-        return {"images": empty((n, h, w), np.uint8),  # (image, y, x)
-                "probs": empty((n, len(self.layout.classes)), np.float32),  # (image, class)
-                "layers": {name: {"maps": empty((n, u, y, x), np.float16),  # (image, unit, y, x)
-                                  "max": empty((n, u), np.float32),  # (image, unit)
-                                  "mean": empty((n, u), np.float32)}
-                           for name, (u, y, x) in self.layout.layers.items()}}
+
+        def arrays(empty) -> dict:
+            return {"pinned": self.pinned,
+                    "images": empty((n, h, w), np.uint8),  # (image, y, x)
+                    "probs": empty((n, len(self.layout.classes)), np.float32),  # (image, class)
+                    "layers": {name: {"maps": empty((n, u, y, x), np.float16),  # (image, unit, y, x)
+                                      "max": empty((n, u), np.float32),  # (image, unit)
+                                      "mean": empty((n, u), np.float32)}
+                               for name, (u, y, x) in self.layout.layers.items()}}
+
+        if self.pinned:
+            try:
+                return arrays(lambda shape, dtype: torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name),
+                                                               pin_memory=True).numpy())
+            except RuntimeError as e:
+                warnings.warn(f"extraction: block buffers in ordinary memory, page-locking failed ({e})", stacklevel=2)
+                self.pinned = False
+        return arrays(np.empty)
 
     def _buffer(self, block: int) -> dict:
         """The buffers of a block being computed (called under buffer_lock). They are views of a whole-block buffer
@@ -532,12 +540,13 @@ class _Job:
             complete = self.filled[block] == buf["images"].shape[0]
             if complete:
                 del self.buffers[block], self.filled[block]
+                queued = self.owner[block]["pinned"]  # its copies from the device may still be on their way
             if self.forwards is not None:
                 self.computing -= 1
             idle = self.computing == 0  # no other batch is being computed or waits for a worker
         if complete:
             ready = None
-            if self.pinned:  # the copies were only queued: the writer waits for them, this thread goes on
+            if queued:  # the writer waits for the copies, this thread goes on
                 ready = torch.cuda.Event()
                 ready.record()
             if self.patches is not None:

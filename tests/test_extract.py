@@ -144,6 +144,32 @@ def test_block_buffers_are_reused_and_every_row_is_rewritten(patches, tmp_path, 
         np.testing.assert_allclose(s.pooled(name, "max"), a.max(axis=(2, 3)), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that cannot page-lock memory")
+def test_block_buffers_in_ordinary_memory_when_page_locking_fails(patches, tmp_path):
+    """Asked to page-lock its block buffers, as on a CUDA host, where the host cannot (here a CPU-only torch),
+    extraction says so and goes on in ordinary memory; the store equals direct forward passes."""
+    from store import extract as ex
+
+    net, meta = tiny_model()
+    allocate = ex._Job._allocate
+
+    def as_on_a_cuda_host(job):
+        job.pinned = True  # what prepare() sets when the accelerator is a CUDA device
+        return allocate(job)
+
+    url = str(tmp_path / "s.zarr")
+    with mock.patch.object(ex._Job, "_allocate", as_on_a_cuda_host), \
+            pytest.warns(UserWarning, match="ordinary memory, page-locking failed"):
+        r = extract(net, meta=meta, manifest=patches, url=url, config=ExtractConfig(workers=1, **FAST))
+    assert r.blocks_written == 5
+    images = np.stack([load_patch(rec.image, (32, 32)) for rec in read_manifest(patches).records])
+    acts, probs = direct(net, meta, images)
+    s = open_store(url)
+    np.testing.assert_allclose(s.probs(), probs, rtol=1e-5, atol=1e-6)
+    for name, a in acts.items():
+        np.testing.assert_allclose(s.maps_many(name, range(18)), a, rtol=2 ** -10, atol=1e-6)
+
+
 def test_forward_workers_write_the_same_store_and_a_failing_worker_leaves_whole_blocks(patches, tmp_path):
     """Two forward workers fill one block from two batches at once and write blocks side by side: the store equals
     the one-worker store array by array. A batch that fails in a worker stops the extraction with its error; the
