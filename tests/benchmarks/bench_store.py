@@ -370,6 +370,13 @@ def run(settings) -> list[dict]:
                             f"{HEAVY['size']}×{HEAVY['size']} patches, batch {HEAVY['batch']}, layers {shapes}; "
                             f"extraction {h['n'] / h['extract_s']:.2f} img/s (best of 3), {threads} torch threads "
                             f"for the baseline"})
+    figures.append({"name": "store/extract_over_worker_forward_vgg16", "value": h["workers_s"] / h["extract_s"],
+                    "unit": "×", "goal": None, "ok": None,
+                    "baseline": {"name": f"forward-only, {h['workers']} single-threaded workers",
+                                 "value": h["n"] / h["workers_s"], "unit": "img/s"},
+                    "note": "the same VGG16-scale extraction against its forward passes scheduled as extraction "
+                            "schedules them (best of 3): what storing costs at that scale, without the swings of "
+                            "torch's intra-op threads in the goal ratio's baseline"})
     del hs, heavy_net
 
     # bytes per image per layer
