@@ -233,29 +233,30 @@ def _probs(logits: torch.Tensor) -> torch.Tensor:
     return logits.softmax(dim=1)
 
 
-def _copy(source: torch.Tensor, target: np.ndarray) -> None:
+def _copy(source: torch.Tensor, target: np.ndarray, *, queue: bool = False) -> None:
     """source → the numpy array `target` (same shape; a float32 source into float16 is rounded as Tensor.half()
-    rounds). From a CUDA device into page-locked memory the copy is only queued: whoever reads `target` first waits
-    for an event recorded after it (`_Job._write`)."""
-    dest = torch.from_numpy(target)
-    dest.copy_(source, non_blocking=source.device.type == "cuda" and dest.is_pinned())
+    rounds). `queue` (a CUDA source, `target` page-locked): the copy is only queued, and whoever reads `target` first
+    waits for an event recorded after it (`_Job._write`)."""
+    torch.from_numpy(target).copy_(source, non_blocking=queue)
 
 
-def _layer_to_block(a: torch.Tensor, out: dict, rows: slice, *, on_device: bool | None = None) -> None:
+def _layer_to_block(a: torch.Tensor, out: dict, rows: slice, *, on_device: bool | None = None,
+                    queue: bool = False) -> None:
     """One layer's output for a batch, (batch, unit, y, x) or (batch, unit), into its block's buffers at `rows`: the
     maps as float16, each unit's max and mean as float32.
 
     On the CPU they are written straight into the buffers (row slices of C-contiguous arrays), no temporaries. An
     output on an accelerator (`on_device`, by default where the tensor is) is rounded to float16 (the same rounding) and
     pooled there, so that half the bytes cross to the host and the host has no conversion to do (on a lent H100 the
-    copy of float32 maps and their conversion took 60 % of the predict loop's time at VGG16 scale)."""
+    copy of float32 maps and their conversion took 60 % of the predict loop's time at VGG16 scale); `queue`: see
+    `_copy`."""
     a = (a[:, :, None, None] if a.ndim == 2 else a).float()
     if on_device is None:
         on_device = a.device.type != "cpu"
     if on_device:
-        _copy(a.half(), out["maps"][rows])
-        _copy(torch.amax(a, dim=(2, 3)), out["max"][rows])
-        _copy(torch.mean(a, dim=(2, 3)), out["mean"][rows])
+        _copy(a.half(), out["maps"][rows], queue=queue)
+        _copy(torch.amax(a, dim=(2, 3)), out["max"][rows], queue=queue)
+        _copy(torch.mean(a, dim=(2, 3)), out["mean"][rows], queue=queue)
         return
     torch.from_numpy(out["maps"][rows]).copy_(a)  # float32 → float16, rounded as Tensor.half() rounds
     torch.amax(a, dim=(2, 3), out=torch.from_numpy(out["max"][rows]))
@@ -286,9 +287,8 @@ class _BlockWriter:
         self.locks = {name: threading.Lock() for name in self.tops}
         # the histograms are counted in stripes of units, each with its lock: blocks written at once count the same
         # layer side by side, and a block spread over the helpers counts its largest layer on several of them
-        self.stripes = {name: [slice(lo, lo + _STRIPE_UNITS) for lo in range(0, h.units, _STRIPE_UNITS)]
-                        for name, h in histograms.items()}
-        self.stripe_locks = {name: [threading.Lock() for _ in stripes] for name, stripes in self.stripes.items()}
+        self.stripes = {name: [(slice(lo, lo + _STRIPE_UNITS), threading.Lock())
+                               for lo in range(0, h.units, _STRIPE_UNITS)] for name, h in histograms.items()}
         self.covered: set[int] = set()  # blocks counted in the histograms and top-k
         self.helpers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store-encode") \
             if workers > 1 else None
@@ -299,17 +299,17 @@ class _BlockWriter:
         with self.locks[name]:
             self.tops[name].add(layer["max"], start=start)  # (image, unit) float32, as stored
 
-    def _histogram(self, name: str, stripe: int, layer: dict) -> None:
-        with self.stripe_locks[name][stripe]:
-            self.histograms[name].add(layer["maps"], self.stripes[name][stripe])  # (image, unit, y, x) float16
+    def _histogram(self, name: str, units: slice, lock: threading.Lock, layer: dict) -> None:
+        with lock:
+            self.histograms[name].add(layer["maps"], units)  # (image, unit, y, x) float16, as stored
 
     def write(self, block: int, data: dict, *, spread: bool = True) -> None:
         """Write one block; `spread`: over the helper threads (when the process's other cores would be idle)."""
         start = self.store.block_range(block)[0]
         helpers = self.helpers if spread else None
         layers = data["layers"]
-        work = [(self._histogram, name, i, layers[name]) for name, stripes in self.stripes.items()
-                for i in range(len(stripes))]
+        work = [(self._histogram, name, units, lock, layers[name]) for name, stripes in self.stripes.items()
+                for units, lock in stripes]
         work += [(self._top, name, start, layers[name]) for name in self.tops]
         counting = [helpers.submit(*w) for w in work] if helpers else []
         self.store.write_block(block, **data, executor=helpers)
@@ -531,22 +531,22 @@ class _Job:
         outputs = self.trace.outputs
         with self.buffer_lock:
             buf = self._buffer(block)
+            queue = self.owner[block]["pinned"]  # copies from the device into it are queued, not waited for
         buf["images"][rows] = images.cpu().numpy()
-        _copy(_probs(logits), buf["probs"][rows])
+        _copy(_probs(logits), buf["probs"][rows], queue=queue)
         for name in self.layers:
-            _layer_to_block(outputs[name], buf["layers"][name], rows)
+            _layer_to_block(outputs[name], buf["layers"][name], rows, queue=queue)
         with self.buffer_lock:  # the batch that completes its block writes it
             self.filled[block] += len(index)
             complete = self.filled[block] == buf["images"].shape[0]
             if complete:
                 del self.buffers[block], self.filled[block]
-                queued = self.owner[block]["pinned"]  # its copies from the device may still be on their way
             if self.forwards is not None:
                 self.computing -= 1
             idle = self.computing == 0  # no other batch is being computed or waits for a worker
         if complete:
             ready = None
-            if queued:  # the writer waits for the copies, this thread goes on
+            if queue:  # the writer waits for the copies, this thread goes on
                 ready = torch.cuda.Event()
                 ready.record()
             if self.patches is not None:
