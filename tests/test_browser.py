@@ -232,17 +232,29 @@ def test_review_loop_with_real_mouse_events(served):
     screenshot(page, "review-undone")
 
 
-def _quadrants(page, graph_id: str, name: str) -> list[tuple[float, float, float, float]]:
-    """The four boxes (x0, y0, x1, y1) splitting trace `name`'s points at their medians (data coordinates)."""
+def _box(page, graph_id: str, name: str, *, avoid=None) -> tuple[float, float, float, float]:
+    """A box (x0, y0, x1, y1) in data coordinates, a tenth of the shown axes wide and high (so that a lasso along it
+    spans tens of pixels whatever the map's layout), centred on a point of trace `name`: the one whose box holds the
+    most points of that trace. `avoid` (bool over every trace's points, as `_inside` gives): no avoided point within
+    the box grown by half, so a lasso along it cannot catch one."""
     import numpy as np
 
-    xy = page.evaluate("""([id, name]) => { const gd = document.querySelector('#' + id + ' .js-plotly-plot');
-        const t = gd._fullData.find(t => t.name === name); return [Array.from(t.x), Array.from(t.y)]; }""",
-                       [graph_id, name])
-    x, y = np.asarray(xy[0]), np.asarray(xy[1])
-    (x0, xm, x1), (y0, ym, y1) = np.percentile(x, [0, 50, 100]), np.percentile(y, [0, 50, 100])
-    px, py = (x1 - x0) * 0.01, (y1 - y0) * 0.01
-    return [(a - px, c - py, b + px, d + py) for a, b in ((x0, xm), (xm, x1)) for c, d in ((y0, ym), (ym, y1))]
+    xs, ys, xr, yr = page.evaluate("""([id, name]) => { const gd = document.querySelector('#' + id + ' .js-plotly-plot');
+        const t = gd._fullData.find(t => t.name === name);
+        return [Array.from(t.x), Array.from(t.y), gd._fullLayout.xaxis.range, gd._fullLayout.yaxis.range]; }""",
+                                   [graph_id, name])
+    x, y = np.asarray(xs, float), np.asarray(ys, float)
+    hx, hy = abs(xr[1] - xr[0]) * 0.05, abs(yr[1] - yr[0]) * 0.05
+    ax, ay = _points(page, graph_id)
+    best, most = None, 0
+    for cx, cy in zip(x, y):
+        if avoid is not None and (avoid & (abs(ax - cx) <= 1.5 * hx) & (abs(ay - cy) <= 1.5 * hy)).any():
+            continue
+        held = int(((abs(x - cx) <= hx) & (abs(y - cy) <= hy)).sum())
+        if held > most:
+            best, most = (cx - hx, cy - hy, cx + hx, cy + hy), held
+    assert best is not None, f"no point of {name!r} on {graph_id} has a box clear of the avoided points"
+    return best
 
 
 def _lasso_box(page, graph_id: str, box) -> None:
@@ -251,14 +263,18 @@ def _lasso_box(page, graph_id: str, box) -> None:
     drag(page, graph_id, [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)], steps=6)
 
 
-def _inside(page, graph_id: str, box):
-    """bool (point,) over every trace's points (concatenated): which fall in the box (a lasso along it selects them)."""
+def _points(page, graph_id: str):
+    """(x, y) float arrays of every trace's points, concatenated in trace order."""
     import numpy as np
 
     xy = page.evaluate("""(id) => { const gd = document.querySelector('#' + id + ' .js-plotly-plot');
         return gd._fullData.map(t => [Array.from(t.x || []), Array.from(t.y || [])]); }""", graph_id)
-    x = np.concatenate([np.asarray(t[0], float) for t in xy])
-    y = np.concatenate([np.asarray(t[1], float) for t in xy])
+    return (np.concatenate([np.asarray(t[0], float) for t in xy]), np.concatenate([np.asarray(t[1], float) for t in xy]))
+
+
+def _inside(page, graph_id: str, box):
+    """bool (point,) over every trace's points (concatenated): which fall in the box (a lasso along it selects them)."""
+    x, y = _points(page, graph_id)
     return (x >= box[0]) & (x <= box[2]) & (y >= box[1]) & (y <= box[3])
 
 
@@ -277,7 +293,7 @@ def test_images_lasso_mark_retrain_and_views_update(served):
     page.wait_for_selector("#images-map .main-svg")
     wait_idle(page)
 
-    positive = _quadrants(page, "images-map", "lesion")[0]
+    positive = _box(page, "images-map", "lesion")
     _lasso_box(page, "images-map", positive)
     wait_idle(page)
     selected = _text(page, "#images-selection")
@@ -289,12 +305,10 @@ def test_images_lasso_mark_retrain_and_views_update(served):
     # positives alone cannot make a probe: the job says so and nothing is retrained
     assert "only positives" in message, message
 
-    # the normal images in the quarter of their cloud that holds the fewest of the marked positives (a new mark
-    # replaces one, so some positives must stay outside it)
+    # normal images away from every marked positive (a new mark replaces one, so the positives must stay outside it)
     marked = _inside(page, "images-map", positive)
-    negative = min(_quadrants(page, "images-map", "normal"),
-                   key=lambda box: int((_inside(page, "images-map", box) & marked).sum()))
-    assert (marked & ~_inside(page, "images-map", negative)).any()
+    negative = _box(page, "images-map", "normal", avoid=marked)
+    assert marked.any() and not (marked & _inside(page, "images-map", negative)).any()
     _lasso_box(page, "images-map", negative)
     wait_idle(page)
     page.locator("#images-mark-neg").click()
