@@ -84,7 +84,9 @@ __all__ = [
 ]
 
 RULES = ("published", "cumulative", "dataset")  # labeling rules evaluated side by side
-INSERTED_CONCEPTS = ("mass", "calcification", "spiculated_margin", "circumscribed_margin")
+# every concept the demo data inserts with an exact mask (training/synth.py, docs/DATA.md) is measured: a concept the
+# model barely detects is reported as such, not left out (architectural distortion was, until 2026-11-26)
+INSERTED_CONCEPTS = ("mass", "calcification", "spiculated_margin", "circumscribed_margin", "architectural_distortion")
 EXPERIMENT = "conceptlens-groundtruth"
 
 
