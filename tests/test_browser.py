@@ -237,15 +237,9 @@ def _box(page, graph_id: str, name: str, *, avoid=None) -> tuple[float, float, f
     spans tens of pixels whatever the map's layout), centred on a point of trace `name`: the one whose box holds the
     most points of that trace. `avoid` (bool over every trace's points, as `_inside` gives): no avoided point within
     the box grown by half, so a lasso along it cannot catch one."""
-    import numpy as np
-
-    xs, ys, xr, yr = page.evaluate("""([id, name]) => { const gd = document.querySelector('#' + id + ' .js-plotly-plot');
-        const t = gd._fullData.find(t => t.name === name);
-        return [Array.from(t.x), Array.from(t.y), gd._fullLayout.xaxis.range, gd._fullLayout.yaxis.range]; }""",
-                                   [graph_id, name])
-    x, y = np.asarray(xs, float), np.asarray(ys, float)
+    ax, ay, traces, (xr, yr) = _points(page, graph_id)
     hx, hy = abs(xr[1] - xr[0]) * 0.05, abs(yr[1] - yr[0]) * 0.05
-    ax, ay = _points(page, graph_id)
+    x, y = ax[traces == name], ay[traces == name]
     best, most = None, 0
     for cx, cy in zip(x, y):
         if avoid is not None and (avoid & (abs(ax - cx) <= 1.5 * hx) & (abs(ay - cy) <= 1.5 * hy)).any():
@@ -264,17 +258,21 @@ def _lasso_box(page, graph_id: str, box) -> None:
 
 
 def _points(page, graph_id: str):
-    """(x, y) float arrays of every trace's points, concatenated in trace order."""
+    """Every trace's points, concatenated in trace order: x, y (float arrays), each point's trace name, and the
+    shown axis ranges ((x0, x1), (y0, y1))."""
     import numpy as np
 
-    xy = page.evaluate("""(id) => { const gd = document.querySelector('#' + id + ' .js-plotly-plot');
-        return gd._fullData.map(t => [Array.from(t.x || []), Array.from(t.y || [])]); }""", graph_id)
-    return (np.concatenate([np.asarray(t[0], float) for t in xy]), np.concatenate([np.asarray(t[1], float) for t in xy]))
+    data, ranges = page.evaluate("""(id) => { const gd = document.querySelector('#' + id + ' .js-plotly-plot');
+        return [gd._fullData.map(t => [Array.from(t.x || []), Array.from(t.y || []), t.name]),
+                [gd._fullLayout.xaxis.range, gd._fullLayout.yaxis.range]]; }""", graph_id)
+    x = np.concatenate([np.asarray(t[0], float) for t in data])
+    y = np.concatenate([np.asarray(t[1], float) for t in data])
+    return x, y, np.concatenate([np.full(len(t[0]), t[2], object) for t in data]), ranges
 
 
 def _inside(page, graph_id: str, box):
     """bool (point,) over every trace's points (concatenated): which fall in the box (a lasso along it selects them)."""
-    x, y = _points(page, graph_id)
+    x, y, _, _ = _points(page, graph_id)
     return (x >= box[0]) & (x <= box[2]) & (y >= box[1]) & (y <= box[3])
 
 

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 
-
 def _fig(name, value, unit="", goal=None, ok=None, baseline=None, note=None) -> dict:
     f = {"name": name, "value": value, "unit": unit, "goal": goal, "ok": ok}
     if baseline:
@@ -129,17 +128,17 @@ def retrain_speed(settings, store, manifest, repeats: int = 7) -> list[dict]:
 
 
 def ground_truth(settings, store, manifest, ks=tuple(range(1, 11))) -> list[dict]:
-    from explain.groundtruth import INSERTED_CONCEPTS, GroundTruthConfig, choose_drawings
+    from explain.groundtruth import GroundTruthConfig, choose_drawings
     from explain.probe_eval import drawing_cv_auroc, eval_images, ground_truth_masks, probe_curve, split_images
     from explain.probes import FeatureCache
 
     cache = FeatureCache(store)
-    gt_config = GroundTruthConfig(ks=tuple(ks), concepts=INSERTED_CONCEPTS)
+    gt_config = GroundTruthConfig(ks=tuple(ks))  # every inserted concept
     order, _ = choose_drawings(store, manifest, gt_config)  # the unit-labeling reviewer's drawings, in order
     review = split_images(store, manifest, gt_config.review_split)
     background = np.setdiff1d(np.arange(store.n_images), review)  # never a patch of the review split
     figures, logged = [], {}
-    for concept in INSERTED_CONCEPTS:
+    for concept in gt_config.concepts:
         masks = ground_truth_masks(store, manifest, concept)
         draw = order.get(concept, [])
         if not draw:
