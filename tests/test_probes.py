@@ -83,7 +83,8 @@ def test_mark_position_examples_match_per_position_scoring():
 
 
 # -- fitting -----------------------------------------------------------------------------------------------------------
-def test_fit_logistic_matches_sklearn():
+@pytest.mark.parametrize("block_rows", [None, 7])  # x in one block; in 43 blocks of 7 rows, the last one short
+def test_fit_logistic_matches_sklearn(block_rows):
     from sklearn.linear_model import LogisticRegression
 
     rng = np.random.default_rng(0)
@@ -94,7 +95,8 @@ def test_fit_logistic_matches_sklearn():
     sub[:100] = 0  # the third model leaves out the first 100 rows
     # float64 so the comparison tests the objective, not float32 rounding
     theta = fit_logistic(torch.from_numpy(x).double(), torch.from_numpy(y), torch.from_numpy(np.stack([sw, np.ones(300,
-                         np.float32), sub])).double(), torch.tensor([0.1, 1.0, 10.0]), max_iter=1000, tol=1e-9).numpy()
+                         np.float32), sub])).double(), torch.tensor([0.1, 1.0, 10.0]), max_iter=1000, tol=1e-9,
+                         block_rows=block_rows).numpy()
     for m, (C, rows, w) in enumerate([(0.1, slice(None), sw), (1.0, slice(None), None), (10.0, slice(100, None), None)]):
         ref = LogisticRegression(C=C, tol=1e-10, max_iter=10000).fit(x[rows].astype(np.float64), y[rows], sample_weight=w)
         np.testing.assert_allclose(theta[m, :-1], ref.coef_[0], atol=1e-4)
