@@ -299,7 +299,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, Cs: to
     Each evaluation reads x twice (logits, then the gradient), a block of `block_rows` rows at a time, so that the
     second read finds the block still in the CPU's cache (default: blocks of about FIT_BLOCK_BYTES). A single
     model's fit is a matrix-vector product bound by memory bandwidth: on 20,000 × 512 vectors the blocks made a
-    probe fit 10–25 % faster on a 2-core AMD EPYC host (blocks of 2 MiB, 1,024 rows at 512 units: the steadiest gain of the 1–8 MiB blocks tried).
+    probe fit 10–25 % faster on a 2-core AMD EPYC host (blocks of 2 MiB, 1,024 rows at 512 units: the steadiest
+    gain of the 1–8 MiB blocks tried).
     """
     n, d = x.shape
     m = weights.shape[0]
@@ -309,6 +310,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, Cs: to
     scaled = (weights / wsum[:, None]).T.to(x.dtype).contiguous()  # (n, M)
     ridge = 0.5 / (Cs.to(x.dtype) * wsum)  # (M,)
     yf = y.to(x.dtype)[:, None]  # (n, 1)
+    if block_rows is not None and block_rows < 1:
+        raise ValueError(f"fit_logistic: block_rows must be at least 1, got {block_rows}")
     rows = block_rows or max(64, FIT_BLOCK_BYTES // max(1, d * x.element_size()))
     blocks = [(x[s:s + rows], yf[s:s + rows], scaled[s:s + rows]) for s in range(0, n, rows)]
     opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, history_size=10, tolerance_grad=tol,

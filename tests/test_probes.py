@@ -101,6 +101,8 @@ def test_fit_logistic_matches_sklearn(block_rows):
         ref = LogisticRegression(C=C, tol=1e-10, max_iter=10000).fit(x[rows].astype(np.float64), y[rows], sample_weight=w)
         np.testing.assert_allclose(theta[m, :-1], ref.coef_[0], atol=1e-4)
         assert theta[m, -1] == pytest.approx(ref.intercept_[0], abs=1e-4)
+    with pytest.raises(ValueError, match="block_rows must be at least 1, got -5"):  # not an empty sum over no blocks
+        fit_logistic(torch.from_numpy(x), torch.from_numpy(y), torch.ones(1, 300), torch.tensor([1.0]), block_rows=-5)
 
 
 def test_metrics_match_sklearn_with_ties():
