@@ -222,6 +222,24 @@ def test_mammogram_figure_axes_are_the_png_pixels_whatever_the_sent_resolution()
     assert (fig.layout.shapes[1].x0, fig.layout.shapes[1].y1) == (10, 84)
 
 
+def test_probe_versions_figure_gives_every_version_its_own_point():
+    from vis.figures import probe_versions_figure
+
+    # a retrain and a rollback on the same 210 annotations, then a version with more
+    versions = [{"run_id": "a", "n_annotations": 210, "auroc": 0.9, "ap": 0.6},
+                {"run_id": "b", "n_annotations": 210, "auroc": 0.92, "ap": 0.65},
+                {"run_id": "c", "n_annotations": 215, "auroc": 0.95, "ap": 0.7}]
+    fig = probe_versions_figure(versions, current="b")
+    auroc = fig.data[0]
+    assert list(auroc.x) == [1, 2, 3] and list(auroc.y) == [0.9, 0.92, 0.95]
+    assert [list(c) for c in auroc.customdata] == [["a", 210], ["b", 210], ["c", 215]]
+    assert list(fig.layout.xaxis.ticktext) == ["v1 (210)", "v2 (210)", "v3 (215)"]
+    assert [s.x0 for s in fig.layout.shapes] == [2]  # the current version's line
+    many = probe_versions_figure([{"run_id": str(i), "n_annotations": i, "auroc": 0.5, "ap": 0.5} for i in range(25)])
+    assert len(many.layout.xaxis.tickvals) <= 10 and many.layout.xaxis.tickvals[0] == 1
+    assert probe_versions_figure([]).data[0].x == ()
+
+
 def test_patch_figure_keeps_patch_coordinates_and_offers_drawing_tools():
     import numpy as np
 

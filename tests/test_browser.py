@@ -70,6 +70,9 @@ def test_every_page_opens_and_is_screenshotted(served):
         assert shot.stat().st_size > 20_000
         assert "not ready" not in page.inner_text("body").lower()
         assert page.locator(".cl-navbar .nav-link.active").inner_text() == {"/": "Review"}.get(path, name.title())
+        if path == "/probes":  # no probe yet: nothing to retrain or roll back
+            assert "no probe" in _text(page, "#probes-table").lower()
+            assert page.locator("#probes-retrain").is_disabled() and page.locator("#probes-rollback").is_disabled()
     # the header: the session picker, who is signed in and as what, and the sign-out button
     header = page.locator(".cl-navbar")
     assert "ana" in header.inner_text() and "radiologist" in header.inner_text()
@@ -326,7 +329,36 @@ def test_images_lasso_mark_retrain_and_views_update(served):
     wait_idle(page)
     assert "v1" in _text(page, "#probes-table") and "current" in _text(page, "#probes-table")
     assert page.locator("#probes-maps img").count() >= 8
+    assert page.locator("#probes-rollback").is_disabled()  # one version: nothing earlier to roll back to
     screenshot(page, "probes-after-retrain")
+
+    # retrain here: v2 becomes current, and the roll back to v1 brings v1 back
+    page.locator("#probes-retrain").click()
+    _wait_current(page, "v2", timeout_ms=60_000)
+    wait_idle(page)
+    assert "current" in _row(page, "v2") and "current" not in _row(page, "v1")
+    assert page.locator("#probes-retrain").is_enabled() and page.locator("#probes-rollback").is_enabled()
+    ticks = page.evaluate("() => Array.from(document.querySelectorAll('#probes-versions .xtick text'), t => t.textContent)")
+    assert [t.split(" ")[0] for t in ticks] == ["v1", "v2"], ticks  # same annotations, a point each
+    page.locator("#probes-rollback-to").click()
+    page.get_by_text("v1 ·", exact=False).last.click()
+    page.locator("#probes-rollback").click()
+    _wait_current(page, "v1", timeout_ms=30_000)
+    wait_idle(page)
+    assert "current" in _row(page, "v1") and "current" not in _row(page, "v2")
+    assert not page.locator("#probes-rollback").is_disabled()  # v2 is now the earlier one to go back to
+    screenshot(page, "probes-rolled-back")
+
+
+def _wait_current(page, version: str, *, timeout_ms: int) -> None:
+    """Wait until the versions table marks `version` as the store's current one."""
+    page.wait_for_function("""(v) => Array.from(document.querySelectorAll('#probes-table tbody tr')).some(
+        r => r.innerText.startsWith(v + ' ·') && r.innerText.includes('current'))""", arg=version, timeout=timeout_ms)
+
+
+def _row(page, version: str) -> str:
+    """The text of one version's row in the probe's versions table ("v1", "v2", …)."""
+    return page.locator("#probes-table tbody tr", has_text=f"{version} ·").inner_text()
 
 
 def test_units_lasso_gallery_and_detail(served):

@@ -405,20 +405,27 @@ def histogram_figure(values: np.ndarray, *, threshold: float | None = None, titl
 
 def probe_versions_figure(versions: Sequence[Mapping], *, metrics: Sequence[str] = ("auroc", "ap"),
                           current: str | None = None, height: int = 300) -> go.Figure:
-    """Held-out metrics of each probe version against its number of annotations (versions oldest first)."""
+    """Held-out metrics of each probe version, oldest first: one position per version ("v1", "v2", …, each with
+    its number of annotations), so a retrain or a rollback on the same annotations gets a point of its own."""
     fig = go.Figure()
-    x = [v.get("n_annotations", i) for i, v in enumerate(versions)]
+    x = list(range(1, len(versions) + 1))
+    n_ann = [v.get("n_annotations") for v in versions]
     for metric, color in zip(metrics, ("#0b7285", "#e8590c", "#7048e8")):
         fig.add_trace(go.Scatter(x=x, y=[v.get(metric) for v in versions], mode="lines+markers", name=metric.upper(),
                                  line=dict(color=color, width=2), marker=dict(size=8),
-                                 customdata=[v.get("run_id", "") for v in versions],
-                                 hovertemplate=f"{metric.upper()} %{{y:.3f}} · %{{x}} annotations<extra>%{{customdata}}</extra>"))
+                                 customdata=[[v.get("run_id", ""), a] for v, a in zip(versions, n_ann)],
+                                 hovertemplate=f"v%{{x}} · {metric.upper()} %{{y:.3f}} · %{{customdata[1]}} "
+                                               "annotations<extra>%{customdata[0]}</extra>"))
     for i, v in enumerate(versions):
         if current and v.get("run_id") == current:
             fig.add_vline(x=x[i], line=dict(color="#495057", dash="dot"),
                           annotation=dict(text="current", font=dict(size=11)))
     _chart_layout(fig, height=height)
-    fig.update_xaxes(title=dict(text="annotations", font=dict(size=11)), gridcolor=GRID)
+    step = max(1, -(-len(x) // 10))  # at most about 10 tick labels
+    ticks = x[::step]
+    fig.update_xaxes(title=dict(text="version (annotations)", font=dict(size=11)), gridcolor=GRID,
+                     tickmode="array", tickvals=ticks, ticktext=[f"v{i} ({n_ann[i - 1]})" for i in ticks],
+                     range=[0.5, len(x) + 0.5])
     fig.update_yaxes(range=[0, 1.02], gridcolor=GRID)
     return fig
 

@@ -30,13 +30,16 @@ def layout(**_query):
     controls = html.Div([
         labeled("Probe", dcc.Dropdown(id=ids.PROBES_SELECT, options=options, value=first, clearable=False,
                                       placeholder="no probe yet: label units or mark images first")),
-        html.Div([dbc.Button("Retrain", id=ids.PROBES_RETRAIN, color="primary", n_clicks=0)], className="cl-field"),
+        html.Div([dbc.Button("Retrain", id=ids.PROBES_RETRAIN, color="primary", n_clicks=0,
+                                       disabled=not options)], className="cl-field"),
         html.Div(dbc.Progress(id=ids.PROBES_PROGRESS, value=0, striped=True), style={"flex": "1 1 200px"},
                  className="cl-field"),
     ], className="cl-controls")
     rollback = html.Div([
-        labeled("Roll back to", dcc.Dropdown(id=ids.PROBES_ROLLBACK_TO, options=[], value=None, clearable=False)),
-        html.Div(dbc.Button("Roll back", id=ids.PROBES_ROLLBACK, color="light", n_clicks=0), className="cl-field"),
+        labeled("Roll back to", dcc.Dropdown(id=ids.PROBES_ROLLBACK_TO, options=[], value=None, clearable=False,
+                                             placeholder="an earlier version")),
+        html.Div(dbc.Button("Roll back", id=ids.PROBES_ROLLBACK, color="light", n_clicks=0,
+                                  disabled=True), className="cl-field"),
     ], className="cl-controls mt-2")
     return html.Div([
         dcc.Store(id=ids.PROBES_VERSION, data=None),
@@ -55,12 +58,13 @@ def layout(**_query):
 
 @callback(Output(ids.PROBES_VERSIONS, "figure"), Output(ids.PROBES_TABLE, "children"),
           Output(ids.PROBES_ROLLBACK_TO, "options"), Output(ids.PROBES_MAPS, "children"),
-          Output(ids.PROBES_MESSAGE, "children", allow_duplicate=True),
+          Output(ids.PROBES_MESSAGE, "children", allow_duplicate=True), Output(ids.PROBES_ROLLBACK, "disabled"),
           Input(ids.PROBES_SELECT, "value"), Input(ids.PROBES_VERSION, "data"), Input(ids.SESSION, "data"),
           prevent_initial_call="initial_duplicate")
-@shows_errors(5, at=4)
+@shows_errors(6, at=4)
 def show_probe(probe, _version, session):
-    return (*current().probe_view(probe, session=session), dash.no_update)
+    figure, table, earlier, maps = current().probe_view(probe, session=session)
+    return figure, table, earlier, maps, dash.no_update, not earlier  # nothing to roll back to: no button
 
 
 @callback(Output(ids.PROBES_VERSION, "data", allow_duplicate=True), Output(ids.PROBES_MESSAGE, "children"),
