@@ -52,6 +52,8 @@ __all__ = [
     "UpsampleGrid",
     "upsample_maps",
     "unit_masks",
+    "interpolation_matrix",
+    "unit_cell_weights",
     "mask_counts",
     "region_iou",
     "iou_from_counts",
@@ -200,6 +202,32 @@ def unit_masks(maps: np.ndarray, thresholds: np.ndarray, size: Sequence[int]) ->
     """
     up = upsample_maps(maps, size)
     return (up > torch.tensor(np.array(thresholds, dtype=_F32))[:, None, None]).numpy()
+
+
+def interpolation_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """float32 (n_out, n_in): torch's linear interpolation weights (align_corners=False): upsampling a map bilinearly
+    is B_y · map · B_xᵀ."""
+    eye = torch.eye(int(n_in), dtype=torch.float32)[None]  # channel c: the one-hot map e_c
+    return F.interpolate(eye, size=int(n_out), mode="linear", align_corners=False)[0].T.contiguous()
+
+
+def unit_cell_weights(maps: np.ndarray, thresholds: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """float32 (image, unit, y, x): each unit's mask (`unit_masks`) pulled back to the map grid through the bilinear
+    upsampling, K = B_yᵀ · M_u · B_x, so that for any map p (y, x) upsampled to the patch,
+    Σ_pixels M_u · upsample(p) = Σ_cells K_u · p (up to float rounding); Σ_cells K_u is the mask's area.
+
+        >>> k = unit_cell_weights(maps, thresholds, (64, 64))      # maps (image, unit, y, x)
+    """
+    maps = torch.as_tensor(np.require(maps, dtype=_F32, requirements=["W"]))
+    if maps.ndim != 4:
+        raise ValueError(f"maps must be (image, unit, y, x), got shape {tuple(maps.shape)}")
+    t = torch.tensor(np.asarray(thresholds, dtype=_F32).reshape(1, -1, 1, 1))
+    (n, u, h, w), (H, W) = maps.shape, (int(v) for v in size)
+    masks = (F.interpolate(maps, size=(H, W), mode="bilinear", align_corners=False) > t).float()
+    # two plain matrix products (a batch of small ones is several times slower): columns, then rows
+    cols = (masks.reshape(-1, W) @ interpolation_matrix(w, W)).reshape(n, u, H, w)
+    rows = cols.transpose(2, 3).reshape(-1, H) @ interpolation_matrix(h, H)  # (n·u·w, h)
+    return rows.reshape(n, u, w, h).transpose(2, 3).contiguous().numpy()
 
 
 def reference_unit_iou(maps: np.ndarray, thresholds: np.ndarray, region: np.ndarray) -> np.ndarray:
