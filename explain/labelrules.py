@@ -1,9 +1,10 @@
 """Alternative labeling rules: the reviewer's evidence accumulated over every drawing of a concept.
 
-CumulativeRule sums intersections and unions over the drawn patches; DatasetRule (at the end of this module) turns
-the same sums into an estimate of the unit's dataset-level IoU with the concept — the quantity Network Dissection's
-detector criterion thresholds — with the unit masks of every store image and the manifest's list of what each patch
-shows, and applies that criterion (0.04) unchanged.
+CumulativeRule sums intersections and unions over the drawn patches; DatasetRule turns the same sums into an
+estimate of the unit's dataset-level IoU with the concept — the quantity Network Dissection's detector criterion
+thresholds — with the unit masks of every store image and the manifest's list of what each patch shows, and applies
+that criterion (0.04) unchanged; ProbeAssistedRule (at the end of this module) makes the same estimate with a probe
+of each drawn concept, fitted from the same drawings, carrying them over to the images nobody drew on.
 
     >>> from explain.labelrules import CumulativeRule
     >>> rule = CumulativeRule(store, "features.23")              # threshold 0.07 (tuned on train/val, see below)
@@ -46,12 +47,20 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .dissection import DEFAULT_LEVEL, UpsampleGrid, _check_layer, mask_counts, patch_size, resolve_image
+from .dissection import (
+    DEFAULT_LEVEL,
+    UpsampleGrid,
+    _check_layer,
+    interpolation_matrix,
+    mask_counts,
+    patch_size,
+    resolve_image,
+)
 from .errors import LabelError, RegionError
 from .regions import RegionSpec, rasterize_regions
 
 __all__ = ["CumulativeRule", "DEFAULT_CUMULATIVE_THRESHOLD", "DatasetRule", "DEFAULT_DATASET_THRESHOLD",
-           "unit_mask_areas", "count_unit_mask_areas", "images_showing"]
+           "unit_mask_areas", "count_unit_mask_areas", "images_showing", "ProbeAssistedRule"]
 
 DEFAULT_CUMULATIVE_THRESHOLD = 0.07
 
@@ -163,11 +172,19 @@ class CumulativeRule:
                 raise RegionError(f"region mask of shape {mask.shape} does not match the patch size {self.size}")
         else:
             mask = rasterize_regions(region, self.size)
-        n = int(mask.sum())
-        if n == 0:
+        if not mask.any():
             raise RegionError(f"the region of {concept!r} on image {image!r} covers no pixel")
-        area, inter = mask_counts(self.store.maps(self.layer, index), self.thresholds, mask[None], grid=self.grid)
-        self.add_counts(concept, area, inter[0], n)
+        self.add_mask(index, concept, mask)
+
+    def add_mask(self, index: int, concept: str, mask: np.ndarray, *,
+                 counts: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Count one drawing given as a store index and a non-empty bool patch mask; `counts` (unit mask areas,
+        overlaps with the mask) when already computed."""
+        if counts is None:
+            area, inter = mask_counts(self.store.maps(self.layer, index), self.thresholds, mask[None],
+                                      grid=self.grid)
+            counts = (area, inter[0])
+        self.add_counts(concept, counts[0], counts[1], int(mask.sum()))
 
     def iou(self) -> np.ndarray:
         """float64 (concept, unit): Σ intersection / Σ union over each concept's drawings."""
@@ -349,3 +366,135 @@ class DatasetRule(CumulativeRule):
 
     def _iou(self, inter: np.ndarray, concept_area: np.ndarray) -> np.ndarray:
         return inter / np.maximum(self.unit_area[None, :] + np.maximum(concept_area - inter, 0), 1)
+
+
+# -- the probe-assisted estimate ---------------------------------------------------------------------------------------
+class ProbeAssistedRule(DatasetRule):
+    """DatasetRule with a concept probe fitted from the same drawings telling where the concept lies on every image
+    that shows it, not only on the drawn ones.
+
+        >>> rule = ProbeAssistedRule(store, "features.23", shown=images_showing(store, manifest))
+        >>> rule.add("p0012", "mass", mask); rule.labels()          # {unit: concept}, as DatasetRule
+
+    DatasetRule carries the drawings over to the dataset with each unit's mask area: I = F_u,c · (the share of the
+    unit's drawn mask inside the drawn regions). A unit whose firing overlaps its concept differently from image to
+    image needs many drawings for that share to settle, and at 4-px map cells the margins of a mass lie within a few
+    hundredths of IoU of the mass itself. Here, after each drawing, a probe of the concept (explain.probes: the
+    drawings' inside and outside cells plus background positions, the app's own probe fit) gives its map p_i on every
+    image i that shows the concept, and the carried-over quantity is the unit mask's overlap with that map — which
+    follows the concept from image to image as the mask area does not (model-assisted survey estimation: a ratio
+    estimator whose auxiliary variable is a prediction of the target):
+
+        X_u = Σ_i Σ_pixels M_u · p_i over the images i showing c (and the drawn ones),
+        x_u = the same sum over the drawn patches,   y_u = Σ_drawn |M_u ∩ G| (the drawn overlaps),
+        I = min(X_u · y_u / x_u, F_u)   (X_u alone where x_u = 0),
+        A_c = Σ_i Σ_pixels p_i · Σ_drawn |G| / Σ_drawn Σ_pixels p
+
+    with p upsampled to the patch as the app shows it (computed on the map grid: explain.dissection.unit_cell_weights,
+    kept per image by the FeatureCache), and the label as in DatasetRule: estimated IoU above `threshold` (0.04) and
+    c the unit's best drawn concept. Nothing is tuned: the probe is the app's default fit. With every image showing
+    c drawn, X = x and the estimate is the dataset-level IoU, as DatasetRule's is.
+
+    Measured on the demo store (a model trained on a 2-core AMD EPYC host, features.23, detectors 27 / 26 / 5 / 10 /
+    1; 40 seeded reviewers drawing 5 patches per concept; the mean over the concepts of min(mean precision, mean
+    recall), and the mean share of reviewers meeting both goals). On train patches, where rules may be chosen:
+    DatasetRule 0.794 / 0.585, this rule 0.857 / 0.800 (share per concept: mass 0.65 → 0.93, calcification 1.00 →
+    1.00, spiculated margin 0.50 → 0.82, circumscribed margin 0.33 → 0.62, distortion 0.45 → 0.62). Not kept: the
+    probe's map thresholded to a mask of the drawn area (0.794 / 0.690) and that mask's overlap without the drawn
+    ratio y_u / x_u (0.760 / 0.515). Then once on the bench's test-patch reviewers: DatasetRule 0.697 / 0.420, this
+    rule 0.769 / 0.595 (mass 0.40 → 0.85, calcification 1.00 → 1.00, spiculated 0.23 → 0.47, circumscribed 0.10 →
+    0.25, distortion 0.38 → 0.40).
+    Cost: one probe fit per drawn concept after each drawing (about a second on the demo store) and, once per image
+    and FeatureCache, the unit masks pulled back (14 ms an image: 13 s for the 935 demo patches showing a mass).
+    """
+
+    def __init__(self, store, layer: str, *, shown: Mapping[str, Sequence[int]],
+                 threshold: float = DEFAULT_DATASET_THRESHOLD, level: float = DEFAULT_LEVEL, probe_config=None,
+                 cache=None, background_pool: Sequence[int] | None = None):
+        if store is None:
+            raise LabelError("ProbeAssistedRule needs a store: its probes read the stored maps")
+        super().__init__(store, layer, shown=shown, threshold=threshold, level=level)
+        from .probes import FeatureCache, ProbeConfig
+
+        self.probe_config = probe_config or ProbeConfig()
+        self.cache = cache or FeatureCache(store)
+        self.background_pool = None if background_pool is None else np.asarray(background_pool, np.int64)
+        self.shown_index = {str(c): np.unique(np.asarray(v, np.int64).reshape(-1)) for c, v in dict(shown).items()}
+        self.drawn: dict[str, list[tuple[int, np.ndarray]]] = {}  # concept → [(store index, mask)]
+        self._cached: tuple[tuple, np.ndarray] | None = None  # (drawings per concept, iou)
+        self._fits: dict[str, tuple[int, object]] = {}  # concept → (drawings, Probe)
+        self._adding: str | None = None  # the concept add_mask is counting (add_counts alone lacks the mask)
+        _, h, w = store.layer_shape(self.layer)
+        H, W = self.size
+        # Σ_pixels upsample(p) = Σ_cells p · (column sums of B_y ⊗ B_x)
+        self.cell_pixels = np.outer(interpolation_matrix(h, H).sum(0).numpy(),
+                                    interpolation_matrix(w, W).sum(0).numpy())  # (y, x)
+
+    @classmethod
+    def from_counts(cls, n_units=None, **options):
+        raise LabelError("ProbeAssistedRule needs the drawn masks and a store, not counts alone")
+
+    def add_counts(self, concept: str, area: np.ndarray, inter: np.ndarray, region_px: int) -> None:
+        if self._adding != concept:
+            raise LabelError("ProbeAssistedRule needs each drawing's mask: use add or add_mask")
+        super().add_counts(concept, area, inter, region_px)
+
+    def add_mask(self, index: int, concept: str, mask: np.ndarray, *,
+                 counts: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != self.size or not mask.any():
+            raise RegionError(f"a drawing of {concept!r} must be a non-empty {self.size} mask, got {mask.shape}")
+        self._adding = concept
+        try:
+            super().add_mask(int(index), concept, mask, counts=counts)
+        finally:
+            self._adding = None
+        self.drawn.setdefault(concept, []).append((int(index), mask))
+
+    def probe(self, concept: str):
+        """The probe of `concept` fitted from this rule's drawings of it (refitted when a drawing was added)."""
+        from .probes import ProbeAnnotations, collect_examples, fit_probe
+
+        drawn = self.drawn[concept]
+        if concept not in self._fits or self._fits[concept][0] != len(drawn):
+            ann = ProbeAnnotations(concept, regions=list(drawn))
+            ex = collect_examples(self.store, self.layer, ann, config=self.probe_config, cache=self.cache,
+                                  background_pool=self.background_pool)
+            self._fits[concept] = (len(drawn), fit_probe(ex, concept=concept, layer=self.layer,
+                                                         config=self.probe_config).probe)
+        return self._fits[concept][1]
+
+    def _overlaps(self, probe, images: np.ndarray) -> tuple[np.ndarray, float]:
+        """(Σ_images Σ_pixels M_u · p per unit, Σ_images Σ_pixels p) of the probe's map p on `images`."""
+        x = np.zeros(self.n_units)
+        total = 0.0
+        for start in range(0, len(images), 256):
+            idx = images[start:start + 256]
+            p = probe.heatmap(self.cache.image_maps(self.layer, idx))  # (image, y, x) on the map grid
+            x += np.einsum("nuyx,nyx->u", self.cache.cell_weights(self.layer, idx, self.level), p, dtype=np.float64)
+            total += float((p * self.cell_pixels).sum(dtype=np.float64))
+        return x, total
+
+    def iou(self) -> np.ndarray:
+        """float64 (concept, unit): the estimated dataset-level IoU (see the class docstring); computed again only
+        after a new drawing."""
+        if not self.concepts:
+            return np.zeros((0, self.n_units))
+        key = tuple(self.drawings[c] for c in self.concepts)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self._estimate())
+        return self._cached[1]
+
+    def _estimate(self) -> np.ndarray:
+        inter = np.zeros((len(self.concepts), self.n_units))
+        area = np.zeros((len(self.concepts), 1))
+        for j, c in enumerate(self.concepts):
+            probe = self.probe(c)
+            drawn = np.array([i for i, _ in self.drawn[c]], np.int64)
+            x_all, p_all = self._overlaps(probe, np.union1d(self.shown_index[c], drawn))
+            x_drawn, p_drawn = self._overlaps(probe, drawn)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(x_drawn > 0, self.intersection[j] / x_drawn, 1.0)
+            inter[j] = np.minimum(x_all * ratio, self.unit_area)
+            area[j] = max(p_all * self.region_px[j] / max(p_drawn, 1e-12), float(self.region_px[j]))
+        return self._iou(inter, area)

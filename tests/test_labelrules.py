@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers_dissection import build_lesion_store
 
-from explain.dissection import unit_masks
+from explain.dissection import interpolation_matrix, unit_cell_weights, unit_masks, upsample_maps
 from explain.errors import LabelError, RegionError, UnknownLayerError
 from explain.groundtruth import dataset_concept_iou, load_concept_masks
 from explain.labelrules import (
@@ -19,10 +19,12 @@ from explain.labelrules import (
     DEFAULT_DATASET_THRESHOLD,
     CumulativeRule,
     DatasetRule,
+    ProbeAssistedRule,
     images_showing,
     unit_mask_areas,
 )
 from explain.labels import DatasetLabelRule, apply_ious, current_labels, label_region, name_unit, regions_for, undo
+from explain.probes import FeatureCache
 from explain.regions import MaskRegion
 from store.annotations import open_database
 from store.manifest import read_manifest
@@ -254,6 +256,82 @@ def test_dataset_rule_on_real_activations_is_the_dataset_iou_when_every_patch_is
     assert few.labels() == {0: "mass", 1: "calcification"}, few.iou()
     with pytest.raises(LabelError, match="image_area has 2 units"):
         DatasetRule(store, "features.1", shown=shown, image_area=np.zeros((store.n_images, 2)))
+
+
+def test_interpolation_matrix_and_unit_cell_weights_are_the_upsampling_exactly(lesions):
+    store, _ = lesions
+    rng = np.random.default_rng(0)
+    p = rng.random((3, 16, 16)).astype(np.float32)
+    by, bx = interpolation_matrix(16, 64), interpolation_matrix(16, 64)
+    np.testing.assert_allclose((by @ torch.from_numpy(p) @ bx.T).numpy(), upsample_maps(p, (64, 64)).numpy(),
+                               atol=1e-6)
+    units, h, w = store.layer_shape("features.1")
+    t = store.thresholds("features.1")
+    images = [0, 5, store.n_images - 1]
+    cache = FeatureCache(store)
+    k = cache.cell_weights("features.1", images, block=2)  # two blocks
+    assert k.shape == (3, units, h, w)
+    np.testing.assert_array_equal(cache.cell_weights("features.1", [5])[0], k[1])  # kept, not recomputed
+    np.testing.assert_array_equal(k, unit_cell_weights(store.maps_many("features.1", images), t, (64, 64)))
+    heat = rng.random((3, h, w)).astype(np.float32)
+    for j, i in enumerate(images):
+        masks = unit_masks(store.maps("features.1", i), t, (64, 64))  # (unit, Y, X) the plain way
+        direct = (masks * upsample_maps(heat[j][None], (64, 64)).numpy()).sum(axis=(1, 2))
+        np.testing.assert_allclose((k[j] * heat[j]).sum(axis=(1, 2)), direct, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(k[j].sum(axis=(1, 2)), masks.sum(axis=(1, 2)), rtol=1e-5)  # p ≡ 1: the area
+    assert cache.cell_weights("features.1", []).shape == (0, units, h, w)
+    with pytest.raises(ValueError, match="image, unit, y, x"):
+        unit_cell_weights(store.maps("features.1", 0), t, (64, 64))
+
+
+def test_probe_assisted_rule_is_the_dataset_iou_when_every_patch_is_drawn_and_finds_the_units_from_few(lesions):
+    store, manifest = lesions
+    by_id = manifest.by_id()
+    every = {c: [(i, load_concept_masks(by_id[image_id], (64, 64), [c])[c]) for i, image_id in
+                 enumerate(store.image_ids) if c in by_id[image_id].masks] for c in ("mass", "calcification")}
+    every = {c: [(i, m) for i, m in v if m.any()] for c, v in every.items()}
+    rule = ProbeAssistedRule(store, "features.1", shown={c: [i for i, _ in v] for c, v in every.items()})
+    for c, draws in every.items():
+        for i, m in draws:
+            rule.add(i, c, m)
+    # every image showing c drawn: X = x (the probe's overlaps cancel), so I is the drawn overlap and A the drawn area
+    res = dataset_concept_iou(store, manifest, ["features.1"], splits=("train", "val", "test"),
+                              concepts=["mass", "calcification"])["features.1"]
+    np.testing.assert_allclose(rule.iou(), res.iou.T[[res.concepts.index(c) for c in rule.concepts]], rtol=1e-6)
+    assert rule.labels() == {0: "mass", 1: "calcification"}
+    # three test drawings per concept with the manifest's lists: the same units, and a probe per concept
+    few = ProbeAssistedRule(store, "features.1", shown=images_showing(store, manifest))
+    for c in ("mass", "calcification"):
+        for i, m in _drawings(store, manifest, c, 3):
+            few.add(store.image_ids[i], c, m)
+    assert few.labels() == {0: "mass", 1: "calcification"}, few.iou()
+    assert few.probe("mass") is few.probe("mass") and few.probe("mass").concept == "mass"  # fitted once
+    i, m = _drawings(store, manifest, "mass", 4)[3]
+    first = few.probe("mass")
+    few.add(i, "mass", m)
+    assert few.probe("mass") is not first  # a new drawing refits it
+
+
+def test_probe_assisted_rule_bad_input_is_refused_and_changes_nothing(lesions):
+    store, manifest = lesions
+    shown = images_showing(store, manifest)
+    with pytest.raises(LabelError, match="needs a store"):
+        ProbeAssistedRule(None, "features.1", shown=shown)
+    with pytest.raises(LabelError, match="needs the drawn masks"):
+        ProbeAssistedRule.from_counts(3, shown=shown, image_area=np.zeros((store.n_images, 3)))
+    rule = ProbeAssistedRule(store, "features.1", shown=shown)
+    with pytest.raises(LabelError, match="use add or add_mask"):
+        rule.add_counts("mass", area=[1, 1, 1], inter=[0, 0, 0], region_px=4)
+    i, m = _drawings(store, manifest, "mass", 1)[0]
+    with pytest.raises(RegionError, match="non-empty"):
+        rule.add_mask(i, "mass", np.zeros((64, 64), bool))
+    with pytest.raises(RegionError, match="non-empty"):
+        rule.add_mask(i, "mass", m[:32])
+    with pytest.raises(UnknownLayerError):
+        ProbeAssistedRule(store, "features.99", shown=shown)
+    assert rule.concepts == [] and rule.drawn == {} and rule.labels() == {}
+    rule.add(i, "mass", m)
+    assert rule.drawings == {"mass": 1} and [d for d, _ in rule.drawn["mass"]] == [i]
 
 
 def test_the_dataset_rule_in_the_annotation_database_follows_the_estimate_with_provenance_and_undo(lesions):
