@@ -15,10 +15,11 @@
    new patch per concept per round, in a seeded order, and the labeling rule (explain.labels, published defaults)
    runs after each drawing against a real annotation database (in memory); the alternative rules of
    explain.labelrules are fed the same drawings and measured side by side (`report.alternatives`,
-   `report.at(layer, c, k, rule="cumulative" | "dataset")`): CumulativeRule (cumulative IoU over the drawings of
-   each concept) and DatasetRule (the dataset-level IoU of step 1 estimated from the drawings, the unit masks of the
-   whole store and the manifest's list of what each patch shows, with the detector criterion 0.04). The patches come
-   from the test split:
+   `report.at(layer, c, k, rule="cumulative" | "dataset" | "assisted")`): CumulativeRule (cumulative IoU over the
+   drawings of each concept), DatasetRule (the dataset-level IoU of step 1 estimated from the drawings, the unit
+   masks of the whole store and the manifest's list of what each patch shows, with the detector criterion 0.04) and
+   ProbeAssistedRule (the same estimate carried over by a probe fitted from the drawings). The patches come from the
+   test split:
    never used to train the model, to select it, or to compute the detectors above; only patches where the concept
    covers at least `min_region_px` pixels are drawn (a reviewer does not outline a 3-pixel speck).
 3. After each round: precision and recall of the units labeled c against the detectors of c. Precision is undefined
@@ -56,10 +57,12 @@ from .labelrules import (
     DEFAULT_DATASET_THRESHOLD,
     CumulativeRule,
     DatasetRule,
+    ProbeAssistedRule,
     images_showing,
     unit_mask_areas,
 )
 from .labels import LabelRule, apply_ious, units_for
+from .probes import FeatureCache
 from .regions import MaskRegion
 
 __all__ = [
@@ -83,7 +86,7 @@ __all__ = [
     "RULES",
 ]
 
-RULES = ("published", "cumulative", "dataset")  # labeling rules evaluated side by side
+RULES = ("published", "cumulative", "dataset", "assisted")  # labeling rules evaluated side by side
 # every concept the demo data inserts with an exact mask (training/synth.py, docs/DATA.md) is measured: a concept the
 # model barely detects is reported as such, not left out (architectural distortion was, until 2026-11-26)
 INSERTED_CONCEPTS = ("mass", "calcification", "spiculated_margin", "circumscribed_margin", "architectural_distortion")
@@ -307,13 +310,15 @@ def _pr(labeled: set[int], detectors: set[int]) -> tuple[float | None, float | N
 def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Sequence[int]], *,
                       config: GroundTruthConfig = GroundTruthConfig(), order: Mapping[str, list[int]] | None = None,
                       db=None, alternatives: dict | None = None,
-                      shown: Mapping[str, Sequence[int]] | None = None) -> tuple[dict[str, list[dict]], list[Drawing]]:
+                      shown: Mapping[str, Sequence[int]] | None = None,
+                      cache=None) -> tuple[dict[str, list[dict]], list[Drawing]]:
     """Draw, round by round, the ground-truth region of each concept and apply the labeling rule; measure after each
     round. Returns ({concept: [{k, precision, recall, labeled, detectors, hits, drawn}]}, drawings).
 
     `alternatives`: a dict filled with the same curves of the alternative rules of explain.labelrules, fed with
     exactly the same drawings: "cumulative" (CumulativeRule, threshold `config.cumulative_threshold`) and, given the
-    store images that show each concept (`shown`), "dataset" (DatasetRule, `config.dataset_threshold`).
+    store images that show each concept (`shown`), "dataset" (DatasetRule, `config.dataset_threshold`) and "assisted"
+    (ProbeAssistedRule, the same threshold; `cache`: an explain.probes.FeatureCache of the store to share).
     """
     from store.annotations import open_database
 
@@ -328,6 +333,8 @@ def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Seque
     if shown is not None:
         rules["dataset"] = DatasetRule(store, layer, shown=shown, threshold=config.dataset_threshold,
                                        level=config.level)
+        rules["assisted"] = ProbeAssistedRule(store, layer, shown=shown, threshold=config.dataset_threshold,
+                                              level=config.level, cache=cache)
     alt_curves: dict[str, dict[str, list[dict]]] = {name: {c: [] for c in config.concepts} for name in rules}
     curves: dict[str, list[dict]] = {c: [] for c in config.concepts}
     drawings: list[Drawing] = []
@@ -342,7 +349,7 @@ def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Seque
             n = int(mask.sum())
             ious = iou_from_counts(area, inter[0], n)
             for rule in rules.values():
-                rule.add_counts(concept, area, inter[0], n)
+                rule.add_mask(index, concept, mask, counts=(area, inter[0]))
             apply_ious(db, store, layer=layer, image=index, concept=concept, author="simulated-reviewer",
                        ious=ious, specs=[MaskRegion.from_mask(mask)], mask=mask, rule=config.rule,
                        rule_extra={"level": config.level})
@@ -369,14 +376,14 @@ def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Seque
 
 # -- tuning the alternative rule on train/val drawings -----------------------------------------------------------------
 def _drawable_counts(store, manifest, layer: str, *, splits: Sequence[str], concepts: Sequence[str],
-                     min_region_px: int, level: float) -> dict[str, list[tuple[int, np.ndarray, np.ndarray, int]]]:
-    """{concept: [(store index, unit mask areas, overlaps with the concept's mask, its pixels)]} of every patch of
-    `splits` the reviewer could draw the concept on (as in `choose_drawings`), computed once."""
+                     min_region_px: int, level: float) -> dict[str, list[tuple]]:
+    """{concept: [(store index, unit mask areas, overlaps with the concept's mask, its pixels, the mask)]} of every
+    patch of `splits` the reviewer could draw the concept on (as in `choose_drawings`), computed once."""
     records = _store_records(store, manifest)
     size = patch_size(store)
     thresholds = np.asarray(store.thresholds(layer, level), dtype=np.float32)
     grid = UpsampleGrid.build(store.layer_shape(layer)[1:], size)
-    counts: dict[str, list[tuple[int, np.ndarray, np.ndarray, int]]] = {c: [] for c in concepts}
+    counts: dict[str, list[tuple[int, np.ndarray, np.ndarray, int, np.ndarray]]] = {c: [] for c in concepts}
     for i, r in enumerate(records):
         if r.split not in splits:
             continue
@@ -385,17 +392,17 @@ def _drawable_counts(store, manifest, layer: str, *, splits: Sequence[str], conc
             continue
         area, inter = mask_counts(store.maps(layer, i), thresholds, np.stack(list(masks.values())), grid=grid)
         for j, (c, m) in enumerate(masks.items()):
-            counts[c].append((i, area, inter[j], int(m.sum())))
+            counts[c].append((i, area, inter[j], int(m.sum()), m))
     return counts
 
 
 def reviewer_orders(store, manifest, layer: str, detectors: Mapping[str, Sequence[int]], *,
                     config: GroundTruthConfig = GroundTruthConfig(), orders: int = 40, seed: int = 2000,
-                    shown: Mapping[str, Sequence[int]] | None = None) -> dict[str, dict[str, dict]]:
+                    shown: Mapping[str, Sequence[int]] | None = None, cache=None) -> dict[str, dict[str, dict]]:
     """How much the alternative rules' figures at k = config.goal_k depend on which patches the reviewer drew: `orders`
     seeded reviewers, each drawing goal_k eligible patches of the review split per concept.
     → {rule: {concept: {"precision", "recall" (means; an undefined precision counts 0), "met" (fraction of
-    reviewers reaching both goals), "orders"}}} for "cumulative" and, with `shown`, "dataset"."""
+    reviewers reaching both goals), "orders"}}} for "cumulative" and, with `shown`, "dataset" and "assisted"."""
     concepts = list(config.concepts)
     counts = _drawable_counts(store, manifest, layer, splits=(config.review_split,), concepts=concepts,
                               min_region_px=config.min_region_px, level=config.level)
@@ -405,6 +412,8 @@ def reviewer_orders(store, manifest, layer: str, detectors: Mapping[str, Sequenc
         area = unit_mask_areas(store, layer, config.level)
         make["dataset"] = lambda: DatasetRule.from_counts(image_area=area, shown=shown,
                                                           threshold=config.dataset_threshold)
+        make["assisted"] = lambda: ProbeAssistedRule(store, layer, shown=shown, threshold=config.dataset_threshold,
+                                                     level=config.level, cache=cache)
     rng = np.random.default_rng(seed)
     sums = {name: {c: np.zeros(3) for c in concepts} for name in make}
     for _ in range(orders):
@@ -413,8 +422,8 @@ def reviewer_orders(store, manifest, layer: str, detectors: Mapping[str, Sequenc
             rule = new()
             for c in concepts:
                 for j in picks[c]:
-                    _i, area_j, inter, n = counts[c][j]
-                    rule.add_counts(c, area_j, inter, n)
+                    i, area_j, inter, _n, mask = counts[c][j]
+                    rule.add_mask(i, c, mask, counts=(area_j, inter))
             labels = rule.labels()
             for c in concepts:
                 p, r, _ = _pr({u for u, lc in labels.items() if lc == c}, {int(u) for u in detectors.get(c, [])})
@@ -462,7 +471,7 @@ def tune_cumulative_threshold(store, manifest, layer: str, detectors: Mapping[st
             if not counts[c]:
                 continue
             for j in rng.permutation(len(counts[c]))[:k]:
-                i, area, inter, n = counts[c][j]
+                i, area, inter, n, _mask = counts[c][j]
                 rule.add_counts(c, area, inter, n)
                 used.add(i)
         for t in candidates:
@@ -507,15 +516,17 @@ def evaluate_ground_truth(settings, *, store="demo", data="demo", layers: Sequen
     detectors = {layer: find_detectors(iou[layer], min_iou=config.detector_iou) for layer in layers}
     order, available = choose_drawings(store, manifest, config)
     shown = images_showing(store, manifest)
+    cache = FeatureCache(store)  # the assisted rule's probes read every layer's maps once
     curves, alternatives, drawings = {}, {}, []
     for layer in layers:
         alt: dict = {}
         curves[layer], drawn = simulate_reviewer(store, manifest, layer, detectors[layer], config=config, order=order,
-                                                 alternatives=alt, shown=shown)
+                                                 alternatives=alt, shown=shown, cache=cache)
         for name, rows in alt.items():
             alternatives.setdefault(name, {})[layer] = rows
         drawings = drawings or drawn  # the same drawings for every layer
-    orders = reviewer_orders(store, manifest, layers[-1], detectors[layers[-1]], config=config, shown=shown)
+    orders = reviewer_orders(store, manifest, layers[-1], detectors[layers[-1]], config=config, shown=shown,
+                             cache=cache)
     n_ref = sum(r.split in config.reference_splits for r in records)
     return GroundTruthReport(layers=layers, config=config, concepts=concepts, iou=iou, detectors=detectors,
                              curves=curves, drawings=drawings, available=available, n_reference_images=n_ref,

@@ -176,7 +176,7 @@ def test_python_m_explain_dissect_without_a_store_says_so(workspace, capsys):
 def test_the_alternative_rules_are_measured_side_by_side_on_the_same_drawings(report, workspace, lesions):
     from mlflow.tracking import MlflowClient
 
-    for rule in ("cumulative", "dataset"):
+    for rule in ("cumulative", "dataset", "assisted"):
         for concept in ("mass", "calcification"):
             rows = report.rows("features.1", concept, rule)
             assert [r["k"] for r in rows] == [1, 2, 3, 4, 5]
@@ -195,7 +195,7 @@ def test_the_alternative_rules_are_measured_side_by_side_on_the_same_drawings(re
     assert run.data.metrics["features.1/dataset/precision/calcification"] == 1.0
     # many reviewers (the deepest layer, k = 5): both rules find the two hand-set units whatever the patches drawn
     assert report.layers[-1] == "features.2"
-    for rule in ("cumulative", "dataset"):
+    for rule in ("cumulative", "dataset", "assisted"):
         assert report.orders[rule]["mass"]["orders"] == 40
     assert run.data.metrics["features.2/dataset/orders_met/mass"] == report.orders["dataset"]["mass"]["met"]
 
@@ -208,7 +208,7 @@ def test_many_reviewers_find_the_known_units(report, lesions):
     # 6 eligible test patches per concept, 5 drawn by each of 12 reviewers
     out = reviewer_orders(store, manifest, "features.1", report.detectors["features.1"], config=CONFIG, orders=12,
                           shown=images_showing(store, manifest))
-    for rule in ("cumulative", "dataset"):
+    for rule in ("cumulative", "dataset", "assisted"):
         for concept in ("mass", "calcification"):
             assert out[rule][concept] == {"precision": 1.0, "recall": 1.0, "met": 1.0, "orders": 12}, out
     # a detector the rules cannot find (a unit labeled nothing) makes recall 0 and no reviewer meets the goal

@@ -7,11 +7,12 @@ Needs the demo workspace (`make extract`: the demo store and manifest). Steps (e
 dataset-level IoU of every unit with every ground-truth concept over the train and val patches; ground-truth
 detectors (IoU > 0.04 with their best concept); a simulated reviewer drawing the exact ground-truth region on k test
 patches per inserted concept (k = 1 … 10) with the published labeling rule after each drawing; precision and recall
-of the labeled units against the detectors. Three labeling rules run on the same drawings: the published rule (the
+of the labeled units against the detectors. Four labeling rules run on the same drawings: the published rule (the
 app's default; figures `groundtruth/<concept>/…`) and the alternatives of explain.labelrules: CumulativeRule
-(cumulative IoU over the drawings of each concept, threshold tuned on train/val drawings; `groundtruth/cumulative/…`)
-and DatasetRule (the dataset-level IoU estimated from the drawings, the unit masks of every store image and the
-manifest's list of what each patch shows, thresholded at the detector criterion 0.04; `groundtruth/dataset/…`).
+(cumulative IoU over the drawings of each concept, threshold tuned on train/val drawings; `groundtruth/cumulative/…`),
+DatasetRule (the dataset-level IoU estimated from the drawings, the unit masks of every store image and the
+manifest's list of what each patch shows, thresholded at the detector criterion 0.04; `groundtruth/dataset/…`) and
+ProbeAssistedRule (the same estimate carried over by probes fitted from the drawings; `groundtruth/assisted/…`).
 Goals (at k = 5) apply to the store's deepest layer, the dissection layer, for every rule; the other layers are
 reported without goals. The whole report is logged as an mlflow run in experiment
 "conceptlens-groundtruth" (its id is in the notes).
