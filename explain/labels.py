@@ -132,9 +132,13 @@ class DatasetLabelRule:
     """The alternative rule measured against ground truth (explain.labelrules.DatasetRule): after each drawing, every
     unit takes the drawn concept whose dataset-level IoU, estimated from all of the author's drawings in the session,
     is its highest and above `threshold` (0.04, Network Dissection's detector criterion); a unit whose estimate no
-    longer clears it for any drawn concept loses its label. Labels named by hand are never touched."""
+    longer clears it for any drawn concept loses its label. Labels named by hand are never touched.
+    probes=True: the estimate of explain.labelrules.ProbeAssistedRule (a probe of each drawn concept, fitted from the
+    same drawings, carries them over to every image showing the concept; it measures better against ground truth, and
+    costs a probe fit per drawn concept after each drawing)."""
 
     threshold: float = 0.04
+    probes: bool = False
 
     def __post_init__(self):
         if not 0.0 <= float(self.threshold) < 1.0:
@@ -346,15 +350,16 @@ def _remove_label(session, action: LabelAction, layer: str, unit: int, existing:
 
 
 def _apply_dataset_rule(s, store, action: LabelAction, current: dict[int, UnitLabel], *, rule: DatasetLabelRule,
-                        level: float, shown, now) -> dict[int, tuple[str | None, str | None]]:
+                        level: float, shown, now, cache=None) -> dict[int, tuple[str | None, str | None]]:
     """The dataset rule over every drawing of the action's author in its session (the new one included, flushed):
     units whose estimated best concept changed take it (or lose their label); hand-named labels stay."""
-    from .labelrules import DatasetRule
+    from .labelrules import DatasetRule, ProbeAssistedRule
 
     q = select(Region).where(Region.session_id == action.session_id, Region.author == action.author,
                              Region.deleted_at.is_(None)).order_by(Region.id)
-    est = DatasetRule.from_regions(store, action.layer, _region_records(s, q), concepts=list(shown), shown=shown,
-                                   threshold=rule.threshold, level=level)
+    kind, extra = (ProbeAssistedRule, {"cache": cache}) if rule.probes else (DatasetRule, {})
+    est = kind.from_regions(store, action.layer, _region_records(s, q), concepts=list(shown), shown=shown,
+                            threshold=rule.threshold, level=level, **extra)
     targets, iou = est.labels(), est.iou()
     changed: dict[int, tuple[str | None, str | None]] = {}
     for unit in sorted(set(targets) | set(current)):
@@ -386,7 +391,7 @@ def _last_writer(s, sid: int, layer: str, unit: int, author: str) -> tuple[str |
 def label_region(db: Database, store, *, layer: str, image, region, concept: str, author: str,
                  rule: LabelRule | DatasetLabelRule = LabelRule(), level: float = DEFAULT_LEVEL,
                  dissect: UnitIoU | None = None, session: int = WORKSPACE_SESSION,
-                 request_id: str | None = None, shown=None) -> LabelResult:
+                 request_id: str | None = None, shown=None, cache=None) -> LabelResult:
     """Store a drawn region, compute its IoU with every unit of `layer` on `image`, and apply the rule to the
     author's own labels in `session`.
 
@@ -394,7 +399,9 @@ def label_region(db: Database, store, *, layer: str, image, region, concept: str
     `dissect` (a UnitIoU for this store and layer) avoids rebuilding thresholds and geometry per call.
     `request_id`: a client-chosen key; repeating it returns the first result (`replayed=True`), writing nothing.
     `shown` ({concept: store indices of the images showing it}, explain.labelrules.images_showing): needed by
-    DatasetLabelRule; drawings of concepts it does not list are stored but weigh in no unit's label.
+    DatasetLabelRule; drawings of concepts it does not list are stored but weigh in no unit's label. `cache` (an
+    explain.probes.FeatureCache of the store, kept by the caller) spares DatasetLabelRule(probes=True) reading the
+    layer's maps and pulling back its unit masks at every drawing.
     """
     n_units = _check_layer(store, layer)
     index = resolve_image(store, image)
@@ -412,7 +419,7 @@ def label_region(db: Database, store, *, layer: str, image, region, concept: str
     assert ious.shape == (n_units,)
     return apply_ious(db, store, layer=layer, image=store.image_ids[index], concept=concept, author=author,
                       ious=ious, specs=specs, mask=mask, rule=rule, rule_extra={"level": float(level)},
-                      session=sid, request_id=request_id, shown=shown)
+                      session=sid, request_id=request_id, shown=shown, cache=cache)
 
 
 def _replay(db: Database, sid: int, author: str, request_id: str, *, layer: str, image_id: str | None,
@@ -440,7 +447,8 @@ def _replay_in(s, sid: int, author: str, request_id: str, *, layer: str, image_i
 def apply_ious(db: Database, store, *, layer: str, image, concept: str, author: str, ious: np.ndarray,
                specs: Sequence[RegionSpec], mask: np.ndarray | None = None,
                rule: LabelRule | DatasetLabelRule = LabelRule(), rule_extra: dict | None = None,
-               session: int = WORKSPACE_SESSION, request_id: str | None = None, shown=None) -> LabelResult:
+               session: int = WORKSPACE_SESSION, request_id: str | None = None, shown=None,
+               cache=None) -> LabelResult:
     """Store the region `specs` and apply the rule to precomputed IoUs (unit,) — one transaction.
 
     For callers that computed the IoUs themselves (label_region, the simulated reviewer). DatasetLabelRule reads
@@ -460,7 +468,8 @@ def apply_ious(db: Database, store, *, layer: str, image, concept: str, author: 
         if shown is None:
             raise LabelError("the dataset rule needs the images showing each concept (shown=, from "
                              "explain.labelrules.images_showing)")
-        rule_json = {"kind": "dataset", **asdict(rule)}
+        # recorded as before the probe-assisted estimate existed, plus "probes": true when it runs
+        rule_json = {"kind": "dataset", **{k: v for k, v in asdict(rule).items() if k != "probes" or v}}
     elif isinstance(rule, LabelRule):
         rule_json = {"kind": "published", **asdict(rule)}
     else:
@@ -494,7 +503,8 @@ def apply_ious(db: Database, store, *, layer: str, image, concept: str, author: 
             current = _current(s, sid, author, layer)
             changed: dict[int, tuple[str | None, str | None]] = {}
             if isinstance(rule, DatasetLabelRule):
-                changed = _apply_dataset_rule(s, store, action, current, rule=rule, level=level, shown=shown, now=now)
+                changed = _apply_dataset_rule(s, store, action, current, rule=rule, level=level, shown=shown, now=now,
+                                              cache=cache)
             else:
                 behind = np.zeros(n_units)
                 for unit, lab in current.items():

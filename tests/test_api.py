@@ -237,26 +237,29 @@ def test_report_is_a_self_contained_download(api, target):
     assert not re.search(r'<(script|link|img)[^>]+(src|href)="https?://', html)  # nothing fetched from elsewhere
 
 
-def test_the_dataset_labeling_rule_is_served_by_configuration(api):
+@pytest.mark.parametrize("rule_name", ["dataset", "assisted"])
+def test_the_dataset_labeling_rule_is_served_by_configuration(api, rule_name):
     """With AppConfig.label_rule = "dataset" a drawing relabels the author's units to what explain.labelrules.
-    DatasetRule estimates from all of their drawings in the session; the action records which rule ran."""
+    DatasetRule estimates from all of their drawings in the session ("assisted": ProbeAssistedRule, the estimate
+    carried over by probes fitted from the same drawings); the action records which rule ran."""
     import numpy as np
 
     from explain.groundtruth import load_concept_masks
-    from explain.labelrules import DatasetRule, images_showing
+    from explain.labelrules import DatasetRule, ProbeAssistedRule, images_showing
     from explain.labels import current_labels
     from store.accounts import add_member, create_user
     from store.annotations import LabelAction
     from vis.app import AppConfig, app_config_from_env, create_app
 
     _app, settings, db = api
-    assert app_config_from_env({"CONCEPTLENS_LABEL_RULE": "dataset"}).label_rule == "dataset"
-    with pytest.raises(ValueError, match="label_rule must be one of published, dataset"):
+    assert app_config_from_env({"CONCEPTLENS_LABEL_RULE": rule_name}).label_rule == rule_name
+    with pytest.raises(ValueError, match="label_rule must be one of published, dataset, assisted"):
         AppConfig(label_rule="majority")
-    app = create_app(settings, config=AppConfig(label_rule="dataset"))
-    create_user(db, name="dina", role="radiologist", password=PASSWORD, actor="test")
-    add_member(db, 1, "dina", actor="test")
-    dina = client_for(app, "dina")
+    app = create_app(settings, config=AppConfig(label_rule=rule_name))
+    user = f"dina-{rule_name}"  # the module's database is shared: each rule's reviewer starts with no drawing
+    create_user(db, name=user, role="radiologist", password=PASSWORD, actor="test")
+    add_member(db, 1, user, actor="test")
+    dina = client_for(app, user)
     wb = app.server.extensions["conceptlens"]
     store, manifest, layer = wb.store(), wb.manifest(), wb.layer()
     shown = images_showing(store, manifest)
@@ -276,9 +279,11 @@ def test_the_dataset_labeling_rule_is_served_by_configuration(api):
         r = label(dina, {"image": image, "layer": layer, "concept": concept, "region": region,
                          "request_id": uuid.uuid4().hex})
         assert r.status_code == 201, r.get_json()
-        expected = DatasetRule.from_session(db, store, layer, session=1, author="dina", shown=shown).labels()
-        assert current_labels(db, layer, session=1, author="dina") == expected
+        estimate = DatasetRule if rule_name == "dataset" else ProbeAssistedRule
+        expected = estimate.from_session(db, store, layer, session=1, author=user, shown=shown).labels()
+        assert current_labels(db, layer, session=1, author=user) == expected
     assert set(expected.values()) == {"mass", "calcification"}
     with db.read() as s:
-        rule = s.scalar(select(LabelAction.rule).where(LabelAction.author == "dina").order_by(LabelAction.id.desc()))
-    assert rule == {"kind": "dataset", "threshold": 0.04, "level": 0.99}
+        rule = s.scalar(select(LabelAction.rule).where(LabelAction.author == user).order_by(LabelAction.id.desc()))
+    assert rule == {"kind": "dataset", "threshold": 0.04, "level": 0.99, **({"probes": True} if rule_name == "assisted"
+                                                                           else {})}

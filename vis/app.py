@@ -29,7 +29,7 @@ from pathlib import Path
 __all__ = ["AppConfig", "app_config_from_env", "create_app", "create_server", "serve_main", "mlflow_ui_main"]
 
 HERE = Path(__file__).resolve().parent
-LABEL_RULES = ("published", "dataset")
+LABEL_RULES = ("published", "dataset", "assisted")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,9 @@ class AppConfig:
     mask_level: float = 0.99  # activation quantile that thresholds a unit's map into its mask
     # "published": a drawing labels the units whose IoU with it is above iou_threshold (and above their label's);
     # "dataset": every drawing re-estimates each unit's dataset-level IoU with each drawn concept and labels by
-    # Network Dissection's criterion (explain.labels.DatasetLabelRule; it measures better against ground truth)
+    # Network Dissection's criterion (explain.labels.DatasetLabelRule; it measures better against ground truth);
+    # "assisted": the same with a probe of each drawn concept carrying the drawings over to every image showing it
+    # (DatasetLabelRule(probes=True), explain.labelrules.ProbeAssistedRule: better still; seconds per drawing)
     label_rule: str = "published"
 
     def __post_init__(self):

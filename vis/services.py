@@ -642,11 +642,17 @@ class Workbench:
         """label_region's `rule` (and `shown`) for the configured labeling rule (AppConfig.label_rule)."""
         from explain.labels import DatasetLabelRule, LabelRule
 
-        if self.config.label_rule == "dataset":
+        if self.config.label_rule in ("dataset", "assisted"):
             from explain.labelrules import images_showing
 
             shown = self._handle("images-showing", lambda: images_showing(self.store(), self.manifest()))
-            return {"rule": DatasetLabelRule(), "shown": shown}
+            if self.config.label_rule == "dataset":
+                return {"rule": DatasetLabelRule(), "shown": shown}
+            from explain.probes import FeatureCache
+
+            # its own cache of the read-only store: the probes' maps and the unit masks pulled back, once per process
+            cache = self._handle(("label-feature-cache", self.store().url), lambda: FeatureCache(self.store()))
+            return {"rule": DatasetLabelRule(probes=True), "shown": shown, "cache": cache}
         return {"rule": LabelRule(threshold=self.config.iou_threshold)}
 
     def _unit_iou(self, layer: str):
@@ -910,7 +916,7 @@ class Workbench:
                               session=sid, level=self.config.mask_level, dissect=self._unit_iou(layer),
                               **self.label_rule_args())
         name = figures.concept_name(concept)
-        if self.config.label_rule == "dataset":
+        if self.config.label_rule in ("dataset", "assisted"):
             return [*actions, result.action_id], self._dataset_rule_message(result, layer, concept)
         if not result.changed:
             best = float(result.ious.max()) if result.ious is not None else 0.0
