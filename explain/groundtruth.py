@@ -140,7 +140,8 @@ class GroundTruthReport:
     orders: dict[str, dict[str, dict]] = field(default_factory=dict)
 
     def rows(self, layer: str, concept: str, rule: str = "published") -> list[dict]:
-        """The curve of `rule`: "published" (explain.labels, the app's default), "cumulative" or "dataset"."""
+        """The curve of `rule`: "published" (explain.labels, the app's default), "cumulative", "dataset" or
+        "assisted"."""
         if rule not in RULES:
             raise ExplainError(f"unknown rule {rule!r}; known: {', '.join(RULES)}")
         if rule == "published":
