@@ -225,6 +225,23 @@ def test_dataset_rule_bad_input_is_refused_and_changes_nothing():
     assert rule.concepts == [] and rule.region_px.shape == (0,) and rule.iou().shape == (0, 2)
 
 
+def _drawn_everywhere(rule_cls, store, manifest, *, rtol: float = 1e-7):
+    """A rule fed every patch whose mask shows mass or calcification: its estimate must be the dataset-level IoU over
+    all splits, and it labels the two hand-set units."""
+    by_id = manifest.by_id()
+    every = {c: [(i, load_concept_masks(by_id[image_id], (64, 64), [c])[c]) for i, image_id in
+                 enumerate(store.image_ids) if c in by_id[image_id].masks] for c in ("mass", "calcification")}
+    every = {c: [(i, m) for i, m in v if m.any()] for c, v in every.items()}
+    rule = rule_cls(store, "features.1", shown={c: [i for i, _ in v] for c, v in every.items()})
+    for c, draws in every.items():
+        for i, m in draws:
+            rule.add(i, c, m)
+    res = dataset_concept_iou(store, manifest, ["features.1"], splits=("train", "val", "test"),
+                              concepts=["mass", "calcification"])["features.1"]
+    np.testing.assert_allclose(rule.iou(), res.iou.T[[res.concepts.index(c) for c in rule.concepts]], rtol=rtol)
+    assert rule.labels() == {0: "mass", 1: "calcification"}
+
+
 def test_dataset_rule_on_real_activations_is_the_dataset_iou_when_every_patch_is_drawn(lesions):
     store, manifest = lesions
     t = store.thresholds("features.1")
@@ -237,17 +254,7 @@ def test_dataset_rule_on_real_activations_is_the_dataset_iou_when_every_patch_is
     assert shown["mass"].tolist() == [i for i, image_id in enumerate(store.image_ids)
                                       if "mass" in by_id[image_id].concepts]
     # drawn on every patch whose mask shows the concept: the estimate is the dataset-level IoU over all splits
-    every = {c: [(i, load_concept_masks(by_id[image_id], (64, 64), [c])[c]) for i, image_id in
-                 enumerate(store.image_ids) if c in by_id[image_id].masks] for c in ("mass", "calcification")}
-    every = {c: [(i, m) for i, m in v if m.any()] for c, v in every.items()}
-    rule = DatasetRule(store, "features.1", shown={c: [i for i, _ in v] for c, v in every.items()})
-    for c, draws in every.items():
-        for i, m in draws:
-            rule.add(i, c, m)
-    res = dataset_concept_iou(store, manifest, ["features.1"], splits=("train", "val", "test"),
-                              concepts=["mass", "calcification"])["features.1"]
-    np.testing.assert_allclose(rule.iou(), res.iou.T[[res.concepts.index(c) for c in rule.concepts]])
-    assert rule.labels() == {0: "mass", 1: "calcification"}
+    _drawn_everywhere(DatasetRule, store, manifest)
     # from three test drawings per concept, with the manifest's lists, it finds the same units
     few = DatasetRule(store, "features.1", shown=shown)
     for c in ("mass", "calcification"):
@@ -286,19 +293,8 @@ def test_interpolation_matrix_and_unit_cell_weights_are_the_upsampling_exactly(l
 
 def test_probe_assisted_rule_is_the_dataset_iou_when_every_patch_is_drawn_and_finds_the_units_from_few(lesions):
     store, manifest = lesions
-    by_id = manifest.by_id()
-    every = {c: [(i, load_concept_masks(by_id[image_id], (64, 64), [c])[c]) for i, image_id in
-                 enumerate(store.image_ids) if c in by_id[image_id].masks] for c in ("mass", "calcification")}
-    every = {c: [(i, m) for i, m in v if m.any()] for c, v in every.items()}
-    rule = ProbeAssistedRule(store, "features.1", shown={c: [i for i, _ in v] for c, v in every.items()})
-    for c, draws in every.items():
-        for i, m in draws:
-            rule.add(i, c, m)
     # every image showing c drawn: X = x (the probe's overlaps cancel), so I is the drawn overlap and A the drawn area
-    res = dataset_concept_iou(store, manifest, ["features.1"], splits=("train", "val", "test"),
-                              concepts=["mass", "calcification"])["features.1"]
-    np.testing.assert_allclose(rule.iou(), res.iou.T[[res.concepts.index(c) for c in rule.concepts]], rtol=1e-6)
-    assert rule.labels() == {0: "mass", 1: "calcification"}
+    _drawn_everywhere(ProbeAssistedRule, store, manifest, rtol=1e-6)  # float32 pull-back sums
     # three test drawings per concept with the manifest's lists: the same units, and a probe per concept
     few = ProbeAssistedRule(store, "features.1", shown=images_showing(store, manifest))
     for c in ("mass", "calcification"):
