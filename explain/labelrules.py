@@ -43,6 +43,7 @@ the same drawings and writes nothing.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -206,6 +207,7 @@ class CumulativeRule:
 
 # -- the dataset-level estimate ----------------------------------------------------------------------------------------
 DEFAULT_DATASET_THRESHOLD = 0.04  # Network Dissection's detector criterion: dataset-level IoU above 0.04
+DRAWING_FITS_KEPT = 4096  # probes ProbeAssistedRule keeps in a FeatureCache (a few KB each)
 AREA_UNITS = 5  # units whose mask area carries a concept's drawn area over to the whole dataset (DatasetRule)
 
 def unit_mask_areas(store, layer: str, level: float = DEFAULT_LEVEL) -> np.ndarray:
@@ -406,8 +408,9 @@ class ProbeAssistedRule(DatasetRule):
     1.00, spiculated 0.10 → 0.25, circumscribed 0.05 → 0.12, distortion 0.33 → 0.45). Then once on the bench's
     test-patch reviewers of the first model: DatasetRule 0.697 / 0.420, this rule 0.769 / 0.595 (mass 0.40 → 0.85,
     calcification 1.00 → 1.00, spiculated 0.23 → 0.47, circumscribed 0.10 → 0.25, distortion 0.38 → 0.40).
-    Cost: one probe fit per drawn concept after each drawing (about a second on the demo store) and, once per image
-    and FeatureCache, the unit masks pulled back (14 ms an image: 13 s for the 935 demo patches showing a mass).
+    Cost: after each drawing, a probe fit of the concept drawn (about a second on the demo store; a FeatureCache
+    keeps the fits of the others) and, once per image and FeatureCache, the unit masks pulled back (14 ms an image:
+    13 s for the 935 demo patches showing a mass).
     """
 
     def __init__(self, store, layer: str, *, shown: Mapping[str, Sequence[int]],
@@ -454,16 +457,26 @@ class ProbeAssistedRule(DatasetRule):
         self.drawn.setdefault(concept, []).append((int(index), mask))
 
     def probe(self, concept: str):
-        """The probe of `concept` fitted from this rule's drawings of it (refitted when a drawing was added)."""
+        """The probe of `concept` fitted from this rule's drawings of it (refitted when a drawing was added; the
+        FeatureCache keeps every fit by its drawings, so another rule with the same drawings reuses it)."""
         from .probes import ProbeAnnotations, collect_examples, fit_probe
 
         drawn = self.drawn[concept]
         if concept not in self._fits or self._fits[concept][0] != len(drawn):
-            ann = ProbeAnnotations(concept, regions=list(drawn))
-            ex = collect_examples(self.store, self.layer, ann, config=self.probe_config, cache=self.cache,
-                                  background_pool=self.background_pool)
-            self._fits[concept] = (len(drawn), fit_probe(ex, concept=concept, layer=self.layer,
-                                                         config=self.probe_config).probe)
+            digest = hashlib.sha256(repr((self.layer, concept, self.probe_config, None if self.background_pool is None
+                                          else self.background_pool.tobytes())).encode())
+            for index, mask in drawn:
+                digest.update(np.int64(index).tobytes() + np.packbits(mask).tobytes())
+            key = digest.hexdigest()
+            if key not in self.cache.drawing_fits:
+                if len(self.cache.drawing_fits) >= DRAWING_FITS_KEPT:  # forget the oldest: a server runs for weeks
+                    self.cache.drawing_fits.pop(next(iter(self.cache.drawing_fits)))
+                ann = ProbeAnnotations(concept, regions=list(drawn))
+                ex = collect_examples(self.store, self.layer, ann, config=self.probe_config, cache=self.cache,
+                                      background_pool=self.background_pool)
+                self.cache.drawing_fits[key] = fit_probe(ex, concept=concept, layer=self.layer,
+                                                         config=self.probe_config).probe
+            self._fits[concept] = (len(drawn), self.cache.drawing_fits[key])
         return self._fits[concept][1]
 
     def _overlaps(self, probe, images: np.ndarray) -> tuple[np.ndarray, float]:

@@ -135,7 +135,7 @@ class DatasetLabelRule:
     longer clears it for any drawn concept loses its label. Labels named by hand are never touched.
     probes=True: the estimate of explain.labelrules.ProbeAssistedRule (a probe of each drawn concept, fitted from the
     same drawings, carries them over to every image showing the concept; it measures better against ground truth, and
-    costs a probe fit per drawn concept after each drawing)."""
+    costs a probe fit of the concept drawn, done before the write transaction)."""
 
     threshold: float = 0.04
     probes: bool = False
@@ -376,6 +376,18 @@ def _apply_dataset_rule(s, store, action: LabelAction, current: dict[int, UnitLa
     return changed
 
 
+def _warm_probe_fits(db, store, *, layer: str, regions: list[RegionRecord], shown, rule: DatasetLabelRule,
+                     level: float, cache) -> None:
+    """Fit, before the write transaction, the probes its estimate will need (the author's stored drawings and the
+    new one), so the transaction finds them in `cache` (FeatureCache.drawing_fits, with the unit masks pulled back)
+    and holds the database's write lock for the estimate alone, not for probe fits. A drawing stored meanwhile by
+    the same author only means one fit inside."""
+    from .labelrules import ProbeAssistedRule
+
+    ProbeAssistedRule.from_regions(store, layer, regions, concepts=list(shown), shown=shown,
+                                   threshold=rule.threshold, level=level, cache=cache).iou()
+
+
 def _last_writer(s, sid: int, layer: str, unit: int, author: str) -> tuple[str | None, object]:
     """(who, when) of the latest action that changed `author`'s label of a unit (for conflict messages)."""
     q = (select(LabelChange, LabelAction).join(LabelAction, LabelAction.id == LabelChange.action_id)
@@ -480,6 +492,14 @@ def apply_ious(db: Database, store, *, layer: str, image, concept: str, author: 
     if mask is None:
         mask = rasterize_regions(specs, shape)
     spec_json = regions_to_json(specs)
+    if isinstance(rule, DatasetLabelRule) and rule.probes:
+        from .probes import FeatureCache
+
+        cache = cache if cache is not None else FeatureCache(store)
+        new = RegionRecord(id=0, image_id=image_id, concept=concept, specs=regions_from_json(spec_json), shape=shape,
+                           area=int(mask.sum()), author=author, created_at=None, session=sid)
+        _warm_probe_fits(db, store, layer=layer, regions=[*regions_for(db, session=sid, author=author), new],
+                         shown=shown, rule=rule, level=level, cache=cache)
     now = utcnow()
     try:
         with db.write() as s:

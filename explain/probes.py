@@ -852,6 +852,9 @@ class FeatureCache:
         self._cells: dict[tuple[str, float], dict[int, np.ndarray]] = {}  # (layer, level) → {image: weights}
         self._sens: dict = {}
         self.last: dict[tuple[str, str], Probe] = {}
+        # probes fitted from a set of drawings, by its digest (explain.labelrules.ProbeAssistedRule: a rule rebuilt
+        # after each drawing refits only the concept just drawn)
+        self.drawing_fits: dict[str, Probe] = {}
 
     def maps(self, layer: str) -> np.ndarray:
         """float16 (image, unit, y, x) of every image."""

@@ -26,7 +26,9 @@ from explain.labelrules import (
 from explain.labels import DatasetLabelRule, apply_ious, current_labels, label_region, name_unit, regions_for, undo
 from explain.probes import FeatureCache
 from explain.regions import MaskRegion
-from store.annotations import open_database
+from sqlalchemy import select
+
+from store.annotations import LabelAction, open_database
 from store.manifest import read_manifest
 
 torch.set_num_threads(1)
@@ -302,6 +304,12 @@ def test_probe_assisted_rule_is_the_dataset_iou_when_every_patch_is_drawn_and_fi
             few.add(store.image_ids[i], c, m)
     assert few.labels() == {0: "mass", 1: "calcification"}, few.iou()
     assert few.probe("mass") is few.probe("mass") and few.probe("mass").concept == "mass"  # fitted once
+    again = ProbeAssistedRule(store, "features.1", shown=images_showing(store, manifest), cache=few.cache)
+    for c in ("mass", "calcification"):
+        for i, m in _drawings(store, manifest, c, 3):
+            again.add(i, c, m)
+    assert again.probe("mass") is few.probe("mass")  # the same drawings: the cache's fit, not a new one
+    np.testing.assert_array_equal(again.iou(), few.iou())
     i, m = _drawings(store, manifest, "mass", 4)[3]
     first = few.probe("mass")
     few.add(i, "mass", m)
@@ -377,6 +385,51 @@ def test_the_dataset_rule_in_the_annotation_database_follows_the_estimate_with_p
         label_region(db, store, image=draws[0][1], region=draws[0][2], concept="mass", layer="features.1",
                      author="ana", rule=rule)
     assert len(regions_for(db)) == n
+
+
+def test_the_assisted_rule_fits_its_probes_before_the_write_transaction(lesions, tmp_path, monkeypatch):
+    """DatasetLabelRule(probes=True) in the annotation database: the stored labels are ProbeAssistedRule's over the
+    session's drawings, and every probe fit happens while no write lock is held (another connection can take one)."""
+    import sqlite3
+
+    import explain.probes
+
+    store, manifest = lesions
+    path = tmp_path / "labels.db"
+    db = open_database(f"sqlite:///{path}")
+    shown = images_showing(store, manifest)
+    cache = FeatureCache(store)
+    locked: list[bool] = []
+    real_fit = explain.probes.fit_probe
+
+    def fit_and_check_lock(*args, **kwargs):
+        con = sqlite3.connect(path, timeout=0)
+        try:
+            con.execute("BEGIN IMMEDIATE")  # fails at once while the labelling transaction holds the write lock
+            con.rollback()
+            locked.append(False)
+        except sqlite3.OperationalError:
+            locked.append(True)
+        finally:
+            con.close()
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(explain.probes, "fit_probe", fit_and_check_lock)
+    memory = ProbeAssistedRule(store, "features.1", shown=shown)
+    for k in range(2):
+        for c in ("mass", "calcification"):
+            i, m = _drawings(store, manifest, c, 2)[k]
+            label_region(db, store, layer="features.1", image=i, region=m, concept=c, author="ana",
+                         rule=DatasetLabelRule(probes=True), shown=shown, cache=cache)
+            memory.add(i, c, m)
+            assert current_labels(db, "features.1") == memory.labels()
+    # one fit per drawing (the concept just drawn; the other's comes from the cache), none under the lock; the
+    # in-memory rule above fitted its own (4 more, no database involved)
+    assert locked == [False] * 8, locked
+    assert current_labels(db, "features.1") == {0: "mass", 1: "calcification"}
+    with db.read() as s:
+        rules = s.scalars(select(LabelAction.rule)).all()
+    assert rules and all(r == {"kind": "dataset", "threshold": 0.04, "probes": True, "level": 0.99} for r in rules)
 
 
 def _unit_labels(db):
