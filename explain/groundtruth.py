@@ -384,7 +384,7 @@ def _drawable_counts(store, manifest, layer: str, *, splits: Sequence[str], conc
     size = patch_size(store)
     thresholds = np.asarray(store.thresholds(layer, level), dtype=np.float32)
     grid = UpsampleGrid.build(store.layer_shape(layer)[1:], size)
-    counts: dict[str, list[tuple[int, np.ndarray, np.ndarray, int, np.ndarray]]] = {c: [] for c in concepts}
+    counts: dict[str, list[tuple]] = {c: [] for c in concepts}
     for i, r in enumerate(records):
         if r.split not in splits:
             continue
@@ -413,6 +413,7 @@ def reviewer_orders(store, manifest, layer: str, detectors: Mapping[str, Sequenc
         area = unit_mask_areas(store, layer, config.level)
         make["dataset"] = lambda: DatasetRule.from_counts(image_area=area, shown=shown,
                                                           threshold=config.dataset_threshold)
+        cache = cache if cache is not None else FeatureCache(store)  # one for all the reviewers
         make["assisted"] = lambda: ProbeAssistedRule(store, layer, shown=shown, threshold=config.dataset_threshold,
                                                      level=config.level, cache=cache)
     rng = np.random.default_rng(seed)
