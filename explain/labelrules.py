@@ -501,6 +501,7 @@ class ProbeAssistedRule(DatasetRule):
         return self._cached[1]
 
     def _estimate(self) -> np.ndarray:
+        self.cache.maps(self.layer)  # the layer's maps in memory once: each estimate reads hundreds of images
         inter = np.zeros((len(self.concepts), self.n_units))
         area = np.zeros((len(self.concepts), 1))
         for j, c in enumerate(self.concepts):
