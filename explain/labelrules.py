@@ -408,9 +408,9 @@ class ProbeAssistedRule(DatasetRule):
     1.00, spiculated 0.10 → 0.25, circumscribed 0.05 → 0.12, distortion 0.33 → 0.45). Then once on the bench's
     test-patch reviewers of the first model: DatasetRule 0.697 / 0.420, this rule 0.769 / 0.595 (mass 0.40 → 0.85,
     calcification 1.00 → 1.00, spiculated 0.23 → 0.47, circumscribed 0.10 → 0.25, distortion 0.38 → 0.40).
-    Cost: after each drawing, a probe fit of the concept drawn (about a second on the demo store; a FeatureCache
-    keeps the fits of the others) and, once per image and FeatureCache, the unit masks pulled back (14 ms an image:
-    13 s for the 935 demo patches showing a mass).
+    Cost: after each drawing, a probe fit of the concept drawn (a FeatureCache keeps the fits of the others) and the
+    overlaps: 1.5–1.9 s a drawing in the app on the demo store; once per image and FeatureCache, the unit masks
+    pulled back (14 ms an image: 13 s for the 935 demo patches showing a mass), and once the layer's maps loaded.
     """
 
     def __init__(self, store, layer: str, *, shown: Mapping[str, Sequence[int]],
