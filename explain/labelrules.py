@@ -147,6 +147,9 @@ class CumulativeRule:
     def add_counts(self, concept: str, area: np.ndarray, inter: np.ndarray, region_px: int) -> None:
         """Count one drawing from its counts: unit mask areas (unit,), overlaps with the region (unit,), and the
         region's pixel count."""
+        self._count(concept, area, inter, region_px)
+
+    def _count(self, concept: str, area: np.ndarray, inter: np.ndarray, region_px: int) -> None:
         area = np.asarray(area, dtype=np.int64).reshape(-1)
         inter = np.asarray(inter, dtype=np.int64).reshape(-1)
         if area.shape != (self.n_units,) or inter.shape != (self.n_units,):
@@ -185,7 +188,7 @@ class CumulativeRule:
             area, inter = mask_counts(self.store.maps(self.layer, index), self.thresholds, mask[None],
                                       grid=self.grid)
             counts = (area, inter[0])
-        self.add_counts(concept, counts[0], counts[1], int(mask.sum()))
+        self._count(concept, counts[0], counts[1], int(mask.sum()))
 
     def iou(self) -> np.ndarray:
         """float64 (concept, unit): Σ intersection / Σ union over each concept's drawings."""
@@ -319,14 +322,14 @@ class DatasetRule(CumulativeRule):
             raise LabelError(f"image_area has {area.shape[1]} units; layer {layer!r} has {self.n_units}")
         self.n_units = area.shape[1]
         self.unit_area = area.sum(axis=0, dtype=np.float64)  # F_u
-        self.n_shown: dict[str, int] = {}  # n_c
+        self.shown_index: dict[str, np.ndarray] = {}  # the images showing each concept (n_c of them)
         self.shown_area: dict[str, np.ndarray] = {}  # F_u,c
         for c, idx in dict(shown).items():
             idx = np.unique(np.asarray(idx).reshape(-1))
             if idx.size == 0 or not np.issubdtype(idx.dtype, np.integer) or idx[0] < 0 or idx[-1] >= area.shape[0]:
                 raise LabelError(f"images showing {c!r} must be indices of the {area.shape[0]} store images, "
                                  f"at least one")
-            self.n_shown[str(c)] = int(idx.size)
+            self.shown_index[str(c)] = idx
             self.shown_area[str(c)] = area[idx].sum(axis=0, dtype=np.float64)
 
     @classmethod
@@ -339,18 +342,18 @@ class DatasetRule(CumulativeRule):
         rule.union = np.zeros((0, rule.n_units), np.int64)
         return rule
 
-    def add_counts(self, concept: str, area: np.ndarray, inter: np.ndarray, region_px: int) -> None:
-        if concept not in self.n_shown:
+    def _count(self, concept: str, area: np.ndarray, inter: np.ndarray, region_px: int) -> None:
+        if concept not in self.shown_index:
             raise LabelError(f"no image is listed as showing {concept!r} (known: "
-                             f"{', '.join(sorted(self.n_shown)) or 'none'}): its share of the dataset is unknown")
-        super().add_counts(concept, area, inter, region_px)
+                             f"{', '.join(sorted(self.shown_index)) or 'none'}): its share of the dataset is unknown")
+        super()._count(concept, area, inter, region_px)
 
     def iou(self) -> np.ndarray:
         """float64 (concept, unit): the estimated dataset-level IoU (see the class docstring)."""
         if not self.concepts:
             return np.zeros((0, self.n_units))
         k = np.array([self.drawings[c] for c in self.concepts], np.float64)[:, None]
-        n = np.array([self.n_shown[c] for c in self.concepts], np.float64)[:, None]
+        n = np.array([len(self.shown_index[c]) for c in self.concepts], np.float64)[:, None]
         f_c = np.stack([self.shown_area[c] for c in self.concepts])  # (concept, unit)
         drawn_area = self.union - self.region_px[:, None] + self.intersection  # Σ_drawn |M_u|
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -424,11 +427,8 @@ class ProbeAssistedRule(DatasetRule):
         self.probe_config = probe_config or ProbeConfig()
         self.cache = cache or FeatureCache(store)
         self.background_pool = None if background_pool is None else np.asarray(background_pool, np.int64)
-        self.shown_index = {str(c): np.unique(np.asarray(v, np.int64).reshape(-1)) for c, v in dict(shown).items()}
         self.drawn: dict[str, list[tuple[int, np.ndarray]]] = {}  # concept → [(store index, mask)]
         self._cached: tuple[tuple, np.ndarray] | None = None  # (drawings per concept, iou)
-        self._fits: dict[str, tuple[int, object]] = {}  # concept → (drawings, Probe)
-        self._adding: str | None = None  # the concept add_mask is counting (add_counts alone lacks the mask)
         _, h, w = store.layer_shape(self.layer)
         H, W = self.size
         # Σ_pixels upsample(p) = Σ_cells p · (column sums of B_y ⊗ B_x)
@@ -440,44 +440,35 @@ class ProbeAssistedRule(DatasetRule):
         raise LabelError("ProbeAssistedRule needs the drawn masks and a store, not counts alone")
 
     def add_counts(self, concept: str, area: np.ndarray, inter: np.ndarray, region_px: int) -> None:
-        if self._adding != concept:
-            raise LabelError("ProbeAssistedRule needs each drawing's mask: use add or add_mask")
-        super().add_counts(concept, area, inter, region_px)
+        raise LabelError("ProbeAssistedRule needs each drawing's mask: use add or add_mask")
 
     def add_mask(self, index: int, concept: str, mask: np.ndarray, *,
                  counts: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != self.size or not mask.any():
             raise RegionError(f"a drawing of {concept!r} must be a non-empty {self.size} mask, got {mask.shape}")
-        self._adding = concept
-        try:
-            super().add_mask(int(index), concept, mask, counts=counts)
-        finally:
-            self._adding = None
+        super().add_mask(int(index), concept, mask, counts=counts)
         self.drawn.setdefault(concept, []).append((int(index), mask))
 
     def probe(self, concept: str):
-        """The probe of `concept` fitted from this rule's drawings of it (refitted when a drawing was added; the
-        FeatureCache keeps every fit by its drawings, so another rule with the same drawings reuses it)."""
+        """The probe of `concept` fitted from this rule's drawings of it, kept by the FeatureCache under a digest of
+        those drawings: fitted again only after a new drawing, and shared by every rule with the same drawings."""
         from .probes import ProbeAnnotations, collect_examples, fit_probe
 
         drawn = self.drawn[concept]
-        if concept not in self._fits or self._fits[concept][0] != len(drawn):
-            digest = hashlib.sha256(repr((self.layer, concept, self.probe_config, None if self.background_pool is None
-                                          else self.background_pool.tobytes())).encode())
-            for index, mask in drawn:
-                digest.update(np.int64(index).tobytes() + np.packbits(mask).tobytes())
-            key = digest.hexdigest()
-            if key not in self.cache.drawing_fits:
-                if len(self.cache.drawing_fits) >= DRAWING_FITS_KEPT:  # forget the oldest: a server runs for weeks
-                    self.cache.drawing_fits.pop(next(iter(self.cache.drawing_fits)))
-                ann = ProbeAnnotations(concept, regions=list(drawn))
-                ex = collect_examples(self.store, self.layer, ann, config=self.probe_config, cache=self.cache,
-                                      background_pool=self.background_pool)
-                self.cache.drawing_fits[key] = fit_probe(ex, concept=concept, layer=self.layer,
-                                                         config=self.probe_config).probe
-            self._fits[concept] = (len(drawn), self.cache.drawing_fits[key])
-        return self._fits[concept][1]
+        digest = hashlib.sha256(repr((self.layer, concept, self.probe_config, None if self.background_pool is None
+                                      else self.background_pool.tobytes())).encode())
+        for index, mask in drawn:
+            digest.update(np.int64(index).tobytes() + np.packbits(mask).tobytes())
+        key, fits = digest.hexdigest(), self.cache.drawing_fits
+        if key not in fits:
+            if len(fits) >= DRAWING_FITS_KEPT:  # forget the oldest: a server runs for weeks
+                fits.pop(next(iter(fits)))
+            ann = ProbeAnnotations(concept, regions=list(drawn))
+            ex = collect_examples(self.store, self.layer, ann, config=self.probe_config, cache=self.cache,
+                                  background_pool=self.background_pool)
+            fits[key] = fit_probe(ex, concept=concept, layer=self.layer, config=self.probe_config).probe
+        return fits[key]
 
     def _overlaps(self, probe, images: np.ndarray) -> tuple[np.ndarray, float]:
         """(Σ_images Σ_pixels M_u · p per unit, Σ_images Σ_pixels p) of the probe's map p on `images`."""
@@ -500,14 +491,28 @@ class ProbeAssistedRule(DatasetRule):
             self._cached = (key, self._estimate())
         return self._cached[1]
 
-    def _estimate(self) -> np.ndarray:
+    def _images(self, concept: str) -> tuple[np.ndarray, np.ndarray]:
+        """(the images showing `concept` and those it was drawn on, the drawn ones)."""
+        drawn = np.array([i for i, _ in self.drawn[concept]], np.int64)
+        return np.union1d(self.shown_index[concept], drawn), drawn
+
+    def prepare(self) -> None:
+        """Do the slow part of the next estimate now: the layer's maps in memory, each drawn concept's probe fitted
+        and its images' unit masks pulled back, all kept by the FeatureCache (explain.labels runs this before its
+        write transaction)."""
         self.cache.maps(self.layer)  # the layer's maps in memory once: each estimate reads hundreds of images
+        for c in self.concepts:
+            self.probe(c)
+            self.cache.cell_weights(self.layer, self._images(c)[0], self.level)
+
+    def _estimate(self) -> np.ndarray:
+        self.prepare()
         inter = np.zeros((len(self.concepts), self.n_units))
         area = np.zeros((len(self.concepts), 1))
         for j, c in enumerate(self.concepts):
             probe = self.probe(c)
-            drawn = np.array([i for i, _ in self.drawn[c]], np.int64)
-            x_all, p_all = self._overlaps(probe, np.union1d(self.shown_index[c], drawn))
+            shown, drawn = self._images(c)
+            x_all, p_all = self._overlaps(probe, shown)
             x_drawn, p_drawn = self._overlaps(probe, drawn)
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(x_drawn > 0, self.intersection[j] / x_drawn, 1.0)

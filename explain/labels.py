@@ -385,7 +385,7 @@ def _warm_probe_fits(db, store, *, layer: str, regions: list[RegionRecord], show
     from .labelrules import ProbeAssistedRule
 
     ProbeAssistedRule.from_regions(store, layer, regions, concepts=list(shown), shown=shown,
-                                   threshold=rule.threshold, level=level, cache=cache).iou()
+                                   threshold=rule.threshold, level=level, cache=cache).prepare()
 
 
 def _last_writer(s, sid: int, layer: str, unit: int, author: str) -> tuple[str | None, object]:
