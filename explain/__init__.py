@@ -20,7 +20,7 @@ _WHERE = {
     "reference_unit_iou": "dissection",
     "LabelRule": "labels", "DatasetLabelRule": "labels", "label_region": "labels", "undo": "labels",
     "current_labels": "labels", "CumulativeRule": "labelrules", "DatasetRule": "labelrules",
-    "images_showing": "labelrules", "unit_mask_areas": "labelrules",
+    "images_showing": "labelrules", "unit_mask_areas": "labelrules", "next_drawings": "labelrules",
     "count_unit_mask_areas": "labelrules",
     "add_comment": "labels", "edit_comment": "labels", "delete_comment": "labels", "comments": "labels",
     "record_probe_version": "labels", "recorded_probe_versions": "labels",

@@ -61,7 +61,7 @@ from .errors import LabelError, RegionError
 from .regions import RegionSpec, rasterize_regions
 
 __all__ = ["CumulativeRule", "DEFAULT_CUMULATIVE_THRESHOLD", "DatasetRule", "DEFAULT_DATASET_THRESHOLD",
-           "unit_mask_areas", "count_unit_mask_areas", "images_showing", "ProbeAssistedRule"]
+           "unit_mask_areas", "count_unit_mask_areas", "images_showing", "ProbeAssistedRule", "next_drawings"]
 
 DEFAULT_CUMULATIVE_THRESHOLD = 0.07
 
@@ -519,3 +519,77 @@ class ProbeAssistedRule(DatasetRule):
             inter[j] = np.minimum(x_all * ratio, self.unit_area)
             area[j] = max(p_all * self.region_px[j] / max(p_drawn, 1e-12), float(self.region_px[j]))
         return self._iou(inter, area)
+
+
+# -- which patch to draw next ------------------------------------------------------------------------------------------
+def next_drawings(features: np.ndarray, population: Sequence[int], drawn: Sequence[int] = (), *,
+                  candidates: Sequence[int] | None = None) -> np.ndarray:
+    """The images to draw a concept on next, best first: int64 store indices of `candidates` (default: the
+    `population` not yet drawn), each ranked by how close the drawn images' mean features come to the population's
+    once it is drawn too.
+
+        >>> pooled = store.pooled("features.23", "max")              # (image, unit)
+        >>> next_drawings(pooled, shown["mass"], drawn=[12, 40])[0]   # the store index to open next
+
+    Why: the dataset rules carry each concept's drawings over to every image showing it (`population`, the `shown`
+    of DatasetRule) with ratio estimates. When the few drawn images are not typical of that population — five mass
+    patches of which four are spiculated, say — the estimates of every unit that fires on one kind of image more than
+    on another shift together, and at 4-px cells the margins of a mass trail the mass itself by 0.01–0.02 of IoU.
+    Choosing each next image so that the drawn sample stays balanced on auxiliary variables known for every image
+    (balanced sampling, as in survey statistics) keeps the sample's composition close to the population's without
+    anyone drawing more. The auxiliaries are the layer's pooled max activations: each unit's mean over the drawn
+    images, divided by its mean over the population, should be 1, and the score of candidate j is
+
+        Σ_u w_u ((Σ_drawn z_u + z_ju) / (k + 1) − 1)²,   z_iu = f_iu / mean_population f_u,   w_u ∝ mean_population f_u
+
+    (k images drawn; units whose population mean is not positive are left out; negative activations count as 0).
+    With nothing drawn yet it ranks the most typical images first.
+
+    Measured on the demo store (a model trained on a 2-core AMD EPYC host, features.23, detectors 25 / 30 / 3 / 10 /
+    1; explain.groundtruth.reviewer_orders: 120 seeded reviewers drawing 5 patches per concept, each once at random
+    and once with the same first patch followed by this ranking among the patches they may draw on; the mean over
+    the 5 inserted concepts of the share of reviewers meeting both goals, precision and recall ≥ 0.8):
+
+        patches          rule                 random   suggested
+        train / val      DatasetRule          0.653    0.718
+                         ProbeAssistedRule    0.745    0.702   (distortion 0.80 → 0.56: precision 0.75)
+        test             DatasetRule          0.600    0.712
+                         ProbeAssistedRule    0.672    0.752   (every concept up: mass 0.83 → 0.93, spiculated
+                                                                margin 0.07 → 0.21, circumscribed 0.57 → 0.65,
+                                                                distortion 0.88 → 0.97, calcification 1.00)
+
+    The auxiliaries were chosen on the train / val patches by the mean of the two rules' shares: pooled max 0.710,
+    unit mask areas 0.692 (DatasetRule 0.650, ProbeAssistedRule 0.733), no suggestion 0.699; pooled mean was worse
+    on a first, smaller comparison (40 unpaired reviewers, whose test-split figures were in view too). So it helps
+    DatasetRule on both splits; for ProbeAssistedRule the two splits disagree.
+    """
+    f = np.asarray(features)
+    if f.ndim != 2 or not np.issubdtype(f.dtype, np.number) or not np.isfinite(f).all():
+        raise LabelError(f"features must be a finite (image, feature) array, got shape {f.shape} of {f.dtype}")
+    n = f.shape[0]
+
+    def indices(values, what: str) -> np.ndarray:
+        idx = np.asarray(values if values is not None else [], dtype=object).reshape(-1)
+        if idx.size and not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in idx):
+            raise LabelError(f"{what} must be store indices (integers), got {list(idx[:3])!r}")
+        idx = np.unique(idx.astype(np.int64))
+        if idx.size and (idx[0] < 0 or idx[-1] >= n):
+            raise LabelError(f"{what} must be indices of the {n} store images, got {int(idx[0])} … {int(idx[-1])}")
+        return idx
+
+    population, drawn = indices(population, "population"), indices(drawn, "drawn")
+    if population.size == 0:
+        raise LabelError("no image is listed as showing the concept: nothing to balance a drawing against")
+    pool = np.setdiff1d(population if candidates is None else indices(candidates, "candidates"), drawn)
+    if pool.size == 0:
+        return pool
+    f = np.maximum(f.astype(np.float64), 0.0)
+    mean = f[np.union1d(population, drawn)].mean(axis=0)
+    keep = mean > 0
+    if not keep.any():
+        return pool  # no unit fires on these images: every candidate is as good as any other
+    weight = mean[keep] / mean[keep].sum()
+    z = f[:, keep] / mean[keep]  # (image, unit): 1 where an image fires as the population does on average
+    total = z[drawn].sum(axis=0)
+    score = ((total[None, :] + z[pool]) / (drawn.size + 1) - 1.0) ** 2 @ weight
+    return pool[np.argsort(score, kind="stable")]

@@ -21,6 +21,7 @@ from explain.labelrules import (
     DatasetRule,
     ProbeAssistedRule,
     images_showing,
+    next_drawings,
     unit_mask_areas,
 )
 from explain.labels import DatasetLabelRule, apply_ious, current_labels, label_region, name_unit, regions_for, undo
@@ -440,3 +441,76 @@ def _unit_labels(db):
     with db.read() as s:
         return sorted((lab.unit, lab.concept, lab.iou, lab.image_id, lab.region_id, lab.action_id, lab.version)
                       for lab in s.scalars(select(UnitLabel)))
+
+
+# -- which patch to draw next ------------------------------------------------------------------------------------------
+def test_next_drawings_by_hand_keeps_the_drawn_sample_balanced():
+    # six images showing a concept: three of kind A (unit 0 fires), two of kind B (unit 1), one of both
+    f = np.array([[2, 0], [2, 0], [2, 0], [0, 2], [0, 2], [1, 1]], np.float32)  # (image, unit)
+    population = range(6)
+    # population means 7/6 for both units; z = f / (7/6). Nothing drawn: the most typical image first (image 5,
+    # (6/7 - 1)^2 on each unit), then the others, ties in index order
+    assert next_drawings(f, population).tolist() == [5, 0, 1, 2, 3, 4]
+    # one A drawn: another A leaves unit 1 at 0 (score ½(5/7)^2 + ½·1), a B evens both out (½(1/7)^2·2), image 5
+    # half way (½(2/7)^2 + ½(4/7)^2)
+    assert next_drawings(f, population, [0]).tolist() == [3, 4, 5, 1, 2]
+    assert next_drawings(f, population, [0, 3]).tolist() == [5, 1, 2, 4]  # A and B drawn: the mixed image
+    # candidates: only those not drawn, in the suggested order; everything drawn: nothing left to suggest
+    assert next_drawings(f, population, [0], candidates=[1, 0, 4]).tolist() == [4, 1]
+    assert next_drawings(f, population, range(6)).tolist() == []
+    # negative activations count as 0
+    g, h = f.copy(), f.copy()
+    g[2], h[2] = -3.0, 0.0
+    assert next_drawings(g, population).tolist() == next_drawings(h, population).tolist() == [5, 2, 0, 1, 3, 4]
+    # no unit fires on the population: any order will do (the candidates as given)
+    assert next_drawings(np.zeros((6, 2)), [0, 1, 2], [1]).tolist() == [0, 2]
+
+
+def test_next_drawings_bad_input_is_refused():
+    f = np.ones((4, 3))
+    with pytest.raises(LabelError, match="finite"):
+        next_drawings(np.array([[1.0, np.nan]] * 4), [0, 1])
+    with pytest.raises(LabelError, match=r"\(image, feature\)"):
+        next_drawings(np.ones(4), [0, 1])
+    with pytest.raises(LabelError, match="no image is listed"):
+        next_drawings(f, [])
+    with pytest.raises(LabelError, match="indices of the 4 store images"):
+        next_drawings(f, [0, 4])
+    with pytest.raises(LabelError, match="drawn must be .*integers"):
+        next_drawings(f, [0, 1], [0.5])
+    with pytest.raises(LabelError, match="candidates must be indices"):
+        next_drawings(f, [0, 1], candidates=[-1])
+    with pytest.raises(LabelError, match="population must be .*integers"):
+        next_drawings(f, [True, False])
+
+
+def test_next_drawings_on_real_activations_ranks_by_the_balance_and_beats_random_samples(lesions):
+    """On the stored pooled activations of real patches: the ranking is the order of the drawn sample's imbalance
+    (computed here from the definition) once each candidate is added, and three drawings (a given first, then two
+    suggested) are on average more balanced than the same first with two random ones."""
+    store, manifest = lesions
+    shown = images_showing(store, manifest)
+    pooled = np.maximum(store.pooled("features.1", "max").astype(np.float64), 0)
+    rng = np.random.default_rng(0)
+    for concept, population in shown.items():
+        mean = pooled[population].mean(axis=0)
+        keep = mean > 0
+        weight = mean[keep] / mean[keep].sum()
+
+        def imbalance(sample):
+            return float(((pooled[sample][:, keep].mean(axis=0) / mean[keep] - 1) ** 2) @ weight)
+
+        drawn = [int(population[0]), int(population[1])]
+        ranked = next_drawings(pooled, population, drawn)
+        assert sorted(ranked.tolist()) == sorted(set(population.tolist()) - set(drawn))
+        scores = [imbalance([*drawn, int(j)]) for j in ranked]
+        assert scores == sorted(scores) or np.allclose(scores, sorted(scores), rtol=1e-9), (concept, scores[:5])
+        suggested, random = [], []
+        for first in population[:10]:
+            sample = [int(first)]
+            for _ in range(2):
+                sample.append(int(next_drawings(pooled, population, sample)[0]))
+            suggested.append(imbalance(sample))
+            rest = np.setdiff1d(population, [first])
+            random += [imbalance([int(first), *rng.choice(rest, 2, replace=False)]) for _ in range(20)]
+        assert np.mean(suggested) < np.mean(random), (concept, np.mean(suggested), np.mean(random))
