@@ -27,6 +27,10 @@
    replaced by a looser definition.
 4. One reviewer's k patches are a small sample: `report.orders` repeats the alternative rules at k = 5 for 40 other
    seeded reviewers on the deepest layer (mean precision and recall, and the share of reviewers meeting both goals).
+5. The same on the deepest layer for a reviewer who draws the same first patch and then, each time, the patch the
+   app suggests among the eligible ones (explain.labelrules.next_drawings: the drawn sample kept balanced against
+   all images showing the concept): `report.suggested` (rule → concept → rows, `report.rows(..., reviewer=
+   "suggested")`) and `report.orders_suggested` (40 such reviewers).
 
 The drawings are kept (`report.drawings`) so the probe evaluation can fit probes from exactly the same regions.
 """
@@ -59,6 +63,7 @@ from .labelrules import (
     DatasetRule,
     ProbeAssistedRule,
     images_showing,
+    next_drawings,
     unit_mask_areas,
 )
 from .labels import LabelRule, apply_ious, units_for
@@ -75,6 +80,9 @@ __all__ = [
     "dataset_concept_iou",
     "find_detectors",
     "choose_drawings",
+    "eligible_drawings",
+    "suggested_order",
+    "REVIEWERS",
     "simulate_reviewer",
     "evaluate_ground_truth",
     "dissect_ground_truth",
@@ -87,6 +95,9 @@ __all__ = [
 ]
 
 RULES = ("published", "cumulative", "dataset", "assisted")  # labeling rules evaluated side by side
+# how the simulated reviewer picks each next patch: at random among the eligible ones, or (after a first patch at
+# random) the one the app suggests (explain.labelrules.next_drawings; measured on the dissection layer only)
+REVIEWERS = ("random", "suggested")
 # every concept the demo data inserts with an exact mask (training/synth.py, docs/DATA.md) is measured: a concept the
 # model barely detects is reported as such, not left out (architectural distortion was, until 2026-11-26)
 INSERTED_CONCEPTS = ("mass", "calcification", "spiculated_margin", "circumscribed_margin", "architectural_distortion")
@@ -138,28 +149,39 @@ class GroundTruthReport:
     alternatives: dict[str, dict[str, dict[str, list[dict]]]] = field(default_factory=dict)
     # the alternative rules at k = goal_k over many seeded reviewers of the deepest layer (`reviewer_orders`)
     orders: dict[str, dict[str, dict]] = field(default_factory=dict)
+    # the reviewer who follows the app's suggestions (REVIEWERS), deepest layer only: rule → concept → rows, and
+    # the many reviewers' figures as `orders`
+    suggested: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
+    orders_suggested: dict[str, dict[str, dict]] = field(default_factory=dict)
 
-    def rows(self, layer: str, concept: str, rule: str = "published") -> list[dict]:
+    def rows(self, layer: str, concept: str, rule: str = "published", reviewer: str = "random") -> list[dict]:
         """The curve of `rule`: "published" (explain.labels, the app's default), "cumulative", "dataset" or
-        "assisted"."""
+        "assisted", for the reviewer drawing at random or following the app's suggestions (deepest layer only)."""
         if rule not in RULES:
             raise ExplainError(f"unknown rule {rule!r}; known: {', '.join(RULES)}")
+        if reviewer not in REVIEWERS:
+            raise ExplainError(f"unknown reviewer {reviewer!r}; known: {', '.join(REVIEWERS)}")
+        if reviewer == "suggested":
+            if layer != self.layers[-1] or rule not in self.suggested:
+                raise ExplainError(f"the suggested reviewer was measured on {self.layers[-1]} with the rules "
+                                   f"{', '.join(self.suggested) or 'none'}, not {rule!r} on {layer}")
+            return self.suggested[rule][concept]
         if rule == "published":
             return self.curves[layer][concept]
         if rule not in self.alternatives:
             raise ExplainError(f"rule {rule!r} was not measured in this report")
         return self.alternatives[rule][layer][concept]
 
-    def at(self, layer: str, concept: str, k: int, rule: str = "published") -> dict | None:
-        for row in self.rows(layer, concept, rule):
+    def at(self, layer: str, concept: str, k: int, rule: str = "published", reviewer: str = "random") -> dict | None:
+        for row in self.rows(layer, concept, rule, reviewer):
             if row["k"] == k:
                 return row
         return None
 
-    def k_to_goal(self, layer: str, concept: str, rule: str = "published") -> int | None:
+    def k_to_goal(self, layer: str, concept: str, rule: str = "published", reviewer: str = "random") -> int | None:
         """Smallest k at which both precision and recall reach their goals (None: never within the ks drawn)."""
         c = self.config
-        for row in self.rows(layer, concept, rule):
+        for row in self.rows(layer, concept, rule, reviewer):
             p, r = row["precision"], row["recall"]
             if p is not None and r is not None and p >= c.goal_precision and r >= c.goal_recall:
                 return row["k"]
@@ -167,14 +189,16 @@ class GroundTruthReport:
 
     def summary(self) -> str:
         lines = []
-        for layer in self.layers:
-            lines.append(f"{layer}: detectors " + ", ".join(
-                f"{c} {len(self.detectors[layer].get(c, []))}" for c in self.config.concepts))
+        runs = [(layer, "random", {"published", *self.alternatives}) for layer in self.layers]
+        if self.suggested:
+            runs.append((self.layers[-1], "suggested", set(self.suggested)))
+        for layer, reviewer, measured in runs:
+            lines.append(f"{layer}, the reviewer following the app's suggestions after a first patch at random:"
+                         if reviewer == "suggested" else f"{layer}: detectors " + ", ".join(
+                             f"{c} {len(self.detectors[layer].get(c, []))}" for c in self.config.concepts))
             for c in self.config.concepts:
-                for rule in RULES:
-                    if rule != "published" and rule not in self.alternatives:
-                        continue
-                    row = self.at(layer, c, self.config.goal_k, rule)
+                for rule in (r for r in RULES if r in measured):
+                    row = self.at(layer, c, self.config.goal_k, rule, reviewer)
                     tag = "" if rule == "published" else f" [{rule}]"
                     if row is None:
                         lines.append(f"  {c}{tag}: fewer than {self.config.goal_k} drawings possible")
@@ -188,7 +212,7 @@ class GroundTruthReport:
         return {
             "layers": self.layers, "config": _config_json(self.config), "concepts": self.concepts,
             "detectors": self.detectors, "curves": self.curves, "alternatives": self.alternatives,
-            "orders": self.orders,
+            "orders": self.orders, "suggested": self.suggested, "orders_suggested": self.orders_suggested,
             "available": self.available,
             "n_reference_images": self.n_reference_images, "seconds": self.seconds, "missing": self.missing,
             "iou": {layer: res.to_json() for layer, res in self.iou.items()},
@@ -281,24 +305,43 @@ def find_detectors(result: ConceptIoU, *, min_iou: float = 0.04) -> dict[str, li
 
 
 # -- 2. the simulated reviewer -----------------------------------------------------------------------------------------
-def choose_drawings(store, manifest, config: GroundTruthConfig) -> tuple[dict[str, list[int]], dict[str, int]]:
-    """Per concept, the store image indices the reviewer draws on, in order (seeded), and how many were eligible."""
+def eligible_drawings(store, manifest, config: GroundTruthConfig) -> dict[str, list[int]]:
+    """Per concept, the store indices of the review split's patches the reviewer may draw it on (its region covers
+    at least `config.min_region_px` pixels)."""
     records = _store_records(store, manifest)
     size = patch_size(store)
+    eligible: dict[str, list[int]] = {}
+    for concept in config.concepts:
+        eligible[concept] = [i for i, r in enumerate(records) if r.split == config.review_split and concept in r.masks
+                             and load_concept_masks(r, size, [concept])[concept].sum() >= config.min_region_px]
+    return eligible
+
+
+def choose_drawings(store, manifest, config: GroundTruthConfig, *, eligible: Mapping[str, list[int]] | None = None
+                    ) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """Per concept, the store image indices the reviewer draws on, in order (seeded), and how many were eligible
+    (`eligible`: `eligible_drawings`' answer when already at hand)."""
     rng = np.random.default_rng(config.seed)
     order: dict[str, list[int]] = {}
     available: dict[str, int] = {}
-    for concept in config.concepts:
-        eligible = []
-        for i, r in enumerate(records):
-            if r.split != config.review_split or concept not in r.masks:
-                continue
-            if load_concept_masks(r, size, [concept])[concept].sum() >= config.min_region_px:
-                eligible.append(i)
+    for concept, eligible in (eligible or eligible_drawings(store, manifest, config)).items():
         available[concept] = len(eligible)
         picked = rng.permutation(len(eligible))[:max(config.ks)]
         order[concept] = [eligible[j] for j in picked]
     return order, available
+
+
+def suggested_order(features: np.ndarray, population: Sequence[int], eligible: Sequence[int], first: int,
+                    k: int) -> list[int]:
+    """A reviewer who draws `first` and then, each time, the patch the app suggests (explain.labelrules.next_drawings
+    among the `eligible` ones, balanced against the `population` of images showing the concept): k store indices."""
+    order = [int(first)]
+    while len(order) < k:
+        ranked = next_drawings(features, population, order, candidates=eligible)
+        if ranked.size == 0:
+            break
+        order.append(int(ranked[0]))
+    return order
 
 
 def _pr(labeled: set[int], detectors: set[int]) -> tuple[float | None, float | None, int]:
@@ -399,11 +442,17 @@ def _drawable_counts(store, manifest, layer: str, *, splits: Sequence[str], conc
 
 def reviewer_orders(store, manifest, layer: str, detectors: Mapping[str, Sequence[int]], *,
                     config: GroundTruthConfig = GroundTruthConfig(), orders: int = 40, seed: int = 2000,
-                    shown: Mapping[str, Sequence[int]] | None = None, cache=None) -> dict[str, dict[str, dict]]:
+                    shown: Mapping[str, Sequence[int]] | None = None, cache=None,
+                    reviewer: str = "random") -> dict[str, dict[str, dict]]:
     """How much the alternative rules' figures at k = config.goal_k depend on which patches the reviewer drew: `orders`
-    seeded reviewers, each drawing goal_k eligible patches of the review split per concept.
+    seeded reviewers, each drawing goal_k eligible patches of the review split per concept — at random, or
+    (reviewer="suggested", needs `shown`) the same first patch and then the app's suggestions (`suggested_order`).
     → {rule: {concept: {"precision", "recall" (means; an undefined precision counts 0), "met" (fraction of
     reviewers reaching both goals), "orders"}}} for "cumulative" and, with `shown`, "dataset" and "assisted"."""
+    if reviewer not in REVIEWERS:
+        raise ExplainError(f"unknown reviewer {reviewer!r}; known: {', '.join(REVIEWERS)}")
+    if reviewer == "suggested" and shown is None:
+        raise ExplainError("the suggested reviewer needs the images showing each concept (shown=)")
     concepts = list(config.concepts)
     counts = _drawable_counts(store, manifest, layer, splits=(config.review_split,), concepts=concepts,
                               min_region_px=config.min_region_px, level=config.level)
@@ -418,8 +467,15 @@ def reviewer_orders(store, manifest, layer: str, detectors: Mapping[str, Sequenc
                                                      level=config.level, cache=cache)
     rng = np.random.default_rng(seed)
     sums = {name: {c: np.zeros(3) for c in concepts} for name in make}
+    features = store.pooled(layer, "max") if reviewer == "suggested" else None
     for _ in range(orders):
         picks = {c: rng.permutation(len(counts[c]))[:config.goal_k] for c in concepts}
+        if features is not None:  # the same first patch as the random reviewer, then the suggestions
+            for c in concepts:
+                eligible = [e[0] for e in counts[c]]
+                if len(picks[c]) and c in shown:
+                    drawn = suggested_order(features, shown[c], eligible, eligible[picks[c][0]], config.goal_k)
+                    picks[c] = [eligible.index(i) for i in drawn]
         for name, new in make.items():
             rule = new()
             for c in concepts:
@@ -516,7 +572,8 @@ def evaluate_ground_truth(settings, *, store="demo", data="demo", layers: Sequen
     iou = dataset_concept_iou(store, manifest, layers, splits=config.reference_splits, level=config.level,
                               concepts=concepts, progress=progress)
     detectors = {layer: find_detectors(iou[layer], min_iou=config.detector_iou) for layer in layers}
-    order, available = choose_drawings(store, manifest, config)
+    eligible = eligible_drawings(store, manifest, config)
+    order, available = choose_drawings(store, manifest, config, eligible=eligible)
     shown = images_showing(store, manifest)
     cache = FeatureCache(store)  # the assisted rule's probes read every layer's maps once
     curves, alternatives, drawings = {}, {}, []
@@ -527,13 +584,22 @@ def evaluate_ground_truth(settings, *, store="demo", data="demo", layers: Sequen
         for name, rows in alt.items():
             alternatives.setdefault(name, {})[layer] = rows
         drawings = drawings or drawn  # the same drawings for every layer
-    orders = reviewer_orders(store, manifest, layers[-1], detectors[layers[-1]], config=config, shown=shown,
-                             cache=cache)
+    head = layers[-1]
+    # the reviewer who follows the app's suggestions after the same first patch, on the dissection layer
+    features = store.pooled(head, "max")
+    followed = {c: suggested_order(features, shown[c], eligible[c], order[c][0], max(config.ks))
+                if order[c] and c in shown else order[c] for c in config.concepts}
+    alt = {}
+    published, _ = simulate_reviewer(store, manifest, head, detectors[head], config=config, order=followed,
+                                     alternatives=alt, shown=shown, cache=cache)
+    orders = {reviewer: reviewer_orders(store, manifest, head, detectors[head], config=config, shown=shown,
+                                        cache=cache, reviewer=reviewer) for reviewer in REVIEWERS}
     n_ref = sum(r.split in config.reference_splits for r in records)
     return GroundTruthReport(layers=layers, config=config, concepts=concepts, iou=iou, detectors=detectors,
                              curves=curves, drawings=drawings, available=available, n_reference_images=n_ref,
                              seconds=time.perf_counter() - t0, missing=missing, alternatives=alternatives,
-                             orders=orders)
+                             orders=orders["random"], suggested={"published": published, **alt},
+                             orders_suggested=orders["suggested"])
 
 
 @dataclass
@@ -626,11 +692,20 @@ def log_ground_truth(report: GroundTruthReport, settings, *, run_name: str | Non
                             metrics.append(Metric(f"{layer}/{rule}/{key}/{concept}",
                                                   float("nan") if v is None else float(v), now, row["k"]))
                         metrics.append(Metric(f"{layer}/{rule}/labeled/{concept}", row["labeled"], now, row["k"]))
-        for rule, per in report.orders.items():  # many reviewers, deepest layer, k = goal_k
-            for concept, v in per.items():
-                for key in ("precision", "recall", "met"):
-                    metrics.append(Metric(f"{report.layers[-1]}/{rule}/orders_{key}/{concept}", float(v[key]), now,
-                                          report.config.goal_k))
+        head = report.layers[-1]
+        for rule, per in report.suggested.items():  # the reviewer following the app's suggestions
+            for concept, rows in per.items():
+                for row in rows:
+                    for key in ("precision", "recall"):
+                        v = row[key]
+                        metrics.append(Metric(f"{head}/suggested/{rule}/{key}/{concept}",
+                                              float("nan") if v is None else float(v), now, row["k"]))
+        for tag, orders in (("orders", report.orders), ("suggested_orders", report.orders_suggested)):
+            for rule, per in orders.items():  # many reviewers, deepest layer, k = goal_k
+                for concept, v in per.items():
+                    for key in ("precision", "recall", "met"):
+                        metrics.append(Metric(f"{head}/{rule}/{tag}_{key}/{concept}", float(v[key]), now,
+                                              report.config.goal_k))
         for start in range(0, len(metrics), 900):  # mlflow's batch limit is 1000 entries
             client.log_batch(run_id, metrics=metrics[start:start + 900],
                              params=[Param(k, str(v)) for k, v in params.items()] if start == 0 else [],

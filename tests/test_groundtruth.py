@@ -236,3 +236,55 @@ def test_the_cumulative_threshold_is_tuned_on_train_and_val_drawings_only(report
     with pytest.raises(ExplainError, match="no concept with detectors"):
         tune_cumulative_threshold(store, manifest, "features.1", {"mass": [], "calcification": []},
                                   concepts=("mass", "calcification"))
+
+
+def test_a_reviewer_following_the_suggestions_is_measured_on_the_dissection_layer(report, workspace, lesions):
+    """The suggested reviewer draws the random reviewer's first patch of each concept, then each time the eligible
+    patch explain.labelrules.next_drawings ranks first; every rule is measured on those drawings (the deepest layer
+    only), over 40 such reviewers too, and logged to mlflow."""
+    from mlflow.tracking import MlflowClient
+
+    from explain.groundtruth import REVIEWERS, RULES, eligible_drawings, reviewer_orders, simulate_reviewer, \
+        suggested_order
+    from explain.labelrules import images_showing, next_drawings
+
+    store, manifest = lesions
+    head = report.layers[-1]
+    shown = images_showing(store, manifest)
+    pooled = store.pooled(head, "max")
+    eligible = eligible_drawings(store, manifest, CONFIG)
+    order = {}
+    for c in CONFIG.concepts:
+        first = store.index_of([d.image_id for d in report.drawings if d.concept == c][0])
+        order[c] = suggested_order(pooled, shown[c], eligible[c], first, 5)
+        assert order[c][0] == first and len(set(order[c])) == 5 and set(order[c]) <= set(eligible[c])
+        for n in range(1, 5):
+            assert order[c][n] == next_drawings(pooled, shown[c], order[c][:n], candidates=eligible[c])[0]
+    random_order = {c: [store.index_of(d.image_id) for d in report.drawings if d.concept == c]
+                    for c in CONFIG.concepts}
+    assert order != random_order  # the suggestions are not the seeded random patches
+    alt = {}
+    published, _ = simulate_reviewer(store, manifest, head, report.detectors[head], config=CONFIG, order=order,
+                                     alternatives=alt, shown=shown)
+    assert report.suggested == {"published": published, **alt}
+    for rule in RULES:
+        rows = report.rows(head, "mass", rule, reviewer="suggested")
+        assert [r["k"] for r in rows] == [1, 2, 3, 4, 5] and [r["drawn"] for r in rows] == [1, 2, 3, 4, 5]
+    for rule in ("dataset", "assisted"):  # the hand-set mass unit, found within the five drawings
+        assert report.rows(head, "mass", rule, reviewer="suggested")[-1]["recall"] == 1.0
+    with pytest.raises(ExplainError, match=f"measured on {head}"):
+        report.rows("features.1", "mass", "dataset", reviewer="suggested")
+    with pytest.raises(ExplainError, match="unknown reviewer"):
+        report.rows(head, "mass", "dataset", reviewer="lazy")
+    assert "following the app's suggestions" in report.summary() and REVIEWERS == ("random", "suggested")
+    for rule in ("cumulative", "dataset", "assisted"):
+        assert report.orders_suggested[rule]["mass"]["orders"] == 40
+    with pytest.raises(ExplainError, match="needs the images showing"):
+        reviewer_orders(store, manifest, head, report.detectors[head], config=CONFIG, reviewer="suggested")
+    with pytest.raises(ExplainError, match="unknown reviewer"):
+        reviewer_orders(store, manifest, head, report.detectors[head], config=CONFIG, reviewer="lazy")
+    run = MlflowClient(workspace.tracking_uri).get_run(log_ground_truth(report, workspace))
+    assert run.data.metrics[f"{head}/dataset/suggested_orders_met/mass"] == report.orders_suggested["dataset"][
+        "mass"]["met"]
+    assert run.data.metrics[f"{head}/suggested/dataset/recall/mass"] == report.suggested["dataset"]["mass"][-1][
+        "recall"]

@@ -13,6 +13,8 @@ app's default; figures `groundtruth/<concept>/…`) and the alternatives of expl
 DatasetRule (the dataset-level IoU estimated from the drawings, the unit masks of every store image and the
 manifest's list of what each patch shows, thresholded at the detector criterion 0.04; `groundtruth/dataset/…`) and
 ProbeAssistedRule (the same estimate carried over by probes fitted from the drawings; `groundtruth/assisted/…`).
+A second reviewer draws the same first patch of each concept and then the patches the app suggests
+(explain.labelrules.next_drawings): `groundtruth/suggested/…`, every rule, the dissection layer only.
 Goals (at k = 5) apply to the store's deepest layer, the dissection layer, for every rule; the other layers are
 reported without goals. The whole report is logged as an mlflow run in experiment
 "conceptlens-groundtruth" (its id is in the notes).
@@ -50,19 +52,24 @@ def run(settings) -> list[dict]:
     run_id = log_ground_truth(report, settings, store_attrs=store.attrs, run_name="bench")
     head = report.layers[-1]
     figures = []
-    for layer in report.layers:
+    measured = [(layer, "random") for layer in report.layers] + [(head, "suggested")]
+    for layer, reviewer in measured:
         goals = layer == head
         for c, rule in [(c, rule) for rule in RULES for c in report.config.concepts]:
             det = report.detectors[layer].get(c, [])
-            row = report.at(layer, c, GOAL_K, rule) or {"precision": None, "recall": None, "labeled": 0, "hits": 0}
-            rows = report.rows(layer, c, rule)
+            row = report.at(layer, c, GOAL_K, rule, reviewer) or {"precision": None, "recall": None, "labeled": 0,
+                                                                   "hits": 0}
+            rows = report.rows(layer, c, rule, reviewer)
+            who = ("the reviewer follows the app's suggested patches after a first one at random"
+                   if reviewer == "suggested" else "random patches")
             note = (f"rule {rule}; layer {layer}; {len(det)} detectors {det[:12]}; drawn on {report.available[c]} "
-                    f"eligible test patches; P/R by k: {_curve(rows)}; mlflow run {run_id}")
+                    f"eligible test patches ({who}); P/R by k: {_curve(rows)}; mlflow run {run_id}")
             base = "groundtruth" if rule == "published" else f"groundtruth/{rule}"
+            base = base.replace("groundtruth", "groundtruth/suggested", 1) if reviewer == "suggested" else base
             prefix = f"{base}/{c}" if goals else f"{base}/{layer}/{c}"
             p, r = row["precision"], row["recall"]
-            k_goal = report.k_to_goal(layer, c, rule)
-            if rule == "published":
+            k_goal = report.k_to_goal(layer, c, rule, reviewer)
+            if rule == "published" and reviewer == "random":
                 figures.append({"name": f"{prefix}/detectors", "value": len(det), "unit": "units",
                                 "goal": "> 0" if goals else None, "ok": (len(det) > 0) if goals else None,
                                 "note": note})
@@ -77,13 +84,16 @@ def run(settings) -> list[dict]:
                  "goal": f"<= {GOAL_K}" if goals else None,
                  "ok": (k_goal is not None and k_goal <= GOAL_K) if goals else None, "note": note},
             ]
-    for rule, per in report.orders.items():  # the same rules at k = 5 for many reviewers (no goal: a spread)
-        for c, v in per.items():
-            figures.append({"name": f"groundtruth/{rule}/{c}/reviewers_meeting_goal@{GOAL_K}", "value": v["met"],
-                            "unit": "share", "goal": None, "ok": None,
-                            "note": f"{v['orders']} seeded reviewers drawing {GOAL_K} test patches per concept on "
-                                    f"{head}: mean precision {v['precision']:.2f}, mean recall {v['recall']:.2f}; "
-                                    f"share reaching both 0.8 goals"})
+    for base, orders, who in (("groundtruth", report.orders, "at random"),
+                              ("groundtruth/suggested", report.orders_suggested,
+                               "(after a first one at random) as the app suggests")):
+        for rule, per in orders.items():  # the same rules at k = 5 for many reviewers (no goal: a spread)
+            for c, v in per.items():
+                figures.append({"name": f"{base}/{rule}/{c}/reviewers_meeting_goal@{GOAL_K}", "value": v["met"],
+                                "unit": "share", "goal": None, "ok": None,
+                                "note": f"{v['orders']} seeded reviewers drawing {GOAL_K} test patches per concept "
+                                        f"{who} on {head}: mean precision {v['precision']:.2f}, mean recall "
+                                        f"{v['recall']:.2f}; share reaching both 0.8 goals"})
     for c in report.missing:
         figures.append({"name": f"groundtruth/{c}/detectors", "value": "no masks", "unit": "", "goal": "> 0",
                         "ok": False, "note": f"the demo manifest has no ground-truth mask of {c}"})
