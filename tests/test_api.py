@@ -189,6 +189,46 @@ def test_members_only_and_login_required(api, target):
     assert me == {"name": "ana", "role": "radiologist", "display_name": me["display_name"]}
 
 
+def test_a_script_draws_where_the_suggestions_say(api, target):
+    """GET /api/sessions/1/suggestions: the images explain.labelrules.next_drawings ranks first for the user's own
+    drawings of the concept; a drawing there moves the suggestions on; bad queries are 400 naming the field, a
+    non-member gets 403, an anonymous caller 401."""
+    from explain.labelrules import next_drawings
+    from explain.labels import regions_for
+
+    app, _settings, db = api
+    wb = app.server.extensions["conceptlens"]
+    store, layer = wb.store(), target["layer"]
+    concept, shown = max(((c, v) for c, v in wb.images_showing().items() if c not in ("mass", "calcification")),
+                         key=lambda cv: len(cv[1]))
+    rex = client_for(app, "rex")
+
+    def expected() -> list[str]:
+        drawn = [store.index_of(r.image_id) for r in regions_for(db, concept, session=1, author="rex")]
+        return [store.image_ids[int(i)] for i in next_drawings(store.pooled(layer, "max"), shown, drawn)[:3]]
+
+    r = rex.get(f"/api/sessions/1/suggestions?concept={concept}&limit=3")
+    assert r.status_code == 200, r.get_json()
+    first = r.get_json()
+    assert first == {"concept": concept, "layer": layer, "listed": len(shown), "drawn": first["drawn"],
+                     "images": expected()}
+    r = label(rex, {**target, "image": first["images"][0], "concept": concept, "request_id": uuid.uuid4().hex})
+    assert r.status_code == 201, r.get_json()
+    after = rex.get(f"/api/sessions/1/suggestions?concept={concept}&limit=3&layer={layer}").get_json()
+    assert after["drawn"] == first["drawn"] + 1 and first["images"][0] not in after["images"]
+    assert after["images"] == expected()
+    nothing = rex.get("/api/sessions/1/suggestions?concept=rim_sign").get_json()
+    assert nothing == {"concept": "rim_sign", "layer": layer, "listed": 0, "drawn": 0, "images": []}
+    before = counts(db)
+    for query, field in [(f"concept={concept}&limit=abc", "limit"), (f"concept={concept}&limit=0", "limit"),
+                         ("limit=3", "concept"), (f"concept={concept}&layer=features.99", "layer")]:
+        r = rex.get(f"/api/sessions/1/suggestions?{query}")
+        assert r.status_code == 400 and r.get_json()["field"] == field, (query, r.get_json())
+    assert client_for(app, "olga").get(f"/api/sessions/1/suggestions?concept={concept}").status_code == 403
+    assert client_for(app, None).get(f"/api/sessions/1/suggestions?concept={concept}").status_code == 401
+    assert counts(db) == before
+
+
 def test_export_import_round_trip(api, target):
     app, _settings, db = api
     ana = client_for(app, "ana")

@@ -457,3 +457,51 @@ def test_background_retrain_runs_on_celery_with_redis(app_workspace, tmp_path, r
     from store.activations import open_store
 
     assert open_store(load_settings(ws).store_url("demo")).probe("mass", layer).run_id == run_id
+
+
+def test_suggest_a_patch_opens_the_one_that_balances_the_drawings(app_workspace):
+    """"Suggest a patch" on the Review page opens the patch explain.labelrules.next_drawings ranks first for the
+    chosen concept (its mammogram follows), passes over the open one when asked again, says why, and refuses forged
+    values; a concept the dataset lists nowhere gets a message and opens nothing."""
+    from explain.labelrules import next_drawings
+    from explain.labels import regions_for
+    from store.settings import load_settings
+    from vis import ids
+
+    app, dc = _client(load_settings(app_workspace), user="sam")
+    wb = app.server.extensions["conceptlens"]
+    layer, store = wb.layer(), wb.store()
+    concept, shown = max(wb.images_showing().items(), key=lambda kv: len(kv[1]))
+    assert len(shown) >= 3
+    drawn = [store.index_of(r.image_id) for r in regions_for(wb.db(), concept, session=1, author="sam")]
+    ranked = next_drawings(store.pooled(layer, "max"), shown, drawn)
+    source = wb.sources()[0].id
+    inputs = {f"{ids.REVIEW_SUGGEST}.n_clicks": 1, f"{ids.REVIEW_SOURCE}.value": source,
+              f"{ids.REVIEW_STATE}.data": {"source": source, "image": None, "unit": None},
+              f"{ids.REVIEW_CONCEPT}.value": concept, f"{ids.REVIEW_LAYER}.value": layer, f"{ids.SESSION}.data": 1}
+
+    def suggest(**changes):
+        code, data = dc.call(f"{ids.REVIEW_STATE}.data", {**inputs, **changes},
+                             changed=[f"{ids.REVIEW_SUGGEST}.n_clicks"])
+        assert code == 200, data
+        return data["response"]
+
+    out = suggest()
+    first = store.image_ids[int(ranked[0])]
+    state = out[ids.REVIEW_STATE]["data"]
+    assert state["image"] == first and out[ids.REVIEW_REGIONS]["data"] == []
+    assert out[ids.REVIEW_SOURCE]["value"] == state["source"] == wb.record(first)[1].source_id
+    text = _text(out[ids.REVIEW_MESSAGE])
+    assert f"on {first}" in text and f"of the {len(shown)} images listed" in text, text
+    # asked again with that patch open: the next in the ranking
+    out = suggest(**{f"{ids.REVIEW_STATE}.data": state})
+    assert out[ids.REVIEW_STATE]["data"]["image"] == store.image_ids[int(ranked[1])]
+    # a concept no image is listed as showing: a message, nothing opened
+    out = suggest(**{f"{ids.REVIEW_CONCEPT}.value": "rim_sign"})
+    assert ids.REVIEW_STATE not in out and "lists no image showing" in _text(out[ids.REVIEW_MESSAGE])
+    # forged values: 400 naming the value
+    for key, bad in [(f"{ids.REVIEW_CONCEPT}.value", {"a": 1}), (f"{ids.REVIEW_LAYER}.value", "features.99"),
+                     (f"{ids.REVIEW_STATE}.data", {"image": "../../etc/passwd"})]:
+        code, data = dc.call(f"{ids.REVIEW_STATE}.data", {**inputs, key: bad},
+                             changed=[f"{ids.REVIEW_SUGGEST}.n_clicks"])
+        assert code == 400, (key, bad, data)

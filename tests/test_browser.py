@@ -437,9 +437,27 @@ def _dataset_rule_patch(workspace) -> tuple[str, str, tuple[int, int, int, int],
     raise AssertionError("no flagged lesion patch of the workspace gives the dataset rule a label")
 
 
+def _suggestion(workspace, concept: str, *, drawn: list[str]) -> tuple[str, str, float]:
+    """(the patch "Suggest a patch" should open for `concept` after drawings on `drawn`, its mammogram, its
+    P(lesion)), computed with explain.labelrules.next_drawings on the default layer's pooled activations."""
+    from browser import workspace_dir
+    from explain.labelrules import next_drawings
+    from store.settings import load_settings
+    from vis.app import AppConfig
+    from vis.services import Workbench
+
+    wb = Workbench(load_settings(workspace_dir(workspace)), AppConfig())
+    store = wb.store()
+    row = int(next_drawings(store.pooled(wb.layer(), "max"), wb.images_showing()[concept],
+                            [store.index_of(i) for i in drawn])[0])
+    image = store.image_ids[row]
+    return image, wb.record(image)[1].source_id, float(wb.lesion_prob()[row])
+
+
 def test_the_dataset_labeling_rule_from_the_review_page(app_workspace, tmp_path):
     """CONCEPTLENS_LABEL_RULE=dataset: a rectangle drawn with the mouse around a lesion relabels units by the estimated
-    dataset-level IoU (the message says so and names them), the unit map shows the concept, and undo takes it back."""
+    dataset-level IoU (the message says so and names them), the unit map shows the concept, "Suggest a patch" opens
+    the patch to draw it on next, and undo takes the labels back."""
     import shutil
 
     ws = tmp_path / "workspace"
@@ -465,6 +483,15 @@ def test_the_dataset_labeling_rule_from_the_review_page(app_workspace, tmp_path)
         assert named & set(expected), (message, expected)  # the mouse rectangle is the box give or take a pixel
         assert concept in [t["name"] for t in _figure(page, "review-unit-map")["data"]]
         screenshot(page, "review-dataset-rule")
+        # "Suggest a patch": the one that best balances ana's drawings of the concept opens, on its own mammogram
+        suggested, source, prob = _suggestion(ws, concept, drawn=[image])
+        page.locator("#review-suggest").click()
+        wait_idle(page)
+        assert f"on {suggested}" in _text(page, "#review-message"), _text(page, "#review-message")
+        assert source in _text(page, "#review-source")
+        info = _text(page, "#review-patch-info").split("\n")
+        assert info[info.index("P(LESION)") - 1] == f"{prob:.3f}", info
+        screenshot(page, "review-suggested-patch")
         page.locator("#review-undo").click()
         wait_idle(page)
         assert "undone" in _text(page, "#review-message").lower()

@@ -17,6 +17,9 @@ Routes (docs/CONTRACTS.md, "Access"):
   `[A-Za-z0-9._:-]`, e.g. a UUID) makes the call idempotent: a retry with the same id (after a timeout, a dropped
   connection, a killed worker) returns the first result with `"replayed": true` and writes nothing. 201 when
   written, 200 when replayed, 409 when the id was used for a different label.
+- `GET  /api/sessions/<sid>/suggestions?concept=C[&layer=L][&limit=N]`: where the logged-in user should draw concept C
+  next (`vis.services.Workbench.suggested_images`: `{concept, layer, listed, drawn, images}`, the image ids best
+  first; the layer defaults to the app's).
 - `GET  /api/sessions/<sid>/annotations.json`: `store.exchange.export_session` as a download.
 - `GET  /api/sessions/<sid>/report.html`: `vis.export.session_report_html`, one self-contained file, a download.
 - `GET  /api/sessions/<sid>/report.pdf`: the same report printed by headless Chromium (vis.pdf); 501 with a message
@@ -247,6 +250,17 @@ def install_api(app) -> Blueprint:
         result = _label(db, wb, session=sid, author=user.name, args=args)
         out = _result_json(result)
         return jsonify(out), (200 if out["replayed"] else 201)
+
+    @bp.get("/sessions/<int:sid>/suggestions")
+    def suggestions(sid: int):
+        user = _user()
+        wb = current()
+        _member(wb.db(), sid, user)
+        limit = request.args.get("limit", "10")
+        if not limit.isdigit():
+            raise InvalidInput("limit", f"expected a whole number of images, got {limit[:40]!r}")
+        return jsonify(wb.suggested_images(request.args.get("concept"), layer=request.args.get("layer"), session=sid,
+                                           limit=int(limit)))
 
     @bp.get("/sessions/<int:sid>/annotations.json")
     def annotations(sid: int):

@@ -52,6 +52,7 @@ REVIEW_NEW_CONCEPT = "review-new-concept"
 REVIEW_ADD_CONCEPT = "review-add-concept"
 REVIEW_LABEL = "review-label"
 REVIEW_UNDO = "review-undo"
+REVIEW_SUGGEST = "review-suggest"  # opens the patch to draw the chosen concept on next
 REVIEW_MESSAGE = "review-message"
 REVIEW_REPORT = "review-report"
 REVIEW_UNIT_DETAIL = "review-unit-detail"

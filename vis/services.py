@@ -643,9 +643,7 @@ class Workbench:
         from explain.labels import DatasetLabelRule, LabelRule
 
         if self.config.label_rule in ("dataset", "assisted"):
-            from explain.labelrules import images_showing
-
-            shown = self._handle("images-showing", lambda: images_showing(self.store(), self.manifest()))
+            shown = self.images_showing()
             if self.config.label_rule == "dataset":
                 return {"rule": DatasetLabelRule(), "shown": shown}
             from explain.probes import FeatureCache
@@ -654,6 +652,63 @@ class Workbench:
             cache = self._handle(("label-feature-cache", self.store().url), lambda: FeatureCache(self.store()))
             return {"rule": DatasetLabelRule(probes=True), "shown": shown, "cache": cache}
         return {"rule": LabelRule(threshold=self.config.iou_threshold)}
+
+    def images_showing(self) -> dict:
+        """{concept: store rows of the images the manifest lists as showing it} (explain.labelrules.images_showing)."""
+        from explain.labelrules import images_showing
+
+        return self._handle("images-showing", lambda: images_showing(self.store(), self.manifest()))
+
+    def suggested_images(self, concept, *, layer, session, limit: int = 10) -> dict:
+        """Where to draw `concept` next in a review session: {"concept", "layer", "listed" (images the dataset lists
+        as showing it), "drawn" (of those, the ones this user drew it on in the session), "images" (up to `limit` ids,
+        best first: explain.labelrules.next_drawings on the layer's pooled activations, the drawings kept most
+        representative of every listed image)}. "images" is empty when none is listed or all are drawn."""
+        from explain.labelrules import next_drawings
+        from explain.labels import regions_for
+
+        sid = self.session_id(session)
+        layer = self.layer(layer)
+        check_id(concept, "concept")
+        limit = check_int(limit, "limit", lo=1, hi=1000)
+        out = {"concept": concept, "layer": layer, "listed": 0, "drawn": 0, "images": []}
+        shown = self.images_showing().get(concept)
+        if shown is None:
+            return out
+        store = self.store()
+        drawn = set()
+        for rec in regions_for(self.db(), concept, session=sid, author=self.user()):
+            try:
+                drawn.add(store.index_of(rec.image_id))
+            except KeyError:  # a region on an image this store lacks weighs in no estimate either
+                continue
+        features = self._handle(f"pooled-max:{layer}", lambda: store.pooled(layer, "max"))
+        ranked = next_drawings(features, shown, sorted(drawn))[:limit]
+        return {**out, "listed": len(shown), "drawn": len(drawn & set(shown.tolist())),
+                "images": [store.image_ids[int(i)] for i in ranked]}
+
+    def suggest_patch(self, state, *, concept, layer, session):
+        """(the Review state with the patch to draw `concept` on next, or None, and a message): the first of
+        `suggested_images` other than the open patch, so that asking again steps to the next suggestion."""
+        from . import figures
+        from .components import message
+
+        state = self.open_state(state)
+        found = self.suggested_images(concept, layer=layer, session=session, limit=2)
+        name = figures.concept_name(concept)
+        if not found["listed"]:
+            return None, message("No suggestion", f"the dataset lists no image showing {name}: draw it wherever you "
+                                                  "find it.", color="info")
+        images = [i for i in found["images"] if i != state.get("image")] or found["images"]
+        if not images:
+            return None, message("No suggestion", f"you have drawn {name} on all {found['listed']} images listed as "
+                                                  "showing it.", color="info")
+        n = found["drawn"]
+        text = (f"of the {found['listed']} images listed as showing {name}, this one keeps your {n} drawing"
+                f"{'s' if n != 1 else ''} of it most representative of them all ({found['layer']}'s activations), "
+                f"which steadies the labels estimated from them. Draw it here and label, or ask again for the next "
+                f"one.")
+        return self.open_state(state, image=images[0]), message(f"Draw {name} on {images[0]}", text, color="info")
 
     def _unit_iou(self, layer: str):
         from explain.dissection import UnitIoU

@@ -78,9 +78,11 @@ def layout(**_query):
             dbc.Button("Label units", id=ids.REVIEW_LABEL, color="primary", n_clicks=0),
         ], className="cl-concept-bar"),
         html.Div([
-            dbc.InputGroup([dbc.Input(id=ids.REVIEW_NEW_CONCEPT, placeholder="new concept, e.g. rim sign",
+            dbc.InputGroup([dbc.Input(id=ids.REVIEW_NEW_CONCEPT, placeholder="new concept",
                                       maxLength=60, debounce=False, size="sm"),
                             dbc.Button("Add", id=ids.REVIEW_ADD_CONCEPT, color="light", size="sm", n_clicks=0)]),
+            dbc.Button("Suggest a patch", id=ids.REVIEW_SUGGEST, color="light", size="sm", n_clicks=0,
+                       title="Open the patch where drawing this concept next helps the labels most"),
             dbc.Button("Undo", id=ids.REVIEW_UNDO, color="light", size="sm", n_clicks=0),
         ], className="cl-actions"),
         html.Div(id=ids.REVIEW_MESSAGE, className="mt-2"),
@@ -123,21 +125,30 @@ def step_source(_prev, _next, source):
 
 @callback(Output(ids.REVIEW_STATE, "data"), Output(ids.REVIEW_REGIONS, "data", allow_duplicate=True),
           Output(ids.REVIEW_MESSAGE, "children", allow_duplicate=True),
+          Output(ids.REVIEW_SOURCE, "value", allow_duplicate=True),
           Input(ids.REVIEW_SOURCE, "value"), Input({"type": ids.FLAGGED_PATCH, "index": ALL}, "n_clicks"),
           Input(ids.REVIEW_MAMMOGRAM, "clickData"), Input(ids.REVIEW_UNIT_MAP, "clickData"),
-          State(ids.REVIEW_STATE, "data"), prevent_initial_call="initial_duplicate")
-@shows_errors(3, at=2)
-def open_patch(source, _flag_clicks, mammogram_click, unit_click, state):
+          Input(ids.REVIEW_SUGGEST, "n_clicks"), State(ids.REVIEW_STATE, "data"), State(ids.REVIEW_CONCEPT, "value"),
+          State(ids.REVIEW_LAYER, "value"), State(ids.SESSION, "data"), prevent_initial_call="initial_duplicate")
+@shows_errors(4, at=2)
+def open_patch(source, _flag_clicks, mammogram_click, unit_click, _suggest, state, concept, layer, session):
     wb, trigger = current(), ctx.triggered_id
     if isinstance(trigger, dict) and trigger.get("type") == ids.FLAGGED_PATCH:
         if not any(_flag_clicks or []):
-            return no_update, no_update, no_update
-        return wb.open_state(state, image=trigger["index"]), [], None
+            return no_update, no_update, no_update, no_update
+        return wb.open_state(state, image=trigger["index"]), [], None, no_update
     if trigger == ids.REVIEW_MAMMOGRAM:
-        return wb.open_state(state, image=wb.patch_at(state, mammogram_click)), [], None
+        return wb.open_state(state, image=wb.patch_at(state, mammogram_click)), [], None, no_update
     if trigger == ids.REVIEW_UNIT_MAP:
-        return wb.open_state(state, unit=wb.clicked_unit(unit_click)), no_update, no_update
-    return wb.open_state(state, source=source, image=wb.default_patch(source)), [], None
+        return wb.open_state(state, unit=wb.clicked_unit(unit_click)), no_update, no_update, no_update
+    if trigger == ids.REVIEW_SUGGEST:  # the patch may lie on another mammogram: the source follows it
+        new, note = wb.suggest_patch(state, concept=concept, layer=layer, session=session)
+        if new is None:
+            return no_update, no_update, note, no_update
+        return new, [], note, new["source"]
+    if isinstance(state, dict) and state.get("image") and state.get("source") == source:
+        return no_update, no_update, no_update, no_update  # the source followed an opened patch: keep that patch
+    return wb.open_state(state, source=source, image=wb.default_patch(source)), [], None, no_update
 
 
 # -- views -------------------------------------------------------------------------------------------------------------
