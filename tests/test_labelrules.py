@@ -464,6 +464,14 @@ def test_next_drawings_by_hand_keeps_the_drawn_sample_balanced():
     assert next_drawings(g, population).tolist() == next_drawings(h, population).tolist() == [5, 2, 0, 1, 3, 4]
     # no unit fires on the population: any order will do (the candidates as given)
     assert next_drawings(np.zeros((6, 2)), [0, 1, 2], [1]).tolist() == [0, 2]
+    # the same six images among two that show nothing, and a third unit firing on all eight (a film label) at
+    # random strengths: units 0 and 1 fire on the population 4/3 times as much as on the dataset (weights ∝ 7/6 ·
+    # 1/3 each); unit 2 has no lift and no weight, so the rankings are those above
+    film = np.random.default_rng(0).uniform(1, 9, (8, 1))
+    g = np.hstack([np.vstack([f, np.zeros((2, 2))]), film])
+    assert next_drawings(g, population).tolist() == [5, 0, 1, 2, 3, 4]
+    assert next_drawings(g, population, [0]).tolist() == [3, 4, 5, 1, 2]
+    assert next_drawings(g, population, [0, 3]).tolist() == [5, 1, 2, 4]
 
 
 def test_next_drawings_bad_input_is_refused():
@@ -494,8 +502,11 @@ def test_next_drawings_on_real_activations_ranks_by_the_balance_and_beats_random
     rng = np.random.default_rng(0)
     for concept, population in shown.items():
         mean = pooled[population].mean(axis=0)
-        keep = mean > 0
-        weight = mean[keep] / mean[keep].sum()
+        weight = mean * np.maximum(mean / pooled.mean(axis=0) - 1, 0)  # firing × lift over the dataset
+        if not (weight > 0).any():  # shown on every image (normal tissue here): no lift anywhere, the firing alone
+            weight = mean
+        keep = weight > 0
+        weight = weight[keep] / weight[keep].sum()
 
         def imbalance(sample):
             return float(((pooled[sample][:, keep].mean(axis=0) / mean[keep] - 1) ** 2) @ weight)
