@@ -64,8 +64,8 @@ def run(settings) -> list[dict]:
                    if reviewer == "suggested" else "random patches")
             note = (f"rule {rule}; layer {layer}; {len(det)} detectors {det[:12]}; drawn on {report.available[c]} "
                     f"eligible test patches ({who}); P/R by k: {_curve(rows)}; mlflow run {run_id}")
-            base = "groundtruth" if rule == "published" else f"groundtruth/{rule}"
-            base = base.replace("groundtruth", "groundtruth/suggested", 1) if reviewer == "suggested" else base
+            root = "groundtruth/suggested" if reviewer == "suggested" else "groundtruth"
+            base = root if rule == "published" else f"{root}/{rule}"
             prefix = f"{base}/{c}" if goals else f"{base}/{layer}/{c}"
             p, r = row["precision"], row["recall"]
             k_goal = report.k_to_goal(layer, c, rule, reviewer)
