@@ -468,12 +468,12 @@ def test_suggest_a_patch_opens_the_one_that_balances_the_drawings(app_workspace)
     from store.settings import load_settings
     from vis import ids
 
-    app, dc = _client(load_settings(app_workspace), user="sam")
+    app, dc = _client(load_settings(app_workspace))
     wb = app.server.extensions["conceptlens"]
     layer, store = wb.layer(), wb.store()
     concept, shown = max(wb.images_showing().items(), key=lambda kv: len(kv[1]))
     assert len(shown) >= 3
-    drawn = [store.index_of(r.image_id) for r in regions_for(wb.db(), concept, session=1, author="sam")]
+    drawn = [store.index_of(r.image_id) for r in regions_for(wb.db(), concept, session=1, author="ana")]
     ranked = next_drawings(store.pooled(layer, "max"), shown, drawn)
     source = wb.sources()[0].id
     inputs = {f"{ids.REVIEW_SUGGEST}.n_clicks": 1, f"{ids.REVIEW_SOURCE}.value": source,
