@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from contextlib import contextmanager
@@ -590,24 +591,32 @@ def open_database(url: str | None = None, *, settings=None, create: bool = True,
     if parsed.get_backend_name() == "sqlite":
         _sqlite_events(engine, memory=memory)
     db = Database(engine, url)
-    try:
-        if create:
-            upgrade_database(db)
-        else:
-            rev = current_revision(db)
-            version = db.schema_version() if rev is not None else 0
-            _refuse_newer(db, rev, version)
-            if rev != head_revision() or version != SCHEMA_VERSION:
-                raise SchemaVersionError(f"{shown}: revision {rev}, schema version {version}; expected revision "
-                                         f"{head_revision()} (schema version {SCHEMA_VERSION}): run `python -m store "
-                                         f"db upgrade` first")
-    except AnnotationDatabaseError:
-        engine.dispose()
-        raise
-    except DBAPIError as e:
-        engine.dispose()
-        raise AnnotationDatabaseError(f"{shown}: cannot open the annotation database ({e.orig})") from None
-    return db
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            if create:
+                upgrade_database(db)
+            else:
+                rev = current_revision(db)
+                version = db.schema_version() if rev is not None else 0
+                _refuse_newer(db, rev, version)
+                if rev != head_revision() or version != SCHEMA_VERSION:
+                    raise SchemaVersionError(f"{shown}: revision {rev}, schema version {version}; expected revision "
+                                             f"{head_revision()} (schema version {SCHEMA_VERSION}): run `python -m "
+                                             f"store db upgrade` first")
+            return db
+        except AnnotationDatabaseError:
+            engine.dispose()
+            raise
+        except DBAPIError as e:
+            # SQLite refuses some locks at once, without waiting out its busy timeout (switching a fresh file to
+            # WAL while another process migrates it, say): the migration is idempotent under its lock, so try again
+            if db.is_sqlite and "locked" in str(e.orig) and time.monotonic() < deadline:
+                engine.dispose()
+                time.sleep(0.05)
+                continue
+            engine.dispose()
+            raise AnnotationDatabaseError(f"{shown}: cannot open the annotation database ({e.orig})") from None
 
 
 def dump(db: Database) -> dict[str, list[dict]]:

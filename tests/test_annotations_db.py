@@ -204,3 +204,36 @@ def test_postgresql_by_url_schema_labels_and_rollback(pg_database):
     assert dump(db) == before
     assert dump(open_database(pg_database)) == before  # a second open initializes nothing again
     assert [c["id"] for c in sorted(before["concept"], key=lambda c: c["position"])] == [c[0] for c in DEFAULT_CONCEPTS]
+
+
+def test_a_lock_sqlite_refuses_at_once_while_opening_is_waited_out(tmp_path, monkeypatch):
+    """SQLite can answer "database is locked" at once, without waiting its busy timeout (switching a fresh file to WAL
+    while another process migrates it): opening tries again until the timeout, then names the lock."""
+    from sqlalchemy.exc import OperationalError
+
+    import store.annotations as annotations
+
+    real, calls = annotations.upgrade_database, []
+
+    def locked_twice(db):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise OperationalError("PRAGMA journal_mode = WAL", {}, sqlite3.OperationalError("database is locked"))
+        return real(db)
+
+    monkeypatch.setattr(annotations, "upgrade_database", locked_twice)
+    db = open_database(f"sqlite:///{tmp_path / 'a.db'}")
+    assert len(calls) == 3
+    with db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Concept)) == len(DEFAULT_CONCEPTS)
+
+    def always_locked(db):
+        raise OperationalError("BEGIN IMMEDIATE", {}, sqlite3.OperationalError("database is locked"))
+
+    monkeypatch.setattr(annotations, "upgrade_database", always_locked)
+    monkeypatch.setattr(annotations, "BUSY_TIMEOUT_S", 0.3)
+    t0 = time.monotonic()
+    with pytest.raises(AnnotationDatabaseError, match=r"b\.db: cannot open the annotation database \(database is "
+                                                     r"locked\)"):
+        open_database(f"sqlite:///{tmp_path / 'b.db'}")
+    assert 0.3 <= time.monotonic() - t0 < 5
