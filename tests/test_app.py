@@ -493,6 +493,7 @@ def test_suggest_a_patch_opens_the_one_that_balances_the_drawings(app_workspace)
     assert out[ids.REVIEW_SOURCE]["value"] == state["source"] == wb.record(first)[1].source_id
     text = _text(out[ids.REVIEW_MESSAGE])
     assert f"on {first}" in text and f"of the {len(shown)} images listed" in text, text
+    assert ("most typical" if not drawn else f"keeps your {len(drawn)} drawing") in text, text
     # asked again with that patch open: the next in the ranking
     out = suggest(**{f"{ids.REVIEW_STATE}.data": state})
     assert out[ids.REVIEW_STATE]["data"]["image"] == store.image_ids[int(ranked[1])]

@@ -703,11 +703,12 @@ class Workbench:
         if not images:
             return None, message("No suggestion", f"you have drawn {name} on all {found['listed']} images listed as "
                                                   "showing it.", color="info")
-        n = found["drawn"]
-        text = (f"of the {found['listed']} images listed as showing {name}, this one keeps your {n} drawing"
-                f"{'s' if n != 1 else ''} of it most representative of them all ({found['layer']}'s activations), "
-                f"which steadies the labels estimated from them. Draw it here and label, or ask again for the next "
-                f"one.")
+        n, listed, on = found["drawn"], found["listed"], f"{found['layer']}'s activations"
+        why = (f"this one is the most typical of them ({on}): a good first drawing" if not n else
+               f"this one keeps your {n} drawing{'s' if n != 1 else ''} of it most representative of them all ({on}), "
+               f"which steadies the labels estimated from them")
+        text = (f"of the {listed} images listed as showing {name}, {why}. Draw it here and label, or ask again for "
+                f"the next one.")
         return self.open_state(state, image=images[0]), message(f"Draw {name} on {images[0]}", text, color="info")
 
     def _unit_iou(self, layer: str):
