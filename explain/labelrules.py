@@ -582,9 +582,9 @@ def next_drawings(features: np.ndarray, population: Sequence[int], drawn: Sequen
     n = f.shape[0]
 
     def indices(values, what: str) -> np.ndarray:
-        idx = np.asarray(values if values is not None else [], dtype=object).reshape(-1)
-        if idx.size and not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in idx):
-            raise LabelError(f"{what} must be store indices (integers), got {list(idx[:3])!r}")
+        idx = np.asarray([] if values is None else values).reshape(-1)
+        if idx.size and idx.dtype.kind not in "iu":  # floats, bools, strings: not store indices
+            raise LabelError(f"{what} must be store indices (integers), got {idx[:3].tolist()!r}")
         idx = np.unique(idx.astype(np.int64))
         if idx.size and (idx[0] < 0 or idx[-1] >= n):
             raise LabelError(f"{what} must be indices of the {n} store images, got {int(idx[0])} … {int(idx[-1])}")
@@ -596,9 +596,8 @@ def next_drawings(features: np.ndarray, population: Sequence[int], drawn: Sequen
     pool = np.setdiff1d(population if candidates is None else indices(candidates, "candidates"), drawn)
     if pool.size == 0:
         return pool
-    f = np.maximum(f.astype(np.float64), 0.0)
-    mean = f[np.union1d(population, drawn)].mean(axis=0)  # m_u
-    overall = f.mean(axis=0)  # a_u
+    overall = np.maximum(f, 0).mean(axis=0, dtype=np.float64)  # a_u
+    mean = np.maximum(f[np.union1d(population, drawn)], 0).mean(axis=0, dtype=np.float64)  # m_u
     with np.errstate(divide="ignore", invalid="ignore"):
         weight = mean * np.maximum(np.where(overall > 0, mean / overall - 1.0, 0.0), 0.0)
     if not (weight > 0).any():  # the concept's images fire like all the others: balance on the firing alone
@@ -606,8 +605,10 @@ def next_drawings(features: np.ndarray, population: Sequence[int], drawn: Sequen
     keep = weight > 0
     if not keep.any():
         return pool  # no unit fires on these images: every candidate is as good as any other
+
+    def z(rows: np.ndarray) -> np.ndarray:  # (image, unit): 1 where an image fires as the population does on average
+        return np.maximum(f[rows][:, keep], 0) / mean[keep]
+
     weight = weight[keep] / weight[keep].sum()
-    z = f[:, keep] / mean[keep]  # (image, unit): 1 where an image fires as the population does on average
-    total = z[drawn].sum(axis=0)
-    score = ((total[None, :] + z[pool]) / (drawn.size + 1) - 1.0) ** 2 @ weight
+    score = ((z(drawn).sum(axis=0)[None, :] + z(pool)) / (drawn.size + 1) - 1.0) ** 2 @ weight
     return pool[np.argsort(score, kind="stable")]
