@@ -442,20 +442,21 @@ def _drawable_counts(store, manifest, layer: str, *, splits: Sequence[str], conc
 
 def reviewer_orders(store, manifest, layer: str, detectors: Mapping[str, Sequence[int]], *,
                     config: GroundTruthConfig = GroundTruthConfig(), orders: int = 40, seed: int = 2000,
-                    shown: Mapping[str, Sequence[int]] | None = None, cache=None,
-                    reviewer: str = "random") -> dict[str, dict[str, dict]]:
+                    shown: Mapping[str, Sequence[int]] | None = None, cache=None, reviewer: str = "random",
+                    drawable: Mapping[str, list[tuple]] | None = None) -> dict[str, dict[str, dict]]:
     """How much the alternative rules' figures at k = config.goal_k depend on which patches the reviewer drew: `orders`
     seeded reviewers, each drawing goal_k eligible patches of the review split per concept — at random, or
     (reviewer="suggested", needs `shown`) the same first patch and then the app's suggestions (`suggested_order`).
     → {rule: {concept: {"precision", "recall" (means; an undefined precision counts 0), "met" (fraction of
-    reviewers reaching both goals), "orders"}}} for "cumulative" and, with `shown`, "dataset" and "assisted"."""
+    reviewers reaching both goals), "orders"}}} for "cumulative" and, with `shown`, "dataset" and "assisted".
+    `drawable`: `_drawable_counts`' answer for the review split, when already at hand."""
     if reviewer not in REVIEWERS:
         raise ExplainError(f"unknown reviewer {reviewer!r}; known: {', '.join(REVIEWERS)}")
     if reviewer == "suggested" and shown is None:
         raise ExplainError("the suggested reviewer needs the images showing each concept (shown=)")
     concepts = list(config.concepts)
-    counts = _drawable_counts(store, manifest, layer, splits=(config.review_split,), concepts=concepts,
-                              min_region_px=config.min_region_px, level=config.level)
+    counts = drawable or _drawable_counts(store, manifest, layer, splits=(config.review_split,), concepts=concepts,
+                                          min_region_px=config.min_region_px, level=config.level)
     n_units = store.layer_shape(layer)[0]
     make = {"cumulative": lambda: CumulativeRule.from_counts(n_units, threshold=config.cumulative_threshold)}
     if shown is not None:
@@ -468,14 +469,15 @@ def reviewer_orders(store, manifest, layer: str, detectors: Mapping[str, Sequenc
     rng = np.random.default_rng(seed)
     sums = {name: {c: np.zeros(3) for c in concepts} for name in make}
     features = store.pooled(layer, "max") if reviewer == "suggested" else None
+    position = {c: {e[0]: j for j, e in enumerate(counts[c])} for c in concepts}  # store index → entry of counts
     for _ in range(orders):
         picks = {c: rng.permutation(len(counts[c]))[:config.goal_k] for c in concepts}
         if features is not None:  # the same first patch as the random reviewer, then the suggestions
             for c in concepts:
-                eligible = [e[0] for e in counts[c]]
                 if len(picks[c]) and c in shown:
-                    drawn = suggested_order(features, shown[c], eligible, eligible[picks[c][0]], config.goal_k)
-                    picks[c] = [eligible.index(i) for i in drawn]
+                    first = counts[c][picks[c][0]][0]
+                    picks[c] = [position[c][i] for i in suggested_order(features, shown[c], list(position[c]), first,
+                                                                         config.goal_k)]
         for name, new in make.items():
             rule = new()
             for c in concepts:
@@ -592,8 +594,10 @@ def evaluate_ground_truth(settings, *, store="demo", data="demo", layers: Sequen
     alt = {}
     published, _ = simulate_reviewer(store, manifest, head, detectors[head], config=config, order=followed,
                                      alternatives=alt, shown=shown, cache=cache)
+    drawable = _drawable_counts(store, manifest, head, splits=(config.review_split,), concepts=config.concepts,
+                                min_region_px=config.min_region_px, level=config.level)
     orders = {reviewer: reviewer_orders(store, manifest, head, detectors[head], config=config, shown=shown,
-                                        cache=cache, reviewer=reviewer) for reviewer in REVIEWERS}
+                                        cache=cache, reviewer=reviewer, drawable=drawable) for reviewer in REVIEWERS}
     n_ref = sum(r.split in config.reference_splits for r in records)
     return GroundTruthReport(layers=layers, config=config, concepts=concepts, iou=iou, detectors=detectors,
                              curves=curves, drawings=drawings, available=available, n_reference_images=n_ref,
