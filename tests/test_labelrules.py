@@ -448,13 +448,18 @@ def test_next_drawings_by_hand_keeps_the_drawn_sample_balanced():
     # six images showing a concept: three of kind A (unit 0 fires), two of kind B (unit 1), one of both
     f = np.array([[2, 0], [2, 0], [2, 0], [0, 2], [0, 2], [1, 1]], np.float32)  # (image, unit)
     population = range(6)
-    # population means 7/6 for both units; z = f / (7/6). Nothing drawn: the most typical image first (image 5,
-    # (6/7 - 1)^2 on each unit), then the others, ties in index order
+    # population means m = (7/6, 5/6), no lift over the dataset (the population is all of it), so weights ∝ m:
+    # (7/12, 5/12); z = f / m. Nothing drawn: the most typical image first (image 5: 7/12 (6/7 - 1)^2 + 5/12 (6/5 -
+    # 1)^2 = 0.029), then the As (7/12 (12/7 - 1)^2 + 5/12 = 0.71), then the Bs (7/12 + 5/12 (12/5 - 1)^2 = 1.40);
+    # identical rows tie exactly and keep their index order
     assert next_drawings(f, population).tolist() == [5, 0, 1, 2, 3, 4]
-    # one A drawn: another A leaves unit 1 at 0 (score ½(5/7)^2 + ½·1), a B evens both out (½(1/7)^2·2), image 5
-    # half way (½(2/7)^2 + ½(4/7)^2)
+    # one A drawn: another A leaves unit 1 at 0 (0.71), a B evens both out (7/12 (1/7)^2 + 5/12 (1/5)^2 = 0.029),
+    # image 5 half way (7/12 (2/7)^2 + 5/12 (2/5)^2 = 0.11)
     assert next_drawings(f, population, [0]).tolist() == [3, 4, 5, 1, 2]
-    assert next_drawings(f, population, [0, 3]).tolist() == [5, 1, 2, 4]  # A and B drawn: the mixed image
+    # A and the mixed image drawn: a B (0.029) before another A (7/12 (3/7)^2 + 5/12 (3/5)^2 = 0.26). (With A and B
+    # drawn, another A and the mixed image tie exactly — each is off by as much on each unit, in opposite directions
+    # — and only float rounding would order them.)
+    assert next_drawings(f, population, [0, 5]).tolist() == [3, 4, 1, 2]
     # candidates: only those not drawn, in the suggested order; everything drawn: nothing left to suggest
     assert next_drawings(f, population, [0], candidates=[1, 0, 4]).tolist() == [4, 1]
     assert next_drawings(f, population, range(6)).tolist() == []
@@ -465,13 +470,13 @@ def test_next_drawings_by_hand_keeps_the_drawn_sample_balanced():
     # no unit fires on the population: any order will do (the candidates as given)
     assert next_drawings(np.zeros((6, 2)), [0, 1, 2], [1]).tolist() == [0, 2]
     # the same six images among two that show nothing, and a third unit firing on all eight (a film label) at
-    # random strengths: units 0 and 1 fire on the population 4/3 times as much as on the dataset (weights ∝ 7/6 ·
-    # 1/3 each); unit 2 has no lift and no weight, so the rankings are those above
+    # random strengths: units 0 and 1 fire on the population 4/3 times as much as on the dataset (weights ∝ m · 1/3,
+    # as above); unit 2 has no lift and no weight, so the rankings are those above
     film = np.random.default_rng(0).uniform(1, 9, (8, 1))
     g = np.hstack([np.vstack([f, np.zeros((2, 2))]), film])
     assert next_drawings(g, population).tolist() == [5, 0, 1, 2, 3, 4]
     assert next_drawings(g, population, [0]).tolist() == [3, 4, 5, 1, 2]
-    assert next_drawings(g, population, [0, 3]).tolist() == [5, 1, 2, 4]
+    assert next_drawings(g, population, [0, 5]).tolist() == [3, 4, 1, 2]
 
 
 def test_next_drawings_bad_input_is_refused():
