@@ -105,6 +105,9 @@ def test_round_trip_every_reader(where):
         assert m.dtype == np.float32 and m.shape == (u, y, x)
         np.testing.assert_array_equal(m, maps16[5].astype(np.float32))
         np.testing.assert_array_equal(s.maps_many(name, [9, 2, 9]), maps16[[9, 2, 9]].astype(np.float32))
+        order = [9, 3, 2, 4, 0, 9, 1, 7]  # runs 0–4, 7 and 9 (the last), out of order and repeated
+        np.testing.assert_array_equal(s.maps_many(name, order), maps16[order].astype(np.float32))
+        np.testing.assert_array_equal(s.maps_many(name, range(s.n_images)), maps16.astype(np.float32))
         np.testing.assert_array_equal(s.pooled(name, "max"), want["layers"][name]["max"])
         np.testing.assert_array_equal(s.pooled(name, "mean"), want["layers"][name]["mean"])
         levels = s.quantile_levels(name)
