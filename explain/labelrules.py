@@ -412,8 +412,10 @@ class ProbeAssistedRule(DatasetRule):
     test-patch reviewers of the first model: DatasetRule 0.697 / 0.420, this rule 0.769 / 0.595 (mass 0.40 → 0.85,
     calcification 1.00 → 1.00, spiculated 0.23 → 0.47, circumscribed 0.10 → 0.25, distortion 0.38 → 0.40).
     Cost: after each drawing, a probe fit of the concept drawn (a FeatureCache keeps the fits of the others) and the
-    overlaps: 1.5–1.9 s a drawing in the app on the demo store; once per image and FeatureCache, the unit masks
-    pulled back (14 ms an image: 13 s for the 935 demo patches showing a mass), and once the layer's maps loaded.
+    overlaps: 1.5–1.9 s a drawing in the app on the demo store; once per image and FeatureCache, its maps read and
+    its unit masks pulled back (the 935 demo patches showing a mass: 1.7 s and 2.5 s). In a fresh process the first
+    drawing of mass took 9.2 s in all, the first of calcification then 3.5 s, and later drawings about 1 s (24.7 s
+    and 6.1 s before the FeatureCache read only the images asked for and the pull-back skipped silent units).
     """
 
     def __init__(self, store, layer: str, *, shown: Mapping[str, Sequence[int]],
@@ -497,10 +499,12 @@ class ProbeAssistedRule(DatasetRule):
         return np.union1d(self.shown_index[concept], drawn), drawn
 
     def prepare(self) -> None:
-        """Do the slow part of the next estimate now: the layer's maps in memory, each drawn concept's probe fitted
+        """Do the slow part of the next estimate now: its images' maps in memory, each drawn concept's probe fitted
         and its images' unit masks pulled back, all kept by the FeatureCache (explain.labels runs this before its
         write transaction)."""
-        self.cache.maps(self.layer)  # the layer's maps in memory once: each estimate reads hundreds of images
+        # the maps of the images each estimate reads, in memory once and in one read of the store (reading them
+        # block by block would decode the same store chunks again and again)
+        self.cache.load(self.layer, np.concatenate([self._images(c)[0] for c in self.concepts]))
         for c in self.concepts:
             self.probe(c)
             self.cache.cell_weights(self.layer, self._images(c)[0], self.level)

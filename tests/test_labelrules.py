@@ -29,6 +29,7 @@ from explain.probes import FeatureCache
 from explain.regions import MaskRegion
 from sqlalchemy import select
 
+from store.activations import ImageIndexError, MissingArrayError
 from store.annotations import LabelAction, open_database
 from store.manifest import read_manifest
 
@@ -282,7 +283,11 @@ def test_interpolation_matrix_and_unit_cell_weights_are_the_upsampling_exactly(l
     k = cache.cell_weights("features.1", images, block=2)  # two blocks
     assert k.shape == (3, units, h, w)
     np.testing.assert_array_equal(cache.cell_weights("features.1", [5])[0], k[1])  # kept, not recomputed
-    np.testing.assert_array_equal(k, unit_cell_weights(store.maps_many("features.1", images), t, (64, 64)))
+    # from the cache's maps (float16 copies)
+    np.testing.assert_array_equal(k, unit_cell_weights(cache.image_maps("features.1", images), t, (64, 64)))
+    k = unit_cell_weights(store.maps_many("features.1", images), t, (64, 64))
+    area = k.sum(axis=(2, 3))
+    assert (area == 0).any() and (area > 0).any()  # units silent on an image (skipped) and units firing
     heat = rng.random((3, h, w)).astype(np.float32)
     for j, i in enumerate(images):
         masks = unit_masks(store.maps("features.1", i), t, (64, 64))  # (unit, Y, X) the plain way
@@ -292,6 +297,34 @@ def test_interpolation_matrix_and_unit_cell_weights_are_the_upsampling_exactly(l
     assert cache.cell_weights("features.1", []).shape == (0, units, h, w)
     with pytest.raises(ValueError, match="image, unit, y, x"):
         unit_cell_weights(store.maps("features.1", 0), t, (64, 64))
+
+
+def test_feature_cache_reads_each_image_once_and_serves_the_same_copy(lesions, monkeypatch):
+    store, _ = lesions
+    cache = FeatureCache(store)
+    reads = []
+    real = store.maps_many
+    monkeypatch.setattr(store, "maps_many", lambda layer, idx: reads.append(sorted(np.asarray(idx).tolist()))
+                        or real(layer, idx))
+    last = store.n_images - 1
+    first = cache.image_maps("features.1", [3, 1, 3])
+    assert reads == [[1, 3]]  # only the images asked for, each once
+    np.testing.assert_array_equal(first, store.maps_many("features.1", [3, 1, 3]).astype(np.float16))
+    reads.clear()
+    cache.load("features.1", [0, 1, 3, last])
+    assert reads == [[0, last]]  # the others are in memory
+    np.testing.assert_array_equal(cache.image_maps("features.1", [3, 1, 3]), first)
+    assert reads == [[0, last]] and cache.image_maps("features.1", []).shape[0] == 0
+    every = cache.maps("features.1")  # the whole layer: what is left, in one read
+    assert reads[-1] == [i for i in range(store.n_images) if i not in (0, 1, 3, last)] and len(reads) == 2
+    assert every.dtype == np.float16 and every.shape[0] == store.n_images
+    np.testing.assert_array_equal(every[[3, 1, 3]].astype(np.float32), first)
+    with pytest.raises(ImageIndexError, match="image index -1"):
+        cache.image_maps("features.1", [0, -1])  # not the last image, as numpy would read it
+    with pytest.raises(ImageIndexError, match=f"image index {store.n_images}"):
+        cache.load("features.1", [store.n_images])
+    with pytest.raises(MissingArrayError, match="no layer 'features.99'"):
+        cache.image_maps("features.99", [0])
 
 
 def test_probe_assisted_rule_is_the_dataset_iou_when_every_patch_is_drawn_and_finds_the_units_from_few(lesions):
