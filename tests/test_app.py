@@ -506,3 +506,63 @@ def test_suggest_a_patch_opens_the_one_that_balances_the_drawings(app_workspace)
         code, data = dc.call(f"{ids.REVIEW_STATE}.data", {**inputs, key: bad},
                              changed=[f"{ids.REVIEW_SUGGEST}.n_clicks"])
         assert code == 400, (key, bad, data)
+
+
+def _components(node, kind) -> list:
+    """Every component of type `kind` in a Dash component tree."""
+    found = [node] if isinstance(node, kind) else []
+    children = getattr(node, "children", None)
+    for child in children if isinstance(children, (list, tuple)) else [children] if children is not None else []:
+        found += _components(child, kind)
+    return found
+
+
+def test_the_experiments_roc_view_shows_logged_rocs_and_keeps_a_finished_runs(app_workspace, tmp_path, monkeypatch):
+    """The Experiments page's ROC view: the training run's logged ROC image, a message for a run that logged none.
+    The artifact store is listed once per run instead of tried with downloads that fail; a finished run's answer is
+    kept, so choosing the same runs again asks nothing; an artifact store that cannot be reached is asked again."""
+    import shutil
+
+    from dash import html
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from store.settings import load_settings
+    from vis.app import AppConfig
+    from vis.services import Workbench
+
+    ws = tmp_path / "ws"
+    shutil.copytree(app_workspace, ws, ignore=shutil.ignore_patterns("secret_key"))
+    settings = load_settings(ws)
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    trained = next(r.info.run_id for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+                   if "figures/test_roc.png" in {a.path for a in client.list_artifacts(r.info.run_id, "figures")})
+    bare = client.create_run(client.create_experiment("no-figures"), run_name="bare").info.run_id
+    client.log_metric(bare, "auroc", 0.5)
+    client.set_terminated(bare)
+
+    wb = Workbench(settings, AppConfig())
+    listed = []
+    real_list = wb._mlflow().list_artifacts
+    monkeypatch.setattr(wb._mlflow(), "list_artifacts", lambda rid, path=None: listed.append(rid) or
+                        real_list(rid, path))
+    view = wb.roc_view(wb._runs([trained, bare]))
+    images = _components(view, html.Img)
+    assert len(images) == 1 and images[0].src.startswith("data:image/png;base64,") and len(images[0].src) > 1000
+    assert sorted(listed) == sorted([trained, bare])
+    none = wb.roc_view(wb._runs([bare]))
+    assert not _components(none, html.Img) and "No ROC logged" in str(none)
+    again = wb.roc_view(wb._runs([trained, bare]))
+    assert len(listed) == 2 and _components(again, html.Img)[0].src == images[0].src  # kept: nothing asked
+
+    down = Workbench(settings, AppConfig())  # another process, whose artifact store is out of reach at first
+    real_down = down._mlflow().list_artifacts
+
+    def unreachable(rid, path=None):
+        raise MlflowException("connection refused")
+
+    monkeypatch.setattr(down._mlflow(), "list_artifacts", unreachable)
+    assert not _components(down.roc_view(down._runs([trained])), html.Img)
+    monkeypatch.setattr(down._mlflow(), "list_artifacts", real_down)
+    assert _components(down.roc_view(down._runs([trained])), html.Img)[0].src == images[0].src
+

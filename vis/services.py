@@ -177,6 +177,7 @@ class Workbench:
         self._handles: dict[str, object] = {}  # opened once per process: manifest, sources, model, store
         self._mammograms = _Lru(4)  # display arrays of the last few mammograms
         self._views = _Lru(64)  # small derived arrays (overlays, masks) by key
+        self._rocs = _Lru(64)  # the logged ROC of finished mlflow runs, by run id
 
     # -- identity and review sessions -----------------------------------------------------------------------------------
     def account(self):
@@ -1717,41 +1718,66 @@ class Workbench:
 
     def roc_view(self, runs):
         """ROC curves of the runs: interactive from a logged figures/test_roc.json, else the logged PNG."""
-        import json
-        import tempfile
-
-        import mlflow.artifacts
         from dash import dcc, html
-        from mlflow.exceptions import MlflowException
 
         from . import figures
 
         curves, images = {}, []
         for r in runs:
             name = r.info.run_name or r.info.run_id[:8]
-            with tempfile.TemporaryDirectory(prefix="conceptlens-roc-") as tmp:
-                for artifact in ("figures/test_roc.json", "figures/test_roc.png"):
-                    try:
-                        local = Path(mlflow.artifacts.download_artifacts(
-                            run_id=r.info.run_id, artifact_path=artifact, dst_path=tmp,
-                            tracking_uri=self.settings.tracking_uri))
-                    except (MlflowException, OSError):
-                        continue
-                    if artifact.endswith(".json"):
-                        d = json.loads(local.read_text())
-                        curves[name] = (d["fpr"], d["tpr"], d.get("auroc"))
-                    else:
-                        images.append((name, _png_uri(local.read_bytes())))
-                    break
+            kind, value = self._roc(r) or (None, None)
+            if kind == "curve":
+                curves[name] = value
+            elif kind == "png":
+                images.append((name, value))
         children = []
         if curves:
             children.append(dcc.Graph(figure=figures.roc_figure(curves, height=360), config={"displaylogo": False}))
         for name, uri in images:
-            if name not in curves:
-                children.append(html.Figure([html.Img(src=uri, style={"maxWidth": "100%", "maxHeight": "340px"}),
-                                             html.Figcaption(name, className="cl-muted")], className="cl-roc"))
+            children.append(html.Figure([html.Img(src=uri, style={"maxWidth": "100%", "maxHeight": "340px"}),
+                                         html.Figcaption(name, className="cl-muted")], className="cl-roc"))
         return html.Div(children or html.Div("No ROC logged for these runs (probe runs log AUROC and AP only).",
                                              className="cl-muted"), className="cl-gallery")
+
+    def _roc(self, run) -> tuple | None:
+        """A run's logged ROC: ("curve", (fpr, tpr, auroc)) from figures/test_roc.json, else ("png", data URI) from
+        figures/test_roc.png, else None. The artifact store is asked once which figures the run has (a run without
+        them costs one listing, not two failed downloads), and a finished run's answer is kept: what it logged no
+        longer changes, and choosing the same runs again redraws at once."""
+        from mlflow.exceptions import MlflowException
+
+        rid = run.info.run_id
+        if self._rocs.contains(rid):
+            return self._rocs.get(rid, lambda: None)
+        try:
+            logged = {a.path for a in self._mlflow().list_artifacts(rid, "figures")}
+        except (MlflowException, OSError):
+            return None  # the artifact store is unreachable: asked again next time
+        roc = self._read_roc(rid, logged)
+        if run.info.status == "FINISHED":
+            self._rocs.get(rid, lambda: roc)
+        return roc
+
+    def _read_roc(self, run_id: str, logged: set) -> tuple | None:
+        import json
+        import tempfile
+
+        from mlflow.exceptions import MlflowException
+
+        client = self._mlflow()
+        for artifact in ("figures/test_roc.json", "figures/test_roc.png"):
+            if artifact not in logged:
+                continue
+            with tempfile.TemporaryDirectory(prefix="conceptlens-roc-") as tmp:
+                try:
+                    local = Path(client.download_artifacts(run_id, artifact, tmp))
+                    if artifact.endswith(".png"):
+                        return "png", _png_uri(local.read_bytes())
+                    d = json.loads(local.read_text())
+                    return "curve", (d["fpr"], d["tpr"], d.get("auroc"))
+                except (MlflowException, OSError, ValueError, KeyError, TypeError):
+                    continue  # unreadable: the next figure, if any
+        return None
 
 
 SAVED_REGION_COLOR = "#f783ac"  # regions reviewers saved (labeled) in the session: outlined, never editable here
