@@ -1747,36 +1747,31 @@ class Workbench:
         from mlflow.exceptions import MlflowException
 
         rid = run.info.run_id
-        if self._rocs.contains(rid):
-            return self._rocs.get(rid, lambda: None)
         try:
-            logged = {a.path for a in self._mlflow().list_artifacts(rid, "figures")}
+            if run.info.status == "FINISHED":
+                return self._rocs.get(rid, lambda: self._read_roc(rid))
+            return self._read_roc(rid)
         except (MlflowException, OSError):
-            return None  # the artifact store is unreachable: asked again next time
-        roc = self._read_roc(rid, logged)
-        if run.info.status == "FINISHED":
-            self._rocs.get(rid, lambda: roc)
-        return roc
+            return None  # the artifact store could not be read: nothing kept, asked again next time
 
-    def _read_roc(self, run_id: str, logged: set) -> tuple | None:
+    def _read_roc(self, run_id: str) -> tuple | None:
         import json
         import tempfile
 
-        from mlflow.exceptions import MlflowException
-
         client = self._mlflow()
+        logged = {a.path for a in client.list_artifacts(run_id, "figures")}
         for artifact in ("figures/test_roc.json", "figures/test_roc.png"):
             if artifact not in logged:
                 continue
             with tempfile.TemporaryDirectory(prefix="conceptlens-roc-") as tmp:
+                local = Path(client.download_artifacts(run_id, artifact, tmp))
+                if artifact.endswith(".png"):
+                    return "png", _png_uri(local.read_bytes())
                 try:
-                    local = Path(client.download_artifacts(run_id, artifact, tmp))
-                    if artifact.endswith(".png"):
-                        return "png", _png_uri(local.read_bytes())
                     d = json.loads(local.read_text())
                     return "curve", (d["fpr"], d["tpr"], d.get("auroc"))
-                except (MlflowException, OSError, ValueError, KeyError, TypeError):
-                    continue  # unreadable: the next figure, if any
+                except (ValueError, KeyError, TypeError):
+                    continue  # not a curve: the PNG, if there is one
         return None
 
 
