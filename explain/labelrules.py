@@ -504,10 +504,11 @@ class ProbeAssistedRule(DatasetRule):
         write transaction)."""
         # the maps of the images each estimate reads, in memory once and in one read of the store (reading them
         # block by block would decode the same store chunks again and again)
-        self.cache.load(self.layer, np.concatenate([self._images(c)[0] for c in self.concepts]))
-        for c in self.concepts:
+        images = {c: self._images(c)[0] for c in self.concepts}
+        self.cache.load(self.layer, np.concatenate(list(images.values())))
+        for c, idx in images.items():
             self.probe(c)
-            self.cache.cell_weights(self.layer, self._images(c)[0], self.level)
+            self.cache.cell_weights(self.layer, idx, self.level)
 
     def _estimate(self) -> np.ndarray:
         self.prepare()

@@ -872,9 +872,8 @@ class FeatureCache:
                                           np.zeros(self.store.n_images, dtype=bool)))
         maps, loaded = self._maps[layer]
         idx = np.unique(np.asarray(images, dtype=np.int64).reshape(-1))
-        if len(idx) and (idx[0] < 0 or idx[-1] >= len(loaded)):  # the store's error, naming the index
-            self.store.maps_many(layer, idx[[0, -1]])
-        todo = idx[~loaded[idx]]
+        in_range = len(idx) == 0 or (idx[0] >= 0 and idx[-1] < len(loaded))
+        todo = idx[~loaded[idx]] if in_range else idx  # out of range: the store's read names the bad index
         if len(todo):
             maps[todo] = self.store.maps_many(layer, todo)
             loaded[todo] = True

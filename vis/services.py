@@ -177,7 +177,6 @@ class Workbench:
         self._handles: dict[str, object] = {}  # opened once per process: manifest, sources, model, store
         self._mammograms = _Lru(4)  # display arrays of the last few mammograms
         self._views = _Lru(64)  # small derived arrays (overlays, masks) by key
-        self._rocs = _Lru(64)  # the logged ROC of finished mlflow runs, by run id
 
     # -- identity and review sessions -----------------------------------------------------------------------------------
     def account(self):
@@ -1749,7 +1748,7 @@ class Workbench:
         rid = run.info.run_id
         try:
             if run.info.status == "FINISHED":
-                return self._rocs.get(rid, lambda: self._read_roc(rid))
+                return self._views.get(("roc", rid), lambda: self._read_roc(rid))
             return self._read_roc(rid)
         except (MlflowException, OSError):
             return None  # the artifact store could not be read: nothing kept, asked again next time
