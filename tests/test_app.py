@@ -566,3 +566,41 @@ def test_the_experiments_roc_view_shows_logged_rocs_and_keeps_a_finished_runs(ap
     monkeypatch.setattr(down._mlflow(), "list_artifacts", real_down)
     assert _components(down.roc_view(down._runs([trained])), html.Img)[0].src == images[0].src
 
+
+
+def test_the_experiments_parameter_table_cuts_long_values_and_keeps_them_whole_in_the_tooltip(app_workspace, tmp_path):
+    """A parameter value longer than the table shows (a data digest, the per-split counts as JSON) is cut with an
+    ellipsis and kept whole in the cell's tooltip; short values and the parameters every run shares stay as they
+    are; each run's column is headed by its name with its id as the tooltip."""
+    import shutil
+
+    from dash import html
+    from mlflow import MlflowClient
+
+    from store.settings import load_settings
+    from vis.app import AppConfig
+    from vis.services import PARAM_SHOWN, Workbench
+
+    ws = tmp_path / "ws"
+    shutil.copytree(app_workspace, ws, ignore=shutil.ignore_patterns("secret_key"))
+    settings = load_settings(ws)
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    exp = client.create_experiment("wide-params")
+    long_value = '{"train": {"normal": 1249, "lesion": 1036}, "val": {"normal": 130, "lesion": 118}, "test": {}}'
+    runs = []
+    for name, counts in (("first", long_value), ("second", "{}")):
+        rid = client.create_run(exp, run_name=name).info.run_id
+        client.log_param(rid, "data.counts", counts)
+        client.log_param(rid, "seed", 0)
+        client.set_terminated(rid)
+        runs.append(rid)
+
+    table, *_ = Workbench(settings, AppConfig()).runs_view(runs, None)
+    heads = _components(table, html.Th)
+    assert [h.children for h in heads] == ["parameter", "first", "second"] and heads[1].title == runs[0]
+    rows = {r.children[0].children: r.children[1:] for r in _components(table, html.Tr)[1:]}
+    assert set(rows) == {"data.counts"}  # the seed is the same in both runs
+    cut, short = rows["data.counts"]
+    assert len(long_value) > PARAM_SHOWN and cut.title == long_value
+    assert cut.children == long_value[:PARAM_SHOWN - 1] + "…" and len(cut.children) == PARAM_SHOWN
+    assert short.children == "{}" and getattr(short, "title", None) is None

@@ -1688,13 +1688,13 @@ class Workbench:
             return html.Div("Choose runs above.", className="cl-muted"), [], None, html.Div(), None
         keys = sorted({k for r in runs for k in r.data.params})
         differ = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1] if len(runs) > 1 else keys
-        head = html.Thead(html.Tr([html.Th("parameter")] + [html.Th(r.info.run_name or r.info.run_id[:8])
-                                                             for r in runs]))
-        body = [html.Tr([html.Td(k)] + [html.Td(str(r.data.params.get(k, "—"))[:60]) for r in runs]) for k in differ]
+        head = html.Thead(html.Tr([html.Th("parameter")] + [html.Th(r.info.run_name or r.info.run_id[:8],
+                                                                     title=r.info.run_id) for r in runs]))
+        body = [html.Tr([html.Td(k)] + [_param_cell(r.data.params.get(k, "—")) for r in runs]) for k in differ]
         final = sorted({k for r in runs for k in r.data.metrics})
         body += [html.Tr([html.Td(html.Strong(k))] + [html.Td(_fmt(r.data.metrics.get(k))) for r in runs])
                  for k in final if k.startswith(("test/", "best/", "auroc", "ap"))]
-        table = html.Table([head, html.Tbody(body)], className="table table-sm") if body else \
+        table = html.Table([head, html.Tbody(body)], className="table table-sm cl-params") if body else \
             html.Div("These runs have the same parameters.", className="cl-muted")
         options = [{"label": k, "value": k} for k in final]
         if metric not in final:
@@ -1799,6 +1799,20 @@ def _png_uri(png: bytes) -> str:
     import base64
 
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+PARAM_SHOWN = 60  # characters of a parameter value the Experiments table shows; the whole value is its tooltip
+
+
+def _param_cell(value):
+    """A parameter value's table cell: cut to PARAM_SHOWN characters with an ellipsis, the whole value in its
+    tooltip (mlflow keeps values up to 6,000 characters: a data digest or the per-split counts as JSON)."""
+    from dash import html
+
+    text = str(value)
+    if len(text) <= PARAM_SHOWN:
+        return html.Td(text)
+    return html.Td(text[:PARAM_SHOWN - 1] + "…", title=text)
 
 
 def _fmt(value) -> str:
