@@ -604,3 +604,21 @@ def test_the_experiments_parameter_table_cuts_long_values_and_keeps_them_whole_i
     assert len(long_value) > PARAM_SHOWN and cut.title == long_value
     assert cut.children == long_value[:PARAM_SHOWN - 1] + "…" and len(cut.children) == PARAM_SHOWN
     assert short.children == "{}" and getattr(short, "title", None) is None
+
+
+def test_building_the_app_imports_what_the_first_probe_fit_would_import(app_workspace):
+    """torch.optim's first step imports torch._dynamo (about a second); a server process (and the job processes
+    forked from it) has it imported once the app is built, so the first retrain of a process does not wait for it.
+    Checked in a fresh interpreter, where nothing else has imported it."""
+    import subprocess
+
+    code = ("import sys\n"
+            "from store.settings import load_settings\n"
+            "from vis.app import create_app\n"
+            "before = 'torch._dynamo' in sys.modules\n"
+            f"create_app(load_settings({str(app_workspace)!r}))\n"
+            "print(before, 'torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["False", "True"], out.stdout

@@ -113,6 +113,7 @@ def create_app(settings=None, *, config: AppConfig | None = None):
     )
     app.server.secret_key = _secret_key(settings)
     app.server.extensions[EXTENSION] = Workbench(settings, config)
+    preload_imports()
     app.layout = components.shell
     components.install_shell(app)
     # Move the callbacks that the page modules registered with dash.callback into this app now, so that a second
@@ -126,6 +127,15 @@ def create_app(settings=None, *, config: AppConfig | None = None):
     if config.debug:
         app.enable_dev_tools(debug=True)
     return app
+
+
+def preload_imports() -> None:
+    """Import now what the process's first probe fit would import on first use: torch.optim's first step pulls in
+    torch._dynamo (1.4 s on the demo machine), which the first retrain or assisted drawing of every server, gunicorn
+    worker or Celery worker paid while the user waited. Done while the app is built, before any request thread or
+    job process exists — never in a thread of its own: a job process forked while another thread holds an import
+    lock could hang on it. Background jobs forked from the server (diskcache) inherit the import."""
+    import torch._dynamo  # noqa: F401
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
