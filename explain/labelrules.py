@@ -416,6 +416,17 @@ class ProbeAssistedRule(DatasetRule):
     its unit masks pulled back (the 935 demo patches showing a mass: 1.7 s and 2.5 s). In a fresh process the first
     drawing of mass took 9.2 s in all, the first of calcification then 3.5 s, and later drawings about 1 s (24.7 s
     and 6.1 s before the FeatureCache read only the images asked for and the pull-back skipped silent units).
+
+    What limits it (2026-11-27, the 25 / 30 / 3 / 10 / 1 model, 40 reviewers drawing train patches; share of
+    reviewers meeting both goals, mean over the 5 concepts, 0.765 for this rule): the probe's map. With the ground
+    truth averaged over each map cell in its place (an oracle: a perfect probe at this layer's resolution) the share
+    is 0.965 (spiculated margin 0.25 → 0.82). The probe's map zeroed outside the ground truth's cells (a probe
+    without false alarms) gives only 0.785, and the exact concept areas A_c in place of their estimates 0.750: what
+    falls short is the map's shape within and around the lesion. Fits tried in its place, none kept: a probe
+    regressing each cell's coverage by the drawn region (soft targets) 0.635–0.740 over C and weighting; the same
+    default probe on features.16 0.725 or on features.9 (averaged onto this grid) 0.655; each drawn image's map
+    from a probe fitted without that drawing (cross-fitting) 0.595; the drawn ratio post-stratified by which other
+    drawn concepts each image shows 0.745–0.765.
     """
 
     def __init__(self, store, layer: str, *, shown: Mapping[str, Sequence[int]],
@@ -580,6 +591,11 @@ def next_drawings(features: np.ndarray, population: Sequence[int], drawn: Sequen
     test-patch reviewers (another seed): ProbeAssistedRule 0.690 → 0.665, DatasetRule 0.640 → 0.645. So following
     the suggestions helps DatasetRule everywhere, by 0.05–0.10; for ProbeAssistedRule the gain is smaller than the
     spread between samples of reviewers (from −0.03 to +0.07).
+    Measured and not kept (2026-11-27, ProbeAssistedRule, three models trained from the demo config at seeds 0–2):
+    a reviewer who, after a random first patch per concept, draws next the patch where the units whose two best
+    estimates lie within 30 % of each other overlap the concept's probe map most, relative to the drawn patches.
+    On train patches its share was 0.855 / 0.740 / 0.550 (random 0.765 / 0.535 / 0.480; these suggestions 0.785 /
+    0.690 / 0.550). On the first model's test patches, it was 0.620 (random 0.690; these suggestions 0.665).
     """
     f = np.asarray(features)
     if f.ndim != 2 or not np.issubdtype(f.dtype, np.number) or not np.isfinite(f).all():
