@@ -131,10 +131,10 @@ def create_app(settings=None, *, config: AppConfig | None = None):
 
 def preload_imports() -> None:
     """Import now what the process's first probe fit would import on first use: torch.optim's first step pulls in
-    torch._dynamo (1.4 s on the demo machine), which the first retrain or assisted drawing of every server, gunicorn
-    worker or Celery worker paid while the user waited. Done while the app is built, before any request thread or
-    job process exists — never in a thread of its own: a job process forked while another thread holds an import
-    lock could hang on it. Background jobs forked from the server (diskcache) inherit the import."""
+    torch._dynamo (about a second on the demo machine), which the first retrain or assisted drawing of every
+    server, gunicorn worker or Celery worker paid while the user waited. Done while the app is built, before any
+    request thread or job process exists — never in a thread of its own: a job process forked while another thread
+    holds an import lock could hang on it. Background jobs forked from the server (diskcache) inherit the import."""
     import torch._dynamo  # noqa: F401
 
 
