@@ -424,7 +424,8 @@ class ProbeAssistedRule(DatasetRule):
     without false alarms) gives only 0.785, and the exact concept areas A_c in place of their estimates 0.750: what
     falls short is the map's shape within and around the lesion. Fits tried in its place, none kept: a probe
     regressing each cell's coverage by the drawn region (soft targets) 0.635–0.740 over C and weighting; the same
-    default probe on features.16 0.725 or on features.9 (averaged onto this grid) 0.655; each drawn image's map
+    default probe on features.16 0.725 or on features.9 (averaged onto this grid) 0.655; a probe on hypercolumns of
+    the three layers 0.675 (the same fit, C = 1 and balanced, on features.23 alone: 0.710); each drawn image's map
     from a probe fitted without that drawing (cross-fitting) 0.595; the drawn ratio post-stratified by which other
     drawn concepts each image shows 0.745–0.765.
     """
