@@ -426,8 +426,9 @@ class ProbeAssistedRule(DatasetRule):
     regressing each cell's coverage by the drawn region (soft targets) 0.635–0.740 over C and weighting; the same
     default probe on features.16 0.725 or on features.9 (averaged onto this grid) 0.655; a probe on hypercolumns of
     the three layers 0.675 (the same fit, C = 1 and balanced, on features.23 alone: 0.710); each drawn image's map
-    from a probe fitted without that drawing (cross-fitting) 0.595; the drawn ratio post-stratified by which other
-    drawn concepts each image shows 0.745–0.765.
+    from a probe fitted without that drawing (cross-fitting) 0.595; the probe's map mapped onto cell coverage by an
+    isotonic fit on the drawn patches 0.755; the drawn ratio post-stratified by which other drawn concepts each
+    image shows 0.745–0.765.
     """
 
     def __init__(self, store, layer: str, *, shown: Mapping[str, Sequence[int]],
