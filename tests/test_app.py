@@ -622,3 +622,29 @@ def test_building_the_app_imports_what_the_first_probe_fit_would_import(app_work
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["False", "True"], out.stdout
+
+
+def test_the_servers_log_gets_no_mlflow_download_progress_bars(app_workspace):
+    """mlflow draws a progress bar on stderr for every artifact download (the model, an ROC figure); in a server's
+    log that is noise, so building the app turns it off, unless the user set MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.
+    Checked in fresh interpreters, downloading the training run's logged ROC figure after building the app."""
+    import subprocess
+
+    code = ("import tempfile\n"
+            "from mlflow import MlflowClient\n"
+            "from store.settings import load_settings\n"
+            "from vis.app import create_app\n"
+            f"settings = load_settings({str(app_workspace)!r})\n"
+            "create_app(settings)\n"
+            "client = MlflowClient(tracking_uri=settings.tracking_uri)\n"
+            "run = next(r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])\n"
+            "           if 'figures' in {a.path for a in client.list_artifacts(r.info.run_id)})\n"
+            "print(client.download_artifacts(run.info.run_id, 'figures', tempfile.mkdtemp()))\n")
+    cwd = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"}
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "figures" in quiet.stdout and "Downloading artifacts" not in quiet.stderr, quiet.stderr[-2000:]
+    chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=cwd,
+                            env={**env, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "true"})
+    assert chosen.returncode == 0 and "Downloading artifacts" in chosen.stderr  # the user's choice is kept

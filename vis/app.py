@@ -98,6 +98,9 @@ def create_app(settings=None, *, config: AppConfig | None = None):
 
     settings = (settings or load_settings()).ensure()
     config = config or AppConfig()
+    # a server's log is no terminal: mlflow's progress bar for every model or figure it downloads is noise there
+    # (a value set by the user wins)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     app = dash.Dash(
         "vis",
         use_pages=True,
