@@ -606,17 +606,17 @@ def test_the_experiments_parameter_table_cuts_long_values_and_keeps_them_whole_i
     assert short.children == "{}" and getattr(short, "title", None) is None
 
 
-def test_building_the_app_imports_what_the_first_probe_fit_would_import(app_workspace):
+def test_a_server_process_imports_what_the_first_probe_fit_would_import(app_workspace):
     """torch.optim's first step imports torch._dynamo (about a second); a server process (and the job processes
-    forked from it) has it imported once the app is built, so the first retrain of a process does not wait for it.
+    forked from it) has it imported once it is prepared (vis.app.prepare_process, run by the gunicorn factory
+    `create_server`, `python -m vis serve` and the worker), so the first retrain of a process does not wait for it.
     Checked in a fresh interpreter, where nothing else has imported it."""
     import subprocess
 
     code = ("import sys\n"
-            "from store.settings import load_settings\n"
-            "from vis.app import create_app\n"
+            "from vis.app import create_server\n"
             "before = 'torch._dynamo' in sys.modules\n"
-            f"create_app(load_settings({str(app_workspace)!r}))\n"
+            f"create_server({str(app_workspace)!r})\n"
             "print(before, 'torch._dynamo' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parent.parent)
@@ -626,16 +626,17 @@ def test_building_the_app_imports_what_the_first_probe_fit_would_import(app_work
 
 def test_the_servers_log_gets_no_mlflow_download_progress_bars(app_workspace):
     """mlflow draws a progress bar on stderr for every artifact download (the model, an ROC figure); in a server's
-    log that is noise, so building the app turns it off, unless the user set MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.
-    Checked in fresh interpreters, downloading the training run's logged ROC figure after building the app."""
+    log that is noise, so a prepared server process (vis.app.prepare_process) has it off, unless the user set
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR. Checked in fresh interpreters, downloading the training run's logged ROC
+    figure from the gunicorn factory's process."""
     import subprocess
 
     code = ("import tempfile\n"
             "from mlflow import MlflowClient\n"
             "from store.settings import load_settings\n"
-            "from vis.app import create_app\n"
+            "from vis.app import create_server\n"
             f"settings = load_settings({str(app_workspace)!r})\n"
-            "create_app(settings)\n"
+            f"create_server({str(app_workspace)!r})\n"
             "client = MlflowClient(tracking_uri=settings.tracking_uri)\n"
             "run = next(r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])\n"
             "           if 'figures' in {a.path for a in client.list_artifacts(r.info.run_id)})\n"

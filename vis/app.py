@@ -98,9 +98,6 @@ def create_app(settings=None, *, config: AppConfig | None = None):
 
     settings = (settings or load_settings()).ensure()
     config = config or AppConfig()
-    # a server's log is no terminal: mlflow's progress bar for every model or figure it downloads is noise there
-    # (a value set by the user wins)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     app = dash.Dash(
         "vis",
         use_pages=True,
@@ -116,7 +113,6 @@ def create_app(settings=None, *, config: AppConfig | None = None):
     )
     app.server.secret_key = _secret_key(settings)
     app.server.extensions[EXTENSION] = Workbench(settings, config)
-    preload_imports()
     app.layout = components.shell
     components.install_shell(app)
     # Move the callbacks that the page modules registered with dash.callback into this app now, so that a second
@@ -132,12 +128,20 @@ def create_app(settings=None, *, config: AppConfig | None = None):
     return app
 
 
-def preload_imports() -> None:
-    """Import now what the process's first probe fit would import on first use: torch.optim's first step pulls in
-    torch._dynamo (about a second on the demo machine), which the first retrain or assisted drawing of every
-    server, gunicorn worker or Celery worker paid while the user waited. Done while the app is built, before any
-    request thread or job process exists — never in a thread of its own: a job process forked while another thread
-    holds an import lock could hang on it. Background jobs forked from the server (diskcache) inherit the import."""
+def prepare_process() -> None:
+    """Process-wide set-up of a server or worker, before it builds the app (`create_server`, `python -m vis serve`,
+    `python -m vis worker`; not `create_app`, which tests call many times in one process):
+
+    - glibc's malloc arenas capped (`limit_malloc_arenas`);
+    - mlflow's artifact-download progress bars off: a server's log is no terminal, and it got one for every model or
+      ROC figure fetched (a value of MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR set by the user wins);
+    - torch._dynamo imported now: torch.optim's first step pulls it in, and the first probe fit of every process
+      waited about a second for it while the user did. Imported here, before any request thread or job process
+      exists, never in a thread of its own: a job forked while another thread holds an import lock could hang on
+      it. Background jobs forked from the server (diskcache) inherit the import.
+    """
+    limit_malloc_arenas()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import torch._dynamo  # noqa: F401
 
 
@@ -190,7 +194,7 @@ def create_server(workspace: str | None = None):
     """
     from store.settings import load_settings
 
-    limit_malloc_arenas()
+    prepare_process()
     return create_app(load_settings(workspace), config=app_config_from_env()).server
 
 
@@ -214,7 +218,7 @@ def serve_main(argv: list[str]) -> int:
     p.add_argument("--debug", action="store_true", help="Dash dev tools and tracebacks (never on a shared host)")
     args = p.parse_args(argv)
     config = app_config_from_env(store=args.store, dataset=args.dataset, model=args.model, debug=args.debug)
-    limit_malloc_arenas()
+    prepare_process()
     app = create_app(load_settings(args.workspace), config=config)
     print(f"ConceptLens: open http://{args.host}:{args.port}/", flush=True)
     app.run(host=args.host, port=args.port, debug=args.debug, dev_tools_hot_reload=False, threaded=True)

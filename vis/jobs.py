@@ -54,7 +54,7 @@ def worker_main(argv: list[str]) -> int:
     """
     from store.settings import load_settings
 
-    from .app import app_config_from_env, create_app
+    from .app import app_config_from_env, create_app, prepare_process
 
     p = argparse.ArgumentParser(prog="python -m vis worker", description=worker_main.__doc__.split("\n\n")[0])
     p.add_argument("--workspace", default=None, help="workspace directory (default: CONCEPTLENS_WORKSPACE or ./workspace)")
@@ -68,6 +68,7 @@ def worker_main(argv: list[str]) -> int:
     settings = load_settings(args.workspace).ensure()
     if not is_celery(settings):
         p.error(f"CONCEPTLENS_CACHE_URL={settings.cache_url!r}: a worker is only needed with redis:// (Celery)")
+    prepare_process()
     app = create_app(settings, config=app_config_from_env())
     celery_app = app._background_manager.handle  # the CeleryManager's app, with every background task registered
     celery_args = ["worker", f"--loglevel={args.loglevel}", f"--concurrency={args.concurrency}", f"--pool={args.pool}"]
