@@ -70,6 +70,10 @@ def test_every_page_opens_and_is_screenshotted(served):
         assert shot.stat().st_size > 20_000
         assert "not ready" not in page.inner_text("body").lower()
         assert page.locator(".cl-navbar .nav-link.active").inner_text() == {"/": "Review"}.get(path, name.title())
+        if path == "/experiments":  # the figures stack beside the parameter table, which runs as tall as both
+            params, curves, roc = (page.locator(f"#{i}").bounding_box() for i in ("exp-params", "exp-curves", "exp-roc"))
+            assert params["x"] + params["width"] <= min(curves["x"], roc["x"])
+            assert curves["y"] + curves["height"] <= roc["y"] < params["y"] + params["height"]
         if path == "/probes":  # no probe yet: nothing to retrain or roll back
             assert "no probe" in _text(page, "#probes-table").lower()
             assert page.locator("#probes-retrain").is_disabled() and page.locator("#probes-rollback").is_disabled()

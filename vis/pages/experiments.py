@@ -30,14 +30,15 @@ def layout(**_query):
     return html.Div([
         controls,
         html.Div(id=ids.EXP_MESSAGE, className="mt-2"),
+        # the two figures stack beside the parameter table, which may run as tall as the window (a square ROC in a
+        # full-width row of its own left most of that row empty)
         dbc.Row([
-            dbc.Col(panel("Parameters that differ", html.Div(id=ids.EXP_PARAMS, className="cl-table-wrap")), width=5),
-            dbc.Col(panel("Metric curves", dcc.Graph(id=ids.EXP_CURVES, config=figures.MAP_CONFIG,
-                                                     style={"height": "340px"},
-                                                     figure=figures.empty_figure("", height=340))), width=7),
-        ], className="mt-3"),
-        dbc.Row([
-            dbc.Col(panel("ROC (test split)", html.Div(id=ids.EXP_ROC)), width=12),
+            dbc.Col(panel("Parameters that differ", html.Div(id=ids.EXP_PARAMS, className="cl-table-tall")), width=5),
+            dbc.Col([
+                panel("Metric curves", dcc.Graph(id=ids.EXP_CURVES, config=figures.MAP_CONFIG,
+                                                 style={"height": "340px"}, figure=figures.empty_figure("", height=340))),
+                panel("ROC (test split)", html.Div(id=ids.EXP_ROC), className="mt-3"),
+            ], width=7),
         ], className="mt-3"),
     ])
 
