@@ -429,6 +429,15 @@ class ProbeAssistedRule(DatasetRule):
     from a probe fitted without that drawing (cross-fitting) 0.595; the probe's map mapped onto cell coverage by an
     isotonic fit on the drawn patches 0.755; the drawn ratio post-stratified by which other drawn concepts each
     image shows 0.745–0.765.
+    Again on a model trained on another VM (2026-11-27, detectors 24 / 28 / 7 / 10 / 1; the same 40 train-patch
+    reviewers; this rule 0.700, spiculated margin 0.38; the oracle map 0.980), maps tried in the probe's place, none
+    kept: the probe on each cell's features beside their 3×3 mean 0.685; each cell's coverage averaged over its 10
+    (30) nearest drawn or background cells in standardised feature space 0.705 (0.670; spiculated margin 0.60, but
+    distortion 0.68 → 0.55), averaged with the probe's map 0.720; a pixel classifier on a filter bank of the patch
+    (smoothed intensity, gradient magnitude and Hessian eigenvalues at σ = 0.7–5.6 px) averaged onto the cells 0.625;
+    the same with the probe's map as a feature 0.715, and its products with the filters 0.740 (test patches 0.565
+    against 0.535 for this rule; spiculated margin 0.38 and 0.25, unchanged); a small MLP on the same features 0.705.
+    Spiculated margin, the concept that misses, gained from none of them.
     """
 
     def __init__(self, store, layer: str, *, shown: Mapping[str, Sequence[int]],
