@@ -437,7 +437,8 @@ class ProbeAssistedRule(DatasetRule):
     (smoothed intensity, gradient magnitude and Hessian eigenvalues at σ = 0.7–5.6 px) averaged onto the cells 0.625;
     the same with the probe's map as a feature 0.715, and its products with the filters 0.740 (test patches 0.565
     against 0.535 for this rule; spiculated margin 0.38 and 0.25, unchanged); a small MLP on the same features 0.705.
-    Spiculated margin, the concept that misses, gained from none of them.
+    Spiculated margin, the concept that misses, gained from none of them. Nor did the mean of this rule's estimate
+    and DatasetRule's: 0.590 (test patches 0.475).
     """
 
     def __init__(self, store, layer: str, *, shown: Mapping[str, Sequence[int]],
