@@ -518,12 +518,15 @@ def _components(node, kind) -> list:
 
 
 def test_the_experiments_roc_view_shows_logged_rocs_and_keeps_a_finished_runs(app_workspace, tmp_path, monkeypatch):
-    """The Experiments page's ROC view: the training run's logged ROC image, a message for a run that logged none.
-    The artifact store is listed once per run instead of tried with downloads that fail; a finished run's answer is
-    kept, so choosing the same runs again asks nothing; an artifact store that cannot be reached is asked again."""
+    """The Experiments page's ROC view: the training run's logged curve (figures/test_roc.json) in one interactive
+    figure, the logged image for a run with only a PNG (or a JSON that is not a curve), a message for a run that
+    logged none. The artifact store is listed once per run instead of tried with downloads that fail; a finished
+    run's answer is kept, so choosing the same runs again asks nothing; an artifact store that cannot be reached is
+    asked again."""
+    import json
     import shutil
 
-    from dash import html
+    from dash import dcc, html
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -535,25 +538,41 @@ def test_the_experiments_roc_view_shows_logged_rocs_and_keeps_a_finished_runs(ap
     shutil.copytree(app_workspace, ws, ignore=shutil.ignore_patterns("secret_key"))
     settings = load_settings(ws)
     client = MlflowClient(tracking_uri=settings.tracking_uri)
-    trained = next(r.info.run_id for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
-                   if "figures/test_roc.png" in {a.path for a in client.list_artifacts(r.info.run_id, "figures")})
-    bare = client.create_run(client.create_experiment("no-figures"), run_name="bare").info.run_id
+    trained = next(r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+                   if "figures/test_roc.json" in {a.path for a in client.list_artifacts(r.info.run_id, "figures")})
+    logged = json.loads(Path(client.download_artifacts(trained.info.run_id, "figures/test_roc.json",
+                                                       str(tmp_path))).read_text())
+    png = Path(client.download_artifacts(trained.info.run_id, "figures/test_roc.png", str(tmp_path)))
+    experiment = client.create_experiment("other-runs")
+    only_png, broken = (client.create_run(experiment, run_name=n).info.run_id for n in ("only-png", "broken-json"))
+    client.log_artifact(only_png, str(png), "figures")
+    client.log_artifact(broken, str(png), "figures")
+    client.log_text(broken, "{not a curve", "figures/test_roc.json")
+    bare = client.create_run(experiment, run_name="bare").info.run_id
     client.log_metric(bare, "auroc", 0.5)
-    client.set_terminated(bare)
+    for rid in (only_png, broken, bare):
+        client.set_terminated(rid)
 
     wb = Workbench(settings, AppConfig())
     listed = []
     real_list = wb._mlflow().list_artifacts
     monkeypatch.setattr(wb._mlflow(), "list_artifacts", lambda rid, path=None: listed.append(rid) or
                         real_list(rid, path))
-    view = wb.roc_view(wb._runs([trained, bare]))
-    images = _components(view, html.Img)
-    assert len(images) == 1 and images[0].src.startswith("data:image/png;base64,") and len(images[0].src) > 1000
-    assert sorted(listed) == sorted([trained, bare])
+    runs = [trained.info.run_id, only_png, broken, bare]
+    view = wb.roc_view(wb._runs(runs))
+    (graph,) = _components(view, dcc.Graph)  # the training run's curve, drawn from its numbers
+    curves = {t.name: t for t in graph.figure.data if t.name != "chance"}
+    name = f"{trained.info.run_name} (AUROC {trained.data.metrics['test/auroc']:.3f})"
+    assert list(curves) == [name] and logged["auroc"] == pytest.approx(trained.data.metrics["test/auroc"], abs=1e-6)
+    assert list(curves[name].x) == logged["fpr"] and list(curves[name].y) == logged["tpr"] and len(logged["fpr"]) > 5
+    images = _components(view, html.Img)  # the PNG-only run, and the run whose JSON is no curve, as images
+    assert len(images) == 2 and all(i.src.startswith("data:image/png;base64,") and len(i.src) > 1000 for i in images)
+    assert [c.children for c in _components(view, html.Figcaption)] == ["only-png", "broken-json"]
+    assert sorted(listed) == sorted(runs)
     none = wb.roc_view(wb._runs([bare]))
-    assert not _components(none, html.Img) and "No ROC logged" in str(none)
-    again = wb.roc_view(wb._runs([trained, bare]))
-    assert len(listed) == 2 and _components(again, html.Img)[0].src == images[0].src  # kept: nothing asked
+    assert not _components(none, html.Img) and not _components(none, dcc.Graph) and "No ROC logged" in str(none)
+    again = wb.roc_view(wb._runs(runs))
+    assert len(listed) == 4 and _components(again, html.Img)[0].src == images[0].src  # kept: nothing asked
 
     down = Workbench(settings, AppConfig())  # another process, whose artifact store is out of reach at first
     real_down = down._mlflow().list_artifacts
@@ -562,10 +581,9 @@ def test_the_experiments_roc_view_shows_logged_rocs_and_keeps_a_finished_runs(ap
         raise MlflowException("connection refused")
 
     monkeypatch.setattr(down._mlflow(), "list_artifacts", unreachable)
-    assert not _components(down.roc_view(down._runs([trained])), html.Img)
+    assert not _components(down.roc_view(down._runs([only_png])), html.Img)
     monkeypatch.setattr(down._mlflow(), "list_artifacts", real_down)
-    assert _components(down.roc_view(down._runs([trained])), html.Img)[0].src == images[0].src
-
+    assert _components(down.roc_view(down._runs([only_png])), html.Img)[0].src == images[0].src
 
 
 def test_the_experiments_parameter_table_cuts_long_values_and_keeps_them_whole_in_the_tooltip(app_workspace, tmp_path):

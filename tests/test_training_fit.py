@@ -77,12 +77,21 @@ def test_fit_logs_registers_and_reuses(tiny_manifest, workspace):
     assert r.metrics["test/auroc"] > 0.8  # blobs are easy: a model that learned nothing fails this
     files = {f.path for f in client.list_artifacts(r.run_id)} | {
         f.path for d in ("figures", "model") for f in client.list_artifacts(r.run_id, d)}
-    assert {"config.yaml", "figures/test_roc.png", "figures/test_confusion.png", "model/model.json",
-            "model/weights.pt"} <= files
+    assert {"config.yaml", "figures/test_roc.png", "figures/test_roc.json", "figures/test_confusion.png",
+            "model/model.json", "model/weights.pt"} <= files
     cfg_text = (Path(client.download_artifacts(r.run_id, "config.yaml", str(workspace.cache_dir))).read_text())
     assert "vgg_bn" in cfg_text and "batch_size: 16" in cfg_text
     png = client.download_artifacts(r.run_id, "figures/test_roc.png", str(workspace.cache_dir))
     assert Image.open(png).size[0] > 200
+    # the same curve as numbers, for the app to overlay runs: it runs from (0, 0) to (1, 1), never going down, and
+    # its area is the logged test AUROC
+    roc = json.loads(Path(client.download_artifacts(r.run_id, "figures/test_roc.json",
+                                                    str(workspace.cache_dir))).read_text())
+    fpr, tpr = np.asarray(roc["fpr"]), np.asarray(roc["tpr"])
+    assert len(fpr) == len(tpr) > 2 and (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all()
+    assert roc["auroc"] == pytest.approx(run.data.metrics["test/auroc"], abs=1e-6)
+    assert float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)) == pytest.approx(roc["auroc"], abs=1e-4)
     # registered, champion, loadable; predictions match the local checkpoint
     mv = client.get_model_version_by_alias("tiny", "champion")
     assert int(mv.version) == 1 and mv.run_id == r.run_id

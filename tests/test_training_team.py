@@ -103,7 +103,7 @@ def test_fit_against_mlflow_server_on_postgres(mlflow_server, tmp_path):
     mv = client.get_model_version_by_alias("team-tiny", "champion")
     assert int(mv.version) == 1 and mv.run_id == r.run_id
     assert {f.path for f in client.list_artifacts(r.run_id, "figures")} == {
-        "figures/test_roc.png", "figures/test_confusion.png"}
+        "figures/test_roc.png", "figures/test_roc.json", "figures/test_confusion.png"}
     # the files landed in the server's artifact store, and come back through it
     assert list((tmp_path / "artifacts").rglob("weights.pt"))
     m = load_model("models:/team-tiny@champion", settings=settings)

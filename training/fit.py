@@ -430,6 +430,14 @@ def _epoch_logger(client, run_id: str):
     return EpochLogger()
 
 
+def _roc_points(summary: dict) -> dict:
+    """The test split's ROC as plain JSON: {"fpr": [...], "tpr": [...], "auroc": float or None}. The Experiments
+    page draws the runs' curves from it in one interactive figure (the PNG beside it is for the mlflow UI)."""
+    auroc = float(summary["auroc"])
+    return {"fpr": [round(float(v), 6) for v in summary["fpr"]], "tpr": [round(float(v), 6) for v in summary["tpr"]],
+            "auroc": auroc if auroc == auroc else None}
+
+
 def _figures(summary: dict):
     """ROC curve and confusion matrix of the test split as matplotlib Figures (no pyplot: no global state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -625,6 +633,7 @@ def fit(config: FitConfig | str | Path | dict, *, settings=None) -> FitResult:
                 summary_t["auroc"] = metrics.get("test/auroc", float("nan"))
                 roc, conf = _figures(summary_t)
                 client.log_figure(run_id, roc, "figures/test_roc.png")
+                client.log_dict(run_id, _roc_points(summary_t), "figures/test_roc.json")  # the app overlays runs' curves
                 client.log_figure(run_id, conf, "figures/test_confusion.png")
             trainer.logger.flush()  # anything a brief tracking outage held back
             metrics["fit/seconds"] = time.perf_counter() - t0
