@@ -456,8 +456,10 @@ def roc_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float], floa
     _chart_layout(fig, height=height)
     # the operating point training reports (test/sens_at_90spec): sensitivity where the curve crosses this line
     fig.add_vline(x=0.1, line=dict(color="#e03131", width=1, dash="dot"), annotation_text="90% specificity",
-                  annotation_position="top right", annotation_font=dict(size=10, color="#e03131"))
-    fig.update_xaxes(title=dict(text="false-positive rate", font=dict(size=11)), range=[0, 1], gridcolor=GRID)
+                  annotation_position="bottom right", annotation_font=dict(size=10, color="#e03131"))
+    # square and exactly [0, 1] on both axes: the plot area shrinks to fit (constrain), the ranges never widen
+    fig.update_xaxes(title=dict(text="false-positive rate", font=dict(size=11)), range=[0, 1], gridcolor=GRID,
+                     constrain="domain")
     fig.update_yaxes(title=dict(text="true-positive rate", font=dict(size=11)), range=[0, 1.01], gridcolor=GRID,
-                     scaleanchor="x", scaleratio=1)
+                     scaleanchor="x", scaleratio=1, constrain="domain")
     return fig
