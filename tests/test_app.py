@@ -565,6 +565,9 @@ def test_the_experiments_roc_view_shows_logged_rocs_and_keeps_a_finished_runs(ap
     name = f"{trained.info.run_name} (AUROC {trained.data.metrics['test/auroc']:.3f})"
     assert list(curves) == [name] and logged["auroc"] == pytest.approx(trained.data.metrics["test/auroc"], abs=1e-6)
     assert list(curves[name].x) == logged["fpr"] and list(curves[name].y) == logged["tpr"] and len(logged["fpr"]) > 5
+    layout = graph.figure.layout  # square on exactly [0, 1], the 90 % specificity operating point marked
+    assert tuple(layout.xaxis.range) == (0, 1) and layout.xaxis.constrain == layout.yaxis.constrain == "domain"
+    assert [(sh.x0, sh.x1) for sh in layout.shapes] == [(0.1, 0.1)] and "specificity" in layout.annotations[0].text
     images = _components(view, html.Img)  # the PNG-only run, and the run whose JSON is no curve, as images
     assert len(images) == 2 and all(i.src.startswith("data:image/png;base64,") and len(i.src) > 1000 for i in images)
     assert [c.children for c in _components(view, html.Figcaption)] == ["only-png", "broken-json"]
