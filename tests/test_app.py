@@ -589,6 +589,22 @@ def test_the_experiments_roc_view_shows_logged_rocs_and_keeps_a_finished_runs(ap
     assert _components(down.roc_view(down._runs([only_png])), html.Img)[0].src == images[0].src
 
 
+def test_a_logged_roc_file_is_drawn_only_when_it_is_a_curve():
+    """figures/test_roc.json is read from an artifact store anyone may log to: only two equal lists of numbers in
+    [0, 1] are a curve; an AUROC or operating point that is no such number is left out, anything else is no curve."""
+    from vis.services import _roc_curve
+
+    good = '{"fpr": [0, 0.5, 1], "tpr": [0, 0.9, 1], "auroc": 0.85, "specificity": 0.9}'
+    assert _roc_curve(good) == ([0, 0.5, 1], [0, 0.9, 1], 0.85, 0.9)
+    assert _roc_curve(good.encode()) == _roc_curve(good)
+    assert _roc_curve('{"fpr": [0, 1], "tpr": [0, 1], "auroc": "high", "specificity": true}') == ([0, 1], [0, 1],
+                                                                                                 None, None)
+    for bad in ('{not json', b"\xff\xfe", '[0, 1]', '{"fpr": [0, 1], "tpr": [0]}', '{"fpr": [0, 1]}',
+                '{"fpr": [0, 2], "tpr": [0, 1]}', '{"fpr": [0, NaN], "tpr": [0, 1]}', '{"fpr": ["0", 1], "tpr": [0, 1]}',
+                '{"fpr": [0], "tpr": [0]}', '{"fpr": %s, "tpr": %s}' % ([0.5] * 100_001, [0.5] * 100_001)):
+        assert _roc_curve(bad) is None, bad
+
+
 def test_the_experiments_parameter_table_cuts_long_values_and_keeps_them_whole_in_the_tooltip(app_workspace, tmp_path):
     """A parameter value longer than the table shows (a data digest, the per-split counts as JSON) is cut with an
     ellipsis and kept whole in the cell's tooltip; short values and the parameters every run shares stay as they

@@ -91,6 +91,7 @@ def test_fit_logs_registers_and_reuses(tiny_manifest, workspace):
     assert len(fpr) == len(tpr) > 2 and (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
     assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all()
     assert roc["auroc"] == pytest.approx(run.data.metrics["test/auroc"], abs=1e-6)
+    assert roc["specificity"] == 0.9  # the operating point of test/sens_at_90spec, which the app marks
     assert float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)) == pytest.approx(roc["auroc"], abs=1e-4)
     # registered, champion, loadable; predictions match the local checkpoint
     mv = client.get_model_version_by_alias("tiny", "champion")

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import subprocess
 import sys
 import time
@@ -431,11 +432,14 @@ def _epoch_logger(client, run_id: str):
 
 
 def _roc_points(summary: dict) -> dict:
-    """The test split's ROC as plain JSON: {"fpr": [...], "tpr": [...], "auroc": float or None}. The Experiments
-    page draws the runs' curves from it in one interactive figure (the PNG beside it is for the mlflow UI)."""
+    """The test split's ROC as plain JSON: {"fpr": [...], "tpr": [...], "auroc": float or None, "specificity": the
+    operating point training reports}. The Experiments page draws the runs' curves from it in one interactive figure
+    (the PNG beside it is for the mlflow UI)."""
+    from .module import SPECIFICITY
+
     auroc = float(summary["auroc"])
     return {"fpr": [round(float(v), 6) for v in summary["fpr"]], "tpr": [round(float(v), 6) for v in summary["tpr"]],
-            "auroc": auroc if auroc == auroc else None}
+            "auroc": auroc if math.isfinite(auroc) else None, "specificity": SPECIFICITY}
 
 
 def _figures(summary: dict):
@@ -443,12 +447,14 @@ def _figures(summary: dict):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from .module import SPECIFICITY
+
     roc = Figure(figsize=(4.2, 4.0), dpi=120)
     FigureCanvasAgg(roc)
     ax = roc.add_subplot()
     ax.plot(summary["fpr"], summary["tpr"], lw=2, label=f"AUROC {summary['auroc']:.3f}")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    ax.axvline(0.1, c="tab:red", lw=0.8, ls=":", label="90% specificity")
+    ax.axvline(1 - SPECIFICITY, c="tab:red", lw=0.8, ls=":", label=f"{SPECIFICITY:.0%} specificity")
     ax.set(xlabel="false-positive rate", ylabel="true-positive rate (sensitivity)", title="ROC, test split",
            xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right")

@@ -445,8 +445,9 @@ def metric_curves_figure(curves: Mapping[str, Sequence[tuple[int, float]]], *, m
 
 
 def roc_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float], float | None]], *,
-               height: int = 320) -> go.Figure:
-    """ROC curves: {run label: (fpr, tpr, auroc)}; the chance diagonal for reference."""
+               specificity: float | None = None, height: int = 320) -> go.Figure:
+    """ROC curves: {run label: (fpr, tpr, auroc)}; the chance diagonal for reference, and the operating point the
+    runs report (`specificity`, as logged with their curves) marked where given."""
     fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#adb5bd", dash="dash"),
                                name="chance", hoverinfo="skip"))
     for i, (label, (fpr, tpr, auc)) in enumerate(curves.items()):
@@ -454,9 +455,10 @@ def roc_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float], floa
         fig.add_trace(go.Scatter(x=list(fpr), y=list(tpr), mode="lines", name=name,
                                  line=dict(width=2.5, color=_EXTRA_COLORS[i % len(_EXTRA_COLORS)])))
     _chart_layout(fig, height=height)
-    # the operating point training reports (test/sens_at_90spec): sensitivity where the curve crosses this line
-    fig.add_vline(x=0.1, line=dict(color="#e03131", width=1, dash="dot"), annotation_text="90% specificity",
-                  annotation_position="bottom right", annotation_font=dict(size=10, color="#e03131"))
+    if specificity is not None:  # training's test/sens_at_90spec: the sensitivity where a curve crosses this line
+        fig.add_vline(x=round(1 - specificity, 9), line=dict(color="#e03131", width=1, dash="dot"),
+                      annotation_text=f"{specificity:.0%} specificity", annotation_position="bottom right",
+                      annotation_font=dict(size=10, color="#e03131"))
     # square and exactly [0, 1] on both axes: the plot area shrinks to fit (constrain), the ranges never widen
     fig.update_xaxes(title=dict(text="false-positive rate", font=dict(size=11)), range=[0, 1], gridcolor=GRID,
                      constrain="domain")

@@ -1721,17 +1721,20 @@ class Workbench:
 
         from . import figures
 
-        curves, images = {}, []
+        curves, marks, images = {}, set(), []
         for r in runs:
             name = r.info.run_name or r.info.run_id[:8]
             kind, value = self._roc(r) or (None, None)
             if kind == "curve":
-                curves[name] = value
+                *curves[name], mark = value
+                marks.add(mark)
             elif kind == "png":
                 images.append((name, value))
         children = []
-        if curves:
-            children.append(dcc.Graph(figure=figures.roc_figure(curves, height=360), config={"displaylogo": False}))
+        if curves:  # the operating point is marked when every run logged the same one
+            mark = marks.pop() if len(marks) == 1 else None
+            children.append(dcc.Graph(figure=figures.roc_figure(curves, specificity=mark, height=360),
+                                      config={"displaylogo": False}))
         for name, uri in images:
             children.append(html.Figure([html.Img(src=uri, style={"maxWidth": "100%", "maxHeight": "340px"}),
                                          html.Figcaption(name, className="cl-muted")], className="cl-roc"))
@@ -1739,8 +1742,8 @@ class Workbench:
                                              className="cl-muted"), className="cl-gallery")
 
     def _roc(self, run) -> tuple | None:
-        """A run's logged ROC: ("curve", (fpr, tpr, auroc)) from figures/test_roc.json, else ("png", data URI) from
-        figures/test_roc.png, else None. The artifact store is asked once which figures the run has (a run without
+        """A run's logged ROC: ("curve", (fpr, tpr, auroc, specificity)) from figures/test_roc.json (`_roc_curve`),
+        else ("png", data URI) from figures/test_roc.png, else None. The artifact store is asked once which figures the run has (a run without
         them costs one listing, not two failed downloads), and a finished run's answer is kept: what it logged no
         longer changes, and choosing the same runs again redraws at once."""
         from mlflow.exceptions import MlflowException
@@ -1754,7 +1757,6 @@ class Workbench:
             return None  # the artifact store could not be read: nothing kept, asked again next time
 
     def _read_roc(self, run_id: str) -> tuple | None:
-        import json
         import tempfile
 
         client = self._mlflow()
@@ -1766,12 +1768,32 @@ class Workbench:
                 local = Path(client.download_artifacts(run_id, artifact, tmp))
                 if artifact.endswith(".png"):
                     return "png", _png_uri(local.read_bytes())
-                try:
-                    d = json.loads(local.read_text())
-                    return "curve", (d["fpr"], d["tpr"], d.get("auroc"))
-                except (ValueError, KeyError, TypeError):
-                    continue  # not a curve: the PNG, if there is one
+                curve = _roc_curve(local.read_bytes())
+                if curve is not None:
+                    return "curve", curve
         return None
+
+
+def _roc_curve(text: bytes | str) -> tuple | None:
+    """(fpr, tpr, auroc or None, specificity or None) from a logged figures/test_roc.json, or None when it is not
+    that: an artifact store holds what anyone logged, and one bad file must not break the page."""
+    import json
+    import math
+
+    def number(v) -> bool:  # a rate or a probability
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
+
+    try:
+        d = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(d, dict):
+        return None
+    fpr, tpr, auroc, spec = d.get("fpr"), d.get("tpr"), d.get("auroc"), d.get("specificity")
+    if not (isinstance(fpr, list) and isinstance(tpr, list) and 2 <= len(fpr) == len(tpr) <= 100_000
+            and all(map(number, fpr)) and all(map(number, tpr))):
+        return None
+    return fpr, tpr, (auroc if number(auroc) else None), (spec if number(spec) else None)
 
 
 SAVED_REGION_COLOR = "#f783ac"  # regions reviewers saved (labeled) in the session: outlined, never editable here
