@@ -18,8 +18,9 @@
    `report.at(layer, c, k, rule="cumulative" | "dataset" | "assisted")`): CumulativeRule (cumulative IoU over the
    drawings of each concept), DatasetRule (the dataset-level IoU of step 1 estimated from the drawings, the unit
    masks of the whole store and the manifest's list of what each patch shows, with the detector criterion 0.04) and
-   ProbeAssistedRule (the same estimate carried over by a probe fitted from the drawings). The patches come from the
-   test split:
+   ProbeAssistedRule (the same estimate carried over by a probe fitted from the drawings); these two estimate the
+   IoU over the reference images of step 1 (`reference_images`), the population the detectors are defined on, with
+   the drawn patches as a sample from outside it. The patches come from the test split:
    never used to train the model, to select it, or to compute the detectors above; only patches where the concept
    covers at least `min_region_px` pixels are drawn (a reviewer does not outline a 3-pixel speck).
 3. After each round: precision and recall of the units labeled c against the detectors of c. Precision is undefined
@@ -81,6 +82,7 @@ __all__ = [
     "find_detectors",
     "choose_drawings",
     "eligible_drawings",
+    "reference_images",
     "suggested_order",
     "REVIEWERS",
     "simulate_reviewer",
@@ -305,6 +307,20 @@ def find_detectors(result: ConceptIoU, *, min_iou: float = 0.04) -> dict[str, li
 
 
 # -- 2. the simulated reviewer -----------------------------------------------------------------------------------------
+def reference_images(store, manifest, config: GroundTruthConfig) -> np.ndarray:
+    """int64 store indices of the reference splits' patches: the images the detectors' dataset-level IoU is taken
+    over, and so the population whose IoU the dataset rules estimate from the reviewer's drawings (the review split's
+    patches are a sample, not part of it)."""
+    records = _store_records(store, manifest)
+    return np.array([i for i, r in enumerate(records) if r.split in config.reference_splits], np.int64)
+
+
+def _showing_reference(shown: Mapping[str, Sequence[int]], reference: np.ndarray) -> dict[str, np.ndarray]:
+    """`shown` restricted to the reference images; a concept none of them shows is left out."""
+    out = {c: np.intersect1d(np.asarray(v, np.int64), reference) for c, v in shown.items()}
+    return {c: v for c, v in out.items() if v.size}
+
+
 def eligible_drawings(store, manifest, config: GroundTruthConfig) -> dict[str, list[int]]:
     """Per concept, the store indices of the review split's patches the reviewer may draw it on (its region covers
     at least `config.min_region_px` pixels)."""
@@ -375,10 +391,11 @@ def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Seque
     grid = UpsampleGrid.build(store.layer_shape(layer)[1:], size)
     rules = {"cumulative": CumulativeRule(store, layer, threshold=config.cumulative_threshold, level=config.level)}
     if shown is not None:
+        reference = reference_images(store, manifest, config)
         rules["dataset"] = DatasetRule(store, layer, shown=shown, threshold=config.dataset_threshold,
-                                       level=config.level)
+                                       level=config.level, population=reference)
         rules["assisted"] = ProbeAssistedRule(store, layer, shown=shown, threshold=config.dataset_threshold,
-                                              level=config.level, cache=cache)
+                                              level=config.level, cache=cache, population=reference)
     alt_curves: dict[str, dict[str, list[dict]]] = {name: {c: [] for c in config.concepts} for name in rules}
     curves: dict[str, list[dict]] = {c: [] for c in config.concepts}
     drawings: list[Drawing] = []
@@ -461,23 +478,26 @@ def reviewer_orders(store, manifest, layer: str, detectors: Mapping[str, Sequenc
     make = {"cumulative": lambda: CumulativeRule.from_counts(n_units, threshold=config.cumulative_threshold)}
     if shown is not None:
         area = unit_mask_areas(store, layer, config.level)
+        reference = reference_images(store, manifest, config)
         make["dataset"] = lambda: DatasetRule.from_counts(image_area=area, shown=shown,
-                                                          threshold=config.dataset_threshold)
+                                                          threshold=config.dataset_threshold, population=reference)
         cache = cache if cache is not None else FeatureCache(store)  # one for all the reviewers
         make["assisted"] = lambda: ProbeAssistedRule(store, layer, shown=shown, threshold=config.dataset_threshold,
-                                                     level=config.level, cache=cache)
+                                                     level=config.level, cache=cache, population=reference)
     rng = np.random.default_rng(seed)
     sums = {name: {c: np.zeros(3) for c in concepts} for name in make}
     features = store.pooled(layer, "max") if reviewer == "suggested" else None
+    if features is not None:  # the suggestions balance the drawn sample against the images whose IoU is estimated
+        population = _showing_reference(shown, reference_images(store, manifest, config))
     position = {c: {e[0]: j for j, e in enumerate(counts[c])} for c in concepts}  # store index → entry of counts
     for _ in range(orders):
         picks = {c: rng.permutation(len(counts[c]))[:config.goal_k] for c in concepts}
         if features is not None:  # the same first patch as the random reviewer, then the suggestions
             for c in concepts:
-                if len(picks[c]) and c in shown:
+                if len(picks[c]) and c in population:
                     first = counts[c][picks[c][0]][0]
-                    picks[c] = [position[c][i] for i in suggested_order(features, shown[c], list(position[c]), first,
-                                                                         config.goal_k)]
+                    picks[c] = [position[c][i] for i in suggested_order(features, population[c], list(position[c]),
+                                                                         first, config.goal_k)]
         for name, new in make.items():
             rule = new()
             for c in concepts:
@@ -589,8 +609,9 @@ def evaluate_ground_truth(settings, *, store="demo", data="demo", layers: Sequen
     head = layers[-1]
     # the reviewer who follows the app's suggestions after the same first patch, on the dissection layer
     features = store.pooled(head, "max")
-    followed = {c: suggested_order(features, shown[c], eligible[c], order[c][0], max(config.ks))
-                if order[c] and c in shown else order[c] for c in config.concepts}
+    population = _showing_reference(shown, reference_images(store, manifest, config))
+    followed = {c: suggested_order(features, population[c], eligible[c], order[c][0], max(config.ks))
+                if order[c] and c in population else order[c] for c in config.concepts}
     alt = {}
     published, _ = simulate_reviewer(store, manifest, head, detectors[head], config=config, order=followed,
                                      alternatives=alt, shown=shown, cache=cache)

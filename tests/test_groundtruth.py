@@ -217,6 +217,37 @@ def test_many_reviewers_find_the_known_units(report, lesions):
     assert set(out) == {"cumulative"}  # no `shown`: no dataset rule
 
 
+def test_the_dataset_rules_estimate_the_iou_over_the_reference_images(report, lesions, monkeypatch):
+    """The detectors are defined over the train and val patches: the rules estimate the IoU over the same images,
+    not over the whole store with the test patches the reviewer draws on."""
+    import explain.groundtruth as gt
+    from explain.labelrules import images_showing
+
+    store, manifest = lesions
+    reference = gt.reference_images(store, manifest, CONFIG)
+    by_id = manifest.by_id()
+    assert reference.tolist() == [i for i, image_id in enumerate(store.image_ids)
+                                  if by_id[image_id].split in ("train", "val")]
+    assert 0 < len(reference) < store.n_images
+    seen = []  # (rule, population) of every rule the bench builds
+
+    def spy(base):
+        class Spy(base):
+            def __init__(self, *args, **options):
+                seen.append((base.__name__, options.get("population")))
+                super().__init__(*args, **options)
+        return Spy
+
+    for name in ("DatasetRule", "ProbeAssistedRule"):
+        monkeypatch.setattr(gt, name, spy(getattr(gt, name)))
+    shown = images_showing(store, manifest)
+    gt.reviewer_orders(store, manifest, "features.1", report.detectors["features.1"], config=CONFIG, orders=1,
+                       shown=shown)
+    gt.simulate_reviewer(store, manifest, "features.1", report.detectors["features.1"], config=CONFIG, shown=shown)
+    assert sorted({n for n, _ in seen}) == ["DatasetRule", "ProbeAssistedRule"] and len(seen) == 4
+    assert all(np.array_equal(p, reference) for _, p in seen), seen
+
+
 def test_the_cumulative_threshold_is_tuned_on_train_and_val_drawings_only(report, lesions):
     store, manifest = lesions
     detectors = report.detectors["features.1"]

@@ -227,23 +227,39 @@ def test_dataset_rule_bad_input_is_refused_and_changes_nothing():
     with pytest.raises(LabelError, match="exceeds"):
         rule.add_counts("mass", area=[1, 2], inter=[3, 0], region_px=4)
     assert rule.concepts == [] and rule.region_px.shape == (0,) and rule.iou().shape == (0, 2)
+    for population, match in (([], "at least one"), ([0, 4], r"population must be indices of the 4 .*\[0, 4\]"),
+                              ([0.5], "population must be indices"), ([-1], "population must be indices")):
+        with pytest.raises(LabelError, match=match):
+            DatasetRule.from_counts(image_area=AREA, shown=SHOWN, population=population)
+    rule = DatasetRule.from_counts(image_area=AREA, shown={**SHOWN, "skin": [3]}, population=[0, 1, 2])
+    with pytest.raises(LabelError, match="no image of the population is listed as showing 'skin'"):
+        rule.add_counts("skin", area=[1, 2], inter=[0, 0], region_px=4)
+    assert rule.concepts == [] and rule.unit_area.tolist() == AREA[:3].sum(axis=0).tolist()
 
 
 def _drawn_everywhere(rule_cls, store, manifest, *, rtol: float = 1e-7):
     """A rule fed every patch whose mask shows mass or calcification: its estimate must be the dataset-level IoU over
-    all splits, and it labels the two hand-set units."""
+    all splits, and it labels the two hand-set units. With the population set to the train and val patches and fed
+    every one of those, it is the dataset-level IoU over train and val, which differs from the first."""
     by_id = manifest.by_id()
     every = {c: [(i, load_concept_masks(by_id[image_id], (64, 64), [c])[c]) for i, image_id in
                  enumerate(store.image_ids) if c in by_id[image_id].masks] for c in ("mass", "calcification")}
     every = {c: [(i, m) for i, m in v if m.any()] for c, v in every.items()}
-    rule = rule_cls(store, "features.1", shown={c: [i for i, _ in v] for c, v in every.items()})
-    for c, draws in every.items():
-        for i, m in draws:
-            rule.add(i, c, m)
-    res = dataset_concept_iou(store, manifest, ["features.1"], splits=("train", "val", "test"),
-                              concepts=["mass", "calcification"])["features.1"]
-    np.testing.assert_allclose(rule.iou(), res.iou.T[[res.concepts.index(c) for c in rule.concepts]], rtol=rtol)
-    assert rule.labels() == {0: "mass", 1: "calcification"}
+    reference = [i for i, image_id in enumerate(store.image_ids) if by_id[image_id].split != "test"]
+    truths = []
+    for population, splits in ((None, ("train", "val", "test")), (reference, ("train", "val"))):
+        rule = rule_cls(store, "features.1", shown={c: [i for i, _ in v] for c, v in every.items()},
+                        population=population)
+        for c, draws in every.items():
+            for i, m in draws:
+                if population is None or i in population:
+                    rule.add(i, c, m)
+        res = dataset_concept_iou(store, manifest, ["features.1"], splits=splits,
+                                  concepts=["mass", "calcification"])["features.1"]
+        truths.append(res.iou.T[[res.concepts.index(c) for c in rule.concepts]])
+        np.testing.assert_allclose(rule.iou(), truths[-1], rtol=rtol)
+        assert rule.labels() == {0: "mass", 1: "calcification"}
+    assert np.abs(truths[0] - truths[1]).max() > 1e-3  # the population matters
 
 
 def test_dataset_rule_on_real_activations_is_the_dataset_iou_when_every_patch_is_drawn(lesions):
