@@ -393,6 +393,53 @@ def test_dense_mask_head_trains_and_is_absent_from_the_saved_network(tiny_manife
     module.remove_aux_hook()
 
 
+def test_concept_units_each_learn_their_concept_alone(tiny_manifest, workspace, tmp_path):
+    from training.module import MAX_POSITIVE_WEIGHT, ClassifierModule
+    from training.zoo import vgg_bn
+
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    net = vgg_bn(widths=[4, 8], convs=1).eval()  # features.6: (batch, 8, 8, 8) for 16×16 input
+    x, y = torch.randn(4, 1, 16, 16), torch.tensor([[0], [1], [1], [0]])
+    target = torch.zeros(4, 2, 8, 8)  # two concepts' coverage of each cell
+    target[1, 0, :3, :3] = 1.0
+    target[2, 0, 4, 2:6] = 0.25  # touched: a positive cell for the concept units
+    target[2, 1, 0, :] = 0.5
+    module = ClassifierModule(net, aux_layer="features.6", aux_channels=8, aux_masks=["mass", "rim"],
+                              aux_mask_weight=2.0, aux_mask_units=3)
+    head = module.aux_mask_head  # a scale and a bias for each of units 0–5, nothing else
+    assert (head.in_channels, head.out_channels, head.groups) == (6, 6, 6) and head.weight.numel() == 6
+    with torch.no_grad():
+        head.weight.copy_(torch.linspace(0.5, 2.0, 6).view(6, 1, 1, 1))
+    loss = float(module.model_step((x, y, target), "val").detach())
+    with torch.no_grad():
+        maps = net.features(x)  # (4, 8, 8, 8)
+        binary = (target > 0).float()
+        terms = []
+        for unit in range(6):  # units 0–2: mass, 3–5: rim
+            t = binary[:, unit // 3]
+            share = float(t.mean())
+            w = torch.where(t > 0, min((1 - share) / share, MAX_POSITIVE_WEIGHT), 1.0)
+            logit = head.weight[unit, 0, 0, 0] * maps[:, unit] + head.bias[unit]
+            terms.append(F.binary_cross_entropy_with_logits(logit, t, weight=w, reduction="none"))
+        expected = F.cross_entropy(net(x), y[:, 0]) + 2.0 * torch.stack(terms).mean()
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+    module.remove_aux_hook()
+    with pytest.raises(ConfigError, match="3 units for each of 3 concepts, but 'features.6' has 8 units"):
+        ClassifierModule(net, aux_layer="features.6", aux_channels=8, aux_masks=["a", "b", "c"], aux_mask_units=3)
+    with pytest.raises(ConfigError, match="aux_mask_units: 2 must be ≥ 0, and needs aux_masks"):
+        load_config(tiny_config(tiny_manifest, model__aux_mask_units=2))
+    with pytest.raises(ConfigError, match="aux_mask_units: -1"):
+        load_config(tiny_config(tiny_manifest, model__aux_masks=["mass"], model__aux_mask_units=-1))
+    # through fit: trains on the manifest's masks, and the saved network is the plain classifier
+    manifest = _with_mass_masks(tiny_manifest, tmp_path / "masked")
+    res = fit(tiny_config(manifest, model__aux_masks=["mass"], model__aux_mask_units=2, trainer__max_epochs=1,
+                          trainer__limit_train_batches=3, mlflow__register=False), settings=workspace)
+    m = load_model(res.checkpoint, settings=workspace)
+    assert not any(mod._forward_hooks for mod in m.module.modules())
+    assert m.module(torch.zeros(3, 1, 32, 32)).shape == (3, 2)
+
+
 def test_aux_masks_are_off_by_default_and_a_misspelled_key_fails(tiny_manifest):
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['aux_mask'\]"):
         load_config(tiny_config(tiny_manifest, model__aux_mask=["mass"]))

@@ -56,6 +56,9 @@ class ModelConfig:
     # mask covers (training.module); also only while training
     aux_masks: list[str] | None = None
     aux_mask_weight: float = 1.0
+    # 0: that convolution reads each concept from all the layer's units; n > 0: n units of the layer per concept (the
+    # first n for the first of aux_masks, the next n for the second, …) each learn to fire where the concept is
+    aux_mask_units: int = 0
 
     def spec(self):
         from .zoo import ModelSpec
@@ -70,6 +73,8 @@ class ModelConfig:
             raise ConfigError(f"model.aux_weight: {self.aux_weight} must be ≥ 0")
         if self.aux_mask_weight < 0:
             raise ConfigError(f"model.aux_mask_weight: {self.aux_mask_weight} must be ≥ 0")
+        if self.aux_mask_units < 0 or (self.aux_mask_units and not self.aux_masks):
+            raise ConfigError(f"model.aux_mask_units: {self.aux_mask_units} must be ≥ 0, and needs aux_masks")
 
 
 @dataclass(frozen=True)
@@ -493,7 +498,7 @@ def _aux_arguments(model: ModelConfig, net, layers: list[str], manifest, input_s
                               f"{sorted(known)})")
     return ({"aux_concepts": tuple(model.aux_concepts or ()), "aux_layer": layer, "aux_weight": model.aux_weight,
              "aux_channels": int(shape[1]), "aux_masks": tuple(model.aux_masks or ()),
-             "aux_mask_weight": model.aux_mask_weight}, tuple(int(n) for n in shape[2:]))
+             "aux_mask_weight": model.aux_mask_weight, "aux_mask_units": model.aux_mask_units}, tuple(int(n) for n in shape[2:]))
 
 
 def _with_concept_targets(dm, concepts, masks=(), grid=None) -> None:

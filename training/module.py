@@ -20,6 +20,13 @@ Dense concept targets (opt-in, `aux_masks`): the image-level targets say *whethe
 ground-truth mask covers (the manifest's mask, area-downsampled to the map grid; 0 where the patch has no mask of
 the concept), with a soft binary cross-entropy (× `aux_mask_weight`). Batches then carry a third tensor, float
 (batch, concept, my, mx), which the data module flips and turns with its patch.
+
+Concept units (opt-in, `aux_mask_units` = n > 0, with `aux_masks`): instead of that convolution reading every unit,
+n units of the layer per concept are each asked, on their own (a scale and a bias per unit, no other unit), whether
+each map cell touches the concept — a binary target, its positives weighted by the batch's ratio of negative to
+positive cells (at most MAX_POSITIVE_WEIGHT: a margin or a calcification touches 1–3 % of the cells). The network
+then has units known to detect each concept, alongside whatever the others learn. Soft coverage targets did not
+work here: units asked for the small coverage of specks and rims fell silent (measured in training/configs/demo.yaml).
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from torchmetrics.classification import (
 )
 
 from .errors import ConfigError
+
+MAX_POSITIVE_WEIGHT = 10.0  # concept units: the largest weight of a positive cell in the binary cross-entropy
 
 __all__ = ["OptimConfig", "ClassifierModule", "ConceptTargetDataset", "concept_targets", "concept_masks", "SPLITS",
            "SENSITIVITY_KEY", "SPECIFICITY"]
@@ -129,7 +138,7 @@ class ClassifierModule(L.LightningModule):
 
     def __init__(self, net: nn.Module, *, optim: OptimConfig | None = None, aux_concepts=(),
                  aux_layer: str | None = None, aux_weight: float = 1.0, aux_channels: int | None = None,
-                 aux_masks=(), aux_mask_weight: float = 1.0):
+                 aux_masks=(), aux_mask_weight: float = 1.0, aux_mask_units: int = 0):
         super().__init__()
         self.net = net
         self.optim = optim or OptimConfig()
@@ -137,6 +146,7 @@ class ClassifierModule(L.LightningModule):
         self.aux_weight = float(aux_weight)
         self.aux_masks = tuple(aux_masks or ())
         self.aux_mask_weight = float(aux_mask_weight)
+        self.aux_mask_units = int(aux_mask_units)
         self.aux_head = None
         self.aux_mask_head = None
         self._aux_maps = None
@@ -147,7 +157,15 @@ class ClassifierModule(L.LightningModule):
                 raise ConfigError(f"aux_layer {aux_layer!r} is not a module of the network (or has no channels)")
             if self.aux_concepts:
                 self.aux_head = nn.Linear(2 * int(aux_channels), len(self.aux_concepts))
-            if self.aux_masks:
+            n = len(self.aux_masks) * self.aux_mask_units  # concept units
+            if n > int(aux_channels):
+                raise ConfigError(f"aux_mask_units: {self.aux_mask_units} units for each of {len(self.aux_masks)} "
+                                  f"concepts, but {aux_layer!r} has {aux_channels} units")
+            if n:  # a scale and a bias per concept unit, starting as "firing means the concept is there"
+                self.aux_mask_head = nn.Conv2d(n, n, kernel_size=1, groups=n)
+                nn.init.constant_(self.aux_mask_head.weight, 1.0)
+                nn.init.constant_(self.aux_mask_head.bias, -3.0)
+            elif self.aux_masks:
                 self.aux_mask_head = nn.Conv2d(int(aux_channels), len(self.aux_masks), kernel_size=1)
             self._aux_hook = modules[aux_layer].register_forward_hook(self._keep_maps)
         # one metric object per split ("train" itself is taken: nn.Module.train)
@@ -189,11 +207,18 @@ class ClassifierModule(L.LightningModule):
             aux_loss = F.binary_cross_entropy_with_logits(self.aux_head(pooled), aux.float())
             loss = loss + self.aux_weight * aux_loss
         if masks and self.aux_mask_head is not None and self._aux_maps is not None:
-            pred = self.aux_mask_head(self._aux_maps)  # (batch, mask concept, my, mx) logits
-            if pred.shape != masks[0].shape:
+            target, weight = masks[0].float(), None
+            if self.aux_mask_units:  # each concept unit on its own: (batch, concept × units, my, mx)
+                pred = self.aux_mask_head(self._aux_maps[:, :len(self.aux_masks) * self.aux_mask_units])
+                target = (target > 0).float().repeat_interleave(self.aux_mask_units, dim=1)
+                share = target.mean(dim=(0, 2, 3), keepdim=True).clamp(min=1e-3)  # positive cells per concept
+                weight = torch.where(target > 0, ((1 - share) / share).clamp(max=MAX_POSITIVE_WEIGHT), 1.0)
+            else:
+                pred = self.aux_mask_head(self._aux_maps)  # (batch, mask concept, my, mx) logits
+            if pred.shape != target.shape:
                 raise ConfigError(f"dense concept targets of shape {tuple(masks[0].shape)} do not match the aux "
                                   f"layer's maps {tuple(pred.shape)} (batch, concept, y, x)")
-            loss = loss + self.aux_mask_weight * F.binary_cross_entropy_with_logits(pred, masks[0].float())
+            loss = loss + self.aux_mask_weight * F.binary_cross_entropy_with_logits(pred, target, weight=weight)
         if split == "train":  # this rank's running loss, for the progress bar only
             self.log("loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, logger=False)
         return loss
