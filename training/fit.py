@@ -498,7 +498,8 @@ def _aux_arguments(model: ModelConfig, net, layers: list[str], manifest, input_s
                               f"{sorted(known)})")
     return ({"aux_concepts": tuple(model.aux_concepts or ()), "aux_layer": layer, "aux_weight": model.aux_weight,
              "aux_channels": int(shape[1]), "aux_masks": tuple(model.aux_masks or ()),
-             "aux_mask_weight": model.aux_mask_weight, "aux_mask_units": model.aux_mask_units}, tuple(int(n) for n in shape[2:]))
+             "aux_mask_weight": model.aux_mask_weight, "aux_mask_units": model.aux_mask_units},
+            tuple(int(n) for n in shape[2:]))
 
 
 def _with_concept_targets(dm, concepts, masks=(), grid=None) -> None:
