@@ -305,7 +305,7 @@ def test_the_dataset_labeling_rule_is_served_by_configuration(api, rule_name):
     shown = images_showing(store, manifest)
     by_id = manifest.by_id()
     drawn = 0
-    for concept in ("mass", "calcification", "mass", "calcification", "mass"):
+    for concept in ("mass", "calcification") * 3:  # the small test model needs three calcification drawings
         # the next store patch showing the concept: its ground-truth mask's bounding box as the drawn rectangle
         while True:
             image = store.image_ids[shown[concept][drawn]]
