@@ -476,9 +476,9 @@ def reviewer_orders(store, manifest, layer: str, detectors: Mapping[str, Sequenc
                                           min_region_px=config.min_region_px, level=config.level)
     n_units = store.layer_shape(layer)[0]
     make = {"cumulative": lambda: CumulativeRule.from_counts(n_units, threshold=config.cumulative_threshold)}
+    reference = reference_images(store, manifest, config)
     if shown is not None:
         area = unit_mask_areas(store, layer, config.level)
-        reference = reference_images(store, manifest, config)
         make["dataset"] = lambda: DatasetRule.from_counts(image_area=area, shown=shown,
                                                           threshold=config.dataset_threshold, population=reference)
         cache = cache if cache is not None else FeatureCache(store)  # one for all the reviewers
@@ -488,7 +488,7 @@ def reviewer_orders(store, manifest, layer: str, detectors: Mapping[str, Sequenc
     sums = {name: {c: np.zeros(3) for c in concepts} for name in make}
     features = store.pooled(layer, "max") if reviewer == "suggested" else None
     if features is not None:  # the suggestions balance the drawn sample against the images whose IoU is estimated
-        population = _showing_reference(shown, reference_images(store, manifest, config))
+        population = _showing_reference(shown, reference)
     position = {c: {e[0]: j for j, e in enumerate(counts[c])} for c in concepts}  # store index → entry of counts
     for _ in range(orders):
         picks = {c: rng.permutation(len(counts[c]))[:config.goal_k] for c in concepts}

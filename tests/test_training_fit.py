@@ -431,8 +431,13 @@ def test_concept_units_each_learn_their_concept_alone(tiny_manifest, workspace, 
         load_config(tiny_config(tiny_manifest, model__aux_mask_units=2))
     with pytest.raises(ConfigError, match="aux_mask_units: -1"):
         load_config(tiny_config(tiny_manifest, model__aux_masks=["mass"], model__aux_mask_units=-1))
-    # through fit: trains on the manifest's masks, and the saved network is the plain classifier
+    # through fit: more concept units than the layer has fail before any run; then it trains on the manifest's
+    # masks, and the saved network is the plain classifier
     manifest = _with_mass_masks(tiny_manifest, tmp_path / "masked")
+    runs = len(_runs(workspace))
+    with pytest.raises(ConfigError, match="1000 units for each of 1 concepts"):
+        fit(tiny_config(manifest, model__aux_masks=["mass"], model__aux_mask_units=1000), settings=workspace)
+    assert len(_runs(workspace)) == runs
     res = fit(tiny_config(manifest, model__aux_masks=["mass"], model__aux_mask_units=2, trainer__max_epochs=1,
                           trainer__limit_train_batches=3, mlflow__register=False), settings=workspace)
     m = load_model(res.checkpoint, settings=workspace)

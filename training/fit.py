@@ -490,6 +490,9 @@ def _aux_arguments(model: ModelConfig, net, layers: list[str], manifest, input_s
     shape = _output_shapes(net, input_size).get(layer)
     if shape is None or len(shape) != 4:
         raise ConfigError(f"model.aux_layer: {layer!r} is not a module of the network with (channel, y, x) maps")
+    from .module import concept_units
+
+    concept_units(model.aux_masks, model.aux_mask_units, shape[1], layer)  # before any run exists
     known = {c for r in manifest.records for c in r.masks}
     for key in ("aux_concepts", "aux_masks"):
         unknown = sorted(set(getattr(model, key) or ()) - known)

@@ -128,6 +128,16 @@ class ConceptTargetDataset(torch.utils.data.Dataset):
         return img, self.targets[i], self.masks[i]
 
 
+def concept_units(aux_masks, units: int, channels: int, layer: str) -> int:
+    """How many units of `layer` (with `channels` units) are concept units: `units` for each of `aux_masks`;
+    ConfigError when the layer has fewer."""
+    n = len(aux_masks or ()) * int(units)
+    if n > int(channels):
+        raise ConfigError(f"aux_mask_units: {units} units for each of {len(aux_masks)} concepts, but {layer!r} has "
+                          f"{channels} units")
+    return n
+
+
 class ClassifierModule(L.LightningModule):
     """normal-vs-lesion classifier around any network mapping (batch, 1, y, x) to (batch, 2) logits.
 
@@ -157,10 +167,7 @@ class ClassifierModule(L.LightningModule):
                 raise ConfigError(f"aux_layer {aux_layer!r} is not a module of the network (or has no channels)")
             if self.aux_concepts:
                 self.aux_head = nn.Linear(2 * int(aux_channels), len(self.aux_concepts))
-            n = len(self.aux_masks) * self.aux_mask_units  # concept units
-            if n > int(aux_channels):
-                raise ConfigError(f"aux_mask_units: {self.aux_mask_units} units for each of {len(self.aux_masks)} "
-                                  f"concepts, but {aux_layer!r} has {aux_channels} units")
+            n = concept_units(self.aux_masks, self.aux_mask_units, aux_channels, aux_layer)
             if n:  # a scale and a bias per concept unit, starting as "firing means the concept is there"
                 self.aux_mask_head = nn.Conv2d(n, n, kernel_size=1, groups=n)
                 nn.init.constant_(self.aux_mask_head.weight, 1.0)
