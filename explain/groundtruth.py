@@ -80,6 +80,7 @@ __all__ = [
     "load_concept_masks",
     "dataset_concept_iou",
     "find_detectors",
+    "detector_margins",
     "choose_drawings",
     "eligible_drawings",
     "reference_images",
@@ -304,6 +305,21 @@ def find_detectors(result: ConceptIoU, *, min_iou: float = 0.04) -> dict[str, li
     for unit in np.flatnonzero(value > min_iou).tolist():
         out[result.concepts[int(best[unit])]].append(unit)
     return out
+
+
+def detector_margins(result: ConceptIoU, *, min_iou: float = 0.04) -> np.ndarray:
+    """float64 (unit,): how small a change of IoU would change whether, and of which concept, each unit is a detector
+    (`find_detectors`): for a detector, the smaller of its lead over its second-best concept and its lead over
+    `min_iou`; for any other unit, how far its best IoU stays below `min_iou`. A unit within a few hundredths of
+    IoU is a detector (or not) by a hair: the few drawings of a reviewer cannot settle it, whatever the rule."""
+    iou = np.asarray(result.iou, np.float64)  # (unit, concept)
+    if iou.shape[1] < 2:
+        lead = np.full(iou.shape[0], np.inf)
+    else:
+        top2 = np.sort(iou, axis=1)[:, -2:]
+        lead = top2[:, 1] - top2[:, 0]
+    best = iou.max(axis=1)
+    return np.where(best > min_iou, np.minimum(lead, best - min_iou), min_iou - best)
 
 
 # -- 2. the simulated reviewer -----------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from explain.groundtruth import (
     GroundTruthConfig,
     choose_drawings,
     dataset_concept_iou,
+    detector_margins,
     evaluate_ground_truth,
     find_detectors,
     load_concept_masks,
@@ -55,6 +56,10 @@ def test_find_detectors_by_hand():
                      intersection=np.rint(iou * union).astype(np.int64), union=union, n_images=3)
     assert find_detectors(res) == {"mass": [0], "calcification": [1], "skin": [3]}
     assert find_detectors(res, min_iou=0.2) == {"mass": [0], "calcification": [], "skin": [3]}
+    # unit 0 leads calcification by 0.20 and the criterion by 0.26; unit 1 leads mass by only 0.01; unit 2 is 0.01
+    # short of the criterion; unit 3 leads mass by 0.05
+    np.testing.assert_allclose(detector_margins(res), [0.20, 0.01, 0.01, 0.05], atol=1e-4)
+    np.testing.assert_allclose(detector_margins(res, min_iou=0.2), [0.10, 0.14, 0.17, 0.05], atol=1e-4)
 
 
 def test_dataset_level_iou_equals_brute_force_over_the_reference_images(lesions):

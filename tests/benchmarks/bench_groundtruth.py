@@ -23,6 +23,7 @@ reported without goals. The whole report is logged as an mlflow run in experimen
 from __future__ import annotations
 
 GOAL_K = 5
+HAIR = 0.02  # IoU: a detector (or a near-detector) within this of changing status is listed as decided by a hair
 
 
 def _value(v):
@@ -38,7 +39,9 @@ def _curve(rows) -> str:
 
 
 def run(settings) -> list[dict]:
-    from explain.groundtruth import RULES, GroundTruthConfig, evaluate_ground_truth, log_ground_truth
+    import numpy as np
+
+    from explain.groundtruth import RULES, GroundTruthConfig, detector_margins, evaluate_ground_truth, log_ground_truth
     from store.activations import open_store, store_exists
 
     url = settings.store_url("demo")
@@ -84,6 +87,20 @@ def run(settings) -> list[dict]:
                  "goal": f"<= {GOAL_K}" if goals else None,
                  "ok": (k_goal is not None and k_goal <= GOAL_K) if goals else None, "note": note},
             ]
+    iou = report.iou[head]
+    margins = detector_margins(iou, min_iou=config.detector_iou)
+    best = iou.iou.argmax(axis=1)
+    for c in report.config.concepts:  # why P and R swing from one reviewer to the next (no goal: a property of the model)
+        det = report.detectors[head].get(c, [])
+        hair = [u for u in det if margins[u] < HAIR]
+        near = [int(u) for u in np.flatnonzero((best == iou.concepts.index(c)) & (margins < HAIR))
+                if int(u) not in det]
+        figures.append({"name": f"groundtruth/{c}/detectors_by_a_hair", "value": len(hair), "unit": "units",
+                        "goal": None, "ok": None,
+                        "note": f"{head}: {len(hair)} of the {len(det)} detectors of {c} are within {HAIR} of IoU of "
+                                f"another concept or of the {config.detector_iou} criterion ({hair}); {len(near)} "
+                                f"units whose best concept it is fall short of the criterion by less ({near}). A "
+                                f"reviewer's few drawings cannot settle these, whatever the rule"})
     for base, orders, who in (("groundtruth", report.orders, "at random"),
                               ("groundtruth/suggested", report.orders_suggested,
                                "(after a first one at random) as the app suggests")):
