@@ -11,6 +11,8 @@
    unions with every ground-truth concept summed over the reference images (the train and val splits). A unit is a
    ground-truth detector of concept c when its IoU with c is above 0.04 and c is its best concept among all the
    concepts that have masks (inserted lesions and the anatomy: skin, background, …), as in Network Dissection.
+   `detector_margins` tells how little IoU would change that for each unit (a unit within a few hundredths of another
+   concept or of the criterion is a detector, or not, by a hair).
 2. A simulated reviewer draws the exact ground-truth region of each inserted concept on k patches (k = 1 … 10), one
    new patch per concept per round, in a seeded order, and the labeling rule (explain.labels, published defaults)
    runs after each drawing against a real annotation database (in memory); the alternative rules of
