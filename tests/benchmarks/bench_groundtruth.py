@@ -90,7 +90,8 @@ def run(settings) -> list[dict]:
     iou = report.iou[head]
     margins = detector_margins(iou, min_iou=config.detector_iou)
     best = iou.iou.argmax(axis=1)
-    for c in report.config.concepts:  # why P and R swing from one reviewer to the next (no goal: a property of the model)
+    # why P and R swing from one reviewer to the next (no goal: a property of the model)
+    for c in report.config.concepts:
         det = report.detectors[head].get(c, [])
         hair = [u for u in det if margins[u] < HAIR]
         near = [int(u) for u in np.flatnonzero((best == iou.concepts.index(c)) & (margins < HAIR))
