@@ -314,13 +314,9 @@ def detector_margins(result: ConceptIoU, *, min_iou: float = 0.04) -> np.ndarray
     (`find_detectors`): for a detector, the smaller of its lead over its second-best concept and its lead over
     `min_iou`; for any other unit, how far its best IoU stays below `min_iou`. A unit within a few hundredths of
     IoU is a detector (or not) by a hair: the few drawings of a reviewer cannot settle it, whatever the rule."""
-    iou = np.asarray(result.iou, np.float64)  # (unit, concept)
-    if iou.shape[1] < 2:
-        lead = np.full(iou.shape[0], np.inf)
-    else:
-        top2 = np.sort(iou, axis=1)[:, -2:]
-        lead = top2[:, 1] - top2[:, 0]
-    best = iou.max(axis=1)
+    ranked = np.sort(np.asarray(result.iou, np.float64), axis=1)  # (unit, concept), each row ascending
+    best = ranked[:, -1]
+    lead = best - ranked[:, -2] if ranked.shape[1] > 1 else np.inf  # over the second-best concept
     return np.where(best > min_iou, np.minimum(lead, best - min_iou), min_iou - best)
 
 

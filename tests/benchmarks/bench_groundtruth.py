@@ -89,7 +89,7 @@ def run(settings) -> list[dict]:
             ]
     iou = report.iou[head]
     margins = detector_margins(iou, min_iou=config.detector_iou)
-    best = iou.iou.argmax(axis=1)
+    best, _ = iou.best()
     # why P and R swing from one reviewer to the next (no goal: a property of the model)
     for c in report.config.concepts:
         det = report.detectors[head].get(c, [])
