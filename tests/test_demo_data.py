@@ -144,7 +144,8 @@ def test_masks_lie_inside_the_patch_and_the_breast(medium, originals):
 
 def test_inserted_pixels_are_exactly_the_lesion_footprints(originals):
     """On real films through the builder's own path: what changed is the lesions' footprint, inside the allowed
-    region (breast, off skin band, pectoral muscle and labels), and every lesion mask pixel changed."""
+    region (breast, off skin band, pectoral muscle and labels), and every lesion mask pixel changed: brighter, or
+    darker in the halo of a circumscribed mass."""
     from training.demo import _allowed_region, _make_mammogram, _Source
     from store.images import read_image
 
@@ -160,10 +161,12 @@ def test_inserted_pixels_are_exactly_the_lesion_footprints(originals):
         assert np.array_equal(changed, footprint)
         assert not (footprint & ~_allowed_region(seg, config)).any()
         assert not (footprint & (seg.pectoral | seg.film_label | seg.skin)).any()
+        halo = m.concept_maps["circumscribed_margin"] & ~m.concept_maps["mass"]  # the dark ring outside the border
         for concept in ("mass", "calcification", "spiculated_margin", "circumscribed_margin",
                         "architectural_distortion"):
-            mask = m.concept_maps[concept]
+            mask = m.concept_maps[concept] & ~halo
             assert (m.image[mask] > display[mask]).all()
+        assert (m.image[halo] < display[halo]).all()
         assert not (m.concept_maps["normal_tissue"] & changed).any()
 
 

@@ -67,11 +67,21 @@ def test_insertion_changes_exactly_the_footprint(mammogram, inserted):
     # changed pixels lie within the documented soft-edge margin of the masks …
     near = ndi.binary_dilation(masks, structure=_disk(CONFIG.edge_margin_px))
     assert not (changed & ~near).any()
-    # … and every pixel of every lesion mask changed (brighter: lesions add density)
+    # … and every pixel of every lesion mask changed: brighter (lesions add density), darker only in a halo
+    halos = 0
     for les in lesions:
+        body = les.full(les.kind, display.shape)
         for concept in les.masks:
             m = les.full(concept, display.shape)
-            assert (out[m] > display[m]).all(), f"{les.kind}: a {concept} pixel did not get brighter"
+            assert (out[m & body] > display[m & body]).all(), f"{les.kind}: a {concept} pixel did not get brighter"
+            outside = m & ~body
+            if concept == "circumscribed_margin":
+                halos += int(outside.sum())
+                assert (out[outside] < display[outside]).all(), "a halo pixel did not get darker"
+                assert (out[outside] >= 0.5 * display[outside]).all(), "a halo pixel lost more than half its value"
+            elif outside.any():
+                assert (out[outside] > display[outside]).all(), f"{les.kind}: a {concept} pixel did not get brighter"
+    assert halos > 0, "no circumscribed mass among the placed lesions: the halo went untested"
     assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
 
 
@@ -140,9 +150,14 @@ def test_mass_shape_margin_and_masks(shape, margin):
     margin_mask = m.masks[f"{margin}_margin"]
     ys, xs = np.nonzero(margin_mask)
     reach = np.hypot(ys + 0.5 - m.center[0], xs + 0.5 - m.center[1]).max()
-    if margin == "circumscribed":
-        assert not (margin_mask & ~body).any()  # the rim of the body
-        assert not (m.footprint & ~ndi.binary_dilation(body)).any()  # a sharp border: anti-aliasing only
+    if margin == "circumscribed":  # a band across the border: the body's rim and a thin dark halo outside it
+        halo = margin_mask & ~body
+        assert (m.attenuation[halo] < 0).all() and (m.attenuation[body] > 0).all()
+        touching = ndi.binary_dilation(body) & ~body
+        assert (touching & halo).sum() > 0.95 * touching.sum()  # all around the border …
+        assert not (halo & ~ndi.binary_dilation(body, structure=_disk(2))).any()  # … and 2 px wide
+        assert (margin_mask & body).sum() > 0.9 * (body & ~ndi.binary_erosion(body, iterations=3)).sum()
+        assert not (m.footprint & ~ndi.binary_dilation(body, structure=_disk(3))).any()  # nothing beyond the halo
     else:
         outside = margin_mask & ~body  # spicules: thin lines well beyond the border
         assert outside.sum() > 30
@@ -226,7 +241,8 @@ def test_margin_masks_follow_the_rim_width(width):
     cfg = replace(CONFIG, margin_rim_px=width)
     m = draw_mass(np.random.default_rng(8), cfg, shape="round", margin="circumscribed", diameter_mm=12, attenuation=0.3)
     body = m.masks["mass"]
-    np.testing.assert_array_equal(m.masks["circumscribed_margin"], body & ~ndi.binary_erosion(body, iterations=width))
+    inner = m.masks["circumscribed_margin"] & body
+    np.testing.assert_array_equal(inner, body & ~ndi.binary_erosion(body, iterations=width))
     s = draw_mass(np.random.default_rng(8), cfg, shape="round", margin="spiculated", diameter_mm=12, attenuation=0.3)
     rim = s.masks["mass"] & ~ndi.binary_erosion(s.masks["mass"], iterations=width)
     assert (s.masks["spiculated_margin"] & s.masks["mass"] == rim).all()  # inside the body: exactly the rim

@@ -10,18 +10,20 @@
 Image model. The display image is windowed, digitized film: bright = dense, and a digitizer's value is close to
 linear in optical density, i.e. in the logarithm of the transmitted X-rays. Extra tissue of attenuation A (in
 display units) therefore ADDS to the value: ``I' = I + A``, so the tissue's own texture shows through a lesion
-unchanged. Dense (bright) surroundings hide a lesion, because a mass replaces fibroglandular tissue of similar
-attenuation rather than adding to fat: the added value is scaled by ``1 - MASKING · local density`` (the image
-smoothed over ≈3 mm). Film saturates towards white, so values above `SHOULDER` follow a soft shoulder
-(``shoulder(I)``) that approaches 1 without reaching it: nothing leaves [0, 1]. Pixels where
-A = 0 are copied bit for bit, so the changed pixels are exactly the lesion's footprint (A > 0), which lies within
-`LesionConfig.edge_margin_px` of the lesion's masks.
+unchanged. A is negative only in the radiolucent halo around a circumscribed mass (fat pushed aside by it: the
+"halo sign"), where a pixel darkens, at most to half its value. Dense (bright) surroundings hide a lesion, because
+a mass replaces fibroglandular tissue of similar attenuation rather than adding to fat: the added value is scaled by
+``1 - MASKING · local density`` (the image smoothed over ≈3 mm). Film saturates towards white, so values above
+`SHOULDER` follow a soft shoulder (``shoulder(I)``) that approaches 1 without reaching it: nothing leaves [0, 1].
+Pixels where A = 0 are copied bit for bit, so the changed pixels are exactly the lesion's footprint (A ≠ 0), which
+lies within `LesionConfig.edge_margin_px` of the lesion's masks.
 
 Lesion kinds and their masks (boolean (y, x), concept ids of docs/CONTRACTS.md):
 - ``mass``: round / oval / irregular body (radial boundary with harmonics), denser in the centre (a sphere-like
   thickness profile) with mottled internal texture. Masks: ``mass`` (the body), and the margin:
-  ``circumscribed_margin`` (sharp, anti-aliased border; mask = the body's 2-px inner rim) or ``spiculated_margin``
-  (soft border fading over `soft_edge_px`, thin tapered spicules radiating outward; mask = the rim plus the spicules).
+  ``circumscribed_margin`` (sharp border with a thin dark halo just outside it; mask = the body's inner rim plus the
+  halo, a band across the border) or ``spiculated_margin`` (soft border fading over `soft_edge_px`, thin tapered
+  spicules radiating outward; mask = the rim plus the spicules).
 - ``calcification``: 5–20 bright specks, fine (≈1 px ≈ 0.4 mm) or coarse (2–3 px), in a round cluster or a linear
   (segmental) run; each speck blurred by a 3×3 point-spread kernel. Mask = the specks dilated by 1 px.
 - ``architectural_distortion``: thin lines converging on a point, no central mass. Mask = the lines.
@@ -80,6 +82,8 @@ class LesionConfig:
     spicule_strength: tuple[float, float] = (0.6, 0.9)  # × the mass's central attenuation, at the spicule's root
     spicule_sigma_px: tuple[float, float] = (0.9, 0.5)  # gaussian cross-section of a spicule, root → tip
     margin_rim_px: int = 3  # width of the body's inner rim in both margin masks
+    halo_px: float = 2.0  # width of the radiolucent ring just outside a circumscribed border
+    halo_strength: tuple[float, float] = (0.25, 0.4)  # darkening there, × the mass's central attenuation
     # calcifications
     calc_count: tuple[int, int] = (5, 20)
     calc_attenuation: tuple[float, float] = (0.2, 0.45)  # median peak of a speck after the point-spread kernel
@@ -95,7 +99,7 @@ class LesionConfig:
     @property
     def edge_margin_px(self) -> int:
         """How far (px) changed pixels may lie outside the union of a lesion's masks."""
-        return int(math.ceil(self.soft_edge_px)) + 1
+        return int(math.ceil(max(self.soft_edge_px, self.halo_px))) + 1
 
 
 @dataclass(eq=False)
@@ -103,7 +107,7 @@ class Lesion:
     """One lesion: local arrays over the box [y0, y0 + h) × [x0, x0 + w) of the mammogram it is placed on."""
 
     kind: str  # one of LESION_KINDS
-    attenuation: np.ndarray  # float32 (y, x) local, ≥ 0; 0 outside the footprint
+    attenuation: np.ndarray  # float32 (y, x) local; < 0 only in a halo; 0 outside the footprint
     masks: dict[str, np.ndarray]  # concept → bool (y, x) local, same shape as `attenuation`
     center: tuple[float, float]  # (y, x) local, sub-pixel
     attributes: dict = field(default_factory=dict)  # type, shape, margin, size_mm, morphology, distribution, …
@@ -112,7 +116,7 @@ class Lesion:
     @property
     def footprint(self) -> np.ndarray:
         """bool (y, x) local: the pixels this lesion changes."""
-        return self.attenuation > 0
+        return self.attenuation != 0
 
     @property
     def body(self) -> np.ndarray:
@@ -219,8 +223,8 @@ def _rim(body: np.ndarray, width: int) -> np.ndarray:
 
 def _finish(kind: str, att: np.ndarray, masks: dict[str, np.ndarray], center, attributes: dict) -> Lesion:
     """Drop negligible attenuation, check the mask/footprint invariants, crop to the lesion's extent."""
-    att = np.where(att >= _MIN_ATTENUATION, att, 0.0).astype(np.float32)
-    foot = att > 0
+    att = np.where(np.abs(att) >= _MIN_ATTENUATION, att, 0.0).astype(np.float32)
+    foot = att != 0
     for concept, m in masks.items():
         if not m.any():
             raise AssertionError(f"synth: {kind} produced an empty {concept} mask")
@@ -301,7 +305,7 @@ def draw_mass(
             tilt, bend, weight = rng.uniform(-0.35, 0.35), rng.uniform(-0.15, 0.15), rng.uniform(0.45, 1.0)
             rb = float(r_of(np.array([th]))[0])
             spicules.append((th, tilt, bend, weight, rb, length))
-    reach = r_max + config.soft_edge_px + 2 + max((s[5] for s in spicules), default=0.0)
+    reach = r_max + max(config.soft_edge_px, config.halo_px) + 2 + max((s[5] for s in spicules), default=0.0)
     size = int(2 * math.ceil(reach) + 3)
     center = (size / 2 + rng.uniform(-0.5, 0.5), size / 2 + rng.uniform(-0.5, 0.5))
 
@@ -314,7 +318,7 @@ def draw_mass(
         soft = config.soft_edge_px
         fade = np.clip(0.5 - (r - rb) / soft, 0.0, 1.0)
         profile_ss = (0.3 + 0.7 * core) * fade
-    else:  # circumscribed: a dense rim that stops sharply at the border (anti-aliased only)
+    else:  # circumscribed: a dense rim that stops sharply at the border, where the halo begins
         profile_ss = np.where(r <= rb, 0.3 + 0.7 * core, 0.0)
     profile = _block_mean(profile_ss, ss)
     body = _block_mean((r <= rb).astype(np.float64), ss) >= 0.5
@@ -339,8 +343,10 @@ def draw_mass(
             spic_mask |= m_i
         att = np.maximum(att, spic_att)
         masks["spiculated_margin"] = rim | (spic_mask & ~body)
-    else:
-        masks["circumscribed_margin"] = rim
+    else:  # the halo: a dark ring of width halo_px just outside the border, its last pixel fading
+        cover = _block_mean(np.clip(config.halo_px - (r - rb), 0.0, 1.0) * (r > rb), ss)
+        att = np.where(body, att, -_uniform(rng, config.halo_strength) * a0 * cover)
+        masks["circumscribed_margin"] = rim | (~body & (cover >= 0.5))
     attributes = {
         "type": "mass",
         "shape": shape,
@@ -504,18 +510,20 @@ def place_lesions(
     count: int,
     gap_px: int = 6,
     max_level: float = 0.97,
+    min_level: float = 0.02,
     tries: int = 80,
     kinds: list[str] | None = None,
 ) -> list[Lesion]:
     """Draw up to `count` lesions and place them so each footprint lies inside `allowed`, on tissue darker than
-    `max_level` (a lesion on saturated tissue would change nothing), at least `gap_px` from every other lesion.
+    `max_level` (a lesion on saturated tissue would change nothing) and brighter than `min_level` (nor would a halo
+    on black), at least `gap_px` from every other lesion.
 
     display: float32 (y, x) in [0, 1]; allowed: bool (y, x). A lesion that finds no room after `tries` positions is
     redrawn smaller once, then dropped: the result may hold fewer than `count` lesions.
     """
     if display.shape != allowed.shape:
         raise ValueError(f"display {display.shape} and allowed {allowed.shape} differ in shape")
-    room = allowed & (display < max_level)
+    room = allowed & (display < max_level) & (display > min_level)
     dist = ndi.distance_transform_edt(room)  # room for a lesion of that radius centred here
     occupied = np.zeros(display.shape, dtype=bool)
     placed: list[Lesion] = []
@@ -567,7 +575,8 @@ def attenuation_map(shape: tuple[int, int], lesions: list[Lesion]) -> np.ndarray
     att = np.zeros(shape, dtype=np.float32)
     for lesion in lesions:
         y0, x0, y1, x1 = lesion.box
-        np.maximum(att[y0:y1, x0:x1], lesion.attenuation, out=att[y0:y1, x0:x1])
+        window = att[y0:y1, x0:x1]
+        np.copyto(window, lesion.attenuation, where=lesion.footprint)  # footprints never overlap (place_lesions)
     return att
 
 
@@ -595,15 +604,17 @@ MASKING = 0.3  # how much dense surroundings reduce a lesion's contrast (0: not 
 def insert_lesions(display: np.ndarray, lesions: list[Lesion]) -> np.ndarray:
     """float32 (y, x) in [0, 1]: `display` with the lesions' attenuation added (see the module docstring).
 
-    Pixels outside every footprint are copied unchanged, bit for bit.
+    Pixels outside every footprint are copied unchanged, bit for bit; a halo pixel keeps at least half its value.
     """
     display = np.asarray(display, dtype=np.float32)
     att = attenuation_map(display.shape, lesions)
     out = display.copy()
-    foot = att > 0
+    foot = att != 0
     if not foot.any():
         return out
     density = ndi.gaussian_filter(display.astype(np.float64), 8.0, mode="nearest")[foot]  # (pixel,) ≈3 mm context
     added = att[foot] * (1.0 - MASKING * np.clip(density, 0.0, 1.0))
-    out[foot] = shoulder(unshoulder(display[foot]) + added).astype(np.float32)
+    before = display[foot].astype(np.float64)
+    after = shoulder(unshoulder(before) + added)
+    out[foot] = np.where(added < 0, np.maximum(after, 0.5 * before), after).astype(np.float32)  # a halo: at most half
     return out
