@@ -70,7 +70,7 @@ class LesionConfig:
     """
 
     mm_per_px: float = 0.4  # display pixel size: CBIS-DDSM films at ≈50 µm, displayed at 1/8
-    kind_weights: tuple[float, float, float] = (0.5, 0.32, 0.18)  # mass, calcification, architectural distortion
+    kind_weights: tuple[float, float, float] = (0.45, 0.3, 0.25)  # mass, calcification, architectural distortion
     # masses
     mass_diameter_mm: tuple[float, float] = (5.0, 18.0)  # drawn log-uniformly
     mass_attenuation: tuple[float, float] = (0.3, 0.5)  # at the centre of the body, display units
