@@ -23,7 +23,7 @@ Lesion kinds and their masks (boolean (y, x), concept ids of docs/CONTRACTS.md):
   thickness profile) with mottled internal texture. Masks: ``mass`` (the body), and the margin:
   ``circumscribed_margin`` (sharp border with a thin dark halo just outside it; mask = the body's inner rim plus the
   halo, a band across the border) or ``spiculated_margin`` (soft border fading over `soft_edge_px`, thin tapered
-  spicules radiating outward; mask = the rim plus the spicules).
+  spicules radiating outward; mask = the band across the border where the edge fades, plus the spicules).
 - ``calcification``: 5–20 bright specks, fine (≈1 px ≈ 0.4 mm) or coarse (2–3 px), in a round cluster or a linear
   (segmental) run; each speck blurred by a 3×3 point-spread kernel. Mask = the specks dilated by 1 px.
 - ``architectural_distortion``: thin lines converging on a point, no central mass. Mask = the lines.
@@ -81,7 +81,7 @@ class LesionConfig:
     spicule_length: tuple[float, float] = (0.5, 1.8)  # beyond the border, × the mass radius
     spicule_strength: tuple[float, float] = (0.6, 0.9)  # × the mass's central attenuation, at the spicule's root
     spicule_sigma_px: tuple[float, float] = (0.9, 0.5)  # gaussian cross-section of a spicule, root → tip
-    margin_rim_px: int = 3  # width of the body's inner rim in both margin masks
+    margin_rim_px: int = 3  # width of the body's inner rim in the circumscribed margin mask
     halo_px: float = 2.0  # width of the radiolucent ring just outside a circumscribed border
     halo_strength: tuple[float, float] = (0.25, 0.4)  # darkening there, × the mass's central attenuation
     # calcifications
@@ -318,6 +318,7 @@ def draw_mass(
         soft = config.soft_edge_px
         fade = np.clip(0.5 - (r - rb) / soft, 0.0, 1.0)
         profile_ss = (0.3 + 0.7 * core) * fade
+        fading = _block_mean((np.abs(r - rb) < soft / 2).astype(np.float64), ss) >= 0.5
     else:  # circumscribed: a dense rim that stops sharply at the border, where the halo begins
         profile_ss = np.where(r <= rb, 0.3 + 0.7 * core, 0.0)
     profile = _block_mean(profile_ss, ss)
@@ -342,7 +343,8 @@ def draw_mass(
             np.maximum(spic_att, a_i, out=spic_att)
             spic_mask |= m_i
         att = np.maximum(att, spic_att)
-        masks["spiculated_margin"] = rim | (spic_mask & ~body)
+        border = fading & (body | (att >= _MIN_ATTENUATION))  # the band across the border where the edge fades
+        masks["spiculated_margin"] = border | (spic_mask & ~body)
     else:  # the halo: a dark ring of width halo_px just outside the border, its last pixel fading
         cover = _block_mean(np.clip(config.halo_px - (r - rb), 0.0, 1.0) * (r > rb), ss)
         att = np.where(body, att, -_uniform(rng, config.halo_strength) * a0 * cover)
