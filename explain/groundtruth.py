@@ -22,7 +22,9 @@
    masks of the whole store and the manifest's list of what each patch shows, with the detector criterion 0.04) and
    ProbeAssistedRule (the same estimate carried over by a probe fitted from the drawings); these two estimate the
    IoU over the reference images of step 1 (`reference_images`), the population the detectors are defined on, with
-   the drawn patches as a sample from outside it. The patches come from the test split:
+   the drawn patches as a sample from outside it, and take step 1's IoU of each unit with what the app segments on
+   every film itself (film labels, background, skin, pectoral muscle: `segmented_ious`) as rivals no drawn concept's
+   estimate may trail. The patches come from the test split:
    never used to train the model, to select it, or to compute the detectors above; only patches where the concept
    covers at least `min_region_px` pixels are drawn (a reviewer does not outline a 3-pixel speck).
 3. After each round: precision and recall of the units labeled c against the detectors of c. Precision is undefined
@@ -62,6 +64,7 @@ from .errors import ExplainError
 from .labelrules import (
     DEFAULT_CUMULATIVE_THRESHOLD,
     DEFAULT_DATASET_THRESHOLD,
+    SEGMENTED_CONCEPTS,
     CumulativeRule,
     DatasetRule,
     ProbeAssistedRule,
@@ -309,6 +312,15 @@ def find_detectors(result: ConceptIoU, *, min_iou: float = 0.04) -> dict[str, li
     return out
 
 
+def segmented_ious(result: ConceptIoU) -> dict[str, np.ndarray]:
+    """{concept: float64 (unit,)}: each unit's dataset-level IoU with the concepts the app segments on every film by
+    itself (explain.labelrules.SEGMENTED_CONCEPTS: film labels, background, skin, pectoral muscle), those of them
+    `result` has: the rivals DatasetRule and ProbeAssistedRule give the drawn concepts (a unit that matches a film
+    label better than the mass drawn is not a mass detector, by the detector criterion itself)."""
+    return {c: np.asarray(result.iou[:, result.concepts.index(c)], np.float64)
+            for c in SEGMENTED_CONCEPTS if c in result.concepts}
+
+
 def detector_margins(result: ConceptIoU, *, min_iou: float = 0.04) -> np.ndarray:
     """float64 (unit,): how small a change of IoU would change whether, and of which concept, each unit is a detector
     (`find_detectors`): for a detector, the smaller of its lead over its second-best concept and its lead over
@@ -385,14 +397,16 @@ def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Seque
                       config: GroundTruthConfig = GroundTruthConfig(), order: Mapping[str, list[int]] | None = None,
                       db=None, alternatives: dict | None = None,
                       shown: Mapping[str, Sequence[int]] | None = None,
-                      cache=None) -> tuple[dict[str, list[dict]], list[Drawing]]:
+                      cache=None, known: Mapping[str, np.ndarray] | None = None
+                      ) -> tuple[dict[str, list[dict]], list[Drawing]]:
     """Draw, round by round, the ground-truth region of each concept and apply the labeling rule; measure after each
     round. Returns ({concept: [{k, precision, recall, labeled, detectors, hits, drawn}]}, drawings).
 
     `alternatives`: a dict filled with the same curves of the alternative rules of explain.labelrules, fed with
     exactly the same drawings: "cumulative" (CumulativeRule, threshold `config.cumulative_threshold`) and, given the
     store images that show each concept (`shown`), "dataset" (DatasetRule, `config.dataset_threshold`) and "assisted"
-    (ProbeAssistedRule, the same threshold; `cache`: an explain.probes.FeatureCache of the store to share).
+    (ProbeAssistedRule, the same threshold; `cache`: an explain.probes.FeatureCache of the store to share); `known`:
+    their rivals, each unit's dataset IoU with the concepts the app segments itself (`segmented_ious`).
     """
     from store.annotations import open_database
 
@@ -407,9 +421,9 @@ def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Seque
     if shown is not None:
         reference = reference_images(store, manifest, config)
         rules["dataset"] = DatasetRule(store, layer, shown=shown, threshold=config.dataset_threshold,
-                                       level=config.level, population=reference)
+                                       level=config.level, population=reference, known=known)
         rules["assisted"] = ProbeAssistedRule(store, layer, shown=shown, threshold=config.dataset_threshold,
-                                              level=config.level, cache=cache, population=reference)
+                                              level=config.level, cache=cache, population=reference, known=known)
     alt_curves: dict[str, dict[str, list[dict]]] = {name: {c: [] for c in config.concepts} for name in rules}
     curves: dict[str, list[dict]] = {c: [] for c in config.concepts}
     drawings: list[Drawing] = []
@@ -474,13 +488,15 @@ def _drawable_counts(store, manifest, layer: str, *, splits: Sequence[str], conc
 def reviewer_orders(store, manifest, layer: str, detectors: Mapping[str, Sequence[int]], *,
                     config: GroundTruthConfig = GroundTruthConfig(), orders: int = 40, seed: int = 2000,
                     shown: Mapping[str, Sequence[int]] | None = None, cache=None, reviewer: str = "random",
-                    drawable: Mapping[str, list[tuple]] | None = None) -> dict[str, dict[str, dict]]:
+                    drawable: Mapping[str, list[tuple]] | None = None,
+                    known: Mapping[str, np.ndarray] | None = None) -> dict[str, dict[str, dict]]:
     """How much the alternative rules' figures at k = config.goal_k depend on which patches the reviewer drew: `orders`
     seeded reviewers, each drawing goal_k eligible patches of the review split per concept — at random, or
     (reviewer="suggested", needs `shown`) the same first patch and then the app's suggestions (`suggested_order`).
     → {rule: {concept: {"precision", "recall" (means; an undefined precision counts 0), "met" (fraction of
     reviewers reaching both goals), "orders"}}} for "cumulative" and, with `shown`, "dataset" and "assisted".
-    `drawable`: `_drawable_counts`' answer for the review split, when already at hand."""
+    `drawable`: `_drawable_counts`' answer for the review split, when already at hand; `known` as in
+    `simulate_reviewer`."""
     if reviewer not in REVIEWERS:
         raise ExplainError(f"unknown reviewer {reviewer!r}; known: {', '.join(REVIEWERS)}")
     if reviewer == "suggested" and shown is None:
@@ -493,11 +509,12 @@ def reviewer_orders(store, manifest, layer: str, detectors: Mapping[str, Sequenc
     reference = reference_images(store, manifest, config)
     if shown is not None:
         area = unit_mask_areas(store, layer, config.level)
-        make["dataset"] = lambda: DatasetRule.from_counts(image_area=area, shown=shown,
+        make["dataset"] = lambda: DatasetRule.from_counts(image_area=area, shown=shown, known=known,
                                                           threshold=config.dataset_threshold, population=reference)
         cache = cache if cache is not None else FeatureCache(store)  # one for all the reviewers
         make["assisted"] = lambda: ProbeAssistedRule(store, layer, shown=shown, threshold=config.dataset_threshold,
-                                                     level=config.level, cache=cache, population=reference)
+                                                     level=config.level, cache=cache, population=reference,
+                                                     known=known)
     rng = np.random.default_rng(seed)
     sums = {name: {c: np.zeros(3) for c in concepts} for name in make}
     features = store.pooled(layer, "max") if reviewer == "suggested" else None
@@ -616,7 +633,8 @@ def evaluate_ground_truth(settings, *, store="demo", data="demo", layers: Sequen
     for layer in layers:
         alt: dict = {}
         curves[layer], drawn = simulate_reviewer(store, manifest, layer, detectors[layer], config=config, order=order,
-                                                 alternatives=alt, shown=shown, cache=cache)
+                                                 alternatives=alt, shown=shown, cache=cache,
+                                                 known=segmented_ious(iou[layer]))
         for name, rows in alt.items():
             alternatives.setdefault(name, {})[layer] = rows
         drawings = drawings or drawn  # the same drawings for every layer
@@ -627,12 +645,14 @@ def evaluate_ground_truth(settings, *, store="demo", data="demo", layers: Sequen
     followed = {c: suggested_order(features, population[c], eligible[c], order[c][0], max(config.ks))
                 if order[c] and c in population else order[c] for c in config.concepts}
     alt = {}
+    known = segmented_ious(iou[head])
     published, _ = simulate_reviewer(store, manifest, head, detectors[head], config=config, order=followed,
-                                     alternatives=alt, shown=shown, cache=cache)
+                                     alternatives=alt, shown=shown, cache=cache, known=known)
     drawable = _drawable_counts(store, manifest, head, splits=(config.review_split,), concepts=config.concepts,
                                 min_region_px=config.min_region_px, level=config.level)
     orders = {reviewer: reviewer_orders(store, manifest, head, detectors[head], config=config, shown=shown,
-                                        cache=cache, reviewer=reviewer, drawable=drawable) for reviewer in REVIEWERS}
+                                        cache=cache, reviewer=reviewer, drawable=drawable, known=known)
+              for reviewer in REVIEWERS}
     n_ref = sum(r.split in config.reference_splits for r in records)
     return GroundTruthReport(layers=layers, config=config, concepts=concepts, iou=iou, detectors=detectors,
                              curves=curves, drawings=drawings, available=available, n_reference_images=n_ref,

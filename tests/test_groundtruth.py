@@ -324,3 +324,37 @@ def test_a_reviewer_following_the_suggestions_is_measured_on_the_dissection_laye
         "mass"]["met"]
     assert run.data.metrics[f"{head}/suggested/dataset/recall/mass"] == report.suggested["dataset"]["mass"][-1][
         "recall"]
+
+
+def test_the_rules_rivals_are_the_units_iou_with_what_the_app_segments_itself(report, lesions, monkeypatch):
+    """segmented_ious picks each unit's dataset IoU with film labels, background, skin and pectoral muscle (not the
+    lesions, nor normal tissue: those need the ground truth), and the bench hands them to both estimating rules."""
+    import explain.groundtruth as gt
+    from explain.dissection import ConceptIoU
+    from explain.labelrules import images_showing
+
+    res = ConceptIoU(layer="x", level=0.99, concepts=["mass", "film_label", "normal_tissue", "skin"],
+                     intersection=np.array([[1, 2, 3, 4], [0, 0, 5, 1]]), union=np.full((2, 4), 10), n_images=3)
+    known = gt.segmented_ious(res)
+    assert sorted(known) == ["film_label", "skin"]
+    np.testing.assert_allclose(known["film_label"], [0.2, 0.0])
+    np.testing.assert_allclose(known["skin"], [0.4, 0.1])
+    store, manifest = lesions
+    known = {"film_label": np.zeros(store.layer_shape("features.1")[0])}
+    seen = []
+
+    def spy(base):
+        class Spy(base):
+            def __init__(self, *args, **options):
+                seen.append(options.get("known"))
+                super().__init__(*args, **options)
+        return Spy
+
+    for name in ("DatasetRule", "ProbeAssistedRule"):
+        monkeypatch.setattr(gt, name, spy(getattr(gt, name)))
+    shown = images_showing(store, manifest)
+    gt.reviewer_orders(store, manifest, "features.1", report.detectors["features.1"], config=CONFIG, orders=1,
+                       shown=shown, known=known)
+    gt.simulate_reviewer(store, manifest, "features.1", report.detectors["features.1"], config=CONFIG, shown=shown,
+                         known=known)
+    assert len(seen) == 4 and all(k is known for k in seen)

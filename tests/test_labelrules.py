@@ -17,6 +17,7 @@ from explain.labelrules import (
     DEFAULT_CUMULATIVE_THRESHOLD,
     AREA_UNITS,
     DEFAULT_DATASET_THRESHOLD,
+    SEGMENTED_CONCEPTS,
     CumulativeRule,
     DatasetRule,
     ProbeAssistedRule,
@@ -208,6 +209,25 @@ def test_dataset_rule_carries_the_drawn_area_over_by_the_best_units_only():
     assert rule.units_for("mass") == [0, 1, 2, 3, 4]
 
 
+def test_dataset_rule_leaves_units_that_match_a_segmented_concept_better_unlabeled():
+    """`known`: each unit's IoU with what the app segments itself (film labels, …). A unit whose estimated IoU with
+    the drawn concept does not beat its IoU with one of those is no detector of the drawn concept — the detector
+    criterion asks for the unit's best concept — so it takes no label; the estimate itself is unchanged."""
+    plain = DatasetRule.from_counts(image_area=AREA, shown=SHOWN)
+    plain.add_counts("mass", area=[50, 40], inter=[20, 30], region_px=30)
+    est = plain.iou()[0]  # unit 0 ≈ 0.30, unit 1 ≈ 0.23 (test_dataset_rule_by_hand)
+    assert plain.labels() == {0: "mass", 1: "mass"}
+    for film, background, expected in (([0.5, 0.1], [0.0, 0.0], {1: "mass"}),  # unit 0: a film-label unit
+                                       ([0.0, 0.0], [0.0, est[1]], {0: "mass"}),  # a tie goes to the known one
+                                       ([0.1, 0.2], [0.2, 0.1], {0: "mass", 1: "mass"})):
+        rule = DatasetRule.from_counts(image_area=AREA, shown=SHOWN, known={"film_label": film,
+                                                                            "background": background})
+        rule.add_counts("mass", area=[50, 40], inter=[20, 30], region_px=30)
+        np.testing.assert_allclose(rule.iou()[0], est)
+        assert rule.labels() == expected and rule.units_for("mass") == sorted(expected)
+    assert set(SEGMENTED_CONCEPTS) == {"film_label", "background", "skin", "pectoral_muscle"}
+
+
 def test_dataset_rule_bad_input_is_refused_and_changes_nothing():
     with pytest.raises(LabelError, match="images showing 'mass'"):
         DatasetRule.from_counts(image_area=AREA, shown={"mass": []})
@@ -221,6 +241,13 @@ def test_dataset_rule_bad_input_is_refused_and_changes_nothing():
         DatasetRule.from_counts(image_area=AREA.ravel(), shown=SHOWN)
     with pytest.raises(LabelError, match="not 3"):
         DatasetRule.from_counts(3, image_area=AREA, shown=SHOWN)
+    for bad in ([0.1], [0.1, float("nan")], [0.1, -0.1], [0.1, 1.5], [[0.1, 0.2]]):
+        with pytest.raises(LabelError, match="known IoUs of 'skin' must be 2 values in"):
+            DatasetRule.from_counts(image_area=AREA, shown=SHOWN, known={"skin": bad})
+    known = DatasetRule.from_counts(image_area=AREA, shown={**SHOWN, "skin": [3]}, known={"skin": [0.1, 0.2]})
+    with pytest.raises(LabelError, match="'skin' is one of the known concepts"):
+        known.add_counts("skin", area=[1, 2], inter=[0, 0], region_px=4)
+    assert known.concepts == [] and known.region_px.shape == (0,)
     rule = DatasetRule.from_counts(image_area=AREA, shown=SHOWN)
     with pytest.raises(LabelError, match="no image is listed as showing 'film label'.*known: mass, rim"):
         rule.add_counts("film label", area=[1, 2], inter=[0, 0], region_px=4)

@@ -12,7 +12,9 @@ app's default; figures `groundtruth/<concept>/…`) and the alternatives of expl
 (cumulative IoU over the drawings of each concept, threshold tuned on train/val drawings; `groundtruth/cumulative/…`),
 DatasetRule (the dataset-level IoU estimated from the drawings, the unit masks of every store image and the
 manifest's list of what each patch shows, thresholded at the detector criterion 0.04; `groundtruth/dataset/…`) and
-ProbeAssistedRule (the same estimate carried over by probes fitted from the drawings; `groundtruth/assisted/…`).
+ProbeAssistedRule (the same estimate carried over by probes fitted from the drawings; `groundtruth/assisted/…`);
+these two leave a unit unlabeled when it matches a film label, background, skin or pectoral muscle (what the app
+segments itself; explain.groundtruth.segmented_ious) better than the drawn concept.
 A second reviewer draws the same first patch of each concept and then the patches the app suggests
 (explain.labelrules.next_drawings): `groundtruth/suggested/…`, every rule, the dissection layer only.
 Goals (at k = 5) apply to the store's deepest layer, the dissection layer, for every rule; the other layers are
