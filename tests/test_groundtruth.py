@@ -224,7 +224,7 @@ def test_many_reviewers_find_the_known_units(report, lesions):
 
 def test_the_dataset_rules_estimate_the_iou_over_the_reference_images(report, lesions, monkeypatch):
     """The detectors are defined over the train and val patches: the rules estimate the IoU over the same images,
-    not over the whole store with the test patches the reviewer draws on."""
+    not over the whole store with the test patches the reviewer draws on; both get the rivals they are given."""
     import explain.groundtruth as gt
     from explain.labelrules import images_showing
 
@@ -234,12 +234,13 @@ def test_the_dataset_rules_estimate_the_iou_over_the_reference_images(report, le
     assert reference.tolist() == [i for i, image_id in enumerate(store.image_ids)
                                   if by_id[image_id].split in ("train", "val")]
     assert 0 < len(reference) < store.n_images
-    seen = []  # (rule, population) of every rule the bench builds
+    known = {"film_label": np.zeros(store.layer_shape("features.1")[0])}
+    seen = []  # (rule, population, rivals) of every rule the bench builds
 
     def spy(base):
         class Spy(base):
             def __init__(self, *args, **options):
-                seen.append((base.__name__, options.get("population")))
+                seen.append((base.__name__, options.get("population"), options.get("known")))
                 super().__init__(*args, **options)
         return Spy
 
@@ -247,10 +248,11 @@ def test_the_dataset_rules_estimate_the_iou_over_the_reference_images(report, le
         monkeypatch.setattr(gt, name, spy(getattr(gt, name)))
     shown = images_showing(store, manifest)
     gt.reviewer_orders(store, manifest, "features.1", report.detectors["features.1"], config=CONFIG, orders=1,
-                       shown=shown)
-    gt.simulate_reviewer(store, manifest, "features.1", report.detectors["features.1"], config=CONFIG, shown=shown)
-    assert sorted({n for n, _ in seen}) == ["DatasetRule", "ProbeAssistedRule"] and len(seen) == 4
-    assert all(np.array_equal(p, reference) for _, p in seen), seen
+                       shown=shown, known=known)
+    gt.simulate_reviewer(store, manifest, "features.1", report.detectors["features.1"], config=CONFIG, shown=shown,
+                         known=known)
+    assert sorted({n for n, _, _ in seen}) == ["DatasetRule", "ProbeAssistedRule"] and len(seen) == 4
+    assert all(np.array_equal(p, reference) and k is known for _, p, k in seen), seen
 
 
 def test_the_cumulative_threshold_is_tuned_on_train_and_val_drawings_only(report, lesions):
@@ -326,12 +328,11 @@ def test_a_reviewer_following_the_suggestions_is_measured_on_the_dissection_laye
         "recall"]
 
 
-def test_the_rules_rivals_are_the_units_iou_with_what_the_app_segments_itself(report, lesions, monkeypatch):
+def test_the_rules_rivals_are_the_units_iou_with_what_the_app_segments_itself():
     """segmented_ious picks each unit's dataset IoU with film labels, background, skin and pectoral muscle (not the
-    lesions, nor normal tissue: those need the ground truth), and the bench hands them to both estimating rules."""
+    lesions, nor normal tissue: those need the ground truth): what evaluate_ground_truth hands to both rules."""
     import explain.groundtruth as gt
     from explain.dissection import ConceptIoU
-    from explain.labelrules import images_showing
 
     res = ConceptIoU(layer="x", level=0.99, concepts=["mass", "film_label", "normal_tissue", "skin"],
                      intersection=np.array([[1, 2, 3, 4], [0, 0, 5, 1]]), union=np.full((2, 4), 10), n_images=3)
@@ -339,22 +340,3 @@ def test_the_rules_rivals_are_the_units_iou_with_what_the_app_segments_itself(re
     assert sorted(known) == ["film_label", "skin"]
     np.testing.assert_allclose(known["film_label"], [0.2, 0.0])
     np.testing.assert_allclose(known["skin"], [0.4, 0.1])
-    store, manifest = lesions
-    known = {"film_label": np.zeros(store.layer_shape("features.1")[0])}
-    seen = []
-
-    def spy(base):
-        class Spy(base):
-            def __init__(self, *args, **options):
-                seen.append(options.get("known"))
-                super().__init__(*args, **options)
-        return Spy
-
-    for name in ("DatasetRule", "ProbeAssistedRule"):
-        monkeypatch.setattr(gt, name, spy(getattr(gt, name)))
-    shown = images_showing(store, manifest)
-    gt.reviewer_orders(store, manifest, "features.1", report.detectors["features.1"], config=CONFIG, orders=1,
-                       shown=shown, known=known)
-    gt.simulate_reviewer(store, manifest, "features.1", report.detectors["features.1"], config=CONFIG, shown=shown,
-                         known=known)
-    assert len(seen) == 4 and all(k is known for k in seen)
