@@ -61,7 +61,8 @@ from .errors import LabelError, RegionError
 from .regions import RegionSpec, rasterize_regions
 
 __all__ = ["CumulativeRule", "DEFAULT_CUMULATIVE_THRESHOLD", "DatasetRule", "DEFAULT_DATASET_THRESHOLD",
-           "SEGMENTED_CONCEPTS", "unit_mask_areas", "count_unit_mask_areas", "images_showing", "ProbeAssistedRule", "next_drawings"]
+           "SEGMENTED_CONCEPTS", "unit_mask_areas", "count_unit_mask_areas", "images_showing", "ProbeAssistedRule",
+           "next_drawings"]
 
 DEFAULT_CUMULATIVE_THRESHOLD = 0.07
 
@@ -203,8 +204,8 @@ class CumulativeRule:
         iou = self.iou()
         best = iou.argmax(axis=0)  # ties go to the concept drawn first
         value = iou[best, np.arange(self.n_units)]
-        keep = value > self.threshold if self.rival is None else (value > self.threshold) & (value > self.rival)
-        return {int(u): self.concepts[int(best[u])] for u in np.flatnonzero(keep)}
+        floor = self.threshold if self.rival is None else np.maximum(self.threshold, self.rival)
+        return {int(u): self.concepts[int(best[u])] for u in np.flatnonzero(value > floor)}
 
     def units_for(self, concept: str) -> list[int]:
         """Units labeled `concept` (sorted)."""
