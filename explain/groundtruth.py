@@ -625,6 +625,7 @@ def evaluate_ground_truth(settings, *, store="demo", data="demo", layers: Sequen
     iou = dataset_concept_iou(store, manifest, layers, splits=config.reference_splits, level=config.level,
                               concepts=concepts, progress=progress)
     detectors = {layer: find_detectors(iou[layer], min_iou=config.detector_iou) for layer in layers}
+    known = {layer: segmented_ious(iou[layer]) for layer in layers}  # the rules' rivals
     eligible = eligible_drawings(store, manifest, config)
     order, available = choose_drawings(store, manifest, config, eligible=eligible)
     shown = images_showing(store, manifest)
@@ -633,8 +634,7 @@ def evaluate_ground_truth(settings, *, store="demo", data="demo", layers: Sequen
     for layer in layers:
         alt: dict = {}
         curves[layer], drawn = simulate_reviewer(store, manifest, layer, detectors[layer], config=config, order=order,
-                                                 alternatives=alt, shown=shown, cache=cache,
-                                                 known=segmented_ious(iou[layer]))
+                                                 alternatives=alt, shown=shown, cache=cache, known=known[layer])
         for name, rows in alt.items():
             alternatives.setdefault(name, {})[layer] = rows
         drawings = drawings or drawn  # the same drawings for every layer
@@ -645,13 +645,12 @@ def evaluate_ground_truth(settings, *, store="demo", data="demo", layers: Sequen
     followed = {c: suggested_order(features, population[c], eligible[c], order[c][0], max(config.ks))
                 if order[c] and c in population else order[c] for c in config.concepts}
     alt = {}
-    known = segmented_ious(iou[head])
     published, _ = simulate_reviewer(store, manifest, head, detectors[head], config=config, order=followed,
-                                     alternatives=alt, shown=shown, cache=cache, known=known)
+                                     alternatives=alt, shown=shown, cache=cache, known=known[head])
     drawable = _drawable_counts(store, manifest, head, splits=(config.review_split,), concepts=config.concepts,
                                 min_region_px=config.min_region_px, level=config.level)
     orders = {reviewer: reviewer_orders(store, manifest, head, detectors[head], config=config, shown=shown,
-                                        cache=cache, reviewer=reviewer, drawable=drawable, known=known)
+                                        cache=cache, reviewer=reviewer, drawable=drawable, known=known[head])
               for reviewer in REVIEWERS}
     n_ref = sum(r.split in config.reference_splits for r in records)
     return GroundTruthReport(layers=layers, config=config, concepts=concepts, iou=iou, detectors=detectors,

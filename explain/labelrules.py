@@ -92,7 +92,6 @@ class CumulativeRule:
         self.union = np.zeros((0, getattr(self, "n_units", 0)), np.int64)
         self.region_px = np.zeros(0, np.int64)  # (concept,): drawn pixels
         self.drawings: dict[str, int] = {}  # concept → drawings counted
-        self.rival: np.ndarray | None = None  # (unit,): an IoU a label must beat besides the threshold (DatasetRule)
 
     @classmethod
     def from_counts(cls, n_units: int, **options) -> "CumulativeRule":
@@ -197,15 +196,17 @@ class CumulativeRule:
         return self.intersection / np.maximum(self.union, 1)
 
     def labels(self) -> dict[int, str]:
-        """{unit: concept}: units whose best cumulative IoU among the drawn concepts exceeds the threshold (and
-        `rival`, where set)."""
+        """{unit: concept}: units whose best cumulative IoU among the drawn concepts exceeds `floor()`."""
         if not self.concepts:
             return {}
         iou = self.iou()
         best = iou.argmax(axis=0)  # ties go to the concept drawn first
         value = iou[best, np.arange(self.n_units)]
-        floor = self.threshold if self.rival is None else np.maximum(self.threshold, self.rival)
-        return {int(u): self.concepts[int(best[u])] for u in np.flatnonzero(value > floor)}
+        return {int(u): self.concepts[int(best[u])] for u in np.flatnonzero(value > self.floor())}
+
+    def floor(self) -> float | np.ndarray:
+        """What a unit's best IoU must exceed for a label: the threshold (DatasetRule: per unit, with its rivals)."""
+        return self.threshold
 
     def units_for(self, concept: str) -> list[int]:
         """Units labeled `concept` (sorted)."""
@@ -374,8 +375,6 @@ class DatasetRule(CumulativeRule):
             self.shown_index[str(c)] = idx
             self.shown_area[str(c)] = area[idx].sum(axis=0, dtype=np.float64)
         self.known = _known_ious(known, self.n_units)
-        if self.known:
-            self.rival = np.max(np.stack(list(self.known.values())), axis=0)
 
     @classmethod
     def from_counts(cls, n_units: int | None = None, **options) -> "DatasetRule":
@@ -386,6 +385,12 @@ class DatasetRule(CumulativeRule):
         rule.intersection = np.zeros((0, rule.n_units), np.int64)
         rule.union = np.zeros((0, rule.n_units), np.int64)
         return rule
+
+    def floor(self) -> float | np.ndarray:
+        """float64 (unit,) with `known` rivals: the threshold or, above it, the unit's best known IoU."""
+        if not self.known:
+            return self.threshold
+        return np.maximum(self.threshold, np.max(np.stack(list(self.known.values())), axis=0))
 
     def _count(self, concept: str, area: np.ndarray, inter: np.ndarray, region_px: int) -> None:
         if concept in self.known:
