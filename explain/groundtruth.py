@@ -86,6 +86,8 @@ __all__ = [
     "dataset_concept_iou",
     "find_detectors",
     "detector_margins",
+    "segmented_ious",
+    "segmented_rivals",
     "choose_drawings",
     "eligible_drawings",
     "reference_images",
@@ -279,10 +281,12 @@ def _mask_concepts(records) -> list[str]:
 
 
 # -- 1. dataset-level IoU and detectors --------------------------------------------------------------------------------
-def dataset_concept_iou(store, manifest, layers: Sequence[str], *, splits: Sequence[str] = ("train", "val"),
-                        level: float = DEFAULT_LEVEL, concepts: Sequence[str] | None = None, block: int = 32,
+def dataset_concept_iou(store, manifest, layers: Sequence[str], *,
+                        splits: Sequence[str] | None = ("train", "val"), level: float = DEFAULT_LEVEL,
+                        concepts: Sequence[str] | None = None, block: int = 32,
                         progress=None) -> dict[str, ConceptIoU]:
-    """{layer: ConceptIoU} over the store images of `splits`, every concept with masks (or `concepts`).
+    """{layer: ConceptIoU} over the store images of `splits` (None: every image), every concept with masks (or
+    `concepts`).
 
     Each image's masks are read once and counted for every layer.
     """
@@ -290,7 +294,7 @@ def dataset_concept_iou(store, manifest, layers: Sequence[str], *, splits: Seque
     concepts = list(concepts) if concepts is not None else _mask_concepts(records)
     size = patch_size(store)
     acc = {layer: DatasetIoU(store, layer, level=level, concepts=concepts) for layer in layers}
-    chosen = [i for i, r in enumerate(records) if r.split in splits]
+    chosen = [i for i, r in enumerate(records) if splits is None or r.split in splits]
     for start in range(0, len(chosen), block):
         idx = chosen[start:start + block]
         stacks = [acc[layers[0]].stack(records[i].id, load_concept_masks(records[i], size, concepts)) for i in idx]
@@ -319,6 +323,16 @@ def segmented_ious(result: ConceptIoU) -> dict[str, np.ndarray]:
     label better than the mass drawn is not a mass detector, by the detector criterion itself)."""
     return {c: np.asarray(result.iou[:, result.concepts.index(c)], np.float64)
             for c in SEGMENTED_CONCEPTS if c in result.concepts}
+
+
+def segmented_rivals(store, manifest, layer: str, *, level: float = DEFAULT_LEVEL) -> dict[str, np.ndarray]:
+    """The app's rivals for its dataset labeling rules on `layer` (explain.labels.label_region's `known`): each unit's
+    dataset-level IoU with the concepts the app segments on every film by itself, over every store image (the
+    population the app's rules estimate over); only those concepts the manifest has masks of ({} when none)."""
+    have = [c for c in SEGMENTED_CONCEPTS if c in _mask_concepts(_store_records(store, manifest))]
+    if not have:
+        return {}
+    return segmented_ious(dataset_concept_iou(store, manifest, [layer], splits=None, level=level, concepts=have)[layer])
 
 
 def detector_margins(result: ConceptIoU, *, min_iou: float = 0.04) -> np.ndarray:

@@ -62,7 +62,7 @@ from .regions import RegionSpec, rasterize_regions
 
 __all__ = ["CumulativeRule", "DEFAULT_CUMULATIVE_THRESHOLD", "DatasetRule", "DEFAULT_DATASET_THRESHOLD",
            "SEGMENTED_CONCEPTS", "unit_mask_areas", "count_unit_mask_areas", "images_showing", "ProbeAssistedRule",
-           "next_drawings"]
+           "next_drawings", "check_known_ious"]
 
 DEFAULT_CUMULATIVE_THRESHOLD = 0.07
 
@@ -306,7 +306,8 @@ class DatasetRule(CumulativeRule):
 
     `known` ({concept: (unit,) IoU}): each unit's dataset-level IoU, over the same population, with concepts nobody
     draws because the app segments them on every film by itself (SEGMENTED_CONCEPTS: film labels, background, skin,
-    pectoral muscle; explain.groundtruth.segmented_ious reads them off a dataset IoU table). A unit takes the label
+    pectoral muscle; explain.groundtruth.segmented_ious reads them off a dataset IoU table, and segmented_rivals
+    counts them over the whole store for the app). A unit takes the label
     of its best drawn concept only if its estimate also beats every known IoU: the detector criterion asks for the
     unit's best concept among all of them, and a unit that fires on film labels and overlaps masses now and then
     (IoU 0.22 with film labels, 0.08 with mass) is no mass detector, though the reviewer never drew a film label.
@@ -374,7 +375,7 @@ class DatasetRule(CumulativeRule):
                     continue
             self.shown_index[str(c)] = idx
             self.shown_area[str(c)] = area[idx].sum(axis=0, dtype=np.float64)
-        self.known = _known_ious(known, self.n_units)
+        self.known = check_known_ious(known, self.n_units)
 
     @classmethod
     def from_counts(cls, n_units: int | None = None, **options) -> "DatasetRule":
@@ -426,7 +427,7 @@ class DatasetRule(CumulativeRule):
         return inter / np.maximum(self.unit_area[None, :] + np.maximum(concept_area - inter, 0), 1)
 
 
-def _known_ious(known: Mapping[str, Sequence[float]] | None, n_units: int) -> dict[str, np.ndarray]:
+def check_known_ious(known: Mapping[str, Sequence[float]] | None, n_units: int) -> dict[str, np.ndarray]:
     """{concept: float64 (unit,)}, checked: each a finite IoU in [0, 1] for every one of `n_units` units."""
     out = {}
     for c, v in dict(known or {}).items():

@@ -132,7 +132,8 @@ class DatasetLabelRule:
     """The alternative rule measured against ground truth (explain.labelrules.DatasetRule): after each drawing, every
     unit takes the drawn concept whose dataset-level IoU, estimated from all of the author's drawings in the session,
     is its highest and above `threshold` (0.04, Network Dissection's detector criterion); a unit whose estimate no
-    longer clears it for any drawn concept loses its label. Labels named by hand are never touched.
+    longer clears it for any drawn concept loses its label. Labels named by hand are never touched. With rivals
+    (label_region's `known`) the estimate must also beat the unit's IoU with each of them.
     probes=True: the estimate of explain.labelrules.ProbeAssistedRule (a probe of each drawn concept, fitted from the
     same drawings, carries them over to every image showing the concept; it measures better against ground truth, and
     costs a probe fit of the concept drawn, done before the write transaction)."""
@@ -350,16 +351,21 @@ def _remove_label(session, action: LabelAction, layer: str, unit: int, existing:
 
 
 def _apply_dataset_rule(s, store, action: LabelAction, current: dict[int, UnitLabel], *, rule: DatasetLabelRule,
-                        level: float, shown, now, cache=None) -> dict[int, tuple[str | None, str | None]]:
+                        level: float, shown, now, cache=None,
+                        known=None) -> dict[int, tuple[str | None, str | None]]:
     """The dataset rule over every drawing of the action's author in its session (the new one included, flushed):
-    units whose estimated best concept changed take it (or lose their label); hand-named labels stay."""
+    units whose estimated best concept changed take it (or lose their label); hand-named labels stay. `known`: the
+    rivals (label_region); a concept the author drew is estimated from the drawings instead."""
     from .labelrules import DatasetRule, ProbeAssistedRule
 
     q = select(Region).where(Region.session_id == action.session_id, Region.author == action.author,
                              Region.deleted_at.is_(None)).order_by(Region.id)
+    records = _region_records(s, q)
+    drawn = {r.concept for r in records if r.concept in shown}
+    rivals = {c: v for c, v in (known or {}).items() if c not in drawn}
     kind, extra = (ProbeAssistedRule, {"cache": cache}) if rule.probes else (DatasetRule, {})
-    est = kind.from_regions(store, action.layer, _region_records(s, q), concepts=list(shown), shown=shown,
-                            threshold=rule.threshold, level=level, **extra)
+    est = kind.from_regions(store, action.layer, records, concepts=list(shown), shown=shown,
+                            threshold=rule.threshold, level=level, known=rivals, **extra)
     targets, iou = est.labels(), est.iou()
     changed: dict[int, tuple[str | None, str | None]] = {}
     for unit in sorted(set(targets) | set(current)):
@@ -403,7 +409,7 @@ def _last_writer(s, sid: int, layer: str, unit: int, author: str) -> tuple[str |
 def label_region(db: Database, store, *, layer: str, image, region, concept: str, author: str,
                  rule: LabelRule | DatasetLabelRule = LabelRule(), level: float = DEFAULT_LEVEL,
                  dissect: UnitIoU | None = None, session: int = WORKSPACE_SESSION,
-                 request_id: str | None = None, shown=None, cache=None) -> LabelResult:
+                 request_id: str | None = None, shown=None, cache=None, known=None) -> LabelResult:
     """Store a drawn region, compute its IoU with every unit of `layer` on `image`, and apply the rule to the
     author's own labels in `session`.
 
@@ -413,7 +419,11 @@ def label_region(db: Database, store, *, layer: str, image, region, concept: str
     `shown` ({concept: store indices of the images showing it}, explain.labelrules.images_showing): needed by
     DatasetLabelRule; drawings of concepts it does not list are stored but weigh in no unit's label. `cache` (an
     explain.probes.FeatureCache of the store, kept by the caller) spares DatasetLabelRule(probes=True) reading the
-    layer's maps and pulling back its unit masks at every drawing.
+    layer's maps and pulling back its unit masks at every drawing. `known` ({concept: float (unit,)}): the rivals
+    of DatasetLabelRule, each unit's dataset-level IoU on `layer` with concepts the app segments on every film by
+    itself (film labels, background, skin, pectoral muscle; explain.groundtruth.segmented_rivals): a unit takes a
+    drawn concept only where its estimate beats them too (explain.labelrules.DatasetRule). A concept the author drew
+    in the session is no rival: its drawings are estimated like any other's.
     """
     n_units = _check_layer(store, layer)
     index = resolve_image(store, image)
@@ -431,7 +441,7 @@ def label_region(db: Database, store, *, layer: str, image, region, concept: str
     assert ious.shape == (n_units,)
     return apply_ious(db, store, layer=layer, image=store.image_ids[index], concept=concept, author=author,
                       ious=ious, specs=specs, mask=mask, rule=rule, rule_extra={"level": float(level)},
-                      session=sid, request_id=request_id, shown=shown, cache=cache)
+                      session=sid, request_id=request_id, shown=shown, cache=cache, known=known)
 
 
 def _replay(db: Database, sid: int, author: str, request_id: str, *, layer: str, image_id: str | None,
@@ -460,11 +470,11 @@ def apply_ious(db: Database, store, *, layer: str, image, concept: str, author: 
                specs: Sequence[RegionSpec], mask: np.ndarray | None = None,
                rule: LabelRule | DatasetLabelRule = LabelRule(), rule_extra: dict | None = None,
                session: int = WORKSPACE_SESSION, request_id: str | None = None, shown=None,
-               cache=None) -> LabelResult:
+               cache=None, known=None) -> LabelResult:
     """Store the region `specs` and apply the rule to precomputed IoUs (unit,) — one transaction.
 
     For callers that computed the IoUs themselves (label_region, the simulated reviewer). DatasetLabelRule reads
-    the author's drawings of the session instead of `ious` and needs `shown` (see label_region).
+    the author's drawings of the session instead of `ious` and needs `shown` (and takes `known`; see label_region).
     """
     n_units = _check_layer(store, layer)
     image_id = store.image_ids[resolve_image(store, image)]
@@ -480,8 +490,12 @@ def apply_ious(db: Database, store, *, layer: str, image, concept: str, author: 
         if shown is None:
             raise LabelError("the dataset rule needs the images showing each concept (shown=, from "
                              "explain.labelrules.images_showing)")
-        # recorded as before the probe-assisted estimate existed, plus "probes": true when it runs
-        rule_json = {"kind": "dataset", **{k: v for k, v in asdict(rule).items() if k != "probes" or v}}
+        from .labelrules import check_known_ious
+
+        known = check_known_ious(known, n_units)  # checked before anything is stored
+        # recorded as before the probe-assisted estimate existed, plus "probes": true when it runs and the rivals
+        rule_json = {"kind": "dataset", **{k: v for k, v in asdict(rule).items() if k != "probes" or v},
+                     **({"rivals": sorted(known)} if known else {})}
     elif isinstance(rule, LabelRule):
         rule_json = {"kind": "published", **asdict(rule)}
     else:
@@ -524,7 +538,7 @@ def apply_ious(db: Database, store, *, layer: str, image, concept: str, author: 
             changed: dict[int, tuple[str | None, str | None]] = {}
             if isinstance(rule, DatasetLabelRule):
                 changed = _apply_dataset_rule(s, store, action, current, rule=rule, level=level, shown=shown, now=now,
-                                              cache=cache)
+                                              cache=cache, known=known)
             else:
                 behind = np.zeros(n_units)
                 for unit, lab in current.items():

@@ -62,29 +62,54 @@ def test_find_detectors_by_hand():
     np.testing.assert_allclose(detector_margins(res, min_iou=0.2), [0.10, 0.14, 0.17, 0.05], atol=1e-4)
 
 
-def test_dataset_level_iou_equals_brute_force_over_the_reference_images(lesions):
-    store, manifest = lesions
-    res = dataset_concept_iou(store, manifest, ["features.1"], splits=("train", "val"))["features.1"]
-    assert res.concepts == ["calcification", "mass", "normal_tissue"]
+def _brute_force_counts(store, manifest, concepts, splits):
+    """(intersection, union) int64 (unit, concept) of features.1's unit masks, one unit and image at a time, over
+    the images of `splits`, and how many images that was."""
     by_id = manifest.by_id()
     t = store.thresholds("features.1")
-    inter = np.zeros((3, 3), np.int64)
-    union = np.zeros((3, 3), np.int64)
+    inter = np.zeros((3, len(concepts)), np.int64)
+    union = np.zeros((3, len(concepts)), np.int64)
     n = 0
     for i, image_id in enumerate(store.image_ids):
         rec = by_id[image_id]
-        if rec.split == "test":
+        if rec.split not in splits:
             continue
         n += 1
         up = unit_masks(store.maps("features.1", i), t, (64, 64))
         masks = load_concept_masks(rec, (64, 64))
-        for j, c in enumerate(res.concepts):
+        for j, c in enumerate(concepts):
             m = masks.get(c, np.zeros((64, 64), bool))
             inter[:, j] += (up & m).sum(axis=(1, 2))
             union[:, j] += (up | m).sum(axis=(1, 2))
+    return inter, union, n
+
+
+def test_dataset_level_iou_equals_brute_force_over_the_reference_images(lesions):
+    store, manifest = lesions
+    res = dataset_concept_iou(store, manifest, ["features.1"], splits=("train", "val"))["features.1"]
+    assert res.concepts == ["calcification", "mass", "normal_tissue"]
+    inter, union, n = _brute_force_counts(store, manifest, res.concepts, ("train", "val"))
     assert res.n_images == n == 42
     np.testing.assert_array_equal(res.intersection, inter)
     np.testing.assert_array_equal(res.union, union)
+
+
+def test_the_apps_rivals_are_the_segmented_concepts_iou_over_every_store_image(lesions, monkeypatch):
+    """segmented_rivals (what the app hands its dataset rules): each unit's IoU with those of the segmented concepts
+    the manifest has masks of, over every patch of the store (the population the app's rules estimate over, test
+    split included); nothing when the manifest has none of them."""
+    import explain.groundtruth as gt
+
+    store, manifest = lesions
+    assert gt.segmented_rivals(store, manifest, "features.1") == {}  # masses, calcifications and normal tissue only
+    # the same images with masses counted as a segmented concept (skin has no mask here: left out)
+    monkeypatch.setattr(gt, "SEGMENTED_CONCEPTS", ("mass", "skin"))
+    rivals = gt.segmented_rivals(store, manifest, "features.1")
+    inter, union, n = _brute_force_counts(store, manifest, ["mass"], ("train", "val", "test"))
+    assert sorted(rivals) == ["mass"] and n == store.n_images == 60
+    np.testing.assert_allclose(rivals["mass"], inter[:, 0] / union[:, 0], rtol=1e-6)
+    reference = dataset_concept_iou(store, manifest, ["features.1"], concepts=["mass"])["features.1"].iou[:, 0]
+    assert rivals["mass"][0] > 0.2 and rivals["mass"][0] != pytest.approx(reference[0], abs=1e-3)  # unit 0: masses
 
 
 def test_the_known_units_are_the_ground_truth_detectors(report):

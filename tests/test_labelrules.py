@@ -464,6 +464,45 @@ def test_the_dataset_rule_in_the_annotation_database_follows_the_estimate_with_p
     assert len(regions_for(db)) == n
 
 
+def test_the_dataset_rule_in_the_annotation_database_weighs_the_rivals_it_is_given(lesions):
+    """label_region's `known`: a unit whose IoU with a segmented concept (here unit 0 with film labels) beats its
+    estimate for the drawn concept takes no label; the action records the rivals; a concept the author draws is
+    estimated from the drawings instead of being a rival; rivals of the wrong shape are refused before anything is
+    stored."""
+    store, manifest = lesions
+    db = open_database("sqlite://")
+    shown = images_showing(store, manifest)
+    draws = [(c, *_drawings(store, manifest, c, 2)[k]) for k in range(2) for c in ("mass", "calcification")]
+    plain = DatasetRule(store, "features.1", shown=shown)
+    for c, i, m in draws:
+        plain.add(i, c, m)
+    est = plain.iou()  # (concept, unit): what both sessions below estimate
+    assert plain.labels() == {0: "mass", 1: "calcification"}
+    known = {"film_label": [min(1.0, est[0, 0] + 0.05), 0.0, 0.0]}  # unit 0 matches film labels a little better
+    for author, rivals in (("ana", {}), ("ben", {"known": known})):  # the same drawings, without and with rivals
+        for c, i, m in draws:
+            label_region(db, store, layer="features.1", image=i, region=m, concept=c, author=author,
+                         rule=DatasetLabelRule(), shown=shown, **rivals)
+    assert current_labels(db, "features.1", author="ana") == {0: "mass", 1: "calcification"}
+    assert current_labels(db, "features.1", author="ben") == {1: "calcification"}
+    with db.read() as s:
+        rules = s.scalars(select(LabelAction.rule).where(LabelAction.author == "ben")).all()
+    assert len(rules) == 4 and all(r == {"kind": "dataset", "threshold": 0.04, "level": 0.99,
+                                         "rivals": ["film_label"]} for r in rules)
+    # film labels drawn by the author on a patch listed as showing one: estimated from the drawing, no given rival
+    c, i, m = draws[0]
+    film = label_region(db, store, layer="features.1", image=i, region=m, concept="film_label", author="ben",
+                        rule=DatasetLabelRule(), shown={**shown, "film_label": np.array([i])}, known=known)
+    assert current_labels(db, "features.1", author="ben")[0] in ("mass", "film_label") and film.changed
+    # rivals for another number of units, or out of [0, 1]: refused, nothing stored
+    n = len(regions_for(db))
+    for bad in ({"film_label": [0.1, 0.2]}, {"skin": [0.1, float("nan"), 0.0]}, {"skin": [0.1, 1.5, 0.0]}):
+        with pytest.raises(LabelError, match="known IoUs of"):
+            label_region(db, store, layer="features.1", image=i, region=m, concept=c, author="ben",
+                         rule=DatasetLabelRule(), shown=shown, known=bad)
+    assert len(regions_for(db)) == n
+
+
 def test_the_assisted_rule_fits_its_probes_before_the_write_transaction(lesions, tmp_path, monkeypatch):
     """DatasetLabelRule(probes=True) in the annotation database: the stored labels are ProbeAssistedRule's over the
     session's drawings, and every probe fit happens while no write lock is held (another connection can take one)."""
