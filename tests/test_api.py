@@ -281,10 +281,13 @@ def test_report_is_a_self_contained_download(api, target):
 def test_the_dataset_labeling_rule_is_served_by_configuration(api, rule_name):
     """With AppConfig.label_rule = "dataset" a drawing relabels the author's units to what explain.labelrules.
     DatasetRule estimates from all of their drawings in the session ("assisted": ProbeAssistedRule, the estimate
-    carried over by probes fitted from the same drawings); the action records which rule ran."""
+    carried over by probes fitted from the same drawings), with each unit's IoU with the film labels, background,
+    skin and pectoral muscle the app segments as rivals (explain.groundtruth.segmented_rivals, computed once per
+    model and kept in the workspace cache); the action records which rule ran, and with which rivals."""
     import numpy as np
 
-    from explain.groundtruth import load_concept_masks
+    import explain.groundtruth
+    from explain.groundtruth import load_concept_masks, segmented_rivals
     from explain.labelrules import DatasetRule, ProbeAssistedRule, images_showing
     from explain.labels import current_labels
     from store.accounts import add_member, create_user
@@ -303,6 +306,8 @@ def test_the_dataset_labeling_rule_is_served_by_configuration(api, rule_name):
     wb = app.server.extensions["conceptlens"]
     store, manifest, layer = wb.store(), wb.manifest(), wb.layer()
     shown = images_showing(store, manifest)
+    known = segmented_rivals(store, manifest, layer)
+    assert sorted(known) == ["background", "film_label", "pectoral_muscle", "skin"]
     by_id = manifest.by_id()
     drawn, seen = 0, set()
     for concept in ("mass", "calcification") * 3:  # the small test model needs three calcification drawings
@@ -321,11 +326,23 @@ def test_the_dataset_labeling_rule_is_served_by_configuration(api, rule_name):
                          "request_id": uuid.uuid4().hex})
         assert r.status_code == 201, r.get_json()
         estimate = DatasetRule if rule_name == "dataset" else ProbeAssistedRule
-        expected = estimate.from_session(db, store, layer, session=1, author=user, shown=shown).labels()
+        expected = estimate.from_session(db, store, layer, session=1, author=user, shown=shown, known=known).labels()
         assert current_labels(db, layer, session=1, author=user) == expected
         seen |= set(expected.values())
     assert seen == {"mass", "calcification"}  # units of both concepts were labeled along the way
     with db.read() as s:
         rule = s.scalar(select(LabelAction.rule).where(LabelAction.author == user).order_by(LabelAction.id.desc()))
     assert rule == {"kind": "dataset", "threshold": 0.04, "level": 0.99, **({"probes": True} if rule_name == "assisted"
-                                                                           else {})}
+                                                                           else {}), "rivals": sorted(known)}
+    # the rivals the app used are those, kept in the workspace cache: a new app process reads them, computes nothing
+    cached = wb.segmented_rivals(layer)
+    assert sorted(cached) == sorted(known) and all(np.allclose(cached[c], known[c], rtol=1e-6) for c in known)
+    assert list((settings.cache_dir / "rivals").glob(f"*-{layer}-*.npz"))
+
+    def no_recount(*args, **kwargs):
+        raise AssertionError("the rivals were counted again")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(explain.groundtruth, "segmented_rivals", no_recount)
+        again = create_app(settings, config=AppConfig(label_rule=rule_name)).server.extensions["conceptlens"]
+        assert all(np.array_equal(again.segmented_rivals(layer)[c], cached[c]) for c in known)

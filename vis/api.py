@@ -176,7 +176,7 @@ def _label(db, wb, *, session: int, author: str, args: dict):
     from explain.labels import label_region
 
     kwargs = dict(args, session=session, author=author, level=wb.config.mask_level,
-                  dissect=wb._unit_iou(args["layer"]), **wb.label_rule_args())
+                  dissect=wb._unit_iou(args["layer"]), **wb.label_rule_args(args["layer"]))
     for attempt in range(2):
         try:
             return label_region(db, wb.store(), **kwargs)

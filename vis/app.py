@@ -53,7 +53,8 @@ class AppConfig:
     mask_level: float = 0.99  # activation quantile that thresholds a unit's map into its mask
     # "published": a drawing labels the units whose IoU with it is above iou_threshold (and above their label's);
     # "dataset": every drawing re-estimates each unit's dataset-level IoU with each drawn concept and labels by
-    # Network Dissection's criterion (explain.labels.DatasetLabelRule; it measures better against ground truth);
+    # Network Dissection's criterion (explain.labels.DatasetLabelRule; it measures better against ground truth),
+    # with each unit's IoU with the film labels, background, skin and pectoral muscle as rivals to beat;
     # "assisted": the same with a probe of each drawn concept carrying the drawings over to every image showing it
     # (DatasetLabelRule(probes=True), explain.labelrules.ProbeAssistedRule: better still; seconds per drawing)
     label_rule: str = "published"

@@ -638,19 +638,21 @@ class Workbench:
             out.add(check_int(c, f"selected {what}", lo=0, hi=10**7))
         return sorted(out)
 
-    def label_rule_args(self) -> dict:
-        """label_region's `rule` (and `shown`) for the configured labeling rule (AppConfig.label_rule)."""
+    def label_rule_args(self, layer: str | None = None) -> dict:
+        """label_region's `rule` (and `shown`, and with `layer` the rivals `known`) for the configured labeling rule
+        (AppConfig.label_rule)."""
         from explain.labels import DatasetLabelRule, LabelRule
 
         if self.config.label_rule in ("dataset", "assisted"):
             shown = self.images_showing()
+            known = {} if layer is None else {"known": self.segmented_rivals(layer)}
             if self.config.label_rule == "dataset":
-                return {"rule": DatasetLabelRule(), "shown": shown}
+                return {"rule": DatasetLabelRule(), "shown": shown, **known}
             from explain.probes import FeatureCache
 
             # its own cache of the read-only store: the probes' maps and the unit masks pulled back, once per process
             cache = self._handle(("label-feature-cache", self.store().url), lambda: FeatureCache(self.store()))
-            return {"rule": DatasetLabelRule(probes=True), "shown": shown, "cache": cache}
+            return {"rule": DatasetLabelRule(probes=True), "shown": shown, "cache": cache, **known}
         return {"rule": LabelRule(threshold=self.config.iou_threshold)}
 
     def images_showing(self) -> dict:
@@ -970,7 +972,7 @@ class Workbench:
         result = label_region(self.db(), self.store(), layer=layer, image=state["image"],
                               region=parse_plotly_shapes(regions), concept=concept, author=self.user(),
                               session=sid, level=self.config.mask_level, dissect=self._unit_iou(layer),
-                              **self.label_rule_args())
+                              **self.label_rule_args(layer))
         name = figures.concept_name(concept)
         if self.config.label_rule in ("dataset", "assisted"):
             return [*actions, result.action_id], self._dataset_rule_message(result, layer, concept)
@@ -1241,30 +1243,48 @@ class Workbench:
         return self._views.get(("unit-groups", layer), lambda: unit_groups(unit_profiles(
             np.asarray(self.store().pooled(layer, "max")))))
 
-    def unit_gt_iou(self, layer: str) -> tuple[np.ndarray, list[str]]:
-        """(best ground-truth IoU float32 (unit,), that concept per unit): Network Dissection of the layer against
-        the dataset's concept masks (train and val patches), computed once per process (about a second)."""
+    def _dataset_cached(self, kind: str, layer: str, compute: Callable[[], dict]) -> dict[str, np.ndarray]:
+        """{name: array} that `compute` derives from the store's model, the dataset and `layer` at the mask level:
+        computed once, kept in the workspace cache (shared by every worker and later starts) and per process."""
         store = self.store()
         run = str((store.attrs.get("model") or {}).get("run_id") or "model")
-        path = (self.settings.cache_dir / "gt-iou" /
+        path = (self.settings.cache_dir / kind /
                 f"{self.config.store}-{run}-{self.manifest().sha256[:12]}-{layer}-{self.config.mask_level}.npz")
 
-        def compute():
-            if path.is_file():  # shared by every worker and later starts
+        def load():
+            if path.is_file():
                 with np.load(path, allow_pickle=False) as z:
-                    return z["iou"], [str(c) for c in z["concept"]]
-            from explain.groundtruth import dataset_concept_iou
-
-            res = dataset_concept_iou(store, self.manifest(), [layer], level=self.config.mask_level)[layer]
-            idx, best = res.best()
-            iou, concepts = np.asarray(best, np.float32), [res.concepts[i] for i in idx]
+                    return {name: z[name] for name in z.files}
+            out = {name: np.asarray(v) for name, v in compute().items()}
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + f".{threading.get_ident()}.tmp.npz")
-            np.savez(tmp, iou=iou, concept=np.asarray(concepts, dtype=str))
+            np.savez(tmp, **out)
             tmp.replace(path)
-            return iou, concepts
+            return out
 
-        return self._handle(f"gt-iou:{layer}:{self.config.mask_level}", compute)
+        return self._handle(f"{kind}:{layer}:{self.config.mask_level}", load)
+
+    def unit_gt_iou(self, layer: str) -> tuple[np.ndarray, list[str]]:
+        """(best ground-truth IoU float32 (unit,), that concept per unit): Network Dissection of the layer against
+        the dataset's concept masks (train and val patches), computed once (about a second)."""
+        def compute():
+            from explain.groundtruth import dataset_concept_iou
+
+            res = dataset_concept_iou(self.store(), self.manifest(), [layer], level=self.config.mask_level)[layer]
+            idx, best = res.best()
+            return {"iou": np.asarray(best, np.float32), "concept": np.asarray([res.concepts[i] for i in idx], str)}
+
+        z = self._dataset_cached("gt-iou", layer, compute)
+        return z["iou"], [str(c) for c in z["concept"]]
+
+    def segmented_rivals(self, layer: str) -> dict[str, np.ndarray]:
+        """{concept: float64 (unit,)}: the dataset rules' rivals on `layer` (explain.groundtruth.segmented_rivals: each
+        unit's IoU over every patch with the film labels, background, skin and pectoral muscle the app segments),
+        computed once (a few seconds on the demo store)."""
+        from explain.groundtruth import segmented_rivals
+
+        return self._dataset_cached("rivals", layer, lambda: segmented_rivals(
+            self.store(), self.manifest(), layer, level=self.config.mask_level))
 
     def unit_map(self, layer, *, projection, color_by, state, session):
         """The Units page's map: one point per unit, lasso-selectable."""
