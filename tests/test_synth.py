@@ -156,7 +156,7 @@ def test_mass_shape_margin_and_masks(shape, margin):
         touching = ndi.binary_dilation(body) & ~body
         assert (touching & halo).sum() > 0.95 * touching.sum()  # all around the border …
         assert not (halo & ~ndi.binary_dilation(body, structure=_disk(2))).any()  # … and 2 px wide
-        assert (margin_mask & body).sum() > 0.9 * (body & ~ndi.binary_erosion(body, iterations=3)).sum()
+        assert (margin_mask & body).sum() > 0.9 * (body & ~ndi.binary_erosion(body, iterations=CONFIG.margin_rim_px)).sum()
         assert not (m.footprint & ~ndi.binary_dilation(body, structure=_disk(3))).any()  # nothing beyond the halo
     else:
         outside = margin_mask & ~body  # spicules: thin lines well beyond the border

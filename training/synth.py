@@ -72,7 +72,7 @@ class LesionConfig:
     mm_per_px: float = 0.4  # display pixel size: CBIS-DDSM films at ≈50 µm, displayed at 1/8
     kind_weights: tuple[float, float, float] = (0.45, 0.3, 0.25)  # mass, calcification, architectural distortion
     # masses
-    mass_diameter_mm: tuple[float, float] = (5.0, 18.0)  # drawn log-uniformly
+    mass_diameter_mm: tuple[float, float] = (7.0, 18.0)  # drawn log-uniformly (5–18 until 2026-11-29: docs/DATA.md)
     mass_attenuation: tuple[float, float] = (0.3, 0.5)  # at the centre of the body, display units
     shape_weights: tuple[float, float, float] = (0.3, 0.3, 0.4)  # round, oval, irregular
     spiculated_given_shape: tuple[float, float, float] = (0.25, 0.3, 0.7)  # P(spiculated | round, oval, irregular)
@@ -81,7 +81,7 @@ class LesionConfig:
     spicule_length: tuple[float, float] = (0.5, 1.8)  # beyond the border, × the mass radius
     spicule_strength: tuple[float, float] = (0.6, 0.9)  # × the mass's central attenuation, at the spicule's root
     spicule_sigma_px: tuple[float, float] = (0.9, 0.5)  # gaussian cross-section of a spicule, root → tip
-    margin_rim_px: int = 3  # width of the body's inner rim in the circumscribed margin mask
+    margin_rim_px: int = 2  # width of the body's inner rim in the circumscribed margin mask (3 until 2026-11-29)
     halo_px: float = 2.0  # width of the radiolucent ring just outside a circumscribed border
     halo_strength: tuple[float, float] = (0.25, 0.4)  # darkening there, × the mass's central attenuation
     # calcifications
