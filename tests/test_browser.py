@@ -460,8 +460,9 @@ def _suggestion(workspace, concept: str, *, drawn: list[str]) -> tuple[str, str,
 
 def test_the_dataset_labeling_rule_from_the_review_page(app_workspace, tmp_path):
     """CONCEPTLENS_LABEL_RULE=dataset: a rectangle drawn with the mouse around a lesion relabels units by the estimated
-    dataset-level IoU (the message says so and names them), the unit map shows the concept, "Suggest a patch" opens
-    the patch to draw it on next, and undo takes the labels back."""
+    dataset-level IoU, which must also beat their IoU with what the app segments (the message says so and names the
+    units), the unit map shows the concept, "Suggest a patch" opens the patch to draw it on next, and undo takes the
+    labels back."""
     import shutil
 
     ws = tmp_path / "workspace"
@@ -482,6 +483,7 @@ def test_the_dataset_labeling_rule_from_the_review_page(app_workspace, tmp_path)
         wait_idle(page, quiet_ms=1500)
         message = _text(page, "#review-message")
         assert "Relabeled" in message and "dataset rule" in message and f"{concept}:" in message, message
+        assert "above its IoU with film label, background, skin, pectoral muscle" in message, message  # the rivals
         named = {int(u) for u in message.split(f"{concept}:")[1].split("(")[0].split(";")[0].replace("…", "")
                  .split(",") if u.strip()}
         assert named & set(expected), (message, expected)  # the mouse rectangle is the box give or take a pixel

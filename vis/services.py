@@ -1004,9 +1004,11 @@ class Workbench:
             units = sorted(u for u, (_, n) in result.changed.items() if n == new)
             listed = ", ".join(str(u) for u in units[:12]) + (" …" if len(units) > 12 else "")
             parts.append(f"{'unlabeled' if new is None else figures.concept_name(new)}: {listed}")
+        rivals = ", ".join(figures.concept_name(c) for c in self.segmented_rivals(layer))
         return message(f"Relabeled {len(result.changed)} unit(s) of {layer}",
                        "; ".join(parts) + " (dataset rule: estimated dataset-level IoU > 0.04 with the unit's best "
-                       "drawn concept). Undo reverts exactly this.", color="success")
+                       f"drawn concept{f', and above its IoU with {rivals}' if rivals else ''}). Undo reverts exactly "
+                       "this.", color="success")
 
     def undo_last(self, actions, *, session):
         """Undo this tab's last labeling action in a review session; returns (remaining action ids, message).
