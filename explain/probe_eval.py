@@ -4,6 +4,7 @@
     >>> gt = ground_truth_masks(store, manifest, "mass")                       # {image index: bool (Y, X)}
     >>> curve = probe_curve(store, "mass", "features.13", gt, draw=order["mass"], evaluate=held_out)
     >>> [(p["k"], round(p["pixel_auroc"], 3)) for p in curve]                   # k = 1 … 10
+    >>> probe_curve(store, "mass", store.layers, gt, draw=order["mass"], evaluate=held_out)  # every layer, combined
 
 The simulated reviewer (issue 5, "Measured against ground truth") draws the exact ground-truth region of the
 concept on k patches that hold it — the same patches, in the same order, as explain.groundtruth's reviewer who
@@ -11,7 +12,9 @@ labels units — and the probe is fitted from those k regions (cells inside vs o
 background negatives from images that are never evaluated on.
 Pixel AUROC: every pixel of the evaluation patches (held-out patches nobody drew on; at most `max_eval` of them,
 those holding the concept first up to half of them, then others), the probe's heatmap upsampled to the patch as
-the app shows it, against the concept's ground-truth mask (empty on patches without the concept).
+the app shows it, against the concept's ground-truth mask (empty on patches without the concept). Given several
+layers, a probe is fitted on each from the same drawings and the heatmaps are their geometric mean
+(explain.probes.combine_heatmaps), as the app's "all layers" map shows them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .errors import ProbeDataError
-from .probes import FeatureCache, ProbeAnnotations, ProbeConfig, auroc, collect_examples, fit_probe
+from .probes import (FeatureCache, Probe, ProbeAnnotations, ProbeConfig, auroc, collect_examples, combine_heatmaps,
+                     fit_probe)
 
 __all__ = ["ground_truth_masks", "split_images", "eval_images", "probe_curve", "pixel_auroc", "drawing_cv_auroc"]
 
@@ -65,27 +69,33 @@ def eval_images(candidates: np.ndarray, masks: Mapping[int, np.ndarray], *, max_
 
 def pixel_auroc(probe, store, images: np.ndarray, masks: Mapping[int, np.ndarray], *,
                 cache: FeatureCache | None = None) -> float:
-    """Pixel AUROC of the probe's patch-size heatmaps on `images` against the ground-truth masks."""
+    """Pixel AUROC of the probe's patch-size heatmaps on `images` against the ground-truth masks; `probe` may be a
+    sequence of probes of several layers, whose maps are combined as the app combines them (`combine_heatmaps`)."""
     from .dissection import patch_size
 
     size = patch_size(store)
     cache = cache or FeatureCache(store)
-    heat = probe.heatmap(cache.image_maps(probe.layer, images), size=size)  # (image, Y, X)
+    probes = [probe] if isinstance(probe, Probe) else list(probe)
+    heat = combine_heatmaps([p.heatmap(cache.image_maps(p.layer, images), size=size) for p in probes])
     truth = np.stack([masks.get(int(i), np.zeros(size, bool)) for i in images])
     return auroc(truth.reshape(-1), heat.reshape(-1))
 
 
-def probe_curve(store, concept: str, layer: str, masks: Mapping[int, np.ndarray], *, draw: Sequence[int],
-                evaluate: Sequence[int], ks: Sequence[int] = tuple(range(1, 11)), config: ProbeConfig | None = None,
-                cache: FeatureCache | None = None, background_pool: Sequence[int] | None = None) -> list[dict]:
+def probe_curve(store, concept: str, layer: str | Sequence[str], masks: Mapping[int, np.ndarray], *,
+                draw: Sequence[int], evaluate: Sequence[int], ks: Sequence[int] = tuple(range(1, 11)),
+                config: ProbeConfig | None = None, cache: FeatureCache | None = None,
+                background_pool: Sequence[int] | None = None) -> list[dict]:
     """Pixel AUROC of probes fitted from k ground-truth drawings, for every k in `ks`.
 
     draw: the images to draw on, in drawing order (those without the concept are skipped) — e.g. the order of
     explain.groundtruth.choose_drawings, so probes and unit labels come from the same drawings; evaluate: the images
     whose pixels are scored; background_pool: where background negatives may come from (default: the `draw`
-    candidates — never the evaluated images). Returns [{"k", "pixel_auroc", "n_positive", "n_negative", "images"}].
+    candidates — never the evaluated images). `layer`: one layer, or several: a probe is fitted on each from the
+    same drawings and their maps are combined (`combine_heatmaps`; the counts are then those of the first layer).
+    Returns [{"k", "pixel_auroc", "n_positive", "n_negative", "images"}].
     """
     cache = cache or FeatureCache(store)
+    layers = [layer] if isinstance(layer, str) else list(layer)
     order = [int(i) for i in draw if int(i) in masks]
     if not order:
         raise ProbeDataError(f"ground truth for {concept!r}: no patch to draw on among {len(draw)} candidates")
@@ -98,10 +108,11 @@ def probe_curve(store, concept: str, layer: str, masks: Mapping[int, np.ndarray]
             break
         ann = ProbeAnnotations(concept, regions=[(i, masks[i]) for i in order[:k]])
         pool = np.setdiff1d(np.asarray(draw if background_pool is None else background_pool, np.int64), evaluate)
-        ex = collect_examples(store, layer, ann, config=config, cache=cache, background_pool=pool)
-        fit = fit_probe(ex, concept=concept, layer=layer, config=config)
-        out.append({"k": int(k), "pixel_auroc": pixel_auroc(fit.probe, store, evaluate, masks, cache=cache),
-                    "n_positive": fit.n_positive, "n_negative": fit.n_negative,
+        fits = [fit_probe(collect_examples(store, name, ann, config=config, cache=cache, background_pool=pool),
+                          concept=concept, layer=name, config=config) for name in layers]
+        out.append({"k": int(k), "pixel_auroc": pixel_auroc([f.probe for f in fits], store, evaluate, masks,
+                                                            cache=cache),
+                    "n_positive": fits[0].n_positive, "n_negative": fits[0].n_negative,
                     "images": [store.image_ids[i] for i in order[:k]]})
     return out
 

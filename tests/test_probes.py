@@ -182,6 +182,24 @@ def test_fit_probe_learns_the_concept_and_heatmap():
         p.heatmap(maps[:, :4])
 
 
+def test_combined_heatmap_is_the_geometric_mean_of_the_layers_maps():
+    from explain.probes import combine_heatmaps
+
+    a = np.array([[0.9, 0.5], [0.0, 1.0]], np.float32)
+    b = np.array([[0.1, 0.5], [0.8, 1.0]], np.float32)
+    out = combine_heatmaps([a, b])
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, [[0.3, 0.5], [np.sqrt(0.8e-6), 1.0]], rtol=1e-5)  # a zero is floored, no veto
+    np.testing.assert_array_equal(combine_heatmaps([a]), a)
+    # a pixel both layers find outranks one only a layer finds (their arithmetic mean would tie them)
+    c = combine_heatmaps([np.array([0.6, 1.0]), np.array([0.6, 0.2])])
+    assert c[0] > c[1]
+    for bad, words in [([], "at least one"), ([a, b[:1]], "one shape"), ([a, b + 1], r"\[0, 1\]"),
+                       ([a, np.full_like(b, np.nan)], r"\[0, 1\]")]:
+        with pytest.raises(ProbeDataError, match=words):
+            combine_heatmaps(bad)
+
+
 def test_probe_with_one_class_is_refused():
     ex, _, _ = _blob_examples(n_images=2)
     pos = Examples(ex.vectors[ex.labels == 1], ex.labels[ex.labels == 1], ex.groups[ex.labels == 1])
@@ -277,7 +295,7 @@ def _n_probe_runs(settings):
 
 
 def test_retrain_from_drawn_regions_writes_scores_and_heatmaps(lesion, workspace):
-    from explain.probes import FeatureCache, ProbeAnnotations, probe_heatmap, retrain
+    from explain.probes import FeatureCache, ProbeAnnotations, concept_heatmap, concept_layers, probe_heatmap, retrain
 
     store, masks = lesion.store, lesion.masks
     cache = FeatureCache(store, model=lesion.model, tcav_per_class=16)
@@ -299,6 +317,17 @@ def test_retrain_from_drawn_regions_writes_scores_and_heatmaps(lesion, workspace
     assert auroc(masks[held].reshape(-1), hm.reshape(-1)) > 0.85
     # lesion patches score higher than normal ones
     assert auroc(store.labels()[held], stored.scores[held]) > 0.85
+    # the concept's map across layers: every layer's stored map at the patch size, geometric mean, and it finds the
+    # masses too
+    assert concept_layers(store, "mass") == lesion.layers
+    per_layer = [probe_heatmap(store, "mass", layer, 9) for layer in lesion.layers]
+    np.testing.assert_allclose(concept_heatmap(store, "mass", 9),
+                               np.prod(np.maximum(per_layer, 1e-6), axis=0) ** (1 / len(per_layer)), rtol=1e-5)
+    np.testing.assert_array_equal(concept_heatmap(store, "mass", 9, layers=[deep.layer]), per_layer[-1])
+    both = np.stack([concept_heatmap(store, "mass", int(i)) for i in held])
+    assert auroc(masks[held].reshape(-1), both.reshape(-1)) > 0.85
+    with pytest.raises(ProbeDataError, match="no probe of 'calcification'"):
+        concept_heatmap(store, "calcification", 9)
     # the mlflow run holds TCAV scores per class and timings were measured
     versions = probe_versions("mass", deep.layer, settings=workspace)
     assert versions[0]["run_id"] == deep.run_id and set(versions[0]["tcav"]) == {"normal", "lesion"}
@@ -449,6 +478,12 @@ def test_ground_truth_curve_on_held_out_patches(lesion):
                           background_pool=draw)  # background from the drawing candidates, never the evaluated
     fit = fit_probe(ex, concept="mass", layer=layer)
     assert pixel_auroc(fit.probe, store, evaluate, masks) == pytest.approx(curve[-1]["pixel_auroc"])
+    # several layers: a probe on each from the same drawings, their maps combined
+    both = probe_curve(store, "mass", lesion.layers, masks, draw=draw, evaluate=evaluate, ks=(5,))
+    fits = [fit_probe(collect_examples(store, name, ProbeAnnotations("mass", regions=[(i, masks[i]) for i in idx]),
+                                       background_pool=draw), concept="mass", layer=name) for name in lesion.layers]
+    assert both[0]["pixel_auroc"] == pytest.approx(pixel_auroc([f.probe for f in fits], store, evaluate, masks))
+    assert both[0]["pixel_auroc"] > 0.85 and both[0]["images"] == curve[-1]["images"]
     with pytest.raises(ProbeDataError, match="must not be evaluated"):
         probe_curve(store, "mass", layer, masks, draw=draw, evaluate=[1, 40], ks=(1,))
     with pytest.raises(ProbeDataError, match="no patch to draw on"):
