@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -686,3 +687,66 @@ def test_the_servers_log_gets_no_mlflow_download_progress_bars(app_workspace):
     chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=cwd,
                             env={**env, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "true"})
     assert chosen.returncode == 0 and "Downloading artifacts" in chosen.stderr  # the user's choice is kept
+
+
+@pytest.mark.slow
+def test_the_review_patch_overlays_a_concepts_map_across_layers(app_workspace, tmp_path):
+    """Once a concept has probes on several layers, the Review page's probe menu offers it "@ all layers" first: every
+    layer's stored map combined (explain.probes.concept_heatmap), drawn over the patch; the Probes page keeps one entry
+    per fitted probe, and a combined value for a concept without probes is refused with a 400."""
+    import shutil
+
+    from explain.groundtruth import load_concept_masks
+    from explain.probes import ProbeAnnotations, concept_heatmap, retrain
+    from store.activations import open_store
+    from store.settings import load_settings
+    from vis import ids
+    from vis.errors import InvalidInput
+
+    ws = tmp_path / "workspace"
+    shutil.copytree(app_workspace, ws, ignore=shutil.ignore_patterns("secret_key"))
+    settings = load_settings(ws)
+    app, dc = _client(settings)
+    wb = app.server.extensions["conceptlens"]
+    assert wb.probe_options(combined=True) == []  # no probe yet: nothing to combine
+    records = [r for r in wb.manifest().records if "mass" in r.masks]
+    regions = [(r.id, load_concept_masks(r, wb.patch_size(), ["mass"])["mass"]) for r in records[:3]]
+    store = open_store(settings.store_url("demo"), read_only=False)
+    retrain(store, ProbeAnnotations("mass", regions=regions), settings=settings, session="ana")  # every layer
+    layers = list(store.layers)
+    assert len(layers) > 1
+
+    options = wb.probe_options(combined=True)
+    assert options[0] == {"label": "mass @ all layers", "value": "mass@*"}
+    assert [o["value"] for o in options[1:]] == [f"mass@{layer}" for layer in sorted(layers)]
+    assert [o["value"] for o in wb.probe_options()] == [o["value"] for o in options[1:]]  # the Probes page's menu
+
+    shown = records[3]  # a patch nobody drew on
+    row = store.index_of(shown.id)
+    combined = wb.probe_map("mass@*", row)
+    np.testing.assert_allclose(combined, concept_heatmap(store, "mass", row, size=wb.patch_size()), rtol=1e-6)
+    assert not np.allclose(combined, wb.probe_map(f"mass@{layers[-1]}", row))
+    view = {f"{ids.REVIEW_STATE}.data": {"source": shown.source_id, "image": shown.id, "unit": None},
+            f"{ids.REVIEW_PATCH_OVERLAYS}.value": ["probe"], f"{ids.REVIEW_PROBE}.value": "mass@*",
+            f"{ids.REVIEW_REGIONS}.data": [], f"{ids.REVIEW_LAYER}.value": None, f"{ids.SESSION}.data": 1,
+            f"{ids.SESSION_VERSION}.data": 0}
+    code, data = dc.call(f"{ids.REVIEW_PATCH}.figure", view)
+    assert code == 200, data
+    traces = {t.get("name"): t for t in data["response"][ids.REVIEW_PATCH]["figure"]["data"]}
+    assert "probe mass @ all layers" in traces, list(traces)
+    np.testing.assert_allclose(_plotly_array(traces["probe mass @ all layers"]["z"]), combined, atol=1e-4)
+    for forged in ("calcification@*", "mass@**", "@*"):
+        code, data = dc.call(f"{ids.REVIEW_PATCH}.figure", {**view, f"{ids.REVIEW_PROBE}.value": forged})
+        assert code == 400 and "is not a probe of store" in data["error"], (forged, data)
+    with pytest.raises(InvalidInput, match="is not a probe"):
+        wb.parse_probe("mass@*")  # the Probes page's versions are per layer: no combined entry there
+
+
+def _plotly_array(z) -> np.ndarray:
+    """A figure's array as sent to the browser: a list, or plotly's typed array {"dtype", "bdata", "shape"}."""
+    import base64
+
+    if isinstance(z, dict) and "bdata" in z:
+        a = np.frombuffer(base64.b64decode(z["bdata"]), dtype=np.dtype(z["dtype"]))
+        return a.reshape([int(n) for n in str(z.get("shape", a.size)).split(",")]).astype(np.float64)
+    return np.asarray(z, np.float64)

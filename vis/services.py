@@ -32,6 +32,7 @@ __all__ = ["EXTENSION", "current", "Workbench", "Status", "Source", "Flag"]
 
 EXTENSION = "conceptlens"
 MAX_ID_LENGTH = 200
+ALL_LAYERS = "*"  # the layer part of a probe option that combines every layer's probe of the concept
 
 
 def current() -> "Workbench":
@@ -805,29 +806,43 @@ class Workbench:
         return self._views.get(("gradcam", row, layer), compute)
 
     def probe_map(self, probe: str, row: int) -> np.ndarray | None:
-        """float32 (y, x) in [0, 1] of a stored probe version on one image, upsampled to the patch; None if absent."""
-        import torch
+        """float32 (y, x) in [0, 1] of a stored probe version on one image, upsampled to the patch; for
+        'concept@*' every layer's probe of the concept combined (explain.probes.concept_heatmap); None if absent."""
+        from explain.errors import ProbeDataError
+        from explain.probes import concept_heatmap, probe_heatmap
 
-        concept, layer = self.parse_probe(probe)
-        stored = self.store().probe(concept, layer)
-        if stored.maps is None:
+        concept, layer = self.parse_probe(probe, combined=True)
+        try:
+            if layer == ALL_LAYERS:
+                return concept_heatmap(self.store(), concept, row, size=self.patch_size())
+            return probe_heatmap(self.store(), concept, layer, row, size=self.patch_size())
+        except ProbeDataError:  # a probe stored without maps
             return None
-        m = torch.from_numpy(np.asarray(stored.maps[row], np.float32))[None, None]
-        up = torch.nn.functional.interpolate(m, size=self.patch_size(), mode="bilinear", align_corners=False)
-        return up[0, 0].numpy()
 
-    def parse_probe(self, probe) -> tuple[str, str]:
-        """'concept@layer' → (concept, layer), both checked against the store."""
+    def parse_probe(self, probe, *, combined: bool = False) -> tuple[str, str]:
+        """'concept@layer' → (concept, layer), both checked against the store; with `combined`, 'concept@*' (every
+        layer's probe of the concept, combined) → (concept, '*') too."""
         check_id(probe, "probe")
         concept, sep, layer = probe.rpartition("@")
-        if not sep or (concept, layer) not in set(self.store().probes()):
+        stored = set(self.store().probes())
+        if combined and sep and layer == ALL_LAYERS and any(c == concept for c, _ in stored):
+            return concept, layer
+        if not sep or (concept, layer) not in stored:
             raise InvalidInput("probe", f"{probe!r} is not a probe of store {self.config.store!r}")
         return concept, layer
 
-    def probe_options(self) -> list[dict]:
+    def probe_options(self, *, combined: bool = False) -> list[dict]:
+        """Dropdown options, one per stored probe; with `combined`, each concept probed on several layers first gets
+        'concept@*': its probes' maps combined (explain.probes.combine_heatmaps), the best measured map."""
         from .figures import concept_name
 
-        return [{"label": f"{concept_name(c)} @ {l}", "value": f"{c}@{l}"} for c, l in self.store().probes()]
+        probes = self.store().probes()
+        options = []
+        if combined:
+            concepts = dict.fromkeys(c for c, _ in probes)
+            options = [{"label": f"{concept_name(c)} @ all layers", "value": f"{c}@{ALL_LAYERS}"}
+                       for c in concepts if sum(pc == c for pc, _ in probes) > 1]
+        return options + [{"label": f"{concept_name(c)} @ {l}", "value": f"{c}@{l}"} for c, l in probes]
 
     def saved_regions(self, image_id, session) -> list:
         """The regions reviewers of a session saved on one image (explain.labels.RegionRecord), oldest first."""
@@ -862,7 +877,9 @@ class Workbench:
         if "probe" in overlays and probe:
             pmap = self.probe_map(probe, row)
             if pmap is not None:
-                layers.append(figures.Overlay(f"probe {probe}", pmap, kind="heat", color="#7048e8"))
+                concept, at = probe.rpartition("@")[::2]
+                name = f"{figures.concept_name(concept)} @ {'all layers' if at == ALL_LAYERS else at}"
+                layers.append(figures.Overlay(f"probe {name}", pmap, kind="heat", color="#7048e8"))
         if "unit" in overlays or regions:
             unit, why = self._shown_unit(state, layer, row, regions)
             mask = self.unit_mask(layer, row, unit)

@@ -65,7 +65,7 @@ def layout(**_query):
                   style={"height": "440px"}),
         html.Div([
             dbc.Checklist(id=ids.REVIEW_PATCH_OVERLAYS, options=OVERLAY_OPTIONS, value=[], inline=True),
-            html.Div(dcc.Dropdown(id=ids.REVIEW_PROBE, options=wb.probe_options(), value=None,
+            html.Div(dcc.Dropdown(id=ids.REVIEW_PROBE, options=wb.probe_options(combined=True), value=None,
                                   placeholder="probe for the map", clearable=True), style={"minWidth": "180px"}),
         ], className="cl-toolbar mt-2"),
         html.P("Draw on the patch: freehand (default), rectangle or circle from the tool bar; several regions add "
