@@ -9,12 +9,14 @@ Figures (tests/benchmarks/run.py prints them next to their goals):
   The step times in the note are each step's own time summed over layers; since retrain overlaps one layer's
   mlflow run and store write with the next layer's fit (explain.probes.retrain), they add up to more than the wall
   time, which is what p50 measures.
-- probes/gt/<concept>/k=<k> — pixel AUROC of probe heatmaps against the ground-truth masks of held-out test patches,
-  probes fitted from k simulated ground-truth drawings (explain.probe_eval; the drawings of explain.groundtruth's
-  reviewer, on test patches, which are then left out of the evaluation), at the layer chosen *without* ground
-  truth: the best leave-one-drawing-out pixel AUROC on the first 5 drawings (explain.probe_eval.drawing_cv_auroc).
-  goal ≥ 0.9 at k = 5; baseline: the pixels' own brightness used as the heatmap (a probe should beat it).
-  probes/gt/<concept>/<layer>@k=5 gives every layer's value for comparison.
+- probes/gt/<concept>/k=<k> — pixel AUROC of the concept's map against the ground-truth masks of held-out test
+  patches, probes fitted from k simulated ground-truth drawings (explain.probe_eval; the drawings of
+  explain.groundtruth's reviewer, on test patches, which are then left out of the evaluation): one probe per layer
+  from the same drawings, their heatmaps combined by geometric mean (explain.probes.combine_heatmaps) — the map the
+  app overlays as "all layers". goal ≥ 0.9 at k = 5; baseline: the pixels' own brightness used as the heatmap (a
+  probe should beat it). probes/gt/<concept>/<layer>@k=5 gives every single layer's value, and
+  probes/gt/<concept>/chosen@k=5 the single layer chosen *without* ground truth, by the best leave-one-drawing-out
+  pixel AUROC on the first 5 drawings (explain.probe_eval.drawing_cv_auroc; the headline figure until 2026-11-29).
 The ground-truth curves are also logged to mlflow (experiment conceptlens-bench, run "probes ground truth").
 """
 
@@ -127,6 +129,9 @@ def retrain_speed(settings, store, manifest, repeats: int = 7) -> list[dict]:
     return out
 
 
+COMBINED = "combined"  # the curve of every layer's probe, maps combined (logged as gt/<concept>/combined)
+
+
 def ground_truth(settings, store, manifest, ks=tuple(range(1, 11))) -> list[dict]:
     from explain.groundtruth import GroundTruthConfig, choose_drawings
     from explain.probe_eval import drawing_cv_auroc, eval_images, ground_truth_masks, probe_curve, split_images
@@ -156,19 +161,27 @@ def ground_truth(settings, store, manifest, ks=tuple(range(1, 11))) -> list[dict
             chooser[layer] = drawing_cv_auroc(store, concept, layer, [(i, masks[i]) for i in imgs], cache=cache,
                                               background_pool=background)
         best = max(store.layers, key=lambda l: np.nan_to_num(chooser[l], nan=-1.0))
+        curves[COMBINED] = probe_curve(store, concept, store.layers, masks, draw=draw, evaluate=evaluate, ks=ks,
+                                       cache=cache, background_pool=background)
         bright = _intensity_auroc(store, evaluate, masks)
-        for p in curves[best]:
+        for p in curves[COMBINED]:
             k, v = p["k"], p["pixel_auroc"]
             goal = ">= 0.9" if k == 5 else None
             base = {"name": "pixel brightness as the heatmap", "value": bright, "unit": "AUROC"} if k == 5 else None
             figures.append(_fig(f"probes/gt/{concept}/k={k}", v, "AUROC", goal, (v >= 0.9) if goal else None, base,
-                                f"layer {best} (drawing CV {chooser[best]:.3f}); {len(evaluate)} test patches, "
-                                f"{sum(int(i) in masks for i in evaluate)} with {concept}" if k == 5 else None))
+                                f"every layer's probe, maps combined ({', '.join(store.layers)}); "
+                                f"{len(evaluate)} test patches, {sum(int(i) in masks for i in evaluate)} with "
+                                f"{concept}" if k == 5 else None))
         for layer in store.layers:
             at5 = [p["pixel_auroc"] for p in curves[layer] if p["k"] == 5]
             if at5:
                 figures.append(_fig(f"probes/gt/{concept}/{layer}@k=5", at5[0], "AUROC", None, None, None,
                                     f"leave-one-drawing-out pixel AUROC {chooser[layer]:.3f}"))
+        at5 = [p["pixel_auroc"] for p in curves[best] if p["k"] == 5]
+        if at5:
+            figures.append(_fig(f"probes/gt/{concept}/chosen@k=5", at5[0], "AUROC", None, None, None,
+                                f"the single layer chosen by leave-one-drawing-out pixel AUROC: {best} "
+                                f"({chooser[best]:.3f})"))
         logged[concept] = (best, curves)
     _log(settings, logged)
     return figures
@@ -184,7 +197,7 @@ def _intensity_auroc(store, images, masks) -> float:
 
 
 def _log(settings, logged: dict) -> None:
-    """The ground-truth curves as one mlflow run: metric gt/<concept>/<layer> at step k."""
+    """The ground-truth curves as one mlflow run: metric gt/<concept>/<layer> (or combined) at step k."""
     from mlflow.entities import Metric
 
     from training.registry import open_tracking
