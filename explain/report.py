@@ -13,7 +13,9 @@ Definitions (DESIGN.md §4):
   from labeled units. Its *area* is the fraction of the patch covered by its unit mask (bilinear upsampling,
   thresholded; explain.dissection.mask_counts).
 - A probe's evidence is its current stored score (max of its heatmap) and heatmap; it says *present* when the
-  score is ≥ 0.5.
+  score is ≥ 0.5. A concept with probes on several of the reported layers also gets its map across them
+  (`combined`: explain.probes.combine_heatmaps of their heatmaps at the patch size, as the app overlays it) and
+  that map's max; evidence only, it does not decide *present*.
 - A concept is present when one of its labeled units fires or one of its probes says present.
 - Contribution (needs the model): the change of the predicted class's logit when the concept is removed at one
   layer and the rest of the network is run again (explain.attribution): its labeled units zeroed, or, for a
@@ -54,6 +56,20 @@ def units_by_concept(labels: Mapping[str, Mapping[int, str]], store) -> dict[str
 
 def _probe_list(store, probes) -> list[tuple[str, str]]:
     return list(store.probes()) if probes is None else [tuple(p) for p in probes]
+
+
+def _combined_maps(store, report: dict, i: int, size: tuple[int, int], with_maps: bool) -> None:
+    """Each concept with probes (stored with maps) on several reported layers: its map across them, and its max."""
+    from .probes import combine_heatmaps, upsample
+
+    for concept, e in report["concepts"].items():
+        probed = {p["layer"] for p in e["probes"]}
+        maps = {layer: store.probe(concept, layer).maps for layer in store.layers if layer in probed}  # net order
+        maps = {layer: m for layer, m in maps.items() if m is not None}
+        if len(maps) < 2:
+            continue
+        heat = combine_heatmaps([upsample(m[i], size) for m in maps.values()])
+        e["combined"] = {"layers": list(maps), "score": float(heat.max()), **({"heatmap": heat} if with_maps else {})}
 
 
 def image_report(store, image, *, labels: Mapping[str, Mapping[int, str]] | None = None,
@@ -129,6 +145,8 @@ def image_report(store, image, *, labels: Mapping[str, Mapping[int, str]] | None
             delta = float(cav_contribution(model.module, x, layer, p.cav, p.mean, target=pred)[0])
             e["contributions"].append({"method": "erase CAV direction", "layer": layer, "run_id": stored.run_id,
                                        "logit_change": delta})
+
+    _combined_maps(store, report, i, size, with_maps)
 
     if x is not None:
         from .attribution import grad_cam

@@ -83,6 +83,22 @@ def test_image_report_evidence_and_contributions(lesion, workspace):
     assert "gradcam" not in plain and plain["concepts"]["mass"]["contributions"] == []
     assert "heatmap" not in plain["concepts"]["mass"]["probes"][0]
     assert plain["concepts"]["calcification"]["units"][0]["layer"] == lesion.layers[0]
+    assert "combined" not in mass  # one probed layer: nothing to combine
+
+    # probes on two layers: the concept's map across them, as the app overlays it
+    from explain.probes import concept_heatmap
+
+    retrain(store, ProbeAnnotations("mass", regions=[(i, lesion.masks[i]) for i in (1, 3, 5)]), settings=workspace,
+            session="report", layers=[lesion.layers[0]])
+    both = image_report(store, i, labels=labels)["concepts"]["mass"]
+    assert sorted(p["layer"] for p in both["probes"]) == sorted([lesion.layers[0], deep])
+    combined = concept_heatmap(store, "mass", i, size=(32, 32))
+    np.testing.assert_allclose(both["combined"]["heatmap"], combined, rtol=1e-6)
+    assert both["combined"]["layers"] == [lesion.layers[0], deep]
+    assert both["combined"]["score"] == pytest.approx(float(combined.max()))
+    assert both["combined"]["score"] <= max(p["score"] for p in both["probes"]) + 1e-6
+    assert "heatmap" not in image_report(store, i, labels=labels, with_maps=False)["concepts"]["mass"]["combined"]
+    store.delete_probe("mass", lesion.layers[0])
 
 
 def test_model_report(lesion, workspace):
