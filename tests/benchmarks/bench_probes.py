@@ -14,7 +14,8 @@ Figures (tests/benchmarks/run.py prints them next to their goals):
   explain.groundtruth's reviewer, on test patches, which are then left out of the evaluation): one probe per layer
   from the same drawings, their heatmaps combined by geometric mean (explain.probes.combine_heatmaps) — the map the
   app overlays as "all layers". goal ≥ 0.9 at k = 5; baseline: the pixels' own brightness used as the heatmap (a
-  probe should beat it). probes/gt/<concept>/<layer>@k=5 gives every single layer's value, and
+  probe should beat it). probes/gt/<concept>/<layer>@k=5 gives every single layer's value (the same goal for the
+  deepest layer, the dissection layer, as for unit labels; the others without), and
   probes/gt/<concept>/chosen@k=5 the single layer chosen *without* ground truth, by the best leave-one-drawing-out
   pixel AUROC on the first 5 drawings (explain.probe_eval.drawing_cv_auroc; the headline figure until 2026-11-29).
 The ground-truth curves are also logged to mlflow (experiment conceptlens-bench, run "probes ground truth").
@@ -175,7 +176,9 @@ def ground_truth(settings, store, manifest, ks=tuple(range(1, 11))) -> list[dict
         for layer in store.layers:
             at5 = [p["pixel_auroc"] for p in curves[layer] if p["k"] == 5]
             if at5:
-                figures.append(_fig(f"probes/gt/{concept}/{layer}@k=5", at5[0], "AUROC", None, None, None,
+                goal = ">= 0.9" if layer == store.layers[-1] else None  # the dissection layer, as for unit labels
+                figures.append(_fig(f"probes/gt/{concept}/{layer}@k=5", at5[0], "AUROC", goal,
+                                    (at5[0] >= 0.9) if goal else None, None,
                                     f"leave-one-drawing-out pixel AUROC {chooser[layer]:.3f}"))
         at5 = [p["pixel_auroc"] for p in curves[best] if p["k"] == 5]
         if at5:
