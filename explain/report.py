@@ -60,16 +60,16 @@ def _probe_list(store, probes) -> list[tuple[str, str]]:
 
 def _combined_maps(store, report: dict, i: int, size: tuple[int, int], with_maps: bool) -> None:
     """Each concept with probes (stored with maps) on several reported layers: its map across them, and its max."""
-    from .probes import combine_heatmaps, upsample
+    from .probes import concept_heatmap
 
     for concept, e in report["concepts"].items():
         probed = {p["layer"] for p in e["probes"]}
-        maps = {layer: store.probe(concept, layer).maps for layer in store.layers if layer in probed}  # net order
-        maps = {layer: m for layer, m in maps.items() if m is not None}
-        if len(maps) < 2:
+        layers = [layer for layer in store.layers  # in the network's order
+                  if layer in probed and store.probe(concept, layer).maps is not None]
+        if len(layers) < 2:
             continue
-        heat = combine_heatmaps([upsample(m[i], size) for m in maps.values()])
-        e["combined"] = {"layers": list(maps), "score": float(heat.max()), **({"heatmap": heat} if with_maps else {})}
+        heat = concept_heatmap(store, concept, i, layers=layers, size=size)
+        e["combined"] = {"layers": layers, "score": float(heat.max()), **({"heatmap": heat} if with_maps else {})}
 
 
 def image_report(store, image, *, labels: Mapping[str, Mapping[int, str]] | None = None,
