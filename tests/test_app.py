@@ -718,6 +718,13 @@ def test_the_review_patch_overlays_a_concepts_map_across_layers(app_workspace, t
 
     options = wb.probe_options(combined=True)
     assert options[0] == {"label": "mass @ all layers", "value": "mass@*"}
+    # the page opened before the fit gets them at the session's next stamp; an unchanged menu is left alone (204)
+    refresh = {f"{ids.SESSION_VERSION}.data": [1, "a new stamp"], f"{ids.REVIEW_PROBE}.options": []}
+    code, data = dc.call(f"{ids.REVIEW_PROBE}.options", refresh, changed=[f"{ids.SESSION_VERSION}.data"])
+    assert code == 200 and data["response"][ids.REVIEW_PROBE]["options"] == options, data
+    code, _ = dc.call(f"{ids.REVIEW_PROBE}.options", {**refresh, f"{ids.REVIEW_PROBE}.options": options},
+                      changed=[f"{ids.SESSION_VERSION}.data"])
+    assert code == 204
     assert [o["value"] for o in options[1:]] == [f"mass@{layer}" for layer in sorted(layers)]
     assert [o["value"] for o in wb.probe_options()] == [o["value"] for o in options[1:]]  # the Probes page's menu
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dash
 import dash_bootstrap_components as dbc
 from dash import ALL, Input, Output, State, callback, ctx, dcc, html, no_update
+from dash.exceptions import PreventUpdate
 
 from vis import figures, ids
 from vis.components import empty_state, labeled, panel, shows_errors
@@ -187,6 +188,17 @@ def fill_overlay(pending, shown, overlay):
 @shows_errors(1, at=0)
 def show_flagged(source, state):
     return current().flagged_strip(source, state)
+
+
+@callback(Output(ids.REVIEW_PROBE, "options"), Input(ids.SESSION_VERSION, "data"), State(ids.REVIEW_PROBE, "options"),
+          prevent_initial_call=True)
+def refresh_probe_options(_version, shown):
+    """A probe fitted in the session since the page opened (a labeling, a marking, another reviewer) joins the menu,
+    and with a second layer its map across layers."""
+    options = current().probe_options(combined=True)
+    if options == shown:
+        raise PreventUpdate  # nothing new: the menu stays as it is
+    return options
 
 
 @callback(Output(ids.REVIEW_PATCH, "figure"), Output(ids.REVIEW_PATCH_INFO, "children"),
