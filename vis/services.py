@@ -35,6 +35,13 @@ MAX_ID_LENGTH = 200
 ALL_LAYERS = "*"  # the layer part of a probe option that combines every layer's probe of the concept
 
 
+def probe_label(concept: str, layer: str) -> str:
+    """How menus and overlays name a probe: "mass @ features.23", or "mass @ all layers" for the combined map."""
+    from .figures import concept_name
+
+    return f"{concept_name(concept)} @ {'all layers' if layer == ALL_LAYERS else layer}"
+
+
 def current() -> "Workbench":
     """The Workbench of the app serving this request (or, in a background job process, of the app it runs)."""
     import flask
@@ -834,15 +841,12 @@ class Workbench:
     def probe_options(self, *, combined: bool = False) -> list[dict]:
         """Dropdown options, one per stored probe; with `combined`, each concept probed on several layers first gets
         'concept@*': its probes' maps combined (explain.probes.combine_heatmaps), the best measured map."""
-        from .figures import concept_name
+        from collections import Counter
 
         probes = self.store().probes()
-        options = []
-        if combined:
-            concepts = dict.fromkeys(c for c, _ in probes)
-            options = [{"label": f"{concept_name(c)} @ all layers", "value": f"{c}@{ALL_LAYERS}"}
-                       for c in concepts if sum(pc == c for pc, _ in probes) > 1]
-        return options + [{"label": f"{concept_name(c)} @ {l}", "value": f"{c}@{l}"} for c, l in probes]
+        per_concept = Counter(c for c, _ in probes)  # insertion-ordered: concepts in the store's (sorted) order
+        pairs = ([(c, ALL_LAYERS) for c, n in per_concept.items() if n > 1] if combined else []) + probes
+        return [{"label": probe_label(c, l), "value": f"{c}@{l}"} for c, l in pairs]
 
     def saved_regions(self, image_id, session) -> list:
         """The regions reviewers of a session saved on one image (explain.labels.RegionRecord), oldest first."""
@@ -877,8 +881,7 @@ class Workbench:
         if "probe" in overlays and probe:
             pmap = self.probe_map(probe, row)
             if pmap is not None:
-                concept, at = probe.rpartition("@")[::2]
-                name = f"{figures.concept_name(concept)} @ {'all layers' if at == ALL_LAYERS else at}"
+                name = probe_label(*probe.rpartition("@")[::2])  # checked by probe_map
                 layers.append(figures.Overlay(f"probe {name}", pmap, kind="heat", color="#7048e8"))
         if "unit" in overlays or regions:
             unit, why = self._shown_unit(state, layer, row, regions)
