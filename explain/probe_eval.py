@@ -67,18 +67,29 @@ def eval_images(candidates: np.ndarray, masks: Mapping[int, np.ndarray], *, max_
     return np.sort(np.array(pick, np.int64))
 
 
+def _patch_heatmaps(probes, store, images: np.ndarray, cache: FeatureCache) -> list[np.ndarray]:
+    """Each probe's heatmaps on `images`, upsampled to the patch as the app shows them: [(image, Y, X)]."""
+    from .dissection import patch_size
+
+    size = patch_size(store)
+    return [p.heatmap(cache.image_maps(p.layer, images), size=size) for p in probes]
+
+
+def _truth(store, images: np.ndarray, masks: Mapping[int, np.ndarray]) -> np.ndarray:
+    """The ground-truth pixels of `images`, flat (empty masks where an image lacks the concept)."""
+    from .dissection import patch_size
+
+    size = patch_size(store)
+    return np.stack([masks.get(int(i), np.zeros(size, bool)) for i in images]).reshape(-1)
+
+
 def pixel_auroc(probe, store, images: np.ndarray, masks: Mapping[int, np.ndarray], *,
                 cache: FeatureCache | None = None) -> float:
     """Pixel AUROC of the probe's patch-size heatmaps on `images` against the ground-truth masks; `probe` may be a
     sequence of probes of several layers, whose maps are combined as the app combines them (`combine_heatmaps`)."""
-    from .dissection import patch_size
-
-    size = patch_size(store)
-    cache = cache or FeatureCache(store)
     probes = [probe] if isinstance(probe, Probe) else list(probe)
-    heat = combine_heatmaps([p.heatmap(cache.image_maps(p.layer, images), size=size) for p in probes])
-    truth = np.stack([masks.get(int(i), np.zeros(size, bool)) for i in images])
-    return auroc(truth.reshape(-1), heat.reshape(-1))
+    heat = combine_heatmaps(_patch_heatmaps(probes, store, images, cache or FeatureCache(store)))
+    return auroc(_truth(store, images, masks), heat.reshape(-1))
 
 
 def probe_curve(store, concept: str, layer: str | Sequence[str], masks: Mapping[int, np.ndarray], *,
@@ -91,8 +102,9 @@ def probe_curve(store, concept: str, layer: str | Sequence[str], masks: Mapping[
     explain.groundtruth.choose_drawings, so probes and unit labels come from the same drawings; evaluate: the images
     whose pixels are scored; background_pool: where background negatives may come from (default: the `draw`
     candidates — never the evaluated images). `layer`: one layer, or several: a probe is fitted on each from the
-    same drawings and their maps are combined (`combine_heatmaps`; the counts are then those of the first layer).
-    Returns [{"k", "pixel_auroc", "n_positive", "n_negative", "images"}].
+    same drawings and their maps are combined (`combine_heatmaps`; the counts are then those of the first layer),
+    and each row also holds every layer's own figure, from the same fits, under "layers" ({layer: pixel AUROC}).
+    Returns [{"k", "pixel_auroc", "n_positive", "n_negative", "images"[, "layers"]}].
     """
     cache = cache or FeatureCache(store)
     layers = [layer] if isinstance(layer, str) else list(layer)
@@ -102,6 +114,7 @@ def probe_curve(store, concept: str, layer: str | Sequence[str], masks: Mapping[
     evaluate = np.asarray(evaluate, np.int64)
     if np.intersect1d(evaluate, np.asarray(order)).size:
         raise ProbeDataError(f"ground truth for {concept!r}: drawn patches must not be evaluated on")
+    truth = _truth(store, evaluate, masks)
     out = []
     for k in ks:
         if k > len(order):
@@ -110,10 +123,13 @@ def probe_curve(store, concept: str, layer: str | Sequence[str], masks: Mapping[
         pool = np.setdiff1d(np.asarray(draw if background_pool is None else background_pool, np.int64), evaluate)
         fits = [fit_probe(collect_examples(store, name, ann, config=config, cache=cache, background_pool=pool),
                           concept=concept, layer=name, config=config) for name in layers]
-        out.append({"k": int(k), "pixel_auroc": pixel_auroc([f.probe for f in fits], store, evaluate, masks,
-                                                            cache=cache),
-                    "n_positive": fits[0].n_positive, "n_negative": fits[0].n_negative,
-                    "images": [store.image_ids[i] for i in order[:k]]})
+        heats = _patch_heatmaps([f.probe for f in fits], store, evaluate, cache)
+        row = {"k": int(k), "pixel_auroc": auroc(truth, combine_heatmaps(heats).reshape(-1)),
+               "n_positive": fits[0].n_positive, "n_negative": fits[0].n_negative,
+               "images": [store.image_ids[i] for i in order[:k]]}
+        if len(layers) > 1:
+            row["layers"] = {name: auroc(truth, h.reshape(-1)) for name, h in zip(layers, heats)}
+        out.append(row)
     return out
 
 

@@ -484,6 +484,10 @@ def test_ground_truth_curve_on_held_out_patches(lesion):
                                        background_pool=draw), concept="mass", layer=name) for name in lesion.layers]
     assert both[0]["pixel_auroc"] == pytest.approx(pixel_auroc([f.probe for f in fits], store, evaluate, masks))
     assert both[0]["pixel_auroc"] > 0.85 and both[0]["images"] == curve[-1]["images"]
+    # and each layer's own figure from the same fits
+    alone = {f.probe.layer: pixel_auroc(f.probe, store, evaluate, masks) for f in fits}
+    assert both[0]["layers"] == pytest.approx(alone)
+    assert both[0]["layers"][layer] == pytest.approx(curve[-1]["pixel_auroc"])
     with pytest.raises(ProbeDataError, match="must not be evaluated"):
         probe_curve(store, "mass", layer, masks, draw=draw, evaluate=[1, 40], ks=(1,))
     with pytest.raises(ProbeDataError, match="no patch to draw on"):
