@@ -15,6 +15,10 @@ those holding the concept first up to half of them, then others), the probe's he
 the app shows it, against the concept's ground-truth mask (empty on patches without the concept). Given several
 layers, a probe is fitted on each from the same drawings and the heatmaps are their geometric mean
 (explain.probes.combine_heatmaps), as the app's "all layers" map shows them.
+Image level (`image_figures`): the same evaluation patches, each scored as the image report scores it — a single
+probe by its stored score (the max of its map at the layer's grid), the map across layers by its max at the patch
+size — against whether the patch shows the concept at all: AUROC, and the sensitivity and specificity of the
+report's "present" (score ≥ 0.5), which do not depend on how many evaluation patches show the concept.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .errors import ProbeDataError
-from .probes import (FeatureCache, Probe, ProbeAnnotations, ProbeConfig, auroc, collect_examples, combine_heatmaps,
-                     fit_probe)
+from .probes import (PRESENT, FeatureCache, Probe, ProbeAnnotations, ProbeConfig, auroc, collect_examples,
+                     combine_heatmaps, fit_probe)
 
-__all__ = ["ground_truth_masks", "split_images", "eval_images", "probe_curve", "pixel_auroc", "drawing_cv_auroc"]
+__all__ = ["ground_truth_masks", "split_images", "eval_images", "probe_curve", "pixel_auroc", "image_figures",
+           "drawing_cv_auroc"]
 
 
 def ground_truth_masks(store, manifest, concept: str) -> dict[int, np.ndarray]:
@@ -83,6 +88,18 @@ def _truth(store, images: np.ndarray, masks: Mapping[int, np.ndarray]) -> np.nda
     return np.stack([masks.get(int(i), np.zeros(size, bool)) for i in images]).reshape(-1)
 
 
+def image_figures(shows: np.ndarray, scores: np.ndarray) -> dict:
+    """{"auroc", "sensitivity", "specificity"} of image scores against bool `shows` (the image shows the concept);
+    sensitivity and specificity of score ≥ PRESENT, the report's "present" (NaN where a class is empty)."""
+    shows, scores = np.asarray(shows, bool), np.asarray(scores, np.float64)
+    if shows.shape != scores.shape or shows.ndim != 1:
+        raise ProbeDataError(f"image figures need one score per image: {scores.shape} scores, {shows.shape} truths")
+    said = scores >= PRESENT
+    return {"auroc": auroc(shows, scores),
+            "sensitivity": float(said[shows].mean()) if shows.any() else float("nan"),
+            "specificity": float((~said[~shows]).mean()) if (~shows).any() else float("nan")}
+
+
 def pixel_auroc(probe, store, images: np.ndarray, masks: Mapping[int, np.ndarray], *,
                 cache: FeatureCache | None = None) -> float:
     """Pixel AUROC of the probe's patch-size heatmaps on `images` against the ground-truth masks; `probe` may be a
@@ -104,7 +121,11 @@ def probe_curve(store, concept: str, layer: str | Sequence[str], masks: Mapping[
     candidates — never the evaluated images). `layer`: one layer, or several: a probe is fitted on each from the
     same drawings and their maps are combined (`combine_heatmaps`; the counts are then those of the first layer),
     and each row also holds every layer's own figure, from the same fits, under "layers" ({layer: pixel AUROC}).
-    Returns [{"k", "pixel_auroc", "n_positive", "n_negative", "images"[, "layers"]}].
+    "image" holds `image_figures` of the map (of the combined map with several layers) on the evaluated patches,
+    and with several layers "image_layers" those of each layer's probe ({layer: figures}) and "image_any" those of
+    the highest of their scores (any probe saying present: the report's verdict until 2026-11-29).
+    Returns [{"k", "pixel_auroc", "image", "n_positive", "n_negative", "images"[, "layers", "image_layers",
+    "image_any"]}].
     """
     cache = cache or FeatureCache(store)
     layers = [layer] if isinstance(layer, str) else list(layer)
@@ -115,6 +136,7 @@ def probe_curve(store, concept: str, layer: str | Sequence[str], masks: Mapping[
     if np.intersect1d(evaluate, np.asarray(order)).size:
         raise ProbeDataError(f"ground truth for {concept!r}: drawn patches must not be evaluated on")
     truth = _truth(store, evaluate, masks)
+    shows = np.array([int(i) in masks for i in evaluate])
     out = []
     for k in ks:
         if k > len(order):
@@ -124,11 +146,19 @@ def probe_curve(store, concept: str, layer: str | Sequence[str], masks: Mapping[
         fits = [fit_probe(collect_examples(store, name, ann, config=config, cache=cache, background_pool=pool),
                           concept=concept, layer=name, config=config) for name in layers]
         heats = _patch_heatmaps([f.probe for f in fits], store, evaluate, cache)
-        row = {"k": int(k), "pixel_auroc": auroc(truth, combine_heatmaps(heats).reshape(-1)),
+        # each probe's image score as stored (the max of its map at its grid)
+        stored = {f.probe.layer: f.probe.score(f.probe.heatmap(cache.image_maps(f.probe.layer, evaluate)))
+                  for f in fits}
+        combined = combine_heatmaps(heats)
+        row = {"k": int(k), "pixel_auroc": auroc(truth, combined.reshape(-1)),
+               "image": image_figures(shows, combined.reshape(len(evaluate), -1).max(axis=1) if len(layers) > 1
+                                      else stored[layers[0]]),
                "n_positive": fits[0].n_positive, "n_negative": fits[0].n_negative,
                "images": [store.image_ids[i] for i in order[:k]]}
         if len(layers) > 1:
             row["layers"] = {name: auroc(truth, h.reshape(-1)) for name, h in zip(layers, heats)}
+            row["image_layers"] = {name: image_figures(shows, stored[name]) for name in layers}
+            row["image_any"] = image_figures(shows, np.max(list(stored.values()), axis=0))
         out.append(row)
     return out
 

@@ -55,7 +55,7 @@ from .dissection import DEFAULT_LEVEL, patch_size, resolve_image, unit_cell_weig
 from .errors import ProbeDataError
 
 __all__ = [
-    "ProbeConfig", "Examples", "Probe", "ProbeFit",
+    "ProbeConfig", "Examples", "Probe", "ProbeFit", "PRESENT",
     "cell_coverage", "upsample", "region_examples", "mark_examples", "mark_position_examples", "unit_examples",
     "fit_logistic", "grouped_folds", "held_out_split", "fit_probe", "auroc", "average_precision",
     "session_run", "log_probe", "load_probe", "probe_versions", "PROBE_EXPERIMENT",
@@ -425,6 +425,9 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
     precision = tp / (last + 1)
     recall = tp / n_pos
     return float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
+
+
+PRESENT = 0.5  # an image score from this up says the concept is present (explain.report)
 
 
 @dataclass(frozen=True)

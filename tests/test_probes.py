@@ -457,6 +457,19 @@ def test_probe_from_labeled_units(lesion):
     assert fit.probe.weights[unit] > 0
 
 
+def test_image_figures_by_hand():
+    from explain.probe_eval import image_figures
+
+    shows = np.array([True, True, True, False, False])
+    got = image_figures(shows, np.array([0.9, 0.5, 0.2, 0.6, 0.1]))
+    # 0.5 counts as present; the pairs (shown, not shown) ranked right: 0.9>0.6, 0.9>0.1, 0.5>0.1, 0.2>0.1 → 4 of 6
+    assert got == pytest.approx({"auroc": 4 / 6, "sensitivity": 2 / 3, "specificity": 1 / 2})
+    none = image_figures(np.array([True, True]), np.array([0.7, 0.2]))
+    assert np.isnan(none["auroc"]) and np.isnan(none["specificity"]) and none["sensitivity"] == 0.5
+    with pytest.raises(ProbeDataError, match="one score per image"):
+        image_figures(shows, np.zeros(4))
+
+
 def test_ground_truth_curve_on_held_out_patches(lesion):
     from explain.probe_eval import eval_images, pixel_auroc, probe_curve
 
@@ -488,6 +501,20 @@ def test_ground_truth_curve_on_held_out_patches(lesion):
     alone = {f.probe.layer: pixel_auroc(f.probe, store, evaluate, masks) for f in fits}
     assert both[0]["layers"] == pytest.approx(alone)
     assert both[0]["layers"][layer] == pytest.approx(curve[-1]["pixel_auroc"])
+    # image level: each patch scored as the report scores it, against whether it shows the concept
+    from explain.probe_eval import image_figures
+    from explain.probes import FeatureCache, combine_heatmaps
+
+    cache = FeatureCache(store)
+    shows = np.array([int(i) in masks for i in evaluate])
+    stored = {f.probe.layer: f.probe.score(f.probe.heatmap(cache.image_maps(f.probe.layer, evaluate))) for f in fits}
+    combined = combine_heatmaps([f.probe.heatmap(cache.image_maps(f.probe.layer, evaluate), size=(32, 32))
+                                 for f in fits])
+    assert both[0]["image"] == pytest.approx(image_figures(shows, combined.reshape(len(evaluate), -1).max(axis=1)))
+    assert both[0]["image_layers"] == {name: pytest.approx(image_figures(shows, v)) for name, v in stored.items()}
+    assert both[0]["image_any"] == pytest.approx(image_figures(shows, np.max(list(stored.values()), axis=0)))
+    assert curve[-1]["image"] == pytest.approx(both[0]["image_layers"][layer])  # one layer: its stored score
+    assert both[0]["image"]["auroc"] > 0.8
     with pytest.raises(ProbeDataError, match="must not be evaluated"):
         probe_curve(store, "mass", layer, masks, draw=draw, evaluate=[1, 40], ks=(1,))
     with pytest.raises(ProbeDataError, match="no patch to draw on"):
