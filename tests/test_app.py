@@ -748,6 +748,23 @@ def test_the_review_patch_overlays_a_concepts_map_across_layers(app_workspace, t
     with pytest.raises(InvalidInput, match="is not a probe"):
         wb.parse_probe("mass@*")  # the Probes page's versions are per layer: no combined entry there
 
+    # the report's "probe score" bar is the concept's verdict, the max of that map, not its highest probe's score
+    # (a shallow layer's probe scores nearly every patch above 0.5: explain.report)
+    from vis.figures import concept_name
+
+    for r in (shown, next(r for r in wb.manifest().records if "mass" not in r.masks)):  # with and without a mass
+        i = store.index_of(r.id)
+        report = {f"{ids.REVIEW_STATE}.data": {"source": r.source_id, "image": r.id, "unit": None},
+                  f"{ids.REVIEW_ACTIONS}.data": [], f"{ids.REVIEW_LAYER}.value": None, f"{ids.SESSION}.data": 1,
+                  f"{ids.SESSION_VERSION}.data": 0}
+        code, data = dc.call(f"{ids.REVIEW_REPORT}.children", report)
+        assert code == 200, data
+        graph = data["response"][ids.REVIEW_REPORT]["children"]["props"]["children"][1]["props"]
+        bars = {t["name"]: dict(zip(t["y"], t["x"])) for t in graph["figure"]["data"]}
+        score = bars["probe score"][concept_name("mass")]
+        assert score == pytest.approx(float(concept_heatmap(store, "mass", i, size=wb.patch_size()).max()), abs=1e-6)
+        assert score < max(float(store.probe("mass", layer).scores[i]) for layer in layers)
+
 
 def _plotly_array(z) -> np.ndarray:
     """A figure's array as sent to the browser: a list, or plotly's typed array {"dtype", "bdata", "shape"}."""

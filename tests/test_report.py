@@ -50,6 +50,8 @@ def test_image_report_evidence_and_contributions(lesion, workspace):
         assert item["max"] == pytest.approx(float(maps[u].max()))
         assert item["fires"] == bool(maps[u].max() > thr[u])
         assert item["area"] == pytest.approx(unit_masks(maps, thr, (32, 32))[u].mean())
+    assert mass["probe"] == {"score": mass["probes"][0]["score"], "source": deep,
+                             "present": mass["probes"][0]["score"] >= 0.5}  # one probe: its own verdict
     assert mass["present"] == (any(it["fires"] for it in mass["units"]) or mass["probes"][0]["score"] >= 0.5)
     probe = store.probe("mass", deep)
     assert mass["probes"][0]["score"] == pytest.approx(float(probe.scores[i]))
@@ -98,6 +100,16 @@ def test_image_report_evidence_and_contributions(lesion, workspace):
     assert both["combined"]["score"] == pytest.approx(float(combined.max()))
     assert both["combined"]["score"] <= max(p["score"] for p in both["probes"]) + 1e-6
     assert "heatmap" not in image_report(store, i, labels=labels, with_maps=False)["concepts"]["mass"]["combined"]
+    # the concept's verdict is its map across layers, not any one probe's: over every image (no labeled units),
+    # present exactly when the combined score reaches 0.5, and some images on which a probe alone said present
+    # are not
+    overruled = 0
+    for j in range(store.n_images):
+        e = image_report(store, j, with_maps=False)["concepts"]["mass"]
+        assert e["probe"]["source"] == "all layers" and e["probe"]["score"] == e["combined"]["score"]
+        assert e["present"] == e["probe"]["present"] == (e["combined"]["score"] >= 0.5)
+        overruled += any(p["present"] for p in e["probes"]) and not e["present"]
+    assert overruled > 0
     store.delete_probe("mass", lesion.layers[0])
 
 

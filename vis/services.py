@@ -1213,7 +1213,7 @@ class Workbench:
                 "activation": float(max((u["max"] / u["threshold"] if u["threshold"] > 0 else 0.0) for u in units))
                 if units else 0.0,
                 "area": self._union_area(row, [(u["layer"], u["unit"]) for u in units if u["fires"]]),
-                "probe": float(max((p["score"] for p in e["probes"]), default=0.0)),
+                "probe": float(e["probe"]["score"]) if "probe" in e else 0.0,  # the concept's verdict
                 "contribution": float(sum(c["logit_change"] for c in e["contributions"])),
             })
         pred = rep["prediction"]
