@@ -21,7 +21,12 @@ Figures (tests/benchmarks/run.py prints them next to their goals):
   probes/gt/<concept>/reviewers@k=5 — the same map across layers for 12 seeded reviewers (the bench's is seed 0),
   each drawing 5 test patches and evaluated on the test patches it did not draw on: the worst of them, goal ≥ 0.9
   (one reviewer's five drawings are a small sample; the labelling bench reports 40 reviewers for the same reason).
-The ground-truth curves are also logged to mlflow (experiment conceptlens-bench, run "probes ground truth").
+- probes/image/<concept>@k=5 — the image report's probe verdict on the same held-out patches (explain.report: the
+  max of the map across layers; explain.probe_eval.image_figures): image AUROC against whether the patch shows the
+  concept, each layer's own probe in the note; .../specificity@k=5 — the share of patches without the concept that
+  the verdict does not call present, against the verdict it replaced (any layer's probe saying present).
+The ground-truth curves (pixel and image AUROC) are also logged to mlflow (experiment conceptlens-bench, run
+"probes ground truth").
 """
 
 from __future__ import annotations
@@ -165,7 +170,8 @@ def ground_truth(settings, store, manifest, ks=tuple(range(1, 11))) -> list[dict
                                cache=cache, background_pool=background)
         curves, chooser = {COMBINED: combined}, {}
         for layer in store.layers:
-            curves[layer] = [{**p, "pixel_auroc": p.get("layers", {layer: p["pixel_auroc"]})[layer]} for p in combined]
+            curves[layer] = [{**p, "pixel_auroc": p.get("layers", {layer: p["pixel_auroc"]})[layer],
+                              "image": p.get("image_layers", {layer: p["image"]})[layer]} for p in combined]
             # layer choice without ground truth: leave-one-drawing-out pixel AUROC on the first 5 drawings
             at = min(5, len(curves[layer]))
             imgs = [store.index_of(i) for i in curves[layer][at - 1]["images"]]
@@ -193,12 +199,30 @@ def ground_truth(settings, store, manifest, ks=tuple(range(1, 11))) -> list[dict
             figures.append(_fig(f"probes/gt/{concept}/chosen@k=5", at5[0], "AUROC", None, None, None,
                                 f"the single layer chosen by leave-one-drawing-out pixel AUROC: {best} "
                                 f"({chooser[best]:.3f})"))
+        figures += _image_figures(concept, combined, store.layers)
         logged[concept] = (best, curves)
         at5 = [p["pixel_auroc"] for p in combined if p["k"] == 5]
         figures.append(_reviewers_figure(store, concept, masks, orders[1:], review, background, cache,
                                          first=at5[0] if at5 else None))
     _log(settings, logged)
     return figures
+
+
+def _image_figures(concept, combined: list[dict], layers, k: int = 5) -> list[dict]:
+    """The image report's verdict at k drawings (the map across layers' max ≥ 0.5) on the held-out test patches:
+    its image AUROC, and its specificity against the verdict it replaced (any layer's probe saying present)."""
+    row = next((p for p in combined if p["k"] == k), None)
+    if row is None:
+        return []
+    img, old = row["image"], row.get("image_any", row["image"])
+    per_layer = "; ".join(f"{name} {f['auroc']:.3f} (sens. {f['sensitivity']:.2f}, spec. {f['specificity']:.2f})"
+                          for name, f in row.get("image_layers", {}).items())
+    return [_fig(f"probes/image/{concept}@k={k}", img["auroc"], "AUROC", None, None, None,
+                 f"score: the max of the map across layers; each layer's own probe: {per_layer}"),
+            _fig(f"probes/image/{concept}/specificity@k={k}", img["specificity"], "", None, None,
+                 {"name": "any layer's probe saying present", "value": old["specificity"], "unit": ""},
+                 f"share of the test patches without {concept} not said present; sensitivity "
+                 f"{img['sensitivity']:.3f} (any layer's probe: {old['sensitivity']:.3f})")]
 
 
 def _reviewers_figure(store, concept, masks, orders, review, background, cache, *, first: float | None,
@@ -241,8 +265,9 @@ def _log(settings, logged: dict) -> None:
     client, exp = open_tracking(settings, "conceptlens-bench")
     run = client.create_run(exp, run_name="probes ground truth", tags={"conceptlens.kind": "bench"})
     now = int(time.time() * 1000)
-    metrics = [Metric(f"gt/{c}/{layer}", float(p["pixel_auroc"]), now, p["k"])
-               for c, (_, curves) in logged.items() for layer, curve in curves.items() for p in curve]
+    metrics = [Metric(f"gt/{c}/{layer}{kind}", float(value), now, p["k"])
+               for c, (_, curves) in logged.items() for layer, curve in curves.items() for p in curve
+               for kind, value in (("", p["pixel_auroc"]), ("/image_auroc", p["image"]["auroc"]))]
     for i in range(0, len(metrics), 900):
         client.log_batch(run.info.run_id, metrics=metrics[i:i + 900])
     client.log_batch(run.info.run_id, params=[__import__("mlflow").entities.Param(f"layer/{c}", best)
