@@ -19,10 +19,10 @@ Definitions (DESIGN.md §4):
 - The concept's probe verdict (`probe`: score, what it comes from, present) is that combined score where there is
   one, else the score of its probe on the deepest probed layer; present when ≥ 0.5. Not any probe's: the app
   retrains a concept's probe on every layer, and a shallow layer's map (32×32 cells of small receptive fields)
-  has a cell above 0.5 on nearly every image. Measured against the demo's ground truth (explain.probe_eval,
-  probes from 5 drawings, 4 reviewers, test patches; 2026-11-29): "any probe" said present on 0–22 % of the
-  patches *without* the concept (specificity), the map across layers on 48–86 % of them keeping 82–99 % of
-  those with it (sensitivity); its image AUROC 0.89–0.98, within 0.015 of the deepest layer's.
+  has a cell above 0.5 on nearly every image. Measured against the demo's ground truth (the bench's
+  probes/image/*: probes from 5 drawings, 400 held-out test patches per concept; 2026-11-29): "any probe"
+  spared 0–5 % of the patches *without* the concept (specificity), the map across layers 37–87 %, keeping 91–100 %
+  of those with it (sensitivity); its image AUROC 0.88–0.99, within 0.01 of the deepest layer's.
 - A concept is present when one of its labeled units fires or its probe verdict says present.
 - Contribution (needs the model): the change of the predicted class's logit when the concept is removed at one
   layer and the rest of the network is run again (explain.attribution): its labeled units zeroed, or, for a
