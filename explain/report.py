@@ -22,7 +22,7 @@ Definitions (DESIGN.md §4):
   has a cell above 0.5 on nearly every image. Measured against the demo's ground truth (the bench's
   probes/image/*: probes from 5 drawings, 400 held-out test patches per concept; 2026-11-29): "any probe"
   spared 0–5 % of the patches *without* the concept (specificity), the map across layers 37–87 %, keeping 91–100 %
-  of those with it (sensitivity); its image AUROC 0.88–0.99, within 0.01 of the deepest layer's.
+  of those with it (sensitivity); its image AUROC 0.88–0.99, within 0.02 of the deepest layer's.
 - A concept is present when one of its labeled units fires or its probe verdict says present.
 - Contribution (needs the model): the change of the predicted class's logit when the concept is removed at one
   layer and the rest of the network is run again (explain.attribution): its labeled units zeroed, or, for a
