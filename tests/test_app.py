@@ -760,10 +760,14 @@ def test_the_review_patch_overlays_a_concepts_map_across_layers(app_workspace, t
         code, data = dc.call(f"{ids.REVIEW_REPORT}.children", report)
         assert code == 200, data
         graph = data["response"][ids.REVIEW_REPORT]["children"]["props"]["children"][1]["props"]
-        bars = {t["name"]: dict(zip(t["y"], t["x"])) for t in graph["figure"]["data"]}
-        score = bars["probe score"][concept_name("mass")]
+        traces = {t["name"]: t for t in graph["figure"]["data"]}
+        probe = traces["probe score (present ≥ 0.5)"]
+        score = dict(zip(probe["y"], probe["x"]))[concept_name("mass")]
         assert score == pytest.approx(float(concept_heatmap(store, "mass", i, size=wb.patch_size()).max()), abs=1e-6)
         assert score < max(float(store.probe("mass", layer).scores[i]) for layer in layers)
+        # a dashed line across that panel where the verdict turns to present
+        marks = [s for s in graph["figure"]["layout"]["shapes"] if s["xref"] == probe["xaxis"]]
+        assert [(m["x0"], m["x1"], m["line"]["dash"]) for m in marks] == [(0.5, 0.5, "dash")]
 
 
 def _plotly_array(z) -> np.ndarray:

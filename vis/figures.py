@@ -349,10 +349,13 @@ def image_map_figure(xy: np.ndarray, *, values: Sequence, color_by: str, ids: Se
 
 
 # -- charts ----------------------------------------------------------------------------------------------------------
-def report_figure(rows: Sequence[Mapping], *, measures: Sequence[tuple], height: int | None = None) -> dict:
+def report_figure(rows: Sequence[Mapping], *, measures: Sequence[tuple], height: int | None = None,
+                  marks: Mapping[str, float] | None = None) -> dict:
     """Horizontal bars, one panel per measure: rows are {"concept": id, <measure key>: value, …}.
 
-    `measures` are (key, title) or (key, title, (lo, hi)) tuples, e.g. ("probe", "probe score", (0, 1)).
+    `measures` are (key, title) or (key, title, (lo, hi)) tuples, e.g. ("probe", "probe score", (0, 1)); `marks`
+    ({key: value}) draws a dashed line at that value across the measure's panel, over its bars (e.g. where a probe
+    score says "present"; the title should say what it marks).
     Returns the figure as a plain dict: built without plotly's graph objects, whose validation costs ~0.1 s for
     five panels, and a report is redrawn after every labeling action.
     """
@@ -364,7 +367,7 @@ def report_figure(rows: Sequence[Mapping], *, measures: Sequence[tuple], height:
     data, layout = [], {
         "template": {"layout": {"paper_bgcolor": "white", "plot_bgcolor": "white"}},
         "height": height or max(180, 34 * len(rows) + 60), "margin": {"l": 8, "r": 8, "t": 30, "b": 8},
-        "showlegend": False, "bargap": 0.3, "annotations": [],
+        "showlegend": False, "bargap": 0.3, "annotations": [], "shapes": [],
         "font": {"family": "Inter, 'Segoe UI', system-ui, sans-serif", "size": 12, "color": TEXT},
     }
     for i, measure in enumerate(measures):
@@ -386,6 +389,10 @@ def report_figure(rows: Sequence[Mapping], *, measures: Sequence[tuple], height:
         layout["annotations"].append({"text": title, "x": lo + width / 2, "y": 1.0, "xref": "paper", "yref": "paper",
                                       "yanchor": "bottom", "showarrow": False,
                                       "font": {"size": 11, "color": "#495057"}})
+        if marks and key in marks:
+            layout["shapes"].append({"type": "line", "xref": f"x{ax}", "yref": "paper", "x0": marks[key],
+                                     "x1": marks[key], "y0": 0, "y1": 1, "layer": "above",
+                                     "line": {"color": "#212529", "width": 1.5, "dash": "dash"}})
     return {"data": data, "layout": layout}
 
 

@@ -1197,6 +1197,7 @@ class Workbench:
 
     def _report(self, image: str, layer: str, session: int):
         from dash import dcc, html
+        from explain.probes import PRESENT
         from explain.report import image_report
 
         from . import figures
@@ -1223,9 +1224,9 @@ class Workbench:
             return html.Div([head, html.P("No concept yet: draw a region and label units, or mark images on the "
                                           "Images page to train a probe.", className="cl-muted mt-2")])
         measures = [("units", "labeled units"), ("activation", "peak activation / threshold"),
-                    ("area", "activated area (share of patch)", (0, 1)), ("probe", "probe score", (0, 1)),
+                    ("area", "activated area (share of patch)", (0, 1)), ("probe", f"probe score (present ≥ {PRESENT:g})", (0, 1)),
                     ("contribution", "contribution (logit change)")]
-        fig = figures.report_figure(rows, measures=measures)
+        fig = figures.report_figure(rows, measures=measures, marks={"probe": PRESENT})
         return html.Div([head, dcc.Graph(figure=fig, config={"displayModeBar": False, "staticPlot": False})])
 
     def _union_area(self, row: int, units: list[tuple[str, int]]) -> float:
