@@ -764,7 +764,8 @@ def test_the_review_patch_overlays_a_concepts_map_across_layers(app_workspace, t
         probe = traces["probe score (present ≥ 0.5)"]
         score = dict(zip(probe["y"], probe["x"]))[concept_name("mass")]
         assert score == pytest.approx(float(concept_heatmap(store, "mass", i, size=wb.patch_size()).max()), abs=1e-6)
-        assert score < max(float(store.probe("mass", layer).scores[i]) for layer in layers)
+        highest = max(float(store.probe("mass", layer).scores[i]) for layer in layers)
+        assert score < highest if r is not shown else score <= highest + 1e-6  # (a mass may saturate every layer)
         # a dashed line across that panel where the verdict turns to present
         marks = [s for s in graph["figure"]["layout"]["shapes"] if s["xref"] == probe["xaxis"]]
         assert [(m["x0"], m["x1"], m["line"]["dash"]) for m in marks] == [(0.5, 0.5, "dash")]
