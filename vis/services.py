@@ -1224,7 +1224,8 @@ class Workbench:
             return html.Div([head, html.P("No concept yet: draw a region and label units, or mark images on the "
                                           "Images page to train a probe.", className="cl-muted mt-2")])
         measures = [("units", "labeled units"), ("activation", "peak activation / threshold"),
-                    ("area", "activated area (share of patch)", (0, 1)), ("probe", f"probe score (present ≥ {PRESENT:g})", (0, 1)),
+                    ("area", "activated area (share of patch)", (0, 1)),
+                    ("probe", f"probe score (present ≥ {PRESENT:g})", (0, 1)),
                     ("contribution", "contribution (logit change)")]
         fig = figures.report_figure(rows, measures=measures, marks={"probe": PRESENT})
         return html.Div([head, dcc.Graph(figure=fig, config={"displayModeBar": False, "staticPlot": False})])

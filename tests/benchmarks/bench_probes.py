@@ -199,7 +199,7 @@ def ground_truth(settings, store, manifest, ks=tuple(range(1, 11))) -> list[dict
             figures.append(_fig(f"probes/gt/{concept}/chosen@k=5", at5[0], "AUROC", None, None, None,
                                 f"the single layer chosen by leave-one-drawing-out pixel AUROC: {best} "
                                 f"({chooser[best]:.3f})"))
-        figures += _image_figures(concept, combined, store.layers)
+        figures += _image_figures(concept, combined)
         logged[concept] = (best, curves)
         at5 = [p["pixel_auroc"] for p in combined if p["k"] == 5]
         figures.append(_reviewers_figure(store, concept, masks, orders[1:], review, background, cache,
@@ -208,7 +208,7 @@ def ground_truth(settings, store, manifest, ks=tuple(range(1, 11))) -> list[dict
     return figures
 
 
-def _image_figures(concept, combined: list[dict], layers, k: int = 5) -> list[dict]:
+def _image_figures(concept, combined: list[dict], k: int = 5) -> list[dict]:
     """The image report's verdict at k drawings (the map across layers' max ≥ 0.5) on the held-out test patches:
     its image AUROC, and its specificity against the verdict it replaced (any layer's probe saying present)."""
     row = next((p for p in combined if p["k"] == k), None)
