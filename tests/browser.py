@@ -451,9 +451,12 @@ def call_background(dc: DashClient, base: str, output: str, inputs: dict, *, cha
     raise TimeoutError(f"background job {output} did not finish in {timeout} s")
 
 
-def labelable_patch(workspace, *, min_pixels: int = 150) -> tuple[str, str, str, int, tuple[int, int, int, int]]:
+def labelable_patch(workspace, *, min_pixels: int = 150,
+                    min_fill: float = 0.5) -> tuple[str, str, str, int, tuple[int, int, int, int]]:
     """(layer, source, flagged patch, unit, mask bbox x0, y0, x1, y1): a flagged patch whose most active unit of the
-    default layer has a clear mask (at least `min_pixels`), so a rectangle around it labels that unit."""
+    default layer has a clear mask (at least `min_pixels`, filling at least `min_fill` of its bounding box), so a
+    rectangle around it labels that unit: its IoU with the rectangle is at least that fill, well above the 0.2 that
+    highlights and labels a unit (a mask of two blobs far apart fills little of its box)."""
     from store.settings import load_settings
     from vis.app import AppConfig
     from vis.services import Workbench
@@ -471,7 +474,9 @@ def labelable_patch(workspace, *, min_pixels: int = 150) -> tuple[str, str, str,
         mask = wb.unit_mask(layer, row, unit)
         if mask.sum() >= min_pixels:
             ys, xs = mask.nonzero()
-            return layer, source, image, unit, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+            if mask.sum() >= min_fill * (box[2] - box[0]) * (box[3] - box[1]):
+                return layer, source, image, unit, box
     raise AssertionError("no patch of the workspace has a unit with a visible mask")
 
 
