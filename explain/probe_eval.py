@@ -29,7 +29,7 @@ import numpy as np
 
 from .errors import ProbeDataError
 from .probes import (PRESENT, FeatureCache, Probe, ProbeAnnotations, ProbeConfig, auroc, collect_examples,
-                     combine_heatmaps, fit_probe)
+                     combine_heatmaps, fit_probe, upsample)
 
 __all__ = ["ground_truth_masks", "split_images", "eval_images", "probe_curve", "pixel_auroc", "image_figures",
            "drawing_cv_auroc"]
@@ -72,12 +72,17 @@ def eval_images(candidates: np.ndarray, masks: Mapping[int, np.ndarray], *, max_
     return np.sort(np.array(pick, np.int64))
 
 
-def _patch_heatmaps(probes, store, images: np.ndarray, cache: FeatureCache) -> list[np.ndarray]:
-    """Each probe's heatmaps on `images`, upsampled to the patch as the app shows them: [(image, Y, X)]."""
+def _grid_heatmaps(probes, images: np.ndarray, cache: FeatureCache) -> list[np.ndarray]:
+    """Each probe's heatmaps on `images` at its layer's grid, as stored: [(image, y, x)]."""
+    return [p.heatmap(cache.image_maps(p.layer, images)) for p in probes]
+
+
+def _to_patch(store, grids: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Grid heatmaps upsampled to the patch as the app shows them: [(image, Y, X)]."""
     from .dissection import patch_size
 
     size = patch_size(store)
-    return [p.heatmap(cache.image_maps(p.layer, images), size=size) for p in probes]
+    return [upsample(g, size) for g in grids]
 
 
 def _truth(store, images: np.ndarray, masks: Mapping[int, np.ndarray]) -> np.ndarray:
@@ -105,7 +110,7 @@ def pixel_auroc(probe, store, images: np.ndarray, masks: Mapping[int, np.ndarray
     """Pixel AUROC of the probe's patch-size heatmaps on `images` against the ground-truth masks; `probe` may be a
     sequence of probes of several layers, whose maps are combined as the app combines them (`combine_heatmaps`)."""
     probes = [probe] if isinstance(probe, Probe) else list(probe)
-    heat = combine_heatmaps(_patch_heatmaps(probes, store, images, cache or FeatureCache(store)))
+    heat = combine_heatmaps(_to_patch(store, _grid_heatmaps(probes, images, cache or FeatureCache(store))))
     return auroc(_truth(store, images, masks), heat.reshape(-1))
 
 
@@ -145,10 +150,9 @@ def probe_curve(store, concept: str, layer: str | Sequence[str], masks: Mapping[
         pool = np.setdiff1d(np.asarray(draw if background_pool is None else background_pool, np.int64), evaluate)
         fits = [fit_probe(collect_examples(store, name, ann, config=config, cache=cache, background_pool=pool),
                           concept=concept, layer=name, config=config) for name in layers]
-        heats = _patch_heatmaps([f.probe for f in fits], store, evaluate, cache)
-        # each probe's image score as stored (the max of its map at its grid)
-        stored = {f.probe.layer: f.probe.score(f.probe.heatmap(cache.image_maps(f.probe.layer, evaluate)))
-                  for f in fits}
+        grids = _grid_heatmaps([f.probe for f in fits], evaluate, cache)
+        heats = _to_patch(store, grids)
+        stored = {f.probe.layer: f.probe.score(g) for f, g in zip(fits, grids)}  # each image's score as stored
         combined = combine_heatmaps(heats)
         row = {"k": int(k), "pixel_auroc": auroc(truth, combined.reshape(-1)),
                "image": image_figures(shows, combined.reshape(len(evaluate), -1).max(axis=1) if len(layers) > 1
