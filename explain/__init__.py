@@ -32,6 +32,7 @@ _WHERE = {
     "render_overlay": "prototypes",
     "grad_cam": "attribution",
     "image_report": "report", "model_report": "report",
+    "verdict_scores": "verdict", "calibrate_presence": "verdict",
     "evaluate_ground_truth": "groundtruth",
 }
 __all__ = sorted(_WHERE)

@@ -85,6 +85,16 @@ def _to_patch(store, grids: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [upsample(g, size) for g in grids]
 
 
+def _verdict_scores(store, probes, images: np.ndarray, cache: FeatureCache, chunk: int = 64) -> np.ndarray:
+    """The image report's verdict score of `images` under fitted probes of one concept (one per layer): a single
+    probe's score as stored (its grid map's max), several probes' map across layers' max at the patch size."""
+    if len(probes) == 1:
+        return probes[0].score(_grid_heatmaps(probes, images, cache)[0])
+    out = [combine_heatmaps(_to_patch(store, _grid_heatmaps(probes, images[lo:lo + chunk], cache)))
+           .reshape(len(images[lo:lo + chunk]), -1).max(axis=1) for lo in range(0, len(images), chunk)]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
 def _truth(store, images: np.ndarray, masks: Mapping[int, np.ndarray]) -> np.ndarray:
     """The ground-truth pixels of `images`, flat (empty masks where an image lacks the concept)."""
     from .dissection import patch_size
@@ -93,14 +103,15 @@ def _truth(store, images: np.ndarray, masks: Mapping[int, np.ndarray]) -> np.nda
     return np.stack([masks.get(int(i), np.zeros(size, bool)) for i in images]).reshape(-1)
 
 
-def image_figures(shows: np.ndarray, scores: np.ndarray) -> dict:
-    """{"auroc", "sensitivity", "specificity"} of image scores against bool `shows` (the image shows the concept);
-    sensitivity and specificity of score ≥ PRESENT, the report's "present" (NaN where a class is empty)."""
+def image_figures(shows: np.ndarray, scores: np.ndarray, *, threshold: float = PRESENT) -> dict:
+    """{"auroc", "sensitivity", "specificity", "threshold"} of image scores against bool `shows` (the image shows
+    the concept); sensitivity and specificity of score ≥ `threshold`, the report's "present" (NaN where a class is
+    empty)."""
     shows, scores = np.asarray(shows, bool), np.asarray(scores, np.float64)
     if shows.shape != scores.shape or shows.ndim != 1:
         raise ProbeDataError(f"image figures need one score per image: {scores.shape} scores, {shows.shape} truths")
-    said = scores >= PRESENT
-    return {"auroc": auroc(shows, scores),
+    said = scores >= threshold
+    return {"auroc": auroc(shows, scores), "threshold": float(threshold),
             "sensitivity": float(said[shows].mean()) if shows.any() else float("nan"),
             "specificity": float((~said[~shows]).mean()) if (~shows).any() else float("nan")}
 
@@ -117,7 +128,7 @@ def pixel_auroc(probe, store, images: np.ndarray, masks: Mapping[int, np.ndarray
 def probe_curve(store, concept: str, layer: str | Sequence[str], masks: Mapping[int, np.ndarray], *,
                 draw: Sequence[int], evaluate: Sequence[int], ks: Sequence[int] = tuple(range(1, 11)),
                 config: ProbeConfig | None = None, cache: FeatureCache | None = None,
-                background_pool: Sequence[int] | None = None) -> list[dict]:
+                background_pool: Sequence[int] | None = None, reference: Sequence[int] | None = None) -> list[dict]:
     """Pixel AUROC of probes fitted from k ground-truth drawings, for every k in `ks`.
 
     draw: the images to draw on, in drawing order (those without the concept are skipped) — e.g. the order of
@@ -128,10 +139,15 @@ def probe_curve(store, concept: str, layer: str | Sequence[str], masks: Mapping[
     and each row also holds every layer's own figure, from the same fits, under "layers" ({layer: pixel AUROC}).
     "image" holds `image_figures` of the map (of the combined map with several layers) on the evaluated patches,
     and with several layers "image_layers" those of each layer's probe ({layer: figures}) and "image_any" those of
-    the highest of their scores (any probe saying present: the report's verdict until 2026-11-29).
+    the highest of their scores (any probe saying present: the report's verdict until 2026-11-29). With
+    `reference` images (never evaluated on; those in `masks` show the concept), "image_calibrated" holds the
+    figures of the map's score from the threshold calibrated on them (explain.verdict.presence_threshold; None
+    where they are too few of a kind), as the app calibrates its verdict on the images the dataset annotates.
     Returns [{"k", "pixel_auroc", "image", "n_positive", "n_negative", "images"[, "layers", "image_layers",
-    "image_any"]}].
+    "image_any", "image_calibrated"]}].
     """
+    from .verdict import presence_threshold
+
     cache = cache or FeatureCache(store)
     layers = [layer] if isinstance(layer, str) else list(layer)
     order = [int(i) for i in draw if int(i) in masks]
@@ -142,6 +158,10 @@ def probe_curve(store, concept: str, layer: str | Sequence[str], masks: Mapping[
         raise ProbeDataError(f"ground truth for {concept!r}: drawn patches must not be evaluated on")
     truth = _truth(store, evaluate, masks)
     shows = np.array([int(i) in masks for i in evaluate])
+    if reference is not None:
+        reference = np.asarray(reference, np.int64)
+        if np.intersect1d(reference, evaluate).size:
+            raise ProbeDataError(f"ground truth for {concept!r}: reference patches must not be evaluated on")
     out = []
     for k in ks:
         if k > len(order):
@@ -154,15 +174,18 @@ def probe_curve(store, concept: str, layer: str | Sequence[str], masks: Mapping[
         heats = _to_patch(store, grids)
         stored = {f.probe.layer: f.probe.score(g) for f, g in zip(fits, grids)}  # each image's score as stored
         combined = combine_heatmaps(heats)
-        row = {"k": int(k), "pixel_auroc": auroc(truth, combined.reshape(-1)),
-               "image": image_figures(shows, combined.reshape(len(evaluate), -1).max(axis=1) if len(layers) > 1
-                                      else stored[layers[0]]),
+        scores = combined.reshape(len(evaluate), -1).max(axis=1) if len(layers) > 1 else stored[layers[0]]
+        row = {"k": int(k), "pixel_auroc": auroc(truth, combined.reshape(-1)), "image": image_figures(shows, scores),
                "n_positive": fits[0].n_positive, "n_negative": fits[0].n_negative,
                "images": [store.image_ids[i] for i in order[:k]]}
         if len(layers) > 1:
             row["layers"] = {name: auroc(truth, h.reshape(-1)) for name, h in zip(layers, heats)}
             row["image_layers"] = {name: image_figures(shows, stored[name]) for name in layers}
             row["image_any"] = image_figures(shows, np.max(list(stored.values()), axis=0))
+        if reference is not None:
+            t = presence_threshold(_verdict_scores(store, [f.probe for f in fits], reference, cache),
+                                   np.array([int(i) in masks for i in reference]))
+            row["image_calibrated"] = None if t is None else image_figures(shows, scores, threshold=t)
         out.append(row)
     return out
 

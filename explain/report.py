@@ -16,13 +16,16 @@ Definitions (DESIGN.md §4):
   score is ≥ 0.5. A concept with probes on several of the reported layers also gets its map across them
   (`combined`: explain.probes.combine_heatmaps of their heatmaps at the patch size, as the app overlays it) and
   that map's max.
-- The concept's probe verdict (`probe`: score, what it comes from, present) is that combined score where there is
-  one, else the score of its probe on the deepest probed layer; present when ≥ 0.5. Not any probe's: the app
+- The concept's probe verdict (`probe`: score, what it comes from, threshold, present) is that combined score
+  where there is one, else the score of its probe on the deepest probed layer (explain.verdict); present from
+  the concept's threshold on: the one given in `thresholds` (the app calibrates it on the images the dataset
+  lists as showing the concept or not: explain.verdict.calibrate_presence), else 0.5. Not any probe's: the app
   retrains a concept's probe on every layer, and a shallow layer's map (32×32 cells of small receptive fields)
   has a cell above 0.5 on nearly every image. Measured against the demo's ground truth (the bench's
   probes/image/*: probes from 5 drawings, 400 held-out test patches per concept; 2026-11-29): "any probe"
-  spared 0–5 % of the patches *without* the concept (specificity), the map across layers 37–87 %, keeping 91–100 %
-  of those with it (sensitivity); its image AUROC 0.88–0.99, within 0.02 of the deepest layer's.
+  spared 0–5 % of the patches *without* the concept (specificity), the map across layers at 0.5 37–87 %,
+  keeping 91–100 % of those with it (sensitivity); its image AUROC 0.88–0.99, within 0.02 of the deepest
+  layer's. A calibrated threshold raises the worst specificity further (explain.verdict).
 - A concept is present when one of its labeled units fires or its probe verdict says present.
 - Contribution (needs the model): the change of the predicted class's logit when the concept is removed at one
   layer and the rest of the network is run again (explain.attribution): its labeled units zeroed, or, for a
@@ -66,35 +69,32 @@ def _probe_list(store, probes) -> list[tuple[str, str]]:
     return list(store.probes()) if probes is None else [tuple(p) for p in probes]
 
 
-def _combined_maps(store, report: dict, i: int, size: tuple[int, int], with_maps: bool) -> None:
-    """Each concept with probes (stored with maps) on several reported layers: its map across them, and its max."""
+def _probe_verdicts(store, report: dict, i: int, size: tuple[int, int], with_maps: bool,
+                    thresholds: Mapping[str, float]) -> None:
+    """Each probed concept's verdict (module docstring): its map across layers (kept as `combined`), else its
+    deepest probe's score, against its threshold."""
     from .probes import concept_heatmap
+    from .verdict import verdict_layers
 
     for concept, e in report["concepts"].items():
-        probed = {p["layer"] for p in e["probes"]}
-        layers = [layer for layer in store.layers  # in the network's order
-                  if layer in probed and store.probe(concept, layer).maps is not None]
-        if len(layers) < 2:
+        if not e["probes"]:
             continue
-        heat = concept_heatmap(store, concept, i, layers=layers, size=size)
-        e["combined"] = {"layers": layers, "score": float(heat.max()), **({"heatmap": heat} if with_maps else {})}
-
-
-def _probe_verdict(store, e: dict) -> dict:
-    """A concept's probe verdict (module docstring): its map across layers, else its deepest probe."""
-    if "combined" in e:
-        score, source = e["combined"]["score"], "all layers"
-    else:
-        order = {layer: n for n, layer in enumerate(store.layers)}
-        deepest = max(e["probes"], key=lambda p: order.get(p["layer"], -1))
-        score, source = deepest["score"], deepest["layer"]
-    return {"score": float(score), "source": source, "present": bool(score >= PRESENT)}
+        layers = verdict_layers(store, concept, [p["layer"] for p in e["probes"]])
+        if len(layers) >= 2:
+            heat = concept_heatmap(store, concept, i, layers=layers, size=size)
+            e["combined"] = {"layers": layers, "score": float(heat.max()), **({"heatmap": heat} if with_maps else {})}
+            score, source = e["combined"]["score"], "all layers"
+        else:
+            score, source = next(p["score"] for p in e["probes"] if p["layer"] == layers[0]), layers[0]
+        t = float(thresholds.get(concept, PRESENT))
+        e["probe"] = {"score": float(score), "source": source, "threshold": t, "present": bool(score >= t)}
+        e["present"] |= e["probe"]["present"]
 
 
 def image_report(store, image, *, labels: Mapping[str, Mapping[int, str]] | None = None,
                  probes: Sequence[tuple[str, str]] | None = None, model=None, settings=None,
                  level: float = DEFAULT_LEVEL, gradcam_layer: str | None = None,
-                 with_maps: bool = True) -> dict:
+                 with_maps: bool = True, thresholds: Mapping[str, float] | None = None) -> dict:
     """Prediction, concepts present with their evidence and contributions, and Grad-CAM for one image.
 
     image: id or index. labels: {layer: {unit: concept}}. probes: (concept, layer) pairs (default: every probe
@@ -164,11 +164,7 @@ def image_report(store, image, *, labels: Mapping[str, Mapping[int, str]] | None
             e["contributions"].append({"method": "erase CAV direction", "layer": layer, "run_id": stored.run_id,
                                        "logit_change": delta})
 
-    _combined_maps(store, report, i, size, with_maps)
-    for e in report["concepts"].values():
-        if e["probes"]:
-            e["probe"] = _probe_verdict(store, e)
-            e["present"] |= e["probe"]["present"]
+    _probe_verdicts(store, report, i, size, with_maps, thresholds or {})
 
     if x is not None:
         from .attribution import grad_cam

@@ -463,7 +463,11 @@ def test_image_figures_by_hand():
     shows = np.array([True, True, True, False, False])
     got = image_figures(shows, np.array([0.9, 0.5, 0.2, 0.6, 0.1]))
     # 0.5 counts as present; the pairs (shown, not shown) ranked right: 0.9>0.6, 0.9>0.1, 0.5>0.1, 0.2>0.1 → 4 of 6
-    assert got == pytest.approx({"auroc": 4 / 6, "sensitivity": 2 / 3, "specificity": 1 / 2})
+    assert got == pytest.approx({"auroc": 4 / 6, "sensitivity": 2 / 3, "specificity": 1 / 2, "threshold": 0.5})
+    # from another threshold: 0.2 and 0.1 are the only scores below 0.3
+    assert image_figures(shows, np.array([0.9, 0.5, 0.2, 0.6, 0.1]), threshold=0.3) == pytest.approx(
+        {"auroc": 4 / 6, "sensitivity": 2 / 3, "specificity": 1 / 2, "threshold": 0.3})
+    assert image_figures(shows, np.array([0.9, 0.5, 0.2, 0.6, 0.1]), threshold=0.15)["sensitivity"] == 1.0
     none = image_figures(np.array([True, True]), np.array([0.7, 0.2]))
     assert np.isnan(none["auroc"]) and np.isnan(none["specificity"]) and none["sensitivity"] == 0.5
     with pytest.raises(ProbeDataError, match="one score per image"):
@@ -515,6 +519,21 @@ def test_ground_truth_curve_on_held_out_patches(lesion):
     assert both[0]["image_any"] == pytest.approx(image_figures(shows, np.max(list(stored.values()), axis=0)))
     assert curve[-1]["image"] == pytest.approx(both[0]["image_layers"][layer])  # one layer: its stored score
     assert both[0]["image"]["auroc"] > 0.8
+    # calibrated on reference patches: the verdict's scores there, their best cut, applied to the evaluated ones
+    from explain.verdict import presence_threshold
+
+    reference = np.setdiff1d(np.arange(store.n_images), np.concatenate([evaluate, [int(i) for i in idx]]))
+    cal = probe_curve(store, "mass", lesion.layers, masks, draw=draw, evaluate=evaluate, ks=(5,),
+                      reference=reference)[0]
+    ref = combine_heatmaps([f.probe.heatmap(cache.image_maps(f.probe.layer, reference), size=(32, 32))
+                            for f in fits]).reshape(len(reference), -1).max(axis=1)
+    t = presence_threshold(ref, np.array([int(i) in masks for i in reference]))
+    assert t is not None and cal["image"] == both[0]["image"]
+    assert cal["image_calibrated"] == pytest.approx(
+        image_figures(shows, combined.reshape(len(evaluate), -1).max(axis=1), threshold=t))
+    assert "image_calibrated" not in both[0]
+    with pytest.raises(ProbeDataError, match="reference patches must not be evaluated"):
+        probe_curve(store, "mass", layer, masks, draw=draw, evaluate=evaluate, ks=(1,), reference=evaluate[:3])
     with pytest.raises(ProbeDataError, match="must not be evaluated"):
         probe_curve(store, "mass", layer, masks, draw=draw, evaluate=[1, 40], ks=(1,))
     with pytest.raises(ProbeDataError, match="no patch to draw on"):

@@ -50,7 +50,7 @@ def test_image_report_evidence_and_contributions(lesion, workspace):
         assert item["max"] == pytest.approx(float(maps[u].max()))
         assert item["fires"] == bool(maps[u].max() > thr[u])
         assert item["area"] == pytest.approx(unit_masks(maps, thr, (32, 32))[u].mean())
-    assert mass["probe"] == {"score": mass["probes"][0]["score"], "source": deep,
+    assert mass["probe"] == {"score": mass["probes"][0]["score"], "source": deep, "threshold": 0.5,
                              "present": mass["probes"][0]["score"] >= 0.5}  # one probe: its own verdict
     assert mass["present"] == (any(it["fires"] for it in mass["units"]) or mass["probes"][0]["score"] >= 0.5)
     probe = store.probe("mass", deep)
@@ -148,3 +148,72 @@ def test_report_errors(lesion):
 
     with pytest.raises(UnknownImageError, match="img-xyz"):
         image_report(store, "img-xyz")
+
+
+def test_presence_threshold_by_hand():
+    from explain.errors import ProbeDataError
+    from explain.verdict import presence_threshold
+
+    shows = np.array([True, True, True, True, False, False, False, False])
+    scores = np.array([0.9, 0.8, 0.35, 0.3, 0.6, 0.2, 0.1, 0.05])
+    # from 0.25 (halfway between 0.3 and 0.2) every patch with the concept and 3 of 4 without: J = 1.75, the best
+    assert presence_threshold(scores, shows, min_each=1) == pytest.approx(0.25)
+    assert presence_threshold(np.array([0.9, 0.1]), np.array([True, False]), min_each=1) == pytest.approx(0.5)
+    # two cuts equally good (0.25 and 0.8): the one nearer 0.5
+    tie = presence_threshold(np.array([0.9, 0.7, 0.4, 0.1]), np.array([True, False, True, False]), min_each=1)
+    assert tie == pytest.approx(0.25)
+    assert presence_threshold(scores, shows) is None  # fewer than 10 of a kind: nothing to calibrate on
+    with pytest.raises(ProbeDataError, match="one score per image"):
+        presence_threshold(scores[:3], shows)
+    with pytest.raises(ProbeDataError, match="finite"):
+        presence_threshold(np.where(shows, np.nan, 0.1), shows, min_each=1)
+
+
+def test_verdict_scores_and_calibrated_threshold(lesion, workspace):
+    from explain.errors import ProbeDataError
+    from explain.probes import ProbeAnnotations, retrain
+    from explain.verdict import calibrate_presence, presence_threshold, verdict_layers, verdict_scores
+
+    store = lesion.store
+    shallow, deep = lesion.layers[0], lesion.layers[-1]
+    retrain(store, ProbeAnnotations("mass", regions=[(i, lesion.masks[i]) for i in (1, 3, 5)]), settings=workspace,
+            session="verdict", layers=[shallow, deep])
+    everything = np.arange(store.n_images)
+    scores = verdict_scores(store, "mass", everything)
+    assert verdict_layers(store, "mass") == [shallow, deep]
+    reports = [image_report(store, j, with_maps=False)["concepts"]["mass"]["probe"] for j in everything]
+    np.testing.assert_allclose(scores, [r["score"] for r in reports], rtol=1e-6)
+    assert all(r["threshold"] == 0.5 and r["present"] == (r["score"] >= 0.5) for r in reports)
+    # calibrated on every image of the store: the best cut of exactly those scores
+    shows = np.flatnonzero([m.any() for m in lesion.masks])
+    truth = np.isin(everything, shows)
+    cal = calibrate_presence(store, "mass", shows, max_images=store.n_images)
+    assert cal["threshold"] == pytest.approx(presence_threshold(scores, truth))
+    assert (cal["n_with"], cal["n_without"], cal["layers"]) == (truth.sum(), (~truth).sum(), [shallow, deep])
+    said = scores >= cal["threshold"]
+    assert cal["sensitivity"] == pytest.approx(said[truth].mean())
+    assert cal["specificity"] == pytest.approx((~said[~truth]).mean())
+    at_half = (scores[truth] >= 0.5).mean() + (scores[~truth] < 0.5).mean()
+    assert cal["sensitivity"] + cal["specificity"] >= at_half
+    # the report with that threshold: present from it on, the images between it and 0.5 change their verdict
+    t = cal["threshold"]
+    moved = 0
+    for j, before in zip(everything, reports):
+        after = image_report(store, j, with_maps=False, thresholds={"mass": t})["concepts"]["mass"]
+        assert after["probe"]["threshold"] == t and after["probe"]["present"] == (after["probe"]["score"] >= t)
+        assert after["present"] == after["probe"]["present"]  # no labeled units here
+        moved += after["probe"]["present"] != before["present"]
+    assert moved == ((scores >= t) != (scores >= 0.5)).sum()
+    # a sample of the reference images: half of them with the concept, the same sample every time
+    small = calibrate_presence(store, "mass", shows, max_images=24)
+    assert (small["n_with"], small["n_without"]) == (12, 12)
+    assert small == calibrate_presence(store, "mass", shows, max_images=24)
+    assert calibrate_presence(store, "mass", shows, reference=everything[:40]) is not None
+    assert calibrate_presence(store, "mass", shows[:9]) is None  # too few images known to show it
+    # one layer with a probe: its stored score, as the report's verdict
+    store.delete_probe("mass", shallow)
+    np.testing.assert_allclose(verdict_scores(store, "mass", everything), store.probe("mass", deep).scores)
+    with pytest.raises(ProbeDataError, match="no probe of 'spiculated_margin'"):
+        verdict_scores(store, "spiculated_margin", everything)
+    with pytest.raises(ProbeDataError, match="image indices"):
+        verdict_scores(store, "mass", [0, store.n_images])
