@@ -749,9 +749,14 @@ def test_the_review_patch_overlays_a_concepts_map_across_layers(app_workspace, t
         wb.parse_probe("mass@*")  # the Probes page's versions are per layer: no combined entry there
 
     # the report's "probe score" bar is the concept's verdict, the max of that map, not its highest probe's score
-    # (a shallow layer's probe scores nearly every patch above 0.5: explain.report)
+    # (a shallow layer's probe scores nearly every patch above 0.5: explain.report), and it is present from the
+    # threshold calibrated on the images the manifest lists as showing a mass or not (explain.verdict)
+    from explain.labelrules import images_showing
+    from explain.verdict import calibrate_presence
     from vis.figures import concept_name
 
+    threshold = calibrate_presence(store, "mass", images_showing(store, wb.manifest())["mass"])["threshold"]
+    assert wb.presence_thresholds() == {"mass": pytest.approx(threshold)}
     for r in (shown, next(r for r in wb.manifest().records if "mass" not in r.masks)):  # with and without a mass
         i = store.index_of(r.id)
         report = {f"{ids.REVIEW_STATE}.data": {"source": r.source_id, "image": r.id, "unit": None},
@@ -761,14 +766,17 @@ def test_the_review_patch_overlays_a_concepts_map_across_layers(app_workspace, t
         assert code == 200, data
         graph = data["response"][ids.REVIEW_REPORT]["children"]["props"]["children"][1]["props"]
         traces = {t["name"]: t for t in graph["figure"]["data"]}
-        probe = traces["probe score (present ≥ 0.5)"]
+        probe = traces["probe score (present from the dash)"]
         score = dict(zip(probe["y"], probe["x"]))[concept_name("mass")]
         assert score == pytest.approx(float(concept_heatmap(store, "mass", i, size=wb.patch_size()).max()), abs=1e-6)
         highest = max(float(store.probe("mass", layer).scores[i]) for layer in layers)
         assert score < highest if r is not shown else score <= highest + 1e-6  # (a mass may saturate every layer)
-        # a dashed line across that panel where the verdict turns to present
+        # a dashed tick across the mass bar where its verdict turns to present, its value in the hover
         marks = [s for s in graph["figure"]["layout"]["shapes"] if s["xref"] == probe["xaxis"]]
-        assert [(m["x0"], m["x1"], m["line"]["dash"]) for m in marks] == [(0.5, 0.5, "dash")]
+        row = probe["y"].index(concept_name("mass"))
+        assert [(m["x0"], m["x1"], m["y0"] < row < m["y1"], m["yref"], m["line"]["dash"]) for m in marks] == [
+            (pytest.approx(threshold), pytest.approx(threshold), True, probe["yaxis"], "dash")]
+        assert probe["customdata"][row] == pytest.approx(threshold) and "present from" in probe["hovertemplate"]
 
 
 def _plotly_array(z) -> np.ndarray:

@@ -354,8 +354,9 @@ def report_figure(rows: Sequence[Mapping], *, measures: Sequence[tuple], height:
     """Horizontal bars, one panel per measure: rows are {"concept": id, <measure key>: value, …}.
 
     `measures` are (key, title) or (key, title, (lo, hi)) tuples, e.g. ("probe", "probe score", (0, 1)); `marks`
-    ({key: value}) draws a dashed line at that value across the measure's panel, over its bars (e.g. where a probe
-    score says "present"; the title should say what it marks).
+    ({key: value}) draws a dashed line at that value across the measure's panel, over its bars, or, given one value
+    per row ({key: [value or None, …]}), a dashed tick across each row's bar (e.g. where a probe score says
+    "present", per concept; the title should say what it marks, the hover gives the value).
     Returns the figure as a plain dict: built without plotly's graph objects, whose validation costs ~0.1 s for
     five panels, and a report is redrawn after every labeling action.
     """
@@ -389,10 +390,18 @@ def report_figure(rows: Sequence[Mapping], *, measures: Sequence[tuple], height:
         layout["annotations"].append({"text": title, "x": lo + width / 2, "y": 1.0, "xref": "paper", "yref": "paper",
                                       "yanchor": "bottom", "showarrow": False,
                                       "font": {"size": 11, "color": "#495057"}})
-        if marks and key in marks:
-            layout["shapes"].append({"type": "line", "xref": f"x{ax}", "yref": "paper", "x0": marks[key],
-                                     "x1": marks[key], "y0": 0, "y1": 1, "layer": "above",
-                                     "line": {"color": "#212529", "width": 1.5, "dash": "dash"}})
+        mark = (marks or {}).get(key)
+        line = {"type": "line", "xref": f"x{ax}", "layer": "above",
+                "line": {"color": "#212529", "width": 1.5, "dash": "dash"}}
+        if isinstance(mark, (int, float)):
+            layout["shapes"].append({**line, "yref": "paper", "x0": mark, "x1": mark, "y0": 0, "y1": 1})
+        elif mark is not None:  # one per row; rows sit at 0, 1, … on the category axis
+            if len(mark) != len(rows):
+                raise ValueError(f"report marks for {key!r}: {len(mark)} values for {len(rows)} rows")
+            layout["shapes"] += [{**line, "yref": f"y{ax}", "x0": m, "x1": m, "y0": j - 0.42, "y1": j + 0.42}
+                                 for j, m in enumerate(mark) if m is not None]
+            data[-1]["customdata"] = [m if m is not None else float("nan") for m in mark]
+            data[-1]["hovertemplate"] = f"%{{y}} · {title} %{{x:.3g}} (present from %{{customdata:.3g}})<extra></extra>"
     return {"data": data, "layout": layout}
 
 

@@ -1195,15 +1195,33 @@ class Workbench:
         key = ("report", sid, state["image"], layer, self.labels_version(sid), self.probes_version())
         return self._views.get(key, lambda: self._report(state["image"], layer, sid))
 
+    def presence_thresholds(self) -> dict[str, float]:
+        """{concept: the verdict score from which the report calls it present} for each probed concept the dataset
+        annotates: calibrated on the images the manifest lists as showing it and on others
+        (explain.verdict.calibrate_presence), once per version of the concept's probes. The rest keep 0.5."""
+        from explain.verdict import calibrate_presence
+
+        try:
+            shown = self.images_showing()
+        except NotReady:  # no manifest: nothing to calibrate on
+            return {}
+        store, out = self.store(), {}
+        for concept in sorted({c for c, _ in store.probes()} & set(shown)):
+            key = ("presence", concept, tuple(v for v in self.probes_version() if v[0] == concept))
+            cal = self._views.get(key, lambda c=concept: calibrate_presence(store, c, shown[c]))
+            if cal is not None:
+                out[concept] = cal["threshold"]
+        return out
+
     def _report(self, image: str, layer: str, session: int):
         from dash import dcc, html
-        from explain.probes import PRESENT
         from explain.report import image_report
 
         from . import figures
 
         rep = image_report(self.store(), image, labels=self.labels(session), model=self.model(), settings=self.settings,
-                           level=self.config.mask_level, gradcam_layer=layer, with_maps=False)
+                           level=self.config.mask_level, gradcam_layer=layer, with_maps=False,
+                           thresholds=self.presence_thresholds())
         row = self.store().index_of(image)
         rows = []
         for concept, e in sorted(rep["concepts"].items()):
@@ -1225,9 +1243,11 @@ class Workbench:
                                           "Images page to train a probe.", className="cl-muted mt-2")])
         measures = [("units", "labeled units"), ("activation", "peak activation / threshold"),
                     ("area", "activated area (share of patch)", (0, 1)),
-                    ("probe", f"probe score (present ≥ {PRESENT:g})", (0, 1)),
+                    ("probe", "probe score (present from the dash)", (0, 1)),
                     ("contribution", "contribution (logit change)")]
-        fig = figures.report_figure(rows, measures=measures, marks={"probe": PRESENT})
+        # each concept's verdict threshold: calibrated where the dataset annotates the concept, else PRESENT
+        marks = [rep["concepts"][r["concept"]].get("probe", {}).get("threshold") for r in rows]
+        fig = figures.report_figure(rows, measures=measures, marks={"probe": marks})
         return html.Div([head, dcc.Graph(figure=fig, config={"displayModeBar": False, "staticPlot": False})])
 
     def _union_area(self, row: int, units: list[tuple[str, int]]) -> float:
