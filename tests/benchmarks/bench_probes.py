@@ -23,8 +23,9 @@ Figures (tests/benchmarks/run.py prints them next to their goals):
   (one reviewer's five drawings are a small sample; the labelling bench reports 40 reviewers for the same reason).
 - probes/image/<concept>@k=5 — the image report's probe verdict on the same held-out patches (explain.report: the
   max of the map across layers; explain.probe_eval.image_figures): image AUROC against whether the patch shows the
-  concept, each layer's own probe in the note; .../specificity@k=5 — the share of patches without the concept that
-  the verdict does not call present, against the verdict it replaced (any layer's probe saying present).
+  concept, each layer's own probe in the note; .../specificity@k=5 and .../sensitivity@k=5 — the share of patches
+  without (with) the concept that the verdict does not call (calls) present, from the threshold calibrated on 600
+  train / val patches (explain.verdict, as the app calibrates it), against the threshold 0.5 as baseline.
 The ground-truth curves (pixel and image AUROC) are also logged to mlflow (experiment conceptlens-bench, run
 "probes ground truth").
 """
@@ -139,6 +140,7 @@ def retrain_speed(settings, store, manifest, repeats: int = 7) -> list[dict]:
 
 
 COMBINED = "combined"  # the curve of every layer's probe, maps combined (logged as gt/<concept>/combined)
+REFERENCE = 600  # train / val patches the verdict's threshold is calibrated on (half of them with the concept)
 REVIEWERS = 12  # seeded reviewers whose maps across layers give probes/gt/<concept>/reviewers@k=5
 
 
@@ -166,8 +168,9 @@ def ground_truth(settings, store, manifest, ks=tuple(range(1, 11))) -> list[dict
             continue
         evaluate = eval_images(np.setdiff1d(review, draw), masks)  # held out: nobody drew on these
         # one probe per layer and k: the combined curve, and each layer's own from the same fits
+        reference = eval_images(background, masks, max_eval=REFERENCE, seed=1)  # to calibrate the verdict on
         combined = probe_curve(store, concept, store.layers, masks, draw=draw, evaluate=evaluate, ks=ks,
-                               cache=cache, background_pool=background)
+                               cache=cache, background_pool=background, reference=reference)
         curves, chooser = {COMBINED: combined}, {}
         for layer in store.layers:
             curves[layer] = [{**p, "pixel_auroc": p.get("layers", {layer: p["pixel_auroc"]})[layer],
@@ -209,20 +212,28 @@ def ground_truth(settings, store, manifest, ks=tuple(range(1, 11))) -> list[dict
 
 
 def _image_figures(concept, combined: list[dict], k: int = 5) -> list[dict]:
-    """The image report's verdict at k drawings (the map across layers' max ≥ 0.5) on the held-out test patches:
-    its image AUROC, and its specificity against the verdict it replaced (any layer's probe saying present)."""
+    """The image report's verdict at k drawings (the map across layers' max) on the held-out test patches: its
+    image AUROC, and the specificity and sensitivity of "present" from the threshold calibrated on reference
+    patches (train / val), against 0.5 (the verdict's threshold until 2026-11-30)."""
     row = next((p for p in combined if p["k"] == k), None)
     if row is None:
         return []
-    img, old = row["image"], row.get("image_any", row["image"])
+    img, old, cal = row["image"], row.get("image_any", row["image"]), row.get("image_calibrated")
     per_layer = "; ".join(f"{name} {f['auroc']:.3f} (sens. {f['sensitivity']:.2f}, spec. {f['specificity']:.2f})"
                           for name, f in row.get("image_layers", {}).items())
-    return [_fig(f"probes/image/{concept}@k={k}", img["auroc"], "AUROC", None, None, None,
-                 f"score: the max of the map across layers; each layer's own probe: {per_layer}"),
-            _fig(f"probes/image/{concept}/specificity@k={k}", img["specificity"], "", None, None,
-                 {"name": "any layer's probe saying present", "value": old["specificity"], "unit": ""},
-                 f"share of the test patches without {concept} not said present; sensitivity "
-                 f"{img['sensitivity']:.3f} (any layer's probe: {old['sensitivity']:.3f})")]
+    out = [_fig(f"probes/image/{concept}@k={k}", img["auroc"], "AUROC", None, None, None,
+                f"score: the max of the map across layers; each layer's own probe at 0.5: {per_layer}; any "
+                f"layer's probe saying present: sens. {old['sensitivity']:.2f}, spec. {old['specificity']:.2f}")]
+    if cal is None:
+        return out + [_fig(f"probes/image/{concept}/specificity@k={k}", img["specificity"], "", None, None, None,
+                           "too few reference patches to calibrate: the threshold stays 0.5")]
+    for what, without in (("specificity", f"the test patches without {concept} not said present"),
+                          ("sensitivity", f"the test patches with {concept} said present")):
+        out.append(_fig(f"probes/image/{concept}/{what}@k={k}", cal[what], "", None, None,
+                        {"name": "present from 0.5", "value": img[what], "unit": ""},
+                        f"share of {without}, present from {cal['threshold']:.3f} (calibrated on "
+                        f"{REFERENCE} train / val patches)"))
+    return out
 
 
 def _reviewers_figure(store, concept, masks, orders, review, background, cache, *, first: float | None,
