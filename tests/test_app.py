@@ -241,6 +241,23 @@ def test_probe_versions_figure_gives_every_version_its_own_point():
     assert probe_versions_figure([]).data[0].x == ()
 
 
+def test_report_figure_marks_a_panel_or_each_row():
+    from vis.figures import report_figure
+
+    rows = [{"concept": "mass", "probe": 0.7}, {"concept": "film_label", "probe": 0.2},
+            {"concept": "calcification", "probe": 0.4}]
+    measures = [("probe", "probe score", (0, 1))]
+    one = report_figure(rows, measures=measures, marks={"probe": 0.5})["layout"]["shapes"]
+    assert [(s["x0"], s["yref"], s["y0"], s["y1"]) for s in one] == [(0.5, "paper", 0, 1)]
+    fig = report_figure(rows, measures=measures, marks={"probe": [0.33, None, 0.8]})
+    ticks = [(s["x0"], s["x1"], s["yref"], s["y0"], s["y1"]) for s in fig["layout"]["shapes"]]
+    assert ticks == [(0.33, 0.33, "y", -0.42, 0.42), (0.8, 0.8, "y", 1.58, 2.42)]  # no tick for the row without
+    bars = fig["data"][0]
+    assert bars["customdata"][0] == 0.33 and np.isnan(bars["customdata"][1]) and "present from" in bars["hovertemplate"]
+    with pytest.raises(ValueError, match="2 values for 3 rows"):
+        report_figure(rows, measures=measures, marks={"probe": [0.3, 0.4]})
+
+
 def test_patch_figure_keeps_patch_coordinates_and_offers_drawing_tools():
     import numpy as np
 
@@ -777,6 +794,19 @@ def test_the_review_patch_overlays_a_concepts_map_across_layers(app_workspace, t
         assert [(m["x0"], m["x1"], m["y0"] < row < m["y1"], m["yref"], m["line"]["dash"]) for m in marks] == [
             (pytest.approx(threshold), pytest.approx(threshold), True, probe["yaxis"], "dash")]
         assert probe["customdata"][row] == pytest.approx(threshold) and "present from" in probe["hovertemplate"]
+    # the Probes page says so, with how well that threshold separates the images it was calibrated on
+    cal = calibrate_presence(store, "mass", images_showing(store, wb.manifest())["mass"])
+    from plotly.utils import PlotlyJSONEncoder
+
+    line = _text(json.loads(json.dumps(wb.probe_view(f"mass@{layers[-1]}")[1], cls=PlotlyJSONEncoder)))
+    assert (f"mass present from a score of {threshold:.2f} on its map across {', '.join(cal['layers'])}, "
+            f"calibrated on {cal['n_with']} images the dataset lists as showing it and {cal['n_without']} others "
+            f"(there: sensitivity {cal['sensitivity']:.2f}, specificity {cal['specificity']:.2f})") in line, line
+    assert wb.presence("calcification") is None  # no probe of it
+    assert "surgical_clip" not in wb.images_showing()  # a concept the dataset does not annotate keeps 0.5
+    assert wb.presence("surgical_clip") is None
+    assert "surgical clip present from a probe score of 0.5" in _text(
+        wb._presence_line("surgical_clip").to_plotly_json())
 
 
 def _plotly_array(z) -> np.ndarray:

@@ -1195,20 +1195,31 @@ class Workbench:
         key = ("report", sid, state["image"], layer, self.labels_version(sid), self.probes_version())
         return self._views.get(key, lambda: self._report(state["image"], layer, sid))
 
-    def presence_thresholds(self) -> dict[str, float]:
-        """{concept: the verdict score from which the report calls it present} for each probed concept the dataset
-        annotates: calibrated on the images the manifest lists as showing it and on others
-        (explain.verdict.calibrate_presence), once per version of the concept's probes. The rest keep 0.5."""
+    def presence(self, concept: str) -> dict | None:
+        """How the report decides that `concept` is present: explain.verdict.calibrate_presence on the images the
+        manifest lists as showing it and on others, once per version of the concept's probes; None where the
+        concept has no probe, or the dataset does not annotate it (or there is no manifest): the report keeps 0.5."""
         from explain.verdict import calibrate_presence
 
         try:
             shown = self.images_showing()
         except NotReady:  # no manifest: nothing to calibrate on
-            return {}
-        store, out = self.store(), {}
-        for concept in sorted({c for c, _ in store.probes()} & set(shown)):
-            key = ("presence", concept, tuple(v for v in self.probes_version() if v[0] == concept))
-            cal = self._views.get(key, lambda c=concept: calibrate_presence(store, c, shown[c]))
+            return None
+        if concept not in shown:
+            return None
+        versions = tuple(v for v in self.probes_version() if v[0] == concept)
+        if not versions:  # no probe of it: no verdict
+            return None
+        store = self.store()
+        return self._views.get(("presence", concept, versions),
+                               lambda: calibrate_presence(store, concept, shown[concept]))
+
+    def presence_thresholds(self) -> dict[str, float]:
+        """{concept: the verdict score from which the report calls it present} for each probed concept the dataset
+        annotates (`presence`); the others keep 0.5."""
+        out = {}
+        for concept in sorted({c for c, _ in self.store().probes()}):
+            cal = self.presence(concept)
             if cal is not None:
                 out[concept] = cal["threshold"]
         return out
@@ -1558,6 +1569,7 @@ class Workbench:
         else:
             active.append(html.Div(f"This session's active version (by {mine.author}) is the store's.",
                                    className="cl-muted"))
+        active.append(self._presence_line(concept))
         table = html.Div([html.Div(active, className="cl-probe-active mb-2"),
                           html.Table([head, html.Tbody(body)], className="table table-sm table-hover")])
         options = [{"label": f"v{n} · {v['run_id'][:8]} · AUROC {_fmt(v['auroc'])}", "value": v["run_id"]}
@@ -1705,6 +1717,26 @@ class Workbench:
         return run_id, message("Rolled back", f"probe {probe} now uses version {run_id[:8]} for the store, in every "
                                               f"session that reviews it; recorded in this session.",
                                color="success")
+
+    def _presence_line(self, concept: str):
+        """One line on how the image report decides that the concept is present (`presence`)."""
+        from dash import html
+
+        from explain.probes import PRESENT
+
+        from .figures import concept_name
+
+        cal = self.presence(concept)
+        if cal is None:
+            return html.Div(f"The image report calls {concept_name(concept)} present from a probe score of "
+                            f"{PRESENT:g}: the dataset does not say which images show it, so nothing to calibrate "
+                            f"on.", className="cl-muted")
+        where = "its map across " + ", ".join(cal["layers"]) if len(cal["layers"]) > 1 else cal["layers"][0]
+        return html.Div([html.Strong("Image report: "),
+                         html.Span(f"{concept_name(concept)} present from a score of {cal['threshold']:.2f} on "
+                                   f"{where}, calibrated on {cal['n_with']} images the dataset lists as showing it "
+                                   f"and {cal['n_without']} others (there: sensitivity {cal['sensitivity']:.2f}, "
+                                   f"specificity {cal['specificity']:.2f}).")])
 
     # -- experiments page ------------------------------------------------------------------------------------------------
     def _mlflow(self):
