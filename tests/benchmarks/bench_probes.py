@@ -6,6 +6,8 @@ Figures (tests/benchmarks/run.py prints them next to their goals):
 - probes/retrain_p50[_layer] — the whole interaction on the demo store: a new drawing → collect examples, fit,
   mlflow run, scores + heatmaps of every image written to the store; for the probe of one layer and for all layers
   (what the app retrains by default), warm feature cache; goal ≤ 1 s. retrain_cold adds loading the layer maps.
+  probes/calibrate_p50 — the image report's presence threshold calibrated on 600 reference images for the probe
+  of every layer just retrained (explain.verdict), which the app computes once per probe version.
   The step times in the note are each step's own time summed over layers; since retrain overlaps one layer's
   mlflow run and store write with the next layer's fit (explain.probes.retrain), they add up to more than the wall
   time, which is what p50 measures.
@@ -132,11 +134,28 @@ def retrain_speed(settings, store, manifest, repeats: int = 7) -> list[dict]:
                 out.append(_fig("probes/retrain_cold", cold, "s", None, None, None,
                                 "first call: loads every layer's maps into the feature cache, the model and its "
                                 "TCAV gradients"))
+                out.append(_calibrate_speed(store, concept, sorted(masks)))
     finally:
         for layer in store.layers:
             if (concept, layer) in store.probes():
                 store.delete_probe(concept, layer)
     return out
+
+
+def _calibrate_speed(store, concept: str, shows: list[int], repeats: int = 5) -> dict:
+    """The verdict's threshold calibrated on 600 reference images for the concept probed on every layer: what the
+    app adds to the first report after a retrain (vis.services.Workbench.presence, cached per probe version)."""
+    from explain.verdict import calibrate_presence
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        cal = calibrate_presence(store, concept, shows)
+        times.append(time.perf_counter() - t0)
+    p50 = statistics.median(times)
+    return _fig("probes/calibrate_p50", p50, "s", None, None, None,
+                f"{cal['n_with']} + {cal['n_without']} reference images, map across {len(cal['layers'])} layers "
+                f"upsampled to the patch; the first report after a retrain pays it once")
 
 
 COMBINED = "combined"  # the curve of every layer's probe, maps combined (logged as gt/<concept>/combined)
