@@ -772,7 +772,13 @@ def test_the_review_patch_overlays_a_concepts_map_across_layers(app_workspace, t
     from explain.verdict import calibrate_presence
     from vis.figures import concept_name
 
-    threshold = calibrate_presence(store, "mass", images_showing(store, wb.manifest())["mass"])["threshold"]
+    from explain.probe_eval import split_images
+
+    # calibrated on the images the model was not trained on
+    unfitted = np.setdiff1d(np.arange(store.n_images), split_images(store, wb.manifest(), "train"))
+    assert 0 < len(unfitted) < store.n_images and np.array_equal(wb.unfitted_images(), unfitted)
+    cal = calibrate_presence(store, "mass", images_showing(store, wb.manifest())["mass"], reference=unfitted)
+    threshold = cal["threshold"]
     assert wb.presence_thresholds() == {"mass": pytest.approx(threshold)}
     for r in (shown, next(r for r in wb.manifest().records if "mass" not in r.masks)):  # with and without a mass
         i = store.index_of(r.id)
@@ -795,13 +801,20 @@ def test_the_review_patch_overlays_a_concepts_map_across_layers(app_workspace, t
             (pytest.approx(threshold), pytest.approx(threshold), True, probe["yaxis"], "dash")]
         assert probe["customdata"][row] == pytest.approx(threshold) and "present from" in probe["hovertemplate"]
     # the Probes page says so, with how well that threshold separates the images it was calibrated on
-    cal = calibrate_presence(store, "mass", images_showing(store, wb.manifest())["mass"])
     from plotly.utils import PlotlyJSONEncoder
 
     line = _text(json.loads(json.dumps(wb.probe_view(f"mass@{layers[-1]}")[1], cls=PlotlyJSONEncoder)))
     assert (f"mass present from a score of {threshold:.2f} on its map across {', '.join(cal['layers'])}, "
-            f"calibrated on {cal['n_with']} images the dataset lists as showing it and {cal['n_without']} others "
-            f"(there: sensitivity {cal['sensitivity']:.2f}, specificity {cal['specificity']:.2f})") in line, line
+            f"calibrated on {cal['n_with']} images the dataset lists as showing it and {cal['n_without']} others the "
+            f"model was not trained on (there: sensitivity {cal['sensitivity']:.2f}, specificity {cal['specificity']:.2f})") in line, line
+    # too few of them (here 5): every image of the store instead, and the page no longer says "not trained on"
+    wb._views.clear()
+    wb.unfitted_images = lambda: unfitted[:5]
+    everything = calibrate_presence(store, "mass", images_showing(store, wb.manifest())["mass"])
+    assert wb.presence("mass") == {**everything, "unfitted": False}
+    fallback = _text(json.loads(json.dumps(wb._presence_line("mass"), cls=PlotlyJSONEncoder)))
+    assert f"and {everything['n_without']} others (there:" in fallback, fallback
+    del wb.unfitted_images
     assert wb.presence("calcification") is None  # no probe of it
     assert "surgical_clip" not in wb.images_showing()  # a concept the dataset does not annotate keeps 0.5
     assert wb.presence("surgical_clip") is None

@@ -1197,7 +1197,8 @@ class Workbench:
 
     def presence(self, concept: str) -> dict | None:
         """How the report decides that `concept` is present: explain.verdict.calibrate_presence on the images the
-        manifest lists as showing it and on others, once per version of the concept's probes; None where the
+        manifest lists as showing it and on others — those the model was not fitted on (`unfitted_images`), or
+        every image where they are too few —, once per version of the concept's probes; None where the
         concept has no probe, or the dataset does not annotate it (or there is no manifest): the report keeps 0.5."""
         from explain.verdict import calibrate_presence
 
@@ -1211,8 +1212,24 @@ class Workbench:
         if not versions:  # no probe of it: no verdict
             return None
         store = self.store()
-        return self._views.get(("presence", concept, versions),
-                               lambda: calibrate_presence(store, concept, shown[concept]))
+
+        def calibrate():
+            # images the model was not fitted on first: its training patches score higher (explain.verdict)
+            cal = calibrate_presence(store, concept, shown[concept], reference=self.unfitted_images())
+            if cal is not None:
+                return {**cal, "unfitted": True}
+            cal = calibrate_presence(store, concept, shown[concept])
+            return None if cal is None else {**cal, "unfitted": False}
+
+        return self._views.get(("presence", concept, versions), calibrate)
+
+    def unfitted_images(self) -> np.ndarray:
+        """Store rows of the images outside the manifest's training split (the model was fitted on that one)."""
+        from explain.probe_eval import split_images
+
+        store = self.store()
+        return self._handle("unfitted-images", lambda: np.setdiff1d(np.arange(store.n_images),
+                                                                    split_images(store, self.manifest(), "train")))
 
     def presence_thresholds(self) -> dict[str, float]:
         """{concept: the verdict score from which the report calls it present} for each probed concept the dataset
@@ -1735,7 +1752,9 @@ class Workbench:
         return html.Div([html.Strong("Image report: "),
                          html.Span(f"{concept_name(concept)} present from a score of {cal['threshold']:.2f} on "
                                    f"{where}, calibrated on {cal['n_with']} images the dataset lists as showing it "
-                                   f"and {cal['n_without']} others (there: sensitivity {cal['sensitivity']:.2f}, "
+                                   f"and {cal['n_without']} others"
+                                   + (" the model was not trained on" if cal["unfitted"] else "")
+                                   + f" (there: sensitivity {cal['sensitivity']:.2f}, "
                                    f"specificity {cal['specificity']:.2f}).")])
 
     # -- experiments page ------------------------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ Figures (tests/benchmarks/run.py prints them next to their goals):
 - probes/image/<concept>@k=5 — the image report's probe verdict on the same held-out patches (explain.report: the
   max of the map across layers; explain.probe_eval.image_figures): image AUROC against whether the patch shows the
   concept, each layer's own probe in the note; .../specificity@k=5 and .../sensitivity@k=5 — the share of patches
-  without (with) the concept that the verdict does not call (calls) present, from the threshold calibrated on 600
-  train / val patches (explain.verdict, as the app calibrates it), against the threshold 0.5 as baseline.
+  without (with) the concept that the verdict does not call (calls) present, from the threshold calibrated on the
+  val patches (explain.verdict; the app calibrates on every patch outside the training split, test included),
+  against the threshold 0.5 as baseline.
 The ground-truth curves (pixel and image AUROC) are also logged to mlflow (experiment conceptlens-bench, run
 "probes ground truth").
 """
@@ -159,7 +160,7 @@ def _calibrate_speed(store, concept: str, shows: list[int], repeats: int = 5) ->
 
 
 COMBINED = "combined"  # the curve of every layer's probe, maps combined (logged as gt/<concept>/combined)
-REFERENCE = 600  # train / val patches the verdict's threshold is calibrated on (half of them with the concept)
+REFERENCE = 600  # at most this many val patches calibrate the verdict's threshold (half of them with the concept)
 REVIEWERS = 12  # seeded reviewers whose maps across layers give probes/gt/<concept>/reviewers@k=5
 
 
@@ -177,6 +178,7 @@ def ground_truth(settings, store, manifest, ks=tuple(range(1, 11))) -> list[dict
     order = orders[0]
     review = split_images(store, manifest, gt_config.review_split)
     background = np.setdiff1d(np.arange(store.n_images), review)  # never a patch of the review split
+    unfitted = split_images(store, manifest, "val")  # neither evaluated on nor fitted on by the model
     figures, logged = [], {}
     for concept in gt_config.concepts:
         masks = ground_truth_masks(store, manifest, concept)
@@ -187,7 +189,7 @@ def ground_truth(settings, store, manifest, ks=tuple(range(1, 11))) -> list[dict
             continue
         evaluate = eval_images(np.setdiff1d(review, draw), masks)  # held out: nobody drew on these
         # one probe per layer and k: the combined curve, and each layer's own from the same fits
-        reference = eval_images(background, masks, max_eval=REFERENCE, seed=1)  # to calibrate the verdict on
+        reference = eval_images(unfitted, masks, max_eval=REFERENCE, seed=1)  # to calibrate the verdict on
         combined = probe_curve(store, concept, store.layers, masks, draw=draw, evaluate=evaluate, ks=ks,
                                cache=cache, background_pool=background, reference=reference)
         curves, chooser = {COMBINED: combined}, {}
@@ -233,7 +235,7 @@ def ground_truth(settings, store, manifest, ks=tuple(range(1, 11))) -> list[dict
 def _image_figures(concept, combined: list[dict], k: int = 5) -> list[dict]:
     """The image report's verdict at k drawings (the map across layers' max) on the held-out test patches: its
     image AUROC, and the specificity and sensitivity of "present" from the threshold calibrated on reference
-    patches (train / val), against 0.5 (the verdict's threshold until 2026-11-30)."""
+    patches (val), against 0.5 (the verdict's threshold until 2026-11-30)."""
     row = next((p for p in combined if p["k"] == k), None)
     if row is None:
         return []
@@ -250,8 +252,8 @@ def _image_figures(concept, combined: list[dict], k: int = 5) -> list[dict]:
                           ("sensitivity", f"the test patches with {concept} said present")):
         out.append(_fig(f"probes/image/{concept}/{what}@k={k}", cal[what], "", None, None,
                         {"name": "present from 0.5", "value": img[what], "unit": ""},
-                        f"share of {without}, present from {cal['threshold']:.3f} (calibrated on "
-                        f"{REFERENCE} train / val patches)"))
+                        f"share of {without}, present from {cal['threshold']:.3f} (calibrated on the val "
+                        f"patches, which the model was not fitted on)"))
     return out
 
 
