@@ -176,12 +176,14 @@ def image_report(store, image, *, labels: Mapping[str, Mapping[int, str]] | None
 
 
 def model_report(store, *, labels: Mapping[str, Mapping[int, str]] | None = None, settings=None,
-                 level: float = DEFAULT_LEVEL) -> dict:
+                 level: float = DEFAULT_LEVEL, thresholds: Mapping[str, float] | None = None) -> dict:
     """Units per concept, unlabeled units per layer, concept coverage, and the quality of every stored probe.
 
     coverage: the fraction of images on which at least one of the concept's labeled units fires.
     probes: the current stored version of each probe with its mlflow metrics (held-out AUROC / AP, examples,
-    annotations, TCAV) when `settings` is given.
+    annotations, TCAV) when `settings` is given; its "images_present" is the share of images its own score calls
+    present (≥ 0.5). Each probed concept's "probe": the image report's verdict over the store — the layers it rests
+    on, its threshold (from `thresholds`, as image_report, else 0.5) and the share of images it calls present.
     """
     by_concept = units_by_concept(labels or {}, store)
     probs, y = np.asarray(store.probs()), np.asarray(store.labels())
@@ -228,4 +230,11 @@ def model_report(store, *, labels: Mapping[str, Mapping[int, str]] | None = None
                                                "n_annotations", "tcav")})
         report["probes"].append(item)
         report["concepts"].setdefault(concept, {"units": 0, "layers": {}, "coverage": 0.0})
+    from .verdict import verdict_layers, verdict_scores
+
+    for concept in sorted({c for c, _ in store.probes()}):
+        t = float((thresholds or {}).get(concept, PRESENT))
+        scores = verdict_scores(store, concept, np.arange(store.n_images))
+        report["concepts"][concept]["probe"] = {"layers": verdict_layers(store, concept), "threshold": t,
+                                                "images_present": float(np.mean(scores >= t))}
     return report

@@ -82,6 +82,17 @@ def test_the_session_report_is_one_self_contained_file_with_the_readers_work(app
 
     wb = app.server.extensions["conceptlens"]
     add_comment(wb.db(), image=image, text="needs a second look <b>now</b>", author="ben", session=1)
+    # a probe of mass on every layer: the report says from which score the image report calls mass present
+    from explain.probe_eval import ground_truth_masks
+    from explain.probes import ProbeAnnotations, retrain
+    from explain.verdict import verdict_scores
+
+    store = wb.writable_store()
+    masks = ground_truth_masks(store, wb.manifest(), "mass")
+    retrain(store, ProbeAnnotations("mass", regions=[(i, masks[i]) for i in sorted(masks)[:3]]), settings=settings,
+            session="export", layers=store.layers)
+    cal = wb.presence("mass")
+    assert cal is not None and cal["layers"] == list(store.layers)
 
     r = clients["ana"].get("/api/sessions/1/report.html")  # vis.api's route calls session_report_html
     assert r.status_code == 200, r.get_data(as_text=True)[:300]
@@ -115,6 +126,13 @@ def test_the_session_report_is_one_self_contained_file_with_the_readers_work(app
                    "Probes", "Members", "conceptlens-demo", "needs a second look <b>now</b>", layer, str(unit)):
         assert needed in text, needed
     assert "<b>now</b>" not in page  # user text is escaped, never markup
+    verdicts = page.split("When the image report calls a concept present", 1)[1].split("</table>", 1)[0]
+    row = _Collect()
+    row.feed(verdicts)
+    share = float(np.mean(verdict_scores(wb.store(), "mass", np.arange(store.n_images)) >= cal["threshold"]))
+    assert row.text[-5:] == ["mass", ", ".join(store.layers), f"{cal['threshold']:.3f}",
+                             f"calibrated on {cal['n_with']} + {cal['n_without']} images: sensitivity "
+                             f"{cal['sensitivity']:.3f}, specificity {cal['specificity']:.3f}", f"{share:.3f}"], row.text
     # rita is a member but labeled nothing; a reader outside the session gets 403, not the report
     db = wb.db()
     other = create_session(db, name="elsewhere", members=["rita"], actor="tests")

@@ -136,6 +136,14 @@ def test_model_report(lesion, workspace):
     item = [p for p in m["probes"] if p["concept"] == "circumscribed_margin"][0]
     assert item["run_id"] == res[0].run_id and item["n_annotations"] == 4
     assert item["auroc"] == pytest.approx(res[0].fit.metrics["auroc"], nan_ok=True)
+    # each probed concept's verdict over the store, as the image report gives it image by image
+    scores = store.probe("circumscribed_margin", deep).scores
+    assert m["concepts"]["circumscribed_margin"]["probe"] == {
+        "layers": [deep], "threshold": 0.5, "images_present": pytest.approx(float(np.mean(scores >= 0.5)))}
+    strict = model_report(store, settings=workspace, thresholds={"circumscribed_margin": 0.8})
+    assert strict["concepts"]["circumscribed_margin"]["probe"]["images_present"] == pytest.approx(
+        float(np.mean(scores >= 0.8)))
+    assert np.mean(scores >= 0.8) != np.mean(scores >= 0.5)
 
 
 def test_report_errors(lesion):

@@ -202,7 +202,8 @@ def session_report_html(workbench, session_id) -> str:
                     "</p></section>")
 
     # concept report of the model
-    rep = model_report(store, labels=merged, settings=wb.settings, level=wb.config.mask_level)
+    rep = model_report(store, labels=merged, settings=wb.settings, level=wb.config.mask_level,
+                       thresholds=wb.presence_thresholds())
     rows = [[_concept(c), e["units"], _e(", ".join(f"{layer} ({len(u)})" for layer, u in e["layers"].items())),
              _fmt(e["coverage"])] for c, e in sorted(rep["concepts"].items())]
     layer_rows = [[_e(layer), e["units"], e["labeled"], e["unlabeled"],
@@ -222,12 +223,25 @@ def session_report_html(workbench, session_id) -> str:
              "active" if p.active else ""] for p in recorded]
     current = [[_concept(p["concept"]), _e(p["layer"]), f"<code>{_e((p.get('run_id') or '')[:12])}</code>",
                 _fmt(p.get("auroc")), _fmt(p.get("ap")), _e(p.get("n_positive", "—")), _e(p.get("n_negative", "—")),
-                _e(p.get("n_annotations", "—")), _fmt(p.get("images_present"))] for p in rep["probes"]]
+                _e(p.get("n_annotations", "—"))] for p in rep["probes"]]
+    verdicts = []
+    for c, e in sorted(rep["concepts"].items()):
+        if "probe" not in e:
+            continue
+        v, cal = e["probe"], wb.presence(c)
+        how = ("0.5 (the dataset does not say which images show it)" if cal is None else
+               f"calibrated on {cal['n_with']} + {cal['n_without']} images: sensitivity "
+               f"{_fmt(cal['sensitivity'])}, specificity {_fmt(cal['specificity'])}")
+        verdicts.append([_concept(c), _e(", ".join(v["layers"])), _fmt(v["threshold"]), _e(how),
+                         _fmt(v["images_present"])])
     sections.append("<section><h2>Probes</h2><h3>Versions fitted in this session</h3>" +
                     _table(["concept", "layer", "mlflow run", "by", "when", "AUROC", "AP", ""], rows) +
                     "<h3>Current probes of the store (held-out metrics from mlflow)</h3>" +
-                    _table(["concept", "layer", "mlflow run", "AUROC", "AP", "positives", "negatives", "annotations",
-                            "share of images present"], current) + "</section>")
+                    _table(["concept", "layer", "mlflow run", "AUROC", "AP", "positives", "negatives", "annotations"],
+                           current) +
+                    "<h3>When the image report calls a concept present</h3>" +
+                    _table(["concept", "probes of", "present from", "threshold", "share of images present"],
+                           verdicts) + "</section>")
 
     # agreement
     sections.append("<section><h2>Agreement between readers</h2>" + agreement_html(wb, sid) + "</section>")
