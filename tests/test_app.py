@@ -254,6 +254,10 @@ def test_report_figure_marks_a_panel_or_each_row():
     assert ticks == [(0.33, 0.33, "y", -0.42, 0.42), (0.8, 0.8, "y", 1.58, 2.42)]  # no tick for the row without
     bars = fig["data"][0]
     assert bars["customdata"][0] == 0.33 and np.isnan(bars["customdata"][1]) and "present from" in bars["hovertemplate"]
+    # each panel's title centred over its panel (plotly anchors paper annotations left or right near the edges)
+    titles = fig["layout"]["annotations"]
+    assert [(a["text"], a["xanchor"]) for a in titles] == [("probe score", "center")]
+    assert titles[0]["x"] == pytest.approx(sum(fig["layout"]["xaxis"]["domain"]) / 2)
     with pytest.raises(ValueError, match="2 values for 3 rows"):
         report_figure(rows, measures=measures, marks={"probe": [0.3, 0.4]})
 

@@ -40,7 +40,7 @@ DRAW = "#00e5ff"  # drawn regions
 # One colour per concept of the default vocabulary (docs/CONTRACTS.md), readable on white and on dark images.
 CONCEPT_COLORS = {
     "mass": "#e8590c",
-    "calcification": "#f5f5f5",
+    "calcification": "#22b8cf",
     "spiculated_margin": "#c2255c",
     "circumscribed_margin": "#2f9e44",
     "architectural_distortion": "#7048e8",
@@ -388,7 +388,7 @@ def report_figure(rows: Sequence[Mapping], *, measures: Sequence[tuple], height:
             yaxis.update(matches="y", showticklabels=False)
         layout[f"xaxis{ax}"], layout[f"yaxis{ax}"] = xaxis, yaxis
         layout["annotations"].append({"text": title, "x": lo + width / 2, "y": 1.0, "xref": "paper", "yref": "paper",
-                                      "yanchor": "bottom", "showarrow": False,
+                                      "xanchor": "center", "yanchor": "bottom", "showarrow": False,
                                       "font": {"size": 11, "color": "#495057"}})
         mark = (marks or {}).get(key)
         line = {"type": "line", "xref": f"x{ax}", "layer": "above",
