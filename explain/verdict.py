@@ -49,9 +49,10 @@ _CHUNK = 64  # images upsampled at once when scoring the map across layers
 
 def verdict_layers(store, concept: str, layers: Sequence[str] | None = None) -> list[str]:
     """The layers whose probes make the concept's verdict, in the network's order: of `layers` (default: every layer
-    with a stored probe of the concept), those with stored maps when there are two or more, else the deepest one."""
-    have = {layer for c, layer in store.probes() if c == concept}
-    probed = [layer for layer in store.layers if layer in have and (layers is None or layer in layers)]
+    with a stored probe of the concept; given, each must hold one), those with stored maps when there are two or
+    more, else the deepest one."""
+    have = {layer for c, layer in store.probes() if c == concept} if layers is None else set(layers)
+    probed = [layer for layer in store.layers if layer in have]
     if not probed:
         raise ProbeDataError(f"no probe of {concept!r} in {store.url}"
                              + (f" on layers {list(layers)}" if layers is not None else ""))
