@@ -27,7 +27,8 @@ from torch import nn
 from .hooks import Trace, resolve_layers
 from .tcav import class_logits
 
-__all__ = ["grad_cam", "predicted_class", "edited_output", "units_contribution", "cav_contribution"]
+__all__ = ["grad_cam", "predicted_class", "edited_output", "units_contribution", "cav_contribution",
+           "cav_contributions"]
 
 
 def predicted_class(module: nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -75,12 +76,15 @@ def edited_output(module: nn.Module, layer: str, edit: Callable[[torch.Tensor], 
         handle.remove()
 
 
-def _logit_drop(module: nn.Module, x: torch.Tensor, layer: str, edit, target) -> np.ndarray:
+def _logit_drop(module: nn.Module, x: torch.Tensor, layer: str, edit, target, *, copies: int = 1) -> np.ndarray:
+    """logit_target(x) − logit_target(x with `layer`'s output edited): (n,), or with `copies` > 1 for one image,
+    (copies,): the edit sees the image repeated `copies` times (one edit per copy) and the original runs once."""
     with torch.no_grad():
         base = class_logits(module(x))  # (n, class)
         with edited_output(module, layer, edit):
-            edited = class_logits(module(x))
-    n = x.shape[0]
+            edited = class_logits(module(x.expand(copies, *x.shape[1:]) if copies > 1 else x))
+    n = edited.shape[0]
+    base = base.expand(n, -1)
     tgt = base.argmax(dim=1) if target is None else torch.as_tensor(np.broadcast_to(np.asarray(target), (n,)).copy())
     idx = tgt.reshape(-1, 1).to(base.device)
     return (base.gather(1, idx) - edited.gather(1, idx)).reshape(-1).float().cpu().numpy()
@@ -100,16 +104,31 @@ def units_contribution(module: nn.Module, x: torch.Tensor, layer: str, units: Se
     return _logit_drop(module, x, layer, zero, target)
 
 
+def _cav_eraser(cavs: np.ndarray, means: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The edit a' = a − ((a − μ)·v̂) v̂ at every position: one (v, μ) row for every batch element, or one row for all."""
+    v = torch.as_tensor(np.atleast_2d(np.asarray(cavs, dtype=np.float32)))
+    v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (rows, unit)
+    mu = torch.as_tensor(np.atleast_2d(np.asarray(means, dtype=np.float32)))
+
+    def erase(a: torch.Tensor) -> torch.Tensor:  # (n, unit, y, x)
+        vv = v.to(a.dtype).to(a.device)[:, :, None, None]
+        proj = ((a - mu.to(a.dtype).to(a.device)[:, :, None, None]) * vv).sum(dim=1, keepdim=True)  # (n, 1, y, x)
+        return a - proj * vv
+
+    return erase
+
+
 def cav_contribution(module: nn.Module, x: torch.Tensor, layer: str, cav: np.ndarray, mean: np.ndarray, *,
                      target: int | Sequence[int] | None = None) -> np.ndarray:
     """logit_target(x) − logit_target(x with every position's CAV component set to the probe's mean): (n,)."""
-    v = torch.as_tensor(np.asarray(cav, dtype=np.float32))
-    v = v / v.norm().clamp_min(1e-12)
-    mu = torch.as_tensor(np.asarray(mean, dtype=np.float32))
+    return _logit_drop(module, x, layer, _cav_eraser(cav, mean), target)
 
-    def erase(a: torch.Tensor) -> torch.Tensor:  # (n, unit, y, x)
-        vv = v.to(a.dtype).to(a.device)
-        proj = torch.einsum("nuyx,u->nyx", a - mu.to(a.dtype).to(a.device)[None, :, None, None], vv)
-        return a - proj[:, None] * vv[None, :, None, None]
 
-    return _logit_drop(module, x, layer, erase, target)
+def cav_contributions(module: nn.Module, x: torch.Tensor, layer: str, cavs: np.ndarray, means: np.ndarray, *,
+                      target: int | None = None) -> np.ndarray:
+    """`cav_contribution` of several probes of one layer on one image x (1, 1, Y, X): cavs, means (probe, unit) →
+    (probe,), in one batched pass (the image report erases each of its probes in turn)."""
+    cavs, means = np.atleast_2d(cavs), np.atleast_2d(means)
+    if x.shape[0] != 1 or cavs.shape != means.shape:
+        raise ValueError(f"one image and one mean per CAV: x {tuple(x.shape)}, cavs {cavs.shape}, means {means.shape}")
+    return _logit_drop(module, x, layer, _cav_eraser(cavs, means), target, copies=len(cavs))

@@ -91,6 +91,20 @@ def _probe_verdicts(store, report: dict, i: int, size: tuple[int, int], with_map
         e["present"] |= e["probe"]["present"]
 
 
+def _cav_contributions(model, x, erase: Mapping[str, list[tuple[dict, str]]], settings, pred: int) -> None:
+    """Each probe's contribution (its CAV direction erased), the probes of one layer in one batched pass."""
+    from .attribution import cav_contributions
+    from .probes import load_probe
+
+    for layer, items in erase.items():
+        loaded = [load_probe(run_id, settings=settings) for _e, run_id in items]
+        deltas = cav_contributions(model.module, x, layer, np.stack([p.cav for p in loaded]),
+                                   np.stack([p.mean for p in loaded]), target=pred)
+        for (e, run_id), delta in zip(items, deltas):
+            e["contributions"].append({"method": "erase CAV direction", "layer": layer, "run_id": run_id,
+                                       "logit_change": float(delta)})
+
+
 def image_report(store, image, *, labels: Mapping[str, Mapping[int, str]] | None = None,
                  probes: Sequence[tuple[str, str]] | None = None, model=None, settings=None,
                  level: float = DEFAULT_LEVEL, gradcam_layer: str | None = None,
@@ -145,6 +159,7 @@ def image_report(store, image, *, labels: Mapping[str, Mapping[int, str]] | None
                 e["contributions"].append({"method": "zero labeled units", "layer": layer, "units": units,
                                            "logit_change": delta})
 
+    erase: dict[str, list[tuple[dict, str]]] = {}  # layer → [(concept entry, probe run id)]: contributions below
     for concept, layer in _probe_list(store, probes):
         from .probes import upsample
 
@@ -156,13 +171,8 @@ def image_report(store, image, *, labels: Mapping[str, Mapping[int, str]] | None
             item["heatmap"] = upsample(stored.maps[i], size)  # float32 (Y, X)
         e["probes"].append(item)
         if x is not None and settings is not None and stored.run_id:
-            from .attribution import cav_contribution
-            from .probes import load_probe
-
-            p = load_probe(stored.run_id, settings=settings)
-            delta = float(cav_contribution(model.module, x, layer, p.cav, p.mean, target=pred)[0])
-            e["contributions"].append({"method": "erase CAV direction", "layer": layer, "run_id": stored.run_id,
-                                       "logit_change": delta})
+            erase.setdefault(layer, []).append((e, stored.run_id))
+    _cav_contributions(model, x, erase, settings, pred)
 
     _probe_verdicts(store, report, i, size, with_maps, thresholds or {})
 

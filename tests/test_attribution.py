@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from explain.attribution import cav_contribution, edited_output, grad_cam, predicted_class, units_contribution
+from explain.attribution import (cav_contribution, cav_contributions, edited_output, grad_cam, predicted_class,
+                                 units_contribution)
 from explain.errors import UnknownLayerError
 from explain.tcav import class_sensitivities, layer_gradients, sensitivities, tcav_score
 
@@ -96,6 +97,17 @@ def test_contributions_hand_computed(tiny):
     # erasing direction (0, 1) to mean 0.2: A1 → 0.2 everywhere, pooled (0.75, 0.2) → lesion −0.15; drop 0.9
     np.testing.assert_allclose(cav_contribution(net, x, "act", np.array([0.0, 5.0]), np.array([0.0, 0.2])),
                                [0.9], atol=1e-6)
+    # several probes of one layer on one image in one batched pass: each as alone
+    cavs, means = np.array([[0.0, 5.0], [3.0, 0.0], [1.0, 1.0]]), np.array([[0.0, 0.2], [0.1, 0.0], [0.3, 0.3]])
+    alone = [cav_contribution(net, x, "act", c, m)[0] for c, m in zip(cavs, means)]
+    np.testing.assert_allclose(cav_contributions(net, x, "act", cavs, means), alone, atol=1e-6)
+    assert abs(alone[0] - 0.9) < 1e-6 and len(set(np.round(alone, 6))) == 3
+    np.testing.assert_allclose(cav_contributions(net, x, "act", cavs[:1], means[:1], target=1),
+                               cav_contribution(net, x, "act", cavs[0], means[0], target=1), atol=1e-6)
+    with pytest.raises(ValueError, match="one image and one mean per CAV"):
+        cav_contributions(net, torch.cat([x, x]), "act", cavs, means)
+    with pytest.raises(ValueError, match="one image and one mean per CAV"):
+        cav_contributions(net, x, "act", cavs, means[:2])
     # no hook survives: the model gives the original logits afterwards
     with torch.no_grad():
         np.testing.assert_allclose(net(x).numpy(), [[-0.25, 0.75]], atol=1e-6)
