@@ -253,7 +253,8 @@ def test_report_figure_marks_a_panel_or_each_row():
     ticks = [(s["x0"], s["x1"], s["yref"], s["y0"], s["y1"]) for s in fig["layout"]["shapes"]]
     assert ticks == [(0.33, 0.33, "y", -0.42, 0.42), (0.8, 0.8, "y", 1.58, 2.42)]  # no tick for the row without
     bars = fig["data"][0]
-    assert bars["customdata"][0] == 0.33 and np.isnan(bars["customdata"][1]) and "present from" in bars["hovertemplate"]
+    assert bars["customdata"] == ["present from 0.33", "no mark", "present from 0.8"]
+    assert bars["hovertemplate"] == "%{y} · probe score %{x:.3g} (%{customdata})<extra></extra>"
     # each panel's title centred over its panel (plotly anchors paper annotations left or right near the edges)
     titles = fig["layout"]["annotations"]
     assert [(a["text"], a["xanchor"]) for a in titles] == [("probe score", "center")]
@@ -803,7 +804,7 @@ def test_the_review_patch_overlays_a_concepts_map_across_layers(app_workspace, t
         row = probe["y"].index(concept_name("mass"))
         assert [(m["x0"], m["x1"], m["y0"] < row < m["y1"], m["yref"], m["line"]["dash"]) for m in marks] == [
             (pytest.approx(threshold), pytest.approx(threshold), True, probe["yaxis"], "dash")]
-        assert probe["customdata"][row] == pytest.approx(threshold) and "present from" in probe["hovertemplate"]
+        assert probe["customdata"][row] == f"present from {threshold:.3g}"
     # the Probes page says so, with how well that threshold separates the images it was calibrated on
     from plotly.utils import PlotlyJSONEncoder
 

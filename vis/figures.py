@@ -400,8 +400,8 @@ def report_figure(rows: Sequence[Mapping], *, measures: Sequence[tuple], height:
                 raise ValueError(f"report marks for {key!r}: {len(mark)} values for {len(rows)} rows")
             layout["shapes"] += [{**line, "yref": f"y{ax}", "x0": m, "x1": m, "y0": j - 0.42, "y1": j + 0.42}
                                  for j, m in enumerate(mark) if m is not None]
-            data[-1]["customdata"] = [m if m is not None else float("nan") for m in mark]
-            data[-1]["hovertemplate"] = f"%{{y}} · {title} %{{x:.3g}} (present from %{{customdata:.3g}})<extra></extra>"
+            data[-1]["customdata"] = [f"present from {m:.3g}" if m is not None else "no mark" for m in mark]
+            data[-1]["hovertemplate"] = f"%{{y}} · {title} %{{x:.3g}} (%{{customdata}})<extra></extra>"
     return {"data": data, "layout": layout}
 
 

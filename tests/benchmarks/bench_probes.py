@@ -235,7 +235,7 @@ def ground_truth(settings, store, manifest, ks=tuple(range(1, 11))) -> list[dict
 def _image_figures(concept, combined: list[dict], k: int = 5) -> list[dict]:
     """The image report's verdict at k drawings (the map across layers' max) on the held-out test patches: its
     image AUROC, and the specificity and sensitivity of "present" from the threshold calibrated on reference
-    patches (val), against 0.5 (the verdict's threshold until 2026-11-30)."""
+    patches (val), against 0.5 (the verdict's threshold until 2026-11-29)."""
     row = next((p for p in combined if p["k"] == k), None)
     if row is None:
         return []
