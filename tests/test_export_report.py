@@ -131,7 +131,8 @@ def test_the_session_report_is_one_self_contained_file_with_the_readers_work(app
     row.feed(verdicts)
     share = float(np.mean(verdict_scores(wb.store(), "mass", np.arange(store.n_images)) >= cal["threshold"]))
     assert row.text[-5:] == ["mass", ", ".join(store.layers), f"{cal['threshold']:.3f}",
-                             f"calibrated on {cal['n_with']} + {cal['n_without']} images: sensitivity "
+                             f"calibrated on {cal['n_with']} + {cal['n_without']} images the model was not trained "
+                             f"on: sensitivity "
                              f"{cal['sensitivity']:.3f}, specificity {cal['specificity']:.3f}", f"{share:.3f}"], row.text
     # rita is a member but labeled nothing; a reader outside the session gets 403, not the report
     db = wb.db()

@@ -230,8 +230,9 @@ def session_report_html(workbench, session_id) -> str:
             continue
         v, cal = e["probe"], wb.presence(c)
         how = ("0.5 (the dataset does not say which images show it)" if cal is None else
-               f"calibrated on {cal['n_with']} + {cal['n_without']} images: sensitivity "
-               f"{_fmt(cal['sensitivity'])}, specificity {_fmt(cal['specificity'])}")
+               f"calibrated on {cal['n_with']} + {cal['n_without']} images"
+               + (" the model was not trained on" if cal["unfitted"] else "")
+               + f": sensitivity {_fmt(cal['sensitivity'])}, specificity {_fmt(cal['specificity'])}")
         verdicts.append([_concept(c), _e(", ".join(v["layers"])), _fmt(v["threshold"]), _e(how),
                          _fmt(v["images_present"])])
     sections.append("<section><h2>Probes</h2><h3>Versions fitted in this session</h3>" +

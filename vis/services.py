@@ -1195,11 +1195,12 @@ class Workbench:
         key = ("report", sid, state["image"], layer, self.labels_version(sid), self.probes_version())
         return self._views.get(key, lambda: self._report(state["image"], layer, sid))
 
-    def presence(self, concept: str) -> dict | None:
+    def presence(self, concept: str, *, versions: tuple | None = None) -> dict | None:
         """How the report decides that `concept` is present: explain.verdict.calibrate_presence on the images the
         manifest lists as showing it and on others — those the model was not fitted on (`unfitted_images`), or
         every image where they are too few —, once per version of the concept's probes; None where the
-        concept has no probe, or the dataset does not annotate it (or there is no manifest): the report keeps 0.5."""
+        concept has no probe, or the dataset does not annotate it (or there is no manifest): the report keeps 0.5.
+        versions: `probes_version()` when the caller has it already (it reads every probe's attributes)."""
         from explain.verdict import calibrate_presence
 
         try:
@@ -1208,13 +1209,13 @@ class Workbench:
             return None
         if concept not in shown:
             return None
-        versions = tuple(v for v in self.probes_version() if v[0] == concept)
+        versions = tuple(v for v in (self.probes_version() if versions is None else versions) if v[0] == concept)
         if not versions:  # no probe of it: no verdict
             return None
         store = self.store()
 
         def calibrate():
-            # images the model was not fitted on first: its training patches score higher (explain.verdict)
+            # first the images the model was not fitted on: a cut chosen on its training patches differs
             cal = calibrate_presence(store, concept, shown[concept], reference=self.unfitted_images())
             if cal is not None:
                 return {**cal, "unfitted": True}
@@ -1234,9 +1235,9 @@ class Workbench:
     def presence_thresholds(self) -> dict[str, float]:
         """{concept: the verdict score from which the report calls it present} for each probed concept the dataset
         annotates (`presence`); the others keep 0.5."""
-        out = {}
-        for concept in sorted({c for c, _ in self.store().probes()}):
-            cal = self.presence(concept)
+        out, versions = {}, self.probes_version()
+        for concept in sorted({c for c, _l, _r in versions}):
+            cal = self.presence(concept, versions=versions)
             if cal is not None:
                 out[concept] = cal["threshold"]
         return out
