@@ -85,14 +85,15 @@ def _to_patch(store, grids: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [upsample(g, size) for g in grids]
 
 
-def _verdict_scores(store, probes, images: np.ndarray, cache: FeatureCache, chunk: int = 64) -> np.ndarray:
+def _verdict_scores(store, probes, images: np.ndarray, cache: FeatureCache) -> np.ndarray:
     """The image report's verdict score of `images` under fitted probes of one concept (one per layer): a single
     probe's score as stored (its grid map's max), several probes' map across layers' max at the patch size."""
+    from .dissection import patch_size
+    from .verdict import max_across_layers
+
     if len(probes) == 1:
         return probes[0].score(_grid_heatmaps(probes, images, cache)[0])
-    out = [combine_heatmaps(_to_patch(store, _grid_heatmaps(probes, images[lo:lo + chunk], cache)))
-           .reshape(len(images[lo:lo + chunk]), -1).max(axis=1) for lo in range(0, len(images), chunk)]
-    return np.concatenate(out) if out else np.zeros(0)
+    return max_across_layers(lambda part: _grid_heatmaps(probes, part, cache), images, patch_size(store))
 
 
 def _truth(store, images: np.ndarray, masks: Mapping[int, np.ndarray]) -> np.ndarray:

@@ -69,23 +69,24 @@ def _probe_list(store, probes) -> list[tuple[str, str]]:
     return list(store.probes()) if probes is None else [tuple(p) for p in probes]
 
 
-def _probe_verdicts(store, report: dict, i: int, size: tuple[int, int], with_maps: bool,
-                    thresholds: Mapping[str, float]) -> None:
-    """Each probed concept's verdict (module docstring): its map across layers (kept as `combined`), else its
-    deepest probe's score, against its threshold."""
-    from .probes import concept_heatmap
-    from .verdict import verdict_layers
+def _probe_verdicts(store, report: dict, stored: Mapping[str, dict], i: int, size: tuple[int, int],
+                    with_maps: bool, thresholds: Mapping[str, float]) -> None:
+    """Each probed concept's verdict (module docstring) from its stored probes ({concept: {layer: probe}}): its map
+    across layers (kept as `combined`), else its deepest probe's score, against its threshold."""
+    from .probes import combine_heatmaps, upsample
+    from .verdict import choose_verdict_probes
 
-    for concept, e in report["concepts"].items():
-        if not e["probes"]:
-            continue
-        layers = verdict_layers(store, concept, [p["layer"] for p in e["probes"]])
-        if len(layers) >= 2:
-            heat = concept_heatmap(store, concept, i, layers=layers, size=size)
-            e["combined"] = {"layers": layers, "score": float(heat.max()), **({"heatmap": heat} if with_maps else {})}
+    for concept, probes in stored.items():
+        e = report["concepts"][concept]
+        chosen = choose_verdict_probes(probes, store.layers)
+        if len(chosen) >= 2:
+            heat = combine_heatmaps([upsample(p.maps[i], size) for p in chosen.values()])
+            e["combined"] = {"layers": list(chosen), "score": float(heat.max()),
+                             **({"heatmap": heat} if with_maps else {})}
             score, source = e["combined"]["score"], "all layers"
         else:
-            score, source = next(p["score"] for p in e["probes"] if p["layer"] == layers[0]), layers[0]
+            (source, probe), = chosen.items()
+            score = float(probe.scores[i])
         t = float(thresholds.get(concept, PRESENT))
         e["probe"] = {"score": float(score), "source": source, "threshold": t, "present": bool(score >= t)}
         e["present"] |= e["probe"]["present"]
@@ -160,10 +161,11 @@ def image_report(store, image, *, labels: Mapping[str, Mapping[int, str]] | None
                                            "logit_change": delta})
 
     erase: dict[str, list[tuple[dict, str]]] = {}  # layer → [(concept entry, probe run id)]: contributions below
+    probed: dict[str, dict] = {}  # concept → {layer: stored probe}: the verdicts below
     for concept, layer in _probe_list(store, probes):
         from .probes import upsample
 
-        stored = store.probe(concept, layer)
+        stored = probed.setdefault(concept, {})[layer] = store.probe(concept, layer)
         score = float(stored.scores[i])
         e = entry(concept)
         item = {"layer": layer, "score": score, "present": score >= PRESENT, "run_id": stored.run_id}
@@ -174,7 +176,7 @@ def image_report(store, image, *, labels: Mapping[str, Mapping[int, str]] | None
             erase.setdefault(layer, []).append((e, stored.run_id))
     _cav_contributions(model, x, erase, settings, pred)
 
-    _probe_verdicts(store, report, i, size, with_maps, thresholds or {})
+    _probe_verdicts(store, report, probed, i, size, with_maps, thresholds or {})
 
     if x is not None:
         from .attribution import grad_cam
@@ -240,11 +242,12 @@ def model_report(store, *, labels: Mapping[str, Mapping[int, str]] | None = None
                                                "n_annotations", "tcav")})
         report["probes"].append(item)
         report["concepts"].setdefault(concept, {"units": 0, "layers": {}, "coverage": 0.0})
-    from .verdict import verdict_layers, verdict_scores
+    from .verdict import verdict_probes, verdict_scores
 
     for concept in sorted({c for c, _ in store.probes()}):
         t = float((thresholds or {}).get(concept, PRESENT))
-        scores = verdict_scores(store, concept, np.arange(store.n_images))
-        report["concepts"][concept]["probe"] = {"layers": verdict_layers(store, concept), "threshold": t,
+        chosen = verdict_probes(store, concept)
+        scores = verdict_scores(store, concept, np.arange(store.n_images), chosen=chosen)
+        report["concepts"][concept]["probe"] = {"layers": list(chosen), "threshold": t,
                                                 "images_present": float(np.mean(scores >= t))}
     return report

@@ -32,53 +32,74 @@ than `min_each` of either kind: a concept the dataset does not annotate, such as
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from .errors import ProbeDataError
 from .probes import PRESENT, combine_heatmaps, upsample
 
-__all__ = ["verdict_layers", "verdict_scores", "presence_threshold", "calibrate_presence", "MIN_EACH",
-           "MAX_REFERENCE"]
+__all__ = ["choose_verdict_probes", "verdict_probes", "verdict_layers", "max_across_layers", "verdict_scores",
+           "presence_threshold", "calibrate_presence", "MIN_EACH", "MAX_REFERENCE"]
 
 MIN_EACH = 10  # reference images of each kind (showing the concept, not showing it) needed to calibrate
 MAX_REFERENCE = 600  # reference images scored to calibrate: at most half of them showing the concept
 _CHUNK = 64  # images upsampled at once when scoring the map across layers
 
 
-def verdict_layers(store, concept: str, layers: Sequence[str] | None = None) -> list[str]:
-    """The layers whose probes make the concept's verdict, in the network's order: of `layers` (default: every layer
-    with a stored probe of the concept; given, each must hold one), those with stored maps when there are two or
-    more, else the deepest one."""
+def choose_verdict_probes(probes: Mapping[str, object], order: Sequence[str]) -> dict:
+    """Of a concept's stored probes ({layer: store.probe(concept, layer)}), those its verdict rests on, in the
+    network's `order`: the ones with stored maps when there are two or more (their map across layers), else the
+    deepest one."""
+    probed = [layer for layer in order if layer in probes]
+    mapped = [layer for layer in probed if probes[layer].maps is not None]
+    return {layer: probes[layer] for layer in (mapped if len(mapped) >= 2 else probed[-1:])}
+
+
+def verdict_probes(store, concept: str, layers: Sequence[str] | None = None) -> dict:
+    """{layer: stored probe} the concept's verdict rests on (`choose_verdict_probes`), of `layers` (default: every
+    layer with a stored probe of the concept; given, each must hold one)."""
     have = {layer for c, layer in store.probes() if c == concept} if layers is None else set(layers)
-    probed = [layer for layer in store.layers if layer in have]
-    if not probed:
+    chosen = choose_verdict_probes({layer: store.probe(concept, layer) for layer in store.layers if layer in have},
+                                   store.layers)
+    if not chosen:
         raise ProbeDataError(f"no probe of {concept!r} in {store.url}"
                              + (f" on layers {list(layers)}" if layers is not None else ""))
-    mapped = [layer for layer in probed if store.probe(concept, layer).maps is not None]
-    return mapped if len(mapped) >= 2 else probed[-1:]
+    return chosen
 
 
-def verdict_scores(store, concept: str, images: Sequence[int], *, layers: Sequence[str] | None = None,
-                   size: tuple[int, int] | None = None) -> np.ndarray:
-    """The verdict score of each of `images` (store indices): float64, as the image report scores them."""
-    from .dissection import patch_size
+def verdict_layers(store, concept: str, layers: Sequence[str] | None = None) -> list[str]:
+    """The layers whose probes make the concept's verdict, in the network's order (`verdict_probes`)."""
+    return list(verdict_probes(store, concept, layers))
 
-    use = verdict_layers(store, concept, layers)
-    images = np.asarray(images, np.int64).reshape(-1)
-    if images.size and (images.min() < 0 or images.max() >= store.n_images):
-        raise ProbeDataError(f"image indices must be in [0, {store.n_images}), got {images.min()}…{images.max()}")
-    if len(use) == 1:
-        return np.asarray(store.probe(concept, use[0]).scores, np.float64)[images]
-    size = size or patch_size(store)
-    maps = [store.probe(concept, layer).maps for layer in use]
+
+def max_across_layers(grids: Callable[[np.ndarray], list[np.ndarray]], images: np.ndarray,
+                      size: tuple[int, int]) -> np.ndarray:
+    """The max over the patch of the map across layers, per image: `grids(part)` gives each layer's grid map of
+    the images `part` [(image, y, x)], upsampled to `size` and combined (combine_heatmaps) a chunk at a time."""
+    images = np.asarray(images, np.int64)
     out = np.empty(len(images), np.float64)
     for lo in range(0, len(images), _CHUNK):
         part = images[lo:lo + _CHUNK]
-        heat = combine_heatmaps([upsample(m[part], size) for m in maps])
+        heat = combine_heatmaps([upsample(g, size) for g in grids(part)])
         out[lo:lo + len(part)] = heat.reshape(len(part), -1).max(axis=1)
     return out
+
+
+def verdict_scores(store, concept: str, images: Sequence[int], *, layers: Sequence[str] | None = None,
+                   size: tuple[int, int] | None = None, chosen: Mapping[str, object] | None = None) -> np.ndarray:
+    """The verdict score of each of `images` (store indices): float64, as the image report scores them. chosen:
+    `verdict_probes(store, concept, layers)` when the caller has it already."""
+    from .dissection import patch_size
+
+    chosen = verdict_probes(store, concept, layers) if chosen is None else chosen
+    images = np.asarray(images, np.int64).reshape(-1)
+    if images.size and (images.min() < 0 or images.max() >= store.n_images):
+        raise ProbeDataError(f"image indices must be in [0, {store.n_images}), got {images.min()}…{images.max()}")
+    probes = list(chosen.values())
+    if len(probes) == 1:
+        return np.asarray(probes[0].scores, np.float64)[images]
+    return max_across_layers(lambda part: [p.maps[part] for p in probes], images, size or patch_size(store))
 
 
 def presence_threshold(scores: np.ndarray, shows: np.ndarray, *, min_each: int = MIN_EACH) -> float | None:
@@ -121,11 +142,12 @@ def calibrate_presence(store, concept: str, shows: Sequence[int], *, reference: 
     pick_without = rng.permutation(without)[:max_images - n_with]
     images = np.concatenate([pick_with, pick_without])
     truth = np.arange(len(images)) < len(pick_with)
-    scores = verdict_scores(store, concept, images, layers=layers)
+    chosen = verdict_probes(store, concept, layers)
+    scores = verdict_scores(store, concept, images, chosen=chosen)
     t = presence_threshold(scores, truth, min_each=min_each)
     if t is None:
         return None
     said = scores >= t
     return {"threshold": t, "sensitivity": float(said[truth].mean()), "specificity": float((~said[~truth]).mean()),
             "n_with": int(truth.sum()), "n_without": int((~truth).sum()),
-            "layers": verdict_layers(store, concept, layers)}
+            "layers": list(chosen)}
