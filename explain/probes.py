@@ -44,8 +44,7 @@ patch size (`combine_heatmaps`), which finds the ground truth better than any si
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
+import functools
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -756,11 +755,6 @@ def _log_probe_data(client, run, fit: ProbeFit, tcav: dict | None) -> None:
         repo.log_artifacts(str(d), artifact_path=ARTIFACT_DIR)
 
 
-_LOADED: OrderedDict = OrderedDict()  # (tracking URI, experiment, run id) → Probe, the most recently used last
-_LOADED_MAX = 256
-_LOADED_LOCK = threading.Lock()
-
-
 def load_probe(run_id: str, *, settings, experiment: str = PROBE_EXPERIMENT) -> Probe:
     """Rebuild a probe version from its run's numpy artifacts (np.load with allow_pickle=False).
 
@@ -770,20 +764,11 @@ def load_probe(run_id: str, *, settings, experiment: str = PROBE_EXPERIMENT) -> 
     last 256 kept): the image report loads every stored probe for its contributions each time it is drawn, and
     reading one back from mlflow took about 30 ms (a report with 9 probes: 0.27 s, 0.06 s once read).
     """
-    key = (str(settings.tracking_uri), experiment, str(run_id))
-    with _LOADED_LOCK:
-        if key in _LOADED:
-            _LOADED.move_to_end(key)
-            return _LOADED[key]
-    probe = _read_probe(run_id, settings=settings, experiment=experiment)
-    with _LOADED_LOCK:
-        _LOADED[key] = probe
-        while len(_LOADED) > _LOADED_MAX:
-            _LOADED.popitem(last=False)
-    return probe
+    return _read_probe(str(run_id), settings, experiment)
 
 
-def _read_probe(run_id: str, *, settings, experiment: str) -> Probe:
+@functools.lru_cache(maxsize=256)  # settings is a frozen dataclass: the key is (run id, workspace, experiment)
+def _read_probe(run_id: str, settings, experiment: str) -> Probe:
     import tempfile
     from pathlib import Path
 

@@ -264,10 +264,10 @@ def test_probe_runs_are_nested_versions_with_numpy_artifacts(workspace):
     # a logged version never changes: read from the tracking store once, then kept (per tracking store)
     import explain.probes as probes_module
 
+    hits = probes_module._read_probe.cache_info().hits
     assert load_probe(r1, settings=workspace) is loaded
-    key = (str(workspace.tracking_uri), "conceptlens-probes", r1)
-    assert probes_module._LOADED[key] is loaded
-    del probes_module._LOADED[key]  # forgotten: read again, equal but a new object
+    assert probes_module._read_probe.cache_info().hits == hits + 1
+    probes_module._read_probe.cache_clear()  # forgotten: read again, equal but a new object
     again = load_probe(r1, settings=workspace)
     assert again is not loaded and np.array_equal(again.weights, loaded.weights) and again.bias == loaded.bias
 
