@@ -820,6 +820,16 @@ def test_the_review_patch_overlays_a_concepts_map_across_layers(app_workspace, t
     fallback = _text(json.loads(json.dumps(wb._presence_line("mass"), cls=PlotlyJSONEncoder)))
     assert f"and {everything['n_without']} others (there:" in fallback, fallback
     del wb.unfitted_images
+    # a manifest that is not the store's (an image of the store missing from it): no calibration, not a broken report
+    import dataclasses
+
+    full = wb.manifest()
+    wb._handles.pop("images-showing")
+    wb._handles["manifest"] = dataclasses.replace(full, records=full.records[1:])
+    wb._views.clear()
+    assert wb.presence("mass") is None and wb.presence_thresholds() == {}
+    wb._handles.pop("images-showing", None)
+    wb._handles["manifest"] = full
     assert wb.presence("calcification") is None  # no probe of it
     assert "surgical_clip" not in wb.images_showing()  # a concept the dataset does not annotate keeps 0.5
     assert wb.presence("surgical_clip") is None

@@ -1192,20 +1192,24 @@ class Workbench:
         # A report changes only with the labels and the probe versions: cache it on those (any worker's change
         # makes a new key), so revisiting a patch costs nothing and a new action recomputes it once.
         sid = self.session_id(session)
-        key = ("report", sid, state["image"], layer, self.labels_version(sid), self.probes_version())
-        return self._views.get(key, lambda: self._report(state["image"], layer, sid))
+        versions = self.probes_version()
+        key = ("report", sid, state["image"], layer, self.labels_version(sid), versions)
+        return self._views.get(key, lambda: self._report(state["image"], layer, sid, versions))
 
     def presence(self, concept: str, *, versions: tuple | None = None) -> dict | None:
         """How the report decides that `concept` is present: explain.verdict.calibrate_presence on the images the
         manifest lists as showing it and on others — those the model was not fitted on (`unfitted_images`), or
         every image where they are too few —, once per version of the concept's probes; None where the
-        concept has no probe, or the dataset does not annotate it (or there is no manifest): the report keeps 0.5.
+        concept has no probe, or the dataset does not annotate it (or there is no manifest, or it is not the one the
+        store was extracted from): the report keeps 0.5.
         versions: `probes_version()` when the caller has it already (it reads every probe's attributes)."""
         from explain.verdict import calibrate_presence
 
+        from explain.errors import LabelError
+
         try:
             shown = self.images_showing()
-        except NotReady:  # no manifest: nothing to calibrate on
+        except (NotReady, LabelError):  # no manifest, or not the store's: nothing to calibrate on
             return None
         if concept not in shown:
             return None
@@ -1232,17 +1236,17 @@ class Workbench:
         return self._handle("unfitted-images", lambda: np.setdiff1d(np.arange(store.n_images),
                                                                     split_images(store, self.manifest(), "train")))
 
-    def presence_thresholds(self) -> dict[str, float]:
+    def presence_thresholds(self, versions: tuple | None = None) -> dict[str, float]:
         """{concept: the verdict score from which the report calls it present} for each probed concept the dataset
-        annotates (`presence`); the others keep 0.5."""
-        out, versions = {}, self.probes_version()
+        annotates (`presence`); the others keep 0.5. versions: `probes_version()` when the caller has it."""
+        out, versions = {}, self.probes_version() if versions is None else versions
         for concept in sorted({c for c, _l, _r in versions}):
             cal = self.presence(concept, versions=versions)
             if cal is not None:
                 out[concept] = cal["threshold"]
         return out
 
-    def _report(self, image: str, layer: str, session: int):
+    def _report(self, image: str, layer: str, session: int, versions: tuple):
         from dash import dcc, html
         from explain.report import image_report
 
@@ -1250,7 +1254,7 @@ class Workbench:
 
         rep = image_report(self.store(), image, labels=self.labels(session), model=self.model(), settings=self.settings,
                            level=self.config.mask_level, gradcam_layer=layer, with_maps=False,
-                           thresholds=self.presence_thresholds())
+                           thresholds=self.presence_thresholds(versions))
         row = self.store().index_of(image)
         rows = []
         for concept, e in sorted(rep["concepts"].items()):
