@@ -393,6 +393,57 @@ def test_probe_assisted_rule_is_the_dataset_iou_when_every_patch_is_drawn_and_fi
     assert few.probe("mass") is not first  # a new drawing refits it
 
 
+def test_probe_assisted_rule_shrinks_each_units_ratio_toward_the_concepts_and_counts_drawn_members_as_drawn(lesions):
+    """The estimate recomputed by hand from the rule's own probe: X, x, y over the images, the pooled ratio R, each
+    unit's ratio (y + λR) / (x + λ), the drawn images of the population counted as drawn. Three test patches (outside
+    the population of train and val patches) and one train patch (inside it) drawn."""
+    from explain.dissection import mask_counts
+    from explain.labelrules import DEFAULT_RATIO_PRIOR
+
+    store, manifest = lesions
+    shown = images_showing(store, manifest)
+    by_id = manifest.by_id()
+    population = np.array([i for i, image_id in enumerate(store.image_ids) if by_id[image_id].split != "test"])
+    inside = next(i for i in shown["mass"] if i in population
+                  and load_concept_masks(by_id[store.image_ids[i]], (64, 64), ["mass"])["mass"].sum() >= 16)
+    draws = _drawings(store, manifest, "mass", 3) + [
+        (inside, load_concept_masks(by_id[store.image_ids[inside]], (64, 64), ["mass"])["mass"])]
+    t = store.thresholds("features.1")
+    estimates = {}
+    for prior in (DEFAULT_RATIO_PRIOR, 0.0, 1e9):
+        rule = ProbeAssistedRule(store, "features.1", shown=shown, population=population, prior=prior)
+        for i, m in draws:
+            rule.add(i, "mass", m)
+        probe, cache = rule.probe("mass"), rule.cache
+
+        def overlaps(images):
+            images = np.asarray(images, np.int64)
+            p = probe.heatmap(cache.image_maps("features.1", images))
+            w = cache.cell_weights("features.1", images, 0.99)
+            return (np.einsum("nuyx,nyx->u", w, p, dtype=np.float64),
+                    float((p * rule.cell_pixels).sum(dtype=np.float64)))
+
+        inter = [mask_counts(store.maps("features.1", i), t, m[None], grid=rule.grid)[1][0].astype(np.float64)
+                 for i, m in draws]
+        y, y_in = np.sum(inter, axis=0), inter[-1]
+        X, P = overlaps(np.union1d(np.intersect1d(shown["mass"], population), [inside]))
+        x, p_drawn = overlaps([i for i, _ in draws])
+        x_in, _ = overlaps([inside])
+        lam = prior * 64 * 64
+        with np.errstate(divide="ignore", invalid="ignore"):  # a unit silent on every drawn patch: X alone
+            ratio = np.where(x + lam > 0, (y + lam * y.sum() / x.sum()) / (x + lam), 1.0)
+        I = np.minimum(y_in + np.maximum(X - x_in, 0) * ratio, rule.unit_area)
+        A = max(P * sum(int(m.sum()) for _, m in draws) / p_drawn, sum(int(m.sum()) for _, m in draws))
+        by_hand = I / np.maximum(rule.unit_area + np.maximum(A - I, 0), 1)
+        np.testing.assert_allclose(rule.iou()[0], by_hand, rtol=1e-6, atol=1e-12)
+        estimates[prior] = rule.iou()[0]
+        assert rule.labels().get(0) == "mass"  # the hand-set mass unit, whatever the prior
+    assert not np.allclose(estimates[DEFAULT_RATIO_PRIOR], estimates[0.0])  # the prior moves the estimate
+    for bad in (-0.1, float("nan"), float("inf"), "1"):
+        with pytest.raises(LabelError, match="prior must be"):
+            ProbeAssistedRule(store, "features.1", shown=shown, prior=bad)
+
+
 def test_probe_assisted_rule_bad_input_is_refused_and_changes_nothing(lesions):
     store, manifest = lesions
     shown = images_showing(store, manifest)
