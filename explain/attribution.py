@@ -17,7 +17,7 @@ The result is logit_c(original) − logit_c(concept removed): positive when the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -124,11 +124,40 @@ def cav_contribution(module: nn.Module, x: torch.Tensor, layer: str, cav: np.nda
     return _logit_drop(module, x, layer, _cav_eraser(cav, mean), target)
 
 
-def cav_contributions(module: nn.Module, x: torch.Tensor, layer: str, cavs: np.ndarray, means: np.ndarray, *,
-                      target: int | None = None) -> np.ndarray:
-    """`cav_contribution` of several probes of one layer on one image x (1, 1, Y, X): cavs, means (probe, unit) →
-    (probe,), in one batched pass (the image report erases each of its probes in turn)."""
-    cavs, means = np.atleast_2d(cavs), np.atleast_2d(means)
-    if x.shape[0] != 1 or cavs.shape != means.shape:
-        raise ValueError(f"one image and one mean per CAV: x {tuple(x.shape)}, cavs {cavs.shape}, means {means.shape}")
-    return _logit_drop(module, x, layer, _cav_eraser(cavs, means), target, copies=len(cavs))
+def cav_contributions(module: nn.Module, x: torch.Tensor, erase: Mapping[str, tuple[np.ndarray, np.ndarray]], *,
+                      target: int | None = None) -> dict[str, np.ndarray]:
+    """`cav_contribution` of several probes, on one or more layers, on one image x (1, 1, Y, X), all in one forward
+    pass: erase {layer: (cavs, means) (probe, unit)} → {layer: (probe,)} (the image report erases each of its probes
+    in turn). The batch holds the original image once and one copy per probe; each layer's hook edits only its own
+    probes' copies, so every copy differs from the original at its own layer alone (the network in eval mode: no
+    copy affects another)."""
+    groups: dict[str, tuple[slice, Callable]] = {}
+    start = 1  # row 0: the original image
+    for layer, (cavs, means) in erase.items():
+        cavs, means = np.atleast_2d(cavs), np.atleast_2d(means)
+        if x.shape[0] != 1 or cavs.shape != means.shape:
+            raise ValueError(f"one image and one mean per CAV: x {tuple(x.shape)}, {layer!r}: cavs {cavs.shape}, "
+                             f"means {means.shape}")
+        groups[layer] = (slice(start, start + len(cavs)), _cav_eraser(cavs, means))
+        start += len(cavs)
+
+    def edit_rows(rows: slice, edit: Callable):
+        def hook(_m, _i, out: torch.Tensor) -> torch.Tensor:
+            out = out.clone()
+            out[rows] = edit(out[rows])
+            return out
+        return hook
+
+    handles = []
+    try:
+        for layer, (rows, edit) in groups.items():
+            (mod,) = resolve_layers(module, layer).values()
+            handles.append(mod.register_forward_hook(edit_rows(rows, edit)))
+        with torch.no_grad():
+            logits = class_logits(module(x.expand(start, *x.shape[1:])))  # (1 + probes, class)
+    finally:
+        for h in handles:
+            h.remove()
+    tgt = int(logits[0].argmax()) if target is None else int(target)
+    drop = (logits[0, tgt] - logits[:, tgt]).float().cpu().numpy()
+    return {layer: drop[rows] for layer, (rows, _) in groups.items()}

@@ -93,15 +93,18 @@ def _probe_verdicts(store, report: dict, stored: Mapping[str, dict], i: int, siz
 
 
 def _cav_contributions(model, x, erase: Mapping[str, list[tuple[dict, str]]], settings, pred: int) -> None:
-    """Each probe's contribution (its CAV direction erased), the probes of one layer in one batched pass."""
+    """Each probe's contribution (its CAV direction erased), every layer's probes in one batched pass."""
     from .attribution import cav_contributions
     from .probes import load_probe
 
+    if not erase:
+        return
+    loaded = {layer: [load_probe(run_id, settings=settings) for _e, run_id in items] for layer, items in erase.items()}
+    deltas = cav_contributions(model.module, x, {layer: (np.stack([p.cav for p in probes]),
+                                                         np.stack([p.mean for p in probes]))
+                                                 for layer, probes in loaded.items()}, target=pred)
     for layer, items in erase.items():
-        loaded = [load_probe(run_id, settings=settings) for _e, run_id in items]
-        deltas = cav_contributions(model.module, x, layer, np.stack([p.cav for p in loaded]),
-                                   np.stack([p.mean for p in loaded]), target=pred)
-        for (e, run_id), delta in zip(items, deltas):
+        for (e, run_id), delta in zip(items, deltas[layer]):
             e["contributions"].append({"method": "erase CAV direction", "layer": layer, "run_id": run_id,
                                        "logit_change": float(delta)})
 

@@ -100,14 +100,23 @@ def test_contributions_hand_computed(tiny):
     # several probes of one layer on one image in one batched pass: each as alone
     cavs, means = np.array([[0.0, 5.0], [3.0, 0.0], [1.0, 1.0]]), np.array([[0.0, 0.2], [0.1, 0.0], [0.3, 0.3]])
     alone = [cav_contribution(net, x, "act", c, m)[0] for c, m in zip(cavs, means)]
-    np.testing.assert_allclose(cav_contributions(net, x, "act", cavs, means), alone, atol=1e-6)
+    np.testing.assert_allclose(cav_contributions(net, x, {"act": (cavs, means)})["act"], alone, atol=1e-6)
     assert abs(alone[0] - 0.9) < 1e-6 and len(set(np.round(alone, 6))) == 3
-    np.testing.assert_allclose(cav_contributions(net, x, "act", cavs[:1], means[:1], target=1),
+    np.testing.assert_allclose(cav_contributions(net, x, {"act": (cavs[:1], means[:1])}, target=1)["act"],
                                cav_contribution(net, x, "act", cavs[0], means[0], target=1), atol=1e-6)
+    # probes of two layers (the conv's output and the ReLU after it) in the same pass: each copy is edited at its own
+    # layer only, so each equals its probe erased alone
+    both = cav_contributions(net, x, {"conv": (cavs[1:], means[1:]), "act": (cavs[:2], means[:2])})
+    assert list(both) == ["conv", "act"]
+    np.testing.assert_allclose(both["conv"], [cav_contribution(net, x, "conv", c, m)[0]
+                                              for c, m in zip(cavs[1:], means[1:])], atol=1e-6)
+    np.testing.assert_allclose(both["act"], alone[:2], atol=1e-6)
+    assert not np.allclose(both["conv"], alone[1:])  # erasing before the ReLU is not erasing after it
+    assert cav_contributions(net, x, {}) == {}
     with pytest.raises(ValueError, match="one image and one mean per CAV"):
-        cav_contributions(net, torch.cat([x, x]), "act", cavs, means)
+        cav_contributions(net, torch.cat([x, x]), {"act": (cavs, means)})
     with pytest.raises(ValueError, match="one image and one mean per CAV"):
-        cav_contributions(net, x, "act", cavs, means[:2])
+        cav_contributions(net, x, {"act": (cavs, means[:2])})
     # no hook survives: the model gives the original logits afterwards
     with torch.no_grad():
         np.testing.assert_allclose(net(x).numpy(), [[-0.25, 0.75]], atol=1e-6)
