@@ -76,15 +76,13 @@ def edited_output(module: nn.Module, layer: str, edit: Callable[[torch.Tensor], 
         handle.remove()
 
 
-def _logit_drop(module: nn.Module, x: torch.Tensor, layer: str, edit, target, *, copies: int = 1) -> np.ndarray:
-    """logit_target(x) − logit_target(x with `layer`'s output edited): (n,), or with `copies` > 1 for one image,
-    (copies,): the edit sees the image repeated `copies` times (one edit per copy) and the original runs once."""
+def _logit_drop(module: nn.Module, x: torch.Tensor, layer: str, edit, target) -> np.ndarray:
+    """logit_target(x) − logit_target(x with `layer`'s output edited): (n,)."""
     with torch.no_grad():
         base = class_logits(module(x))  # (n, class)
         with edited_output(module, layer, edit):
-            edited = class_logits(module(x.expand(copies, *x.shape[1:]) if copies > 1 else x))
+            edited = class_logits(module(x))
     n = edited.shape[0]
-    base = base.expand(n, -1)
     tgt = base.argmax(dim=1) if target is None else torch.as_tensor(np.broadcast_to(np.asarray(target), (n,)).copy())
     idx = tgt.reshape(-1, 1).to(base.device)
     return (base.gather(1, idx) - edited.gather(1, idx)).reshape(-1).float().cpu().numpy()
