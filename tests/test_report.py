@@ -77,20 +77,25 @@ def test_image_report_evidence_and_contributions(lesion, workspace):
     v = p.cav / np.linalg.norm(p.cav)
     proj = np.einsum("uyx,u->yx", a - p.mean[:, None, None], v).mean()  # mean over positions of (a − μ)·v
     assert erase["logit_change"] == pytest.approx(float(w @ v) * float(proj), rel=1e-3, abs=1e-4)
-    # two probes on one layer: erased in one batched pass, each as if alone
+    # two probes on one layer and one on a shallower layer: all erased in one batched pass, each as if alone
     from explain.attribution import cav_contribution
 
-    other = retrain(store, ProbeAnnotations("calcification", regions=[(i, lesion.masks[i]) for i in (7, 9)]),
-                    settings=workspace, session="report", layers=[deep])[0]
+    shallow = store.layers[0]
+    assert shallow != deep
+    others = retrain(store, ProbeAnnotations("calcification", regions=[(i, lesion.masks[i]) for i in (7, 9)]),
+                     settings=workspace, session="report", layers=[shallow, deep])
     both = image_report(store, i, labels=labels, model=lesion.model, settings=workspace, with_maps=False)
     x = preprocess(store.image(i)[None], lesion.model.transform)
-    for concept, run_id in (("mass", probe.run_id), ("calcification", other.run_id)):
-        got = [c for c in both["concepts"][concept]["contributions"] if c["method"] == "erase CAV direction"]
+    expected = [("mass", deep, probe.run_id)] + [("calcification", o.layer, o.run_id) for o in others]
+    for concept, layer, run_id in expected:
+        got = [c for c in both["concepts"][concept]["contributions"]
+               if c["method"] == "erase CAV direction" and c["layer"] == layer]
         q = load_probe(run_id, settings=workspace)
         assert [c["run_id"] for c in got] == [run_id]
-        assert got[0]["logit_change"] == pytest.approx(float(cav_contribution(net, x, deep, q.cav, q.mean,
+        assert got[0]["logit_change"] == pytest.approx(float(cav_contribution(net, x, layer, q.cav, q.mean,
                                                                              target=pred)[0]), abs=1e-5)
-    store.delete_probe("calcification", deep)
+    for o in others:
+        store.delete_probe("calcification", o.layer)
 
     cam = r["gradcam"]
     assert cam["layer"] == deep and cam["map"].shape == (32, 32) and cam["map"].min() >= 0
