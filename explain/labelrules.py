@@ -186,11 +186,13 @@ class CumulativeRule:
                  counts: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Count one drawing given as a store index and a non-empty bool patch mask; `counts` (unit mask areas,
         overlaps with the mask) when already computed."""
-        if counts is None:
-            area, inter = mask_counts(self.store.maps(self.layer, index), self.thresholds, mask[None],
-                                      grid=self.grid)
-            counts = (area, inter[0])
+        counts = self._mask_counts(index, mask) if counts is None else counts
         self._count(concept, counts[0], counts[1], int(mask.sum()))
+
+    def _mask_counts(self, index: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(unit mask areas, overlaps with `mask`) (unit,) of one drawing on store image `index`."""
+        area, inter = mask_counts(self.store.maps(self.layer, index), self.thresholds, mask[None], grid=self.grid)
+        return area, inter[0]
 
     def iou(self) -> np.ndarray:
         """float64 (concept, unit): Σ intersection / Σ union over each concept's drawings."""
@@ -578,9 +580,7 @@ class ProbeAssistedRule(DatasetRule):
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != self.size or not mask.any():
             raise RegionError(f"a drawing of {concept!r} must be a non-empty {self.size} mask, got {mask.shape}")
-        if counts is None:
-            area, inter = mask_counts(self.store.maps(self.layer, index), self.thresholds, mask[None], grid=self.grid)
-            counts = (area, inter[0])
+        counts = self._mask_counts(index, mask) if counts is None else counts  # kept below for the drawn overlaps
         super().add_mask(int(index), concept, mask, counts=counts)
         self.drawn.setdefault(concept, []).append((int(index), mask))
         inside = self.drawn_in.setdefault(concept, np.zeros(self.n_units, np.int64))

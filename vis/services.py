@@ -1203,9 +1203,8 @@ class Workbench:
         concept has no probe, or the dataset does not annotate it (or there is no manifest, or it is not the one the
         store was extracted from): the report keeps 0.5.
         versions: `probes_version()` when the caller has it already (it reads every probe's attributes)."""
-        from explain.verdict import calibrate_presence
-
         from explain.errors import LabelError
+        from explain.verdict import calibrate_presence
 
         try:
             shown = self.images_showing()
