@@ -64,6 +64,7 @@ from .errors import ExplainError
 from .labelrules import (
     DEFAULT_CUMULATIVE_THRESHOLD,
     DEFAULT_DATASET_THRESHOLD,
+    DEFAULT_RATIO_PRIOR,
     SEGMENTED_CONCEPTS,
     CumulativeRule,
     DatasetRule,
@@ -127,6 +128,7 @@ class GroundTruthConfig:
     rule: LabelRule = field(default_factory=LabelRule)  # the published rule (explain.labels)
     cumulative_threshold: float = DEFAULT_CUMULATIVE_THRESHOLD  # the alternatives (explain.labelrules)
     dataset_threshold: float = DEFAULT_DATASET_THRESHOLD
+    assisted_prior: float = DEFAULT_RATIO_PRIOR  # ProbeAssistedRule's ratio prior, in patches
     goal_k: int = 5
     goal_precision: float = 0.8
     goal_recall: float = 0.8
@@ -437,7 +439,8 @@ def simulate_reviewer(store, manifest, layer: str, detectors: Mapping[str, Seque
         rules["dataset"] = DatasetRule(store, layer, shown=shown, threshold=config.dataset_threshold,
                                        level=config.level, population=reference, known=known)
         rules["assisted"] = ProbeAssistedRule(store, layer, shown=shown, threshold=config.dataset_threshold,
-                                              level=config.level, cache=cache, population=reference, known=known)
+                                              level=config.level, cache=cache, population=reference, known=known,
+                                              prior=config.assisted_prior)
     alt_curves: dict[str, dict[str, list[dict]]] = {name: {c: [] for c in config.concepts} for name in rules}
     curves: dict[str, list[dict]] = {c: [] for c in config.concepts}
     drawings: list[Drawing] = []
@@ -528,7 +531,7 @@ def reviewer_orders(store, manifest, layer: str, detectors: Mapping[str, Sequenc
         cache = cache if cache is not None else FeatureCache(store)  # one for all the reviewers
         make["assisted"] = lambda: ProbeAssistedRule(store, layer, shown=shown, threshold=config.dataset_threshold,
                                                      level=config.level, cache=cache, population=reference,
-                                                     known=known)
+                                                     known=known, prior=config.assisted_prior)
     rng = np.random.default_rng(seed)
     sums = {name: {c: np.zeros(3) for c in concepts} for name in make}
     features = store.pooled(layer, "max") if reviewer == "suggested" else None
@@ -744,7 +747,7 @@ def log_ground_truth(report: GroundTruthReport, settings, *, run_name: str | Non
                   "layers": ",".join(report.layers), "min_region_px": cfg["min_region_px"],
                   "n_reference_images": report.n_reference_images,
                   "cumulative_threshold": cfg["cumulative_threshold"],
-                  "dataset_threshold": cfg["dataset_threshold"]}
+                  "dataset_threshold": cfg["dataset_threshold"], "assisted_prior": cfg["assisted_prior"]}
         now = int(time.time() * 1000)
         metrics = []
         for layer in report.layers:

@@ -221,6 +221,7 @@ def test_the_alternative_rules_are_measured_side_by_side_on_the_same_drawings(re
     run_id = log_ground_truth(report, workspace, store_attrs=lesions[0].attrs)
     run = MlflowClient(workspace.tracking_uri).get_run(run_id)
     assert run.data.params["cumulative_threshold"] == "0.07" and run.data.params["dataset_threshold"] == "0.04"
+    assert run.data.params["assisted_prior"] == "0.25"
     assert run.data.metrics["features.1/cumulative/recall/mass"] == 1.0
     assert run.data.metrics["features.1/dataset/precision/calcification"] == 1.0
     # many reviewers (the deepest layer, k = 5): both rules find the two hand-set units whatever the patches drawn
@@ -249,7 +250,10 @@ def test_many_reviewers_find_the_known_units(report, lesions):
 
 def test_the_dataset_rules_estimate_the_iou_over_the_reference_images(report, lesions, monkeypatch):
     """The detectors are defined over the train and val patches: the rules estimate the IoU over the same images,
-    not over the whole store with the test patches the reviewer draws on; both get the rivals they are given."""
+    not over the whole store with the test patches the reviewer draws on; both get the rivals they are given, and
+    the assisted rule the config's prior."""
+    from dataclasses import replace
+
     import explain.groundtruth as gt
     from explain.labelrules import images_showing
 
@@ -260,24 +264,26 @@ def test_the_dataset_rules_estimate_the_iou_over_the_reference_images(report, le
                                   if by_id[image_id].split in ("train", "val")]
     assert 0 < len(reference) < store.n_images
     known = {"film_label": np.zeros(store.layer_shape("features.1")[0])}
-    seen = []  # (rule, population, rivals) of every rule the bench builds
+    config = replace(CONFIG, assisted_prior=0.5)
+    seen = []  # (rule, population, rivals, prior) of every rule the bench builds
 
     def spy(base):
         class Spy(base):
             def __init__(self, *args, **options):
-                seen.append((base.__name__, options.get("population"), options.get("known")))
+                seen.append((base.__name__, options.get("population"), options.get("known"), options.get("prior")))
                 super().__init__(*args, **options)
         return Spy
 
     for name in ("DatasetRule", "ProbeAssistedRule"):
         monkeypatch.setattr(gt, name, spy(getattr(gt, name)))
     shown = images_showing(store, manifest)
-    gt.reviewer_orders(store, manifest, "features.1", report.detectors["features.1"], config=CONFIG, orders=1,
+    gt.reviewer_orders(store, manifest, "features.1", report.detectors["features.1"], config=config, orders=1,
                        shown=shown, known=known)
-    gt.simulate_reviewer(store, manifest, "features.1", report.detectors["features.1"], config=CONFIG, shown=shown,
+    gt.simulate_reviewer(store, manifest, "features.1", report.detectors["features.1"], config=config, shown=shown,
                          known=known)
-    assert sorted({n for n, _, _ in seen}) == ["DatasetRule", "ProbeAssistedRule"] and len(seen) == 4
-    assert all(np.array_equal(p, reference) and k is known for _, p, k in seen), seen
+    assert sorted({n for n, *_ in seen}) == ["DatasetRule", "ProbeAssistedRule"] and len(seen) == 4
+    assert all(np.array_equal(p, reference) and k is known for _, p, k, _ in seen), seen
+    assert [prior for n, *_, prior in seen if n == "ProbeAssistedRule"] == [0.5, 0.5]
 
 
 def test_the_cumulative_threshold_is_tuned_on_train_and_val_drawings_only(report, lesions):
