@@ -263,6 +263,23 @@ def test_report_figure_marks_a_panel_or_each_row():
         report_figure(rows, measures=measures, marks={"probe": [0.3, 0.4]})
 
 
+def test_report_figure_axes_start_at_zero_unless_a_measure_goes_negative():
+    """An empty count panel (no concept has a labelled unit yet) reads 0…1, not plotly's −1…1; counts start at 0; a
+    signed measure (a contribution) keeps its autorange; a fixed range stays fixed."""
+    from vis.figures import report_figure
+
+    rows = [{"concept": "mass", "units": 0.0, "contribution": 0.4, "probe": 0.7},
+            {"concept": "calcification", "units": 0.0, "contribution": -1.2, "probe": 0.1}]
+    measures = [("units", "labeled units"), ("contribution", "contribution"), ("probe", "probe", (0, 1))]
+    layout = report_figure(rows, measures=measures)["layout"]
+    assert layout["xaxis"]["range"] == [0, 1] and layout["xaxis"]["rangemode"] == "tozero"
+    assert "range" not in layout["xaxis2"] and "rangemode" not in layout["xaxis2"]
+    assert layout["xaxis3"]["range"] == [0, 1] and "rangemode" not in layout["xaxis3"]
+    rows[0]["units"] = 3.0
+    counts = report_figure(rows, measures=measures)["layout"]["xaxis"]
+    assert counts["rangemode"] == "tozero" and "range" not in counts
+
+
 def test_patch_figure_keeps_patch_coordinates_and_offers_drawing_tools():
     import numpy as np
 

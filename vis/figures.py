@@ -381,8 +381,11 @@ def report_figure(rows: Sequence[Mapping], *, measures: Sequence[tuple], height:
         lo = i * (width + gap)
         xaxis = {"domain": [lo, lo + width], "anchor": f"y{ax}", "gridcolor": GRID, "zeroline": True,
                  "zerolinecolor": "#ced4da", "tickfont": {"size": 10}}
+        values = data[-1]["x"]
         if len(measure) > 2:  # a fixed range (scores and shares in [0, 1])
             xaxis["range"] = list(measure[2])
+        elif min(values, default=0.0) >= 0:  # a count or a ratio: from 0, and 0…1 while every bar is empty
+            xaxis.update(rangemode="tozero", **({"range": [0, 1]} if max(values, default=0.0) == 0 else {}))
         yaxis = {"anchor": f"x{ax}", "autorange": "reversed", "tickfont": {"size": 11}, "automargin": True}
         if i > 0:
             yaxis.update(matches="y", showticklabels=False)
