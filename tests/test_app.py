@@ -64,6 +64,18 @@ def test_every_page_explains_what_is_missing_in_an_empty_workspace(workspace):
     assert "mlflow" in _text(data["response"])
 
 
+def test_warming_an_empty_workspace_names_what_is_missing_and_the_pages_still_say_it(workspace):
+    from vis.app import warm
+
+    app, dc = _client(workspace)
+    problems = app.server.extensions["conceptlens"].warm()
+    assert problems and problems[0].startswith("store: no activation store 'demo'"), problems
+    assert any(p.startswith("manifest: ") and "build-demo" in p for p in problems), problems
+    assert warm(app) is app  # what the serving entry points call; it only logs
+    status, data = _page(dc, "/")
+    assert status == 200 and "Workspace not ready" in _text(data["response"])
+
+
 def test_the_shell_shows_a_banner_and_links_every_page(workspace):
     app, dc = _client(workspace)
     layout = dc.target.get("/_dash-layout").get_json()
@@ -726,6 +738,42 @@ def test_the_servers_log_gets_no_mlflow_download_progress_bars(app_workspace):
     chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=cwd,
                             env={**env, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "true"})
     assert chosen.returncode == 0 and "Downloading artifacts" in chosen.stderr  # the user's choice is kept
+
+
+@pytest.mark.slow
+def test_warm_opens_what_the_first_report_needs_before_any_request(app_workspace, tmp_path):
+    """`python -m vis serve` and the gunicorn app warm their Workbench before serving: the store, manifest, model,
+    the images showing each concept, the stored probes and each probed concept's verdict threshold are ready, so the
+    first report computes none of them."""
+    import shutil
+
+    from explain.groundtruth import load_concept_masks
+    from explain.probes import ProbeAnnotations, _read_probe, retrain
+    from store.activations import open_store
+    from store.settings import load_settings
+    from vis.app import AppConfig
+    from vis.services import Workbench
+
+    ws = tmp_path / "workspace"
+    shutil.copytree(app_workspace, ws, ignore=shutil.ignore_patterns("secret_key"))
+    settings = load_settings(ws)
+    probe_wb = Workbench(settings, AppConfig())
+    records = [r for r in probe_wb.manifest().records if "mass" in r.masks][:3]
+    regions = [(r.id, load_concept_masks(r, probe_wb.patch_size(), ["mass"])["mass"]) for r in records]
+    store = open_store(settings.store_url("demo"), read_only=False)
+    retrain(store, ProbeAnnotations("mass", regions=regions), settings=settings, session="ana",
+            layers=[store.layers[-1]])
+    _read_probe.cache_clear()
+
+    wb = Workbench(settings, AppConfig())
+    assert wb.warm() == []
+    assert {"store", "manifest", "model", "images-showing", "unfitted-images"} <= set(wb._handles)
+    versions = wb.probes_version()
+    assert [c for c, _l, _r in versions] == ["mass"]
+    assert wb._views.contains(("presence", "mass", versions))  # the verdict threshold, calibrated once
+    assert _read_probe.cache_info().currsize == 1  # the probe read back from mlflow
+    threshold = wb.presence_thresholds()["mass"]
+    assert threshold == wb.presence("mass")["threshold"] and 0 < threshold < 1
 
 
 @pytest.mark.slow

@@ -129,6 +129,16 @@ def create_app(settings=None, *, config: AppConfig | None = None):
     return app
 
 
+def warm(app):
+    """The app's Workbench opened before it serves (vis.services.Workbench.warm), what could not be said on
+    stderr; returns the app. Only the processes that serve call it, not `create_app` (tests build many apps)."""
+    from .services import EXTENSION
+
+    for problem in app.server.extensions[EXTENSION].warm():
+        print(f"ConceptLens: not ready yet: {problem}", file=sys.stderr, flush=True)
+    return app
+
+
 def prepare_process() -> None:
     """Process-wide set-up of a server or worker, before it builds the app (`create_server`, `python -m vis serve`,
     `python -m vis worker`; not `create_app`, which tests call many times in one process):
@@ -196,7 +206,7 @@ def create_server(workspace: str | None = None):
     from store.settings import load_settings
 
     prepare_process()
-    return create_app(load_settings(workspace), config=app_config_from_env()).server
+    return warm(create_app(load_settings(workspace), config=app_config_from_env())).server
 
 
 def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -220,7 +230,7 @@ def serve_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     config = app_config_from_env(store=args.store, dataset=args.dataset, model=args.model, debug=args.debug)
     prepare_process()
-    app = create_app(load_settings(args.workspace), config=config)
+    app = warm(create_app(load_settings(args.workspace), config=config))
     print(f"ConceptLens: open http://{args.host}:{args.port}/", flush=True)
     app.run(host=args.host, port=args.port, debug=args.debug, dev_tools_hot_reload=False, threaded=True)
     return 0

@@ -1080,6 +1080,30 @@ class Workbench:
         with self.db().read() as s:
             return int(s.scalar(select(func.max(LabelAction.id)).where(LabelAction.session_id == sid)) or 0)
 
+    def warm(self) -> list[str]:
+        """Open now, before the first request, what the Review page's first report needs and every later one reuses:
+        the store, the manifest (its 3,000 rows took about 0.3 s), the model, the images showing each concept, the
+        stored probes read back from mlflow and each probed concept's verdict threshold (explain.verdict, about 0.1 s
+        a concept). The serving entry points call it before they accept requests — never in a thread beside them: a
+        background job forked while a thread holds a lock could hang. Returns what could not be opened ("what:
+        why"), for the log; the pages still say it properly when asked."""
+        from explain.probes import load_probe
+
+        def probes():
+            for _c, _l, run_id in self.probes_version():
+                load_probe(run_id, settings=self.settings)
+
+        problems = []
+        for what, step in (("store", self.store), ("manifest", self.manifest), ("model", self.model),
+                           ("images showing each concept", self.images_showing),
+                           ("images the model was not fitted on", self.unfitted_images),
+                           ("probes", probes), ("verdict thresholds", self.presence_thresholds)):
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 — a page asking for it later reports it in its own terms
+                problems.append(f"{what}: {e}")
+        return problems
+
     def probes_version(self) -> tuple:
         """(concept, layer, run id) of every stored probe version: a retrain or rollback anywhere changes it."""
         store = self.store()
