@@ -275,6 +275,45 @@ def test_report_figure_marks_a_panel_or_each_row():
         report_figure(rows, measures=measures, marks={"probe": [0.3, 0.4]})
 
 
+def test_image_map_figure_is_plain_json_with_every_image_where_it_lies():
+    """The image map is built as a plain dict (no graph-object validation): each class a trace whose typed x/y decode
+    to the images' coordinates and whose customdata are their store rows; the probe colouring; the selection ring;
+    the shared chart layout (plotly_white spelled out) with lasso selection."""
+    import base64
+
+    from vis.figures import image_map_figure
+
+    def floats(typed):
+        assert typed["dtype"] == "f4"
+        return np.frombuffer(base64.b64decode(typed["bdata"]), "<f4")
+
+    rng = np.random.default_rng(0)
+    xy = rng.normal(size=(7, 2)).astype(np.float32)
+    ids = [f"p{i}" for i in range(7)]
+    values = ["lesion", "normal", "normal", "lesion", "normal", "normal", "lesion"]
+    fig = image_map_figure(xy, values=values, color_by="class", ids=ids, selected=[3, 5], uirevision="features.23")
+    json.dumps(fig)  # plain JSON
+    traces = {t["name"]: t for t in fig["data"]}
+    assert list(traces) == ["lesion", "normal", "selected"]
+    assert traces["lesion"]["customdata"] == [0, 3, 6] and traces["selected"]["customdata"] == [3, 5]
+    for t in fig["data"]:
+        rows = t["customdata"]
+        np.testing.assert_array_equal(floats(t["x"]), xy[rows, 0])
+        np.testing.assert_array_equal(floats(t["y"]), xy[rows, 1])
+    assert traces["normal"]["hovertext"][0] == "p1 · normal" and traces["lesion"]["marker"]["color"] == "#e8590c"
+    layout = fig["layout"]
+    assert layout["dragmode"] == "lasso" and layout["uirevision"] == "features.23" and layout["height"] == 560
+    assert layout["template"]["layout"]["plot_bgcolor"] == "white" and not layout["xaxis"]["showticklabels"]
+    scores = np.linspace(0, 1, 7)
+    probe = image_map_figure(xy, values=scores, color_by="probe", ids=ids, height=640)
+    (trace,) = probe["data"]
+    assert trace["name"] == "probe score" and trace["customdata"] == list(range(7))
+    np.testing.assert_allclose(floats(trace["marker"]["color"]), scores, rtol=1e-6)
+    assert trace["hovertext"][6] == "p6 · score 1.00" and probe["layout"]["height"] == 640
+    layout["xaxis"]["range"] = [0, 1]  # a caller's change stays its own
+    assert "range" not in image_map_figure(xy, values=values, color_by="class", ids=ids)["layout"]["xaxis"]
+
+
 def test_report_figure_axes_start_at_zero_unless_a_measure_goes_negative():
     """An empty count panel (no concept has a labelled unit yet) reads 0…1, not plotly's −1…1; counts start at 0; a
     signed measure (a contribution) keeps its autorange; a fixed range stays fixed."""
