@@ -541,6 +541,16 @@ class ProbeAssistedRule(DatasetRule):
     train 0.945–0.950); the probe's mean overlap with images not showing the concept subtracted before the ratios
     (test 0.765, train 0.820); the detectors and the rule's population over every split, the test split, or val +
     test in place of train + val (test patches 0.805 / 0.700 / 0.775).
+    The bench's own reviewer on that model, taken apart (2026-11-29, a later session; docs/PERFORMANCE.md): its
+    five mass drawings gave a probe that barely fires on circumscribed masses (its overlap with a mass detector
+    there a third of the true intersection), so A_mass came out at half its size and units of the margins took the
+    mass label. Probe fits and estimates tried on the same 40 test-patch reviewers (0.940 for this rule), none kept:
+    50 / 200 / all images listed as showing the concept as marks 0.940 / 0.880 / 0.885; a fixed C of 0.01 / 0.1 / 1
+    0.935 / 0.925 / 0.875; a positive cell from 25 / 75 / 90 % coverage 0.910 / 0.955 / 0.920 (train patches, where
+    a setting may be chosen: 0.995 for 50 and 75 %, no choice); a second fit with the first estimate's labelled
+    units as examples 0.920; each image's map scaled to a fixed (or a square-root) total 0.765 (0.875); the median
+    of the leave-one-drawing-out estimates (the bench's reviewer worse at once); the exact A_c 0.880 (its errors
+    and the intersections' cancel); only regions of 64 / 128 px and more drawn 0.920 / 0.930.
     """
 
     def __init__(self, store, layer: str, *, shown: Mapping[str, Sequence[int]],

@@ -130,8 +130,8 @@ def create_app(settings=None, *, config: AppConfig | None = None):
 
 
 def warm(app):
-    """The app's Workbench opened before it serves (vis.services.Workbench.warm), what could not be said on
-    stderr; returns the app. Only the processes that serve call it, not `create_app` (tests build many apps)."""
+    """Warm the app's Workbench before it serves (vis.services.Workbench.warm), printing what could not be opened
+    on stderr; returns the app. Only the serving processes call it, not `create_app` (tests build many apps)."""
     from .services import EXTENSION
 
     for problem in app.server.extensions[EXTENSION].warm():
