@@ -324,11 +324,16 @@ def test_report_figure_axes_start_at_zero_unless_a_measure_goes_negative():
     measures = [("units", "labeled units"), ("contribution", "contribution"), ("probe", "probe", (0, 1))]
     layout = report_figure(rows, measures=measures)["layout"]
     assert layout["xaxis"]["range"] == [0, 1] and layout["xaxis"]["rangemode"] == "tozero"
+    assert (layout["xaxis"]["tickformat"], layout["xaxis"]["dtick"]) == ("d", 1)  # a count: ticks 0 and 1
     assert "range" not in layout["xaxis2"] and "rangemode" not in layout["xaxis2"]
-    assert layout["xaxis3"]["range"] == [0, 1] and "rangemode" not in layout["xaxis3"]
-    rows[0]["units"] = 3.0
+    fixed = layout["xaxis3"]
+    assert fixed["range"] == [0, 1] and "rangemode" not in fixed and "dtick" not in fixed
+    rows[0]["units"], rows[1]["units"] = 3.0, 13.0
     counts = report_figure(rows, measures=measures)["layout"]["xaxis"]
-    assert counts["rangemode"] == "tozero" and "range" not in counts
+    assert counts["rangemode"] == "tozero" and "range" not in counts and counts["dtick"] == 4
+    rows[0]["units"] = 2.5  # a ratio (peak activation / threshold): from 0, plotly's own ticks
+    ratio = report_figure(rows, measures=measures)["layout"]["xaxis"]
+    assert ratio["rangemode"] == "tozero" and "dtick" not in ratio and "tickformat" not in ratio
 
 
 def test_patch_figure_keeps_patch_coordinates_and_offers_drawing_tools():
@@ -732,6 +737,12 @@ def test_the_experiments_parameter_table_cuts_long_values_and_keeps_them_whole_i
     assert len(long_value) > PARAM_SHOWN and cut.title == long_value
     assert cut.children == long_value[:PARAM_SHOWN - 1] + "…" and len(cut.children) == PARAM_SHOWN
     assert short.children == "{}" and getattr(short, "title", None) is None
+    # the caption says what the panel holds: with one run every parameter, with several only those that differ
+    (caption,) = _components(table, html.P)
+    assert caption.children == "2 runs: the 1 of 2 parameters that differ, then their final test metrics."
+    one, *_ = Workbench(settings, AppConfig()).runs_view(runs[:1], None)
+    assert _components(one, html.P)[0].children.startswith("One run: all 2 of its parameters.")
+    assert {r.children[0].children for r in _components(one, html.Tr)[1:]} == {"data.counts", "seed"}
 
 
 def test_a_server_process_imports_what_the_first_probe_fit_would_import(app_workspace):

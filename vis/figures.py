@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -404,7 +405,10 @@ def report_figure(rows: Sequence[Mapping], *, measures: Sequence[tuple], height:
         if len(measure) > 2:  # a fixed range (scores and shares in [0, 1])
             xaxis["range"] = list(measure[2])
         elif min(values, default=0.0) >= 0:  # a count or a ratio: from 0, and 0…1 while every bar is empty
-            xaxis.update(rangemode="tozero", **({"range": [0, 1]} if max(values, default=0.0) == 0 else {}))
+            top = max(values, default=0.0)
+            xaxis.update(rangemode="tozero", **({"range": [0, 1]} if top == 0 else {}))
+            if all(float(v).is_integer() for v in values):  # a count: whole ticks (plotly would put one at 0.5)
+                xaxis.update(tickformat="d", dtick=max(1, math.ceil(top / 4)))
         yaxis = {"anchor": f"x{ax}", "autorange": "reversed", "tickfont": {"size": 11}, "automargin": True}
         if i > 0:
             yaxis.update(matches="y", showticklabels=False)

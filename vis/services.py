@@ -1839,6 +1839,11 @@ class Workbench:
                  for k in final if k.startswith(("test/", "best/", "auroc", "ap"))]
         table = html.Table([head, html.Tbody(body)], className="table table-sm cl-params") if body else \
             html.Div("These runs have the same parameters.", className="cl-muted")
+        # the panel is titled "Parameters that differ": with one run there is nothing to differ from
+        caption = (f"One run: all {len(keys)} of its parameters. Choose more runs to see only those that differ."
+                   if len(runs) == 1 else f"{len(runs)} runs: the {len(differ)} of {len(keys)} parameters that "
+                                          "differ, then their final test metrics.")
+        table = html.Div([html.P(caption, className="cl-muted small mb-2"), table])
         options = [{"label": k, "value": k} for k in final]
         if metric not in final:
             metric = next((k for k in ("val/auroc", "val/loss", "auroc") if k in final), final[0] if final else None)
