@@ -314,6 +314,15 @@ def test_image_map_figure_is_plain_json_with_every_image_where_it_lies():
     assert "range" not in image_map_figure(xy, values=values, color_by="class", ids=ids)["layout"]["xaxis"]
 
 
+def test_metric_curves_tick_whole_steps_when_there_are_few():
+    from vis.figures import metric_curves_figure
+
+    one = metric_curves_figure({"probe v1": [(0, 0.97)], "probe v2": [(0, 0.99)]}, metric="auroc")
+    assert one.layout.xaxis.dtick == 1 and [t.name for t in one.data] == ["probe v1", "probe v2"]
+    many = metric_curves_figure({"fit": [(s, 1 / (s + 1)) for s in range(40)]}, metric="val/loss")
+    assert many.layout.xaxis.dtick is None and list(many.data[0].x) == list(range(40))
+
+
 def test_report_figure_axes_start_at_zero_unless_a_measure_goes_negative():
     """An empty count panel (no concept has a labelled unit yet) reads 0…1, not plotly's −1…1; counts start at 0; a
     signed measure (a contribution) keeps its autorange; a fixed range stays fixed."""
@@ -739,7 +748,7 @@ def test_the_experiments_parameter_table_cuts_long_values_and_keeps_them_whole_i
     assert short.children == "{}" and getattr(short, "title", None) is None
     # the caption says what the panel holds: with one run every parameter, with several only those that differ
     (caption,) = _components(table, html.P)
-    assert caption.children == "2 runs: the 1 of 2 parameters that differ, then their final test metrics."
+    assert caption.children == "2 runs: the 1 of 2 parameters that differ, then their final metrics."
     one, *_ = Workbench(settings, AppConfig()).runs_view(runs[:1], None)
     assert _components(one, html.P)[0].children.startswith("One run: all 2 of its parameters.")
     assert {r.children[0].children for r in _components(one, html.Tr)[1:]} == {"data.counts", "seed"}

@@ -481,7 +481,9 @@ def metric_curves_figure(curves: Mapping[str, Sequence[tuple[int, float]]], *, m
         fig.add_trace(go.Scatter(x=steps, y=[p[1] for p in points], mode="lines+markers", name=label,
                                  line=dict(width=2, color=_EXTRA_COLORS[i % len(_EXTRA_COLORS)]), marker=dict(size=5)))
     _chart_layout(fig, height=height)  # the panel and the metric menu name it; a title would sit under the legend
-    fig.update_xaxes(title=dict(text="step", font=dict(size=11)), gridcolor=GRID)
+    steps = [p[0] for points in curves.values() for p in points]
+    few = bool(steps) and max(steps) - min(steps) < 10  # whole steps (one logged value: plotly ticks at −0.5 …)
+    fig.update_xaxes(title=dict(text="step", font=dict(size=11)), gridcolor=GRID, **({"dtick": 1} if few else {}))
     fig.update_yaxes(title=dict(text=metric, font=dict(size=11)), gridcolor=GRID)
     return fig
 

@@ -1842,7 +1842,7 @@ class Workbench:
         # the panel is titled "Parameters that differ": with one run there is nothing to differ from
         caption = (f"One run: all {len(keys)} of its parameters. Choose more runs to see only those that differ."
                    if len(runs) == 1 else f"{len(runs)} runs: the {len(differ)} of {len(keys)} parameters that "
-                                          "differ, then their final test metrics.")
+                                          "differ, then their final metrics.")
         table = html.Div([html.P(caption, className="cl-muted small mb-2"), table])
         options = [{"label": k, "value": k} for k in final]
         if metric not in final:
