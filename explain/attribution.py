@@ -18,7 +18,7 @@ The result is logit_c(original) − logit_c(concept removed): positive when the 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import torch
@@ -139,23 +139,17 @@ def cav_contributions(module: nn.Module, x: torch.Tensor, erase: Mapping[str, tu
         groups[layer] = (slice(start, start + len(cavs)), _cav_eraser(cavs, means))
         start += len(cavs)
 
-    def edit_rows(rows: slice, edit: Callable):
-        def hook(_m, _i, out: torch.Tensor) -> torch.Tensor:
+    def edit_rows(rows: slice, edit: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+        def edited(out: torch.Tensor) -> torch.Tensor:
             out = out.clone()
             out[rows] = edit(out[rows])
             return out
-        return hook
+        return edited
 
-    handles = []
-    try:
+    with torch.no_grad(), ExitStack() as hooks:
         for layer, (rows, edit) in groups.items():
-            (mod,) = resolve_layers(module, layer).values()
-            handles.append(mod.register_forward_hook(edit_rows(rows, edit)))
-        with torch.no_grad():
-            logits = class_logits(module(x.expand(start, *x.shape[1:])))  # (1 + probes, class)
-    finally:
-        for h in handles:
-            h.remove()
+            hooks.enter_context(edited_output(module, layer, edit_rows(rows, edit)))
+        logits = class_logits(module(x.expand(start, *x.shape[1:])))  # (1 + probes, class)
     tgt = int(logits[0].argmax()) if target is None else int(target)
     drop = (logits[0, tgt] - logits[:, tgt]).float().cpu().numpy()
     return {layer: drop[rows] for layer, (rows, _) in groups.items()}
