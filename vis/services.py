@@ -1089,15 +1089,17 @@ class Workbench:
         why"), for the log; the pages still say it properly when asked."""
         from explain.probes import load_probe
 
-        def probes():
-            for _c, _l, run_id in self.probes_version():
+        def probes():  # every stored probe's attributes read once, for the probes and for their thresholds
+            versions = self.probes_version()
+            for _c, _l, run_id in versions:
                 load_probe(run_id, settings=self.settings)
+            self.presence_thresholds(versions)
 
         problems = []
         for what, step in (("store", self.store), ("manifest", self.manifest), ("model", self.model),
                            ("images showing each concept", self.images_showing),
                            ("images the model was not fitted on", self.unfitted_images),
-                           ("probes", probes), ("verdict thresholds", self.presence_thresholds)):
+                           ("probes and their verdict thresholds", probes)):
             try:
                 step()
             except Exception as e:  # noqa: BLE001 — a page asking for it later reports it in its own terms
